@@ -1,0 +1,31 @@
+# The two set-up commands of the README: `make run` and `make test` (both install first).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# A cache dir in the tree, keyed by nothing else: CI starts from a fresh clone, so no stale kernels.
+export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
+
+.PHONY: install run test bench paper clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[test,plot,sweep]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/ddln run data/default.toml -o runs/default.h5 --overwrite
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python -m pytest bench -q --benchmark-enable -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) .numba_cache runs .pytest_cache .benchmarks

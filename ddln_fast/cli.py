@@ -1,0 +1,208 @@
+"""The ``ddln`` command line: argument handling and printing, nothing else.
+
+Every bad input ends in exit code 2 with one line on stderr (``Error: ...``); an internal error
+ends in exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .errors import InputError
+
+
+class BadInput(click.ClickException):
+    """One line on stderr, exit code 2 (click's UsageError would print three lines)."""
+
+    exit_code = 2
+
+
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None):
+    click.echo(f"warning: {' '.join(str(message).split())}", err=True)
+
+
+def _format_value(value: float) -> str:
+    return f"{value:.3g}" if np.isfinite(value) else str(value)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ddln_fast")
+def cli():
+    """ddln_fast: fast, checked simulations of deep diagonal linear networks."""
+    warnings.showwarning = _one_line_warnings
+
+
+def _load_config(config_path, sets):
+    from .config import Config, parse_override
+
+    overrides = dict(parse_override(text) for text in sets)
+    return Config.from_toml(config_path, overrides)
+
+
+def _default_output(config_path) -> Path:
+    stem = Path(config_path).stem if config_path else "default"
+    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.h5"
+
+
+def _kernels_cached() -> bool:
+    """Whether Numba's cache already holds compiled kernels (else the first run compiles)."""
+    import os
+
+    from . import kernels
+
+    cache_dir = os.environ.get("NUMBA_CACHE_DIR")
+    folder = Path(cache_dir) if cache_dir else Path(kernels.__file__).parent / "__pycache__"
+    return any(folder.rglob("kernels._rk_stage*.nbi")) if folder.exists() else False
+
+
+@cli.command()
+@click.argument("config_path", metavar="[CONFIG.toml]", required=False)
+@click.option("-o", "--output", "output", metavar="OUT.h5", help="Output HDF5 file (default: runs/NAME-TIME.h5).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. model.depth=4.")
+@click.option("--resume", is_flag=True, help="Continue OUT.h5 from its last committed checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT.h5 if it exists.")
+@click.option("--threads", type=int, default=None, help="Threads for Numba and BLAS (0: all cores).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal only).")
+@click.option("--quiet", is_flag=True, help="Print only the output path.")
+def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
+    """Simulate the layer flow of every seed and stream checkpoints to HDF5."""
+    from .simulate import _AlreadyComplete, run_simulation
+
+    if threads is not None and threads < 0:
+        raise InputError(f"--threads {threads}: expected an integer >= 0 (0: all cores)")
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite exclude each other")
+    if resume and not output:
+        raise InputError("--resume needs -o OUT.h5, the run to continue")
+    config = _load_config(config_path, sets)
+    out = Path(output) if output else _default_output(config_path)
+    if not quiet:
+        m, p, i = config.model, config.problem, config.integrator
+        what = f"rtol {i.rtol:g}" if i.method == "dopri5" else f"dt {i.dt:g}"
+        click.echo(f"ddln run: {config.run.seeds} seeds, depth {m.depth}, alpha {m.alpha:g}, "
+                   f"init {m.init}, {i.method} ({what}), t_end {i.t_end:g}")
+        if not _kernels_cached():
+            click.echo("compiling the kernels (first run only; later runs start in seconds)...")
+    try:
+        report = run_simulation(config, out, progress=progress, overwrite=overwrite, resume=resume,
+                                threads=threads)
+    except _AlreadyComplete:
+        click.echo(f"{out} is already complete: nothing to resume")
+        return
+    if quiet:
+        click.echo(str(out))
+    else:
+        _print_summary(report, out)
+    if report.interrupted:
+        click.echo(f"stopped by {report.run.file.attrs.get('stop_signal', 'a signal')}: "
+                   f"resume with: ddln run ... -o {out} --resume", err=True)
+        sys.exit(130)
+
+
+def _print_summary(report, out):
+    from .integrators import STATUS_NAMES
+
+    run = report.run
+    loss, t_seed, nfev = run.loss[-1], run.t_seed[-1], run.nfev[-1]
+    drift, status = run.invariant_drift[-1], run.status[-1]
+    star = run.theta_star
+    theta = run.theta[-1]
+    S = loss.shape[0]
+    if S <= 8:
+        header = f"{'seed':>4} {'status':>9} {'t':>9} {'loss':>9} {'grad evals':>10} {'drift':>9}"
+        header += f" {'|theta-theta*|/|theta*|':>24}" if star is not None else ""
+        click.echo(header)
+        for s in range(S):
+            line = (f"{s:>4} {STATUS_NAMES[status[s]]:>9} {t_seed[s]:>9.4g} {_format_value(loss[s]):>9} "
+                    f"{nfev[s]:>10} {_format_value(drift[s]):>9}")
+            if star is not None:
+                ref = star[s] if star.ndim == 2 else star
+                rel = np.linalg.norm(theta[s] - ref) / max(np.linalg.norm(ref), 1e-300)
+                line += f" {_format_value(rel):>24}"
+            click.echo(line)
+    else:
+        q = np.nanquantile(loss, [0.0, 0.5, 1.0]) if np.any(np.isfinite(loss)) else [np.nan] * 3
+        click.echo(f"final loss over {S} seeds: min {_format_value(q[0])}, median {_format_value(q[1])}, "
+                   f"max {_format_value(q[2])}")
+        counts = {STATUS_NAMES[v]: int(np.sum(status == v)) for v in np.unique(status)}
+        click.echo("status: " + ", ".join(f"{c} {name}" for name, c in counts.items()))
+        click.echo(f"gradient evaluations per seed: median {int(np.median(nfev))}, max {int(nfev.max())}")
+    bad = [s for s in range(S) if STATUS_NAMES[status[s]] in ("diverged", "stalled")]
+    if bad:
+        click.echo(f"seeds that did not finish: {', '.join(f'{s} ({STATUS_NAMES[status[s]]})' for s in bad)}")
+    click.echo(f"wall time {report.wall_seconds:.2f} s, {int(nfev.sum())} gradient evaluations, "
+               f"{run.committed} checkpoints")
+    state = "complete" if run.complete else "incomplete (resumable)"
+    click.echo(f"wrote {out} ({state})")
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN.h5")
+def inspect(run_path):
+    """Print the config, shapes and status of a run file."""
+    from .integrators import STATUS_NAMES
+    from .store import open_run
+
+    with open_run(run_path) as run:
+        f = run.file
+        k = run.committed
+        click.echo(f"{run_path}: schema {f.attrs['schema_version']}, "
+                   f"{'complete' if run.complete else 'incomplete'}, {k} committed checkpoints")
+        if k:
+            t = run.t
+            click.echo(f"time: {t[0]:g} .. {t[-1]:g}")
+            counts = {}
+            for v in run.status[-1]:
+                counts[STATUS_NAMES[int(v)]] = counts.get(STATUS_NAMES[int(v)], 0) + 1
+            click.echo("seed status: " + ", ".join(f"{c} {name}" for name, c in counts.items()))
+            loss = run.loss[-1]
+            click.echo(f"last loss: min {_format_value(np.nanmin(loss))}, max {_format_value(np.nanmax(loss))}")
+        click.echo("datasets:")
+
+        def show(name, obj):
+            if hasattr(obj, "shape") and not name.startswith("state/"):
+                click.echo(f"  /{name:<28} {str(obj.shape):<22} {obj.dtype}")
+
+        f.visititems(show)
+        for key in ("created", "ddln_fast_version", "threads", "threading_layer", "hostname"):
+            if key in f.attrs:
+                click.echo(f"{key}: {f.attrs[key]}")
+        click.echo("config:")
+        click.echo("  " + f.attrs["config"].strip().replace("\n", "\n  "))
+
+
+def main(argv=None) -> None:
+    """Console entry point: maps every failure to its exit code and a one-line message."""
+    try:
+        code = cli.main(args=argv, prog_name="ddln", standalone_mode=False)
+    except (InputError, BadInput) as err:
+        click.echo(f"Error: {err if isinstance(err, InputError) else err.format_message()}", err=True)
+        sys.exit(2)
+    except click.UsageError as err:
+        hint = f" (see ddln {err.ctx.command_path.split(' ', 1)[-1]} --help)" if err.ctx else ""
+        click.echo(f"Error: {' '.join(err.format_message().split())}{hint}", err=True)
+        sys.exit(2)
+    except click.ClickException as err:
+        click.echo(f"Error: {err.format_message()}", err=True)
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except OSError as err:
+        click.echo(f"Error: {err}", err=True)
+        sys.exit(1)
+    sys.exit(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,95 @@
+"""Layer initializations u0 of shape (S, L, d), one reproducible random stream per seed.
+
+Seed ``s`` draws from ``SeedSequence(run.seed, spawn_key=(s,))``, so its initialization is the
+same whether it runs alone or among 64 others.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config
+from .errors import InputError
+from .problem import _as_float_array, _read_arrays
+
+
+def seed_generator(master_seed: int, seed_index: int) -> np.random.Generator:
+    """The random stream of simulation seed ``seed_index``."""
+    return np.random.default_rng(np.random.SeedSequence(master_seed, spawn_key=(seed_index,)))
+
+
+def base_layer_scales(config: Config) -> np.ndarray:
+    """Scale of each layer before jitter and signs, shape (L,)."""
+    m = config.model
+    depth = m.depth
+    if m.init == "first_layer_zero":
+        scales = np.full(depth, m.alpha)
+        scales[0] = 0.0
+        return scales
+    if m.init in ("balanced", "gaussian"):
+        return np.full(depth, m.alpha)
+    if m.init == "shape":
+        return m.alpha * np.asarray(m.layer_scales, dtype=np.float64)
+    raise ValueError(f"no base scales for init {m.init!r}")
+
+
+def initial_layers(config: Config, d: int) -> np.ndarray:
+    """Initial layers u0 of every seed, shape (S, L, d), float64.
+
+    Jitter multiplies each entry by (1 + jitter * N(0, 1)) (for ``gaussian`` it is the point of
+    the init); ``signs = "random"`` flips each coordinate of the last layer with probability 1/2.
+    """
+    m, r = config.model, config.run
+    seeds, depth = r.seeds, m.depth
+    if m.init == "file":
+        u0 = load_initial_layers(m.init_path, seeds, depth, d)
+    else:
+        scales = base_layer_scales(config)
+        u0 = np.empty((seeds, depth, d))
+        for s in range(seeds):
+            rng = seed_generator(r.seed, s)
+            noise = rng.standard_normal((depth, d)) if m.jitter > 0 else 0.0
+            u0[s] = scales[:, None] * (1.0 + m.jitter * noise)
+    if m.signs == "random":
+        for s in range(seeds):
+            # A separate child stream: flipping signs does not change the jitter draws.
+            rng = np.random.default_rng(np.random.SeedSequence(r.seed, spawn_key=(s, 1)))
+            u0[s, -1] *= np.where(rng.random(d) < 0.5, -1.0, 1.0)
+    return u0
+
+
+def load_initial_layers(path: str | Path, seeds: int, depth: int, d: int) -> np.ndarray:
+    """u0 of shape (L, d) (repeated for every seed) or (S, L, d) from .npy/.npz/.h5.
+
+    Accepted names: ``u0`` or ``u`` (.npz), ``/u0`` or ``/init/u`` (.h5, e.g. another run file).
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        if not path.exists():
+            raise InputError(f"init file {path} does not exist")
+        try:
+            array = np.load(path, allow_pickle=False)
+        except Exception as err:
+            raise InputError(f"init file {path} cannot be read ({type(err).__name__}: {err})") from None
+    else:
+        arrays = _read_arrays(path, ("u0", "u", "init/u"), "init")
+        if not arrays:
+            raise InputError(f"init file {path} has no array u0 (expected shape (L, d) or (S, L, d))")
+        array = next(iter(arrays.values()))
+    u0 = _as_float_array(array, "u0", path)
+    if u0.shape == (depth, d):
+        return np.repeat(u0[None], seeds, axis=0)
+    if u0.shape == (seeds, depth, d):
+        return u0.copy()
+    raise InputError(f"u0 in {path} has shape {u0.shape}, expected ({depth}, {d}) or ({seeds}, {depth}, {d}) "
+                     f"for depth {depth}, dimension {d}, {seeds} seeds")
+
+
+def sign_trap_coordinates(u0: np.ndarray) -> np.ndarray:
+    """Mask of the coordinates that violate assumption (A): the smallest |u^j_i(0)| is attained
+    by more than one layer. Shape (S, d). For depth 1, (A) always holds."""
+    magnitudes = np.abs(u0)
+    smallest = magnitudes.min(axis=1, keepdims=True)
+    return np.sum(magnitudes == smallest, axis=1) > 1

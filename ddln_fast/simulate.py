@@ -1,0 +1,280 @@
+"""The driver: config -> data and layers -> integrator -> checkpoints streamed to HDF5.
+
+Everything that can be wrong with the input (config, data files, init files, output path) is
+checked before the output file is created, so bad input never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config
+from .errors import InputError
+from .init import initial_layers, sign_trap_coordinates
+from .integrators import RUNNING, T_END, Integrator, SeedState
+from .problem import make_problem
+from .store import Run, RunWriter, open_h5, provenance, state_shapes
+from .threads import limit_threads
+
+
+class SignTrapWarning(UserWarning):
+    """The initialization violates assumption (A): some coordinates cannot change sign."""
+
+
+class UnderflowWarning(UserWarning):
+    """The initial effective parameter underflows the dtype."""
+
+
+def checkpoint_times(config: Config) -> np.ndarray:
+    """Checkpoint times, t = 0 first and t_end last; for fixed-step methods, whole steps.
+
+    ``log`` spacing starts at min(dt, t_end) and is geometric up to t_end.
+    """
+    integ, run = config.integrator, config.run
+    t_end, count = integ.t_end, run.checkpoints
+    if run.spacing == "linear":
+        times = np.linspace(0.0, t_end, count)
+    else:
+        times = np.concatenate([[0.0], np.geomspace(min(integ.dt, t_end), t_end, count - 1)])
+    if integ.method != "dopri5":
+        steps = np.unique(np.round(times / integ.dt).astype(np.int64))
+        times = steps * integ.dt
+    return times
+
+
+def check_initialization(config: Config, u0: np.ndarray) -> None:
+    """Warn about the sign trap (violated assumption (A)) and about underflow of theta."""
+    if config.model.depth > 1:
+        trapped = sign_trap_coordinates(u0)
+        count = int(trapped.sum())
+        if count:
+            warnings.warn(
+                f"{count} of {trapped.size} coordinates (seeds x d) violate assumption (A) (two or "
+                f"more layers share the smallest |u_i(0)|): theta_i cannot change sign there and "
+                f"0 is absorbing (the sign trap of THEORY.md); use first_layer_zero or jitter",
+                SignTrapWarning, stacklevel=3)
+    tiny = np.finfo(np.dtype(config.run.dtype)).tiny
+    nonzero = np.abs(u0[u0 != 0])
+    if nonzero.size:
+        smallest = float(np.exp(np.log(nonzero.min()) * config.model.depth))
+        if smallest < tiny:
+            warnings.warn(
+                f"alpha^depth = {smallest:.3g} is below the smallest normal {config.run.dtype} "
+                f"({tiny:.3g}): theta underflows; raise model.alpha or use float64",
+                UnderflowWarning, stacklevel=3)
+
+
+@dataclass
+class RunReport:
+    """What a finished (or interrupted) call to :func:`simulate` did."""
+
+    run: Run
+    wall_seconds: float
+    checkpoints_written: int
+    interrupted: bool = False
+    resumed_from: int | None = None
+
+
+class _StopRequests:
+    """SIGINT/SIGTERM set a flag; the driver stops at the next checkpoint (a safe point)."""
+
+    def __init__(self):
+        self.requested = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread (e.g. a Dask task): no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _prepare_output(out, overwrite: bool, resume: bool) -> Path | None:
+    if out is None:
+        return None
+    path = Path(out)
+    if path.is_dir():
+        raise InputError(f"output {path} is a directory, expected a file name like run.h5")
+    if path.exists() and not (overwrite or resume):
+        raise InputError(f"output {path} exists; pass --resume to continue it or --overwrite to replace it")
+    if not path.parent.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(f"cannot create the output folder {path.parent}: {err.strerror}") from None
+    if not path.exists():
+        try:
+            path.touch()
+            path.unlink()
+        except OSError as err:
+            raise InputError(f"cannot write the output file {path}: {err.strerror}") from None
+    return path
+
+
+def simulate(config: Config, out: str | Path | None = None, *, progress: bool | None = False,
+             overwrite: bool = False, resume: bool = False, threads: int | None = None) -> Run:
+    """Integrate the layer flow of every seed and stream checkpoints to HDF5.
+
+    Parameters
+    ----------
+    config : Config
+        The resolved run configuration.
+    out : path, optional
+        Output .h5 file; ``None`` keeps the run in memory.
+    progress : bool or None
+        Progress bar (``None``: only on a terminal).
+    overwrite, resume : bool
+        Replace an existing ``out``, or continue it from its last committed checkpoint.
+    threads : int, optional
+        Overrides ``run.threads`` (0: all cores) for Numba and BLAS together.
+
+    Returns
+    -------
+    Run
+        A handle on the file, for reading the checkpoints back.
+    """
+    return run_simulation(config, out, progress=progress, overwrite=overwrite, resume=resume,
+                          threads=threads).run
+
+
+def run_simulation(config: Config, out=None, *, progress=False, overwrite=False, resume=False,
+                   threads=None, on_checkpoint=None) -> RunReport:
+    """:func:`simulate`, returning a :class:`RunReport` (used by the CLI)."""
+    path = _prepare_output(out, overwrite, resume)
+    if resume and path is not None and path.exists():
+        return _resume(config, path, progress, threads, on_checkpoint)
+    problem = make_problem(config)
+    u0 = initial_layers(config, problem.d)
+    check_initialization(config, u0)
+    n_threads = config.run.threads if threads is None else threads
+    times = checkpoint_times(config)
+    with limit_threads(n_threads) as used_threads:
+        integrator = _make_integrator(config, problem, u0)
+        shapes = state_shapes(*u0.shape, integrator.dtype, integrator.tableau.adaptive)
+        writer = RunWriter.create(path, config, problem, u0, provenance(used_threads), shapes)
+        return _drive(config, integrator, writer, times, 0, progress, on_checkpoint)
+
+
+def _make_integrator(config: Config, problem, u0) -> Integrator:
+    integ = config.integrator
+    return Integrator(integ.method, problem, u0, dt=integ.dt, rtol=integ.rtol, atol=integ.atol,
+                      loss_tol=integ.loss_tol, max_steps=integ.max_steps,
+                      dtype=np.dtype(config.run.dtype).type)
+
+
+def _resume(config: Config, path: Path, progress, threads, on_checkpoint) -> RunReport:
+    """Continue ``path`` from its last committed checkpoint (bit-identical at equal threads)."""
+    from .problem import Problem
+
+    with open_h5(path) as f:
+        run = Run(f, str(path))
+        stored = run.config
+        differing = stored.differing_keys(config, ignore=("run.threads",))
+        if differing:
+            raise InputError(f"cannot resume {path}: the config differs in {', '.join(differing)}")
+        if run.complete:
+            raise _AlreadyComplete(str(path))
+        index, state = run.state()
+        problem = Problem(run.X, run.y, run.theta_star)
+        u0 = run.u0
+        stored_threads = int(f.attrs.get("threads", -1))
+    n_threads = config.run.threads if threads is None else threads
+    times = checkpoint_times(config)
+    with limit_threads(n_threads) as used_threads:
+        if stored_threads != used_threads:
+            warnings.warn(f"resuming with {used_threads} threads, the run started with {stored_threads}: "
+                          f"the result will not be bit-identical to an uninterrupted run", stacklevel=2)
+        integrator = _make_integrator(config, problem, u0)
+        integrator.restore(state["U"], SeedState.from_dict(state), state.get("fsal"))
+        writer = RunWriter.reopen(str(path), config.run.swmr)
+        return _drive(config, integrator, writer, times, index + 1, progress, on_checkpoint,
+                      resumed_from=index)
+
+
+class _AlreadyComplete(Exception):
+    """Resume asked for a run that already finished."""
+
+
+def _checkpoint_row(integrator: Integrator, t: float, save_layers: bool) -> dict:
+    st = integrator.state
+    row = {
+        "t": t,
+        "t_seed": np.where(np.isnan(st.t_stop), st.t, st.t_stop),
+        "loss": integrator.current_losses(),
+        "theta": integrator.theta_of_all(),
+        "invariant_drift": integrator.invariant_drift(),
+        "nfev": st.nfev.copy(),
+        "status": st.status.copy(),
+    }
+    if save_layers:
+        row["u"] = integrator.U
+    return row
+
+
+def _state_arrays(integrator: Integrator) -> dict:
+    arrays = {"U": integrator.U, **integrator.state.as_dict()}
+    if integrator.tableau.adaptive:
+        arrays["fsal"] = integrator.fsal
+    return arrays
+
+
+def _drive(config, integrator: Integrator, writer: RunWriter, times, first_index, progress,
+           on_checkpoint, resumed_from=None) -> RunReport:
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    save_layers = config.run.save_layers
+    bar = tqdm(total=len(times), initial=first_index, disable=None if progress is None else not progress,
+               unit="ckpt", desc="ddln run", leave=False, dynamic_ncols=True)
+    written = 0
+    interrupted = None
+    try:
+        with _StopRequests() as stops:
+            for k in range(first_index, len(times)):
+                if k > 0:
+                    integrator.advance_to(times[k])
+                if k == len(times) - 1:
+                    st = integrator.state
+                    done = st.status == RUNNING
+                    st.status[done] = T_END
+                    st.t_stop[done] = st.t[done]
+                writer.append(_checkpoint_row(integrator, times[k], save_layers), _state_arrays(integrator))
+                written += 1
+                bar.update(1)
+                if on_checkpoint is not None:
+                    on_checkpoint(k, times[k], integrator)
+                if not np.any(integrator.running):
+                    break
+                if stops.requested:
+                    interrupted = stops.requested
+                    break
+        wall = time.perf_counter() - start
+        if interrupted:
+            writer.close()
+            run = Run(open_h5(writer.path), writer.path)
+            return RunReport(run, wall, written, interrupted=True, resumed_from=resumed_from)
+        writer.finish({"wall_seconds": wall})
+    except BaseException:
+        writer.close()
+        raise
+    finally:
+        bar.close()
+    run = Run(writer.file, None) if writer.path is None else Run(open_h5(writer.path), writer.path)
+    return RunReport(run, wall, written, resumed_from=resumed_from)
