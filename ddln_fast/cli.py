@@ -6,7 +6,6 @@ ends in exit code 1.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 import warnings

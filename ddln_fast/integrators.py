@@ -242,7 +242,8 @@ class Integrator:
         self.err_partial = np.zeros((S, kernels._n_blocks(d)))
         self.live = np.ones(S, dtype=np.uint8)
         self.h_work = np.zeros(S, dtype=self.dtype)
-        self.A = [self.dtype(1) * self.tableau.A[i].astype(self.dtype) for i in range(stages)]
+        self.A = [row.astype(self.dtype) for row in self.tableau.A]
+        self.one = np.ones(1, dtype=self.dtype)
         self.B = self.tableau.B.astype(self.dtype)
         self.E = None if self.tableau.E is None else self.tableau.E.astype(self.dtype)
         self.state = SeedState.fresh(S, self.dt)
@@ -382,7 +383,7 @@ class Integrator:
         h0 = np.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / np.maximum(d1, 1e-300))
         h0 = np.minimum(h0, self.dt)
         self.h_work[active] = h0
-        kernels._stage_input(self.U, self.K, self.B[:1] * 0 + 1, 1, self.h_work, active, self.Y, self.theta)
+        kernels._stage_input(self.U, self.K, self.one, 1, self.h_work, active, self.Y, self.theta)
         self._evaluate(active, self.Y, 1, kernels.MODE_DERIVATIVE)
         st.nfev[active] += 1
         d2 = rms(self.K[1][active].astype(np.float64) - f0) / h0
