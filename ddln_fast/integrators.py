@@ -242,6 +242,7 @@ class Integrator:
         self.err_partial = np.zeros((S, kernels._n_blocks(d)))
         self.live = np.ones(S, dtype=np.uint8)
         self.h_work = np.zeros(S, dtype=self.dtype)
+        self.scratch = kernels.stage_scratch(L, self.dtype)
         self.A = [row.astype(self.dtype) for row in self.tableau.A]
         self.one = np.ones(1, dtype=self.dtype)
         self.B = self.tableau.B.astype(self.dtype)
@@ -272,13 +273,14 @@ class Integrator:
     def _evaluate(self, active, Y, stage, mode, coeffs=None, n_terms=0, Y_out=None):
         """Products for the rows in ``self.theta`` (theta of ``Y``), then the fused stage."""
         self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss)
-        kernels._rk_stage(self.U, Y, self.G, self.K, stage, self.products.inv_n, self.h_work,
+        kernels._rk_stage(self.U, Y, self.G, self.K, stage, 1, self.products.inv_n, self.h_work,
                           active, self.live, mode, coeffs if coeffs is not None else self.B,
                           n_terms, Y_out if Y_out is not None else Y, self.theta,
-                          self.rtol, self.atol, self.err_partial)
+                          self.rtol, self.atol, self.err_partial, self.scratch)
 
     def _theta_of_U(self, active):
-        kernels._stage_input(self.U, self.K, self.B, 0, self.h_work, active, self.U, self.theta)
+        kernels._stage_input(self.U, self.K, self.B, 0, self.h_work, active, self.U, self.theta,
+                             self.scratch)
         self._theta_rows = active
 
     def _stop_non_finite(self, active):
@@ -306,7 +308,8 @@ class Integrator:
 
     def theta_of_all(self) -> np.ndarray:
         out = np.empty((self.seeds, self.dim), dtype=self.dtype)
-        kernels._stage_input(self.U, self.K, self.B, 0, self.h_work, np.arange(self.seeds), self.U, out)
+        kernels._stage_input(self.U, self.K, self.B, 0, self.h_work, np.arange(self.seeds), self.U, out,
+                             self.scratch)
         return out
 
     # -- time stepping --------------------------------------------------------------------------
@@ -345,9 +348,11 @@ class Integrator:
                 Y_out = self.U if last else self.Y
                 if i > 0:
                     self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss)
-                kernels._rk_stage(self.U, Y_in, self.G, self.K, i, self.products.inv_n, self.h_work,
-                                  active, self.live, kernels.MODE_NEXT_INPUT, coeffs, i + 1, Y_out,
-                                  self.theta, self.rtol, self.atol, self.err_partial)
+                # the last stage's derivative is only needed inside its own call (no FSAL)
+                kernels._rk_stage(self.U, Y_in, self.G, self.K, i, 0 if last else 1,
+                                  self.products.inv_n, self.h_work, active, self.live,
+                                  kernels.MODE_NEXT_INPUT, coeffs, i + 1, Y_out,
+                                  self.theta, self.rtol, self.atol, self.err_partial, self.scratch)
             moved = active[self.live[:m] == 1]
             st.steps[moved] += 1
             st.accepted[moved] += 1
@@ -383,7 +388,8 @@ class Integrator:
         h0 = np.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / np.maximum(d1, 1e-300))
         h0 = np.minimum(h0, self.dt)
         self.h_work[active] = h0
-        kernels._stage_input(self.U, self.K, self.one, 1, self.h_work, active, self.Y, self.theta)
+        kernels._stage_input(self.U, self.K, self.one, 1, self.h_work, active, self.Y, self.theta,
+                             self.scratch)
         self._evaluate(active, self.Y, 1, kernels.MODE_DERIVATIVE)
         st.nfev[active] += 1
         d2 = rms(self.K[1][active].astype(np.float64) - f0) / h0
@@ -416,7 +422,8 @@ class Integrator:
             self.h_work[active] = h_used
             h_step = np.zeros(self.seeds)
             h_step[active] = h_used
-            kernels._stage_input(self.U, self.K, A[1], 1, self.h_work, active, self.Y, self.theta)
+            kernels._stage_input(self.U, self.K, A[1], 1, self.h_work, active, self.Y, self.theta,
+                                 self.scratch)
             for i in range(1, 6):
                 self._evaluate(active, self.Y, i, kernels.MODE_NEXT_INPUT, A[i + 1], i + 1)
             self._evaluate(active, self.Y, 6, kernels.MODE_ERROR, E, 7)
