@@ -22,7 +22,7 @@ from .errors import InputError
 PROBLEM_KINDS = ("gaussian", "file")
 INITS = ("first_layer_zero", "balanced", "gaussian", "shape", "file")
 SIGNS = ("positive", "random")
-METHODS = ("euler", "rk4", "dopri5")
+METHODS = ("euler", "rk4", "dopri5", "mirror")
 SPACINGS = ("log", "linear")
 DTYPES = ("float64", "float32")
 

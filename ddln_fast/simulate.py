@@ -42,7 +42,7 @@ def checkpoint_times(config: Config) -> np.ndarray:
         times = np.linspace(0.0, t_end, count)
     else:
         times = np.concatenate([[0.0], np.geomspace(min(integ.dt, t_end), t_end, count - 1)])
-    if integ.method != "dopri5":
+    if integ.method not in ("dopri5", "mirror"):  # adaptive methods land on any time
         steps = np.unique(np.round(times / integ.dt).astype(np.int64))
         times = steps * integ.dt
     return times
@@ -174,6 +174,12 @@ def run_simulation(config: Config, out=None, *, progress=False, overwrite=False,
 
 def _make_integrator(config: Config, problem, u0) -> Integrator:
     integ = config.integrator
+    if integ.method == "mirror":  # dopri5 in theta space (theory-side reference method)
+        from .mirror import MirrorIntegrator
+
+        return MirrorIntegrator(problem, u0, dt=integ.dt, rtol=integ.rtol, atol=integ.atol,
+                                loss_tol=integ.loss_tol, max_steps=integ.max_steps,
+                                dtype=np.dtype(config.run.dtype).type)
     return Integrator(integ.method, problem, u0, dt=integ.dt, rtol=integ.rtol, atol=integ.atol,
                       loss_tol=integ.loss_tol, max_steps=integ.max_steps,
                       dtype=np.dtype(config.run.dtype).type)

@@ -1,0 +1,201 @@
+"""The ``mirror`` method: dopri5 on the mirror flow d theta/dt = -h(theta) * g(theta) in theta space.
+
+An independent route to the trajectory of the layer flow (THEORY.md, check 4): under (A) the
+layers are a function of theta (the invariants), so the integrator advances theta (S, d) and
+rebuilds the layers (S, L, d) from it for the run file, which keeps its schema. It has the
+interface of :class:`ddln_fast.integrators.Integrator` (``advance_to``, ``U``, ``state``,
+``restore``, ``current_losses``, ``theta_of_all``, ``invariant_drift``, ``tableau``, ``fsal``,
+``running``, ``dtype``), in plain numpy, one seed at a time (a reference method, not a fast one).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InputError
+from .integrators import (BETA, DIVERGED, DOPRI5, FAC_MAX, FAC_MIN, LOSS_TOL, MAX_STEPS, RUNNING,
+                          SAFETY, STALLED, SeedState)
+from .problem import Problem
+from .theory import MirrorGeometry, assumption_a
+
+
+class MirrorIntegrator:
+    """Dormand–Prince 5(4) on theta with Hairer's PI controller, one step size per seed.
+
+    Parameters
+    ----------
+    problem : Problem
+    u0 : ndarray of shape (S, L, d)
+        Initial layers; every seed must satisfy (A) (else InputError).
+    dt : float
+        Upper bound of the first step.
+    rtol, atol : float
+        Error control on theta (RMS norm over the d coordinates).
+    loss_tol, max_steps : stopping rules, as for :class:`Integrator`.
+    """
+
+    tableau = DOPRI5
+    method = "mirror"
+
+    def __init__(self, problem: Problem, u0, dt=0.01, rtol=1e-8, atol=1e-12, loss_tol=0.0,
+                 max_steps=10_000_000, dtype=np.float64):
+        self.dtype = np.dtype(dtype).type
+        if self.dtype is not np.float64:
+            raise InputError('integrator.method = "mirror" runs in float64 only (set run.dtype = "float64")')
+        self.u0 = np.array(u0, dtype=np.float64)
+        S, L, d = self.u0.shape
+        self.seeds, self.depth, self.dim = S, L, d
+        for s in range(S):
+            if not assumption_a(self.u0[s]).holds:
+                count = int(assumption_a(self.u0[s]).violating.sum())
+                raise InputError(f'integrator.method = "mirror" needs assumption (A): seed {s} has {count} '
+                                 f"coordinates where two layers share the smallest |u_i(0)| (sign trap); "
+                                 f"use another init or method")
+        self.geometry = [MirrorGeometry.from_layers(self.u0[s]) for s in range(S)]
+        self.problem = problem
+        self.dt, self.rtol, self.atol = float(dt), float(rtol), float(atol)
+        self.loss_tol, self.max_steps = float(loss_tol), int(max_steps)
+        self.theta = np.prod(self.u0, axis=1)
+        self.derivative = np.zeros((S, d))
+        self.fsal_ready = np.zeros(S, dtype=bool)
+        self.state = SeedState.fresh(S, self.dt)
+
+    # -- the vector field --------------------------------------------------------------------------
+    def _data(self, s):
+        p = self.problem.for_seed(s)
+        return p.X, p.y
+
+    def _loss_and_gradient(self, s, theta):
+        X, y = self._data(s)
+        r = X @ theta - y
+        return float(r @ r) / (2 * len(y)), X.T @ r / len(y)
+
+    def _field(self, s, theta):
+        loss, g = self._loss_and_gradient(s, theta)
+        return -self.geometry[s].h(theta) * g, loss
+
+    # -- the Integrator interface ----------------------------------------------------------------
+    @property
+    def U(self) -> np.ndarray:
+        """Layers rebuilt from theta through the invariants, shape (S, L, d)."""
+        return np.stack([self.geometry[s].layers(self.theta[s]) for s in range(self.seeds)])
+
+    @property
+    def fsal(self) -> np.ndarray:
+        """d theta/dt at the current theta in layer 0 (the FSAL stage), shape (S, L, d)."""
+        out = np.zeros((self.seeds, self.depth, self.dim))
+        out[:, 0] = self.derivative
+        return out
+
+    @property
+    def running(self) -> np.ndarray:
+        return self.state.status == RUNNING
+
+    def restore(self, U, state: SeedState, fsal=None):
+        self.theta = np.prod(np.asarray(U, dtype=np.float64), axis=1)
+        self.state = state
+        if fsal is not None:
+            self.derivative = np.array(fsal)[:, 0]
+            self.fsal_ready[:] = True
+
+    def current_losses(self) -> np.ndarray:
+        return np.array([self._loss_and_gradient(s, self.theta[s])[0] for s in range(self.seeds)])
+
+    def theta_of_all(self) -> np.ndarray:
+        return self.theta.copy()
+
+    def invariant_drift(self) -> np.ndarray:
+        """Zero up to rounding by construction (the layers are rebuilt on the invariant manifold)."""
+        U = self.U
+        drift = np.zeros(self.seeds)
+        for s in range(self.seeds):
+            sq, sq0 = U[s] ** 2, self.u0[s] ** 2
+            drift[s] = np.max(np.abs((sq - sq[:1]) - (sq0 - sq0[:1])))
+        return drift
+
+    def advance_to(self, t_target: float) -> None:
+        for s in range(self.seeds):
+            if self.state.status[s] == RUNNING and self.state.t[s] < t_target:
+                self._advance_seed(s, float(t_target))
+
+    # -- dopri5 per seed ---------------------------------------------------------------------------
+    def _error_norm(self, err, theta, theta_new):
+        scale = self.atol + self.rtol * np.maximum(np.abs(theta), np.abs(theta_new))
+        return float(np.sqrt(np.mean((err / scale) ** 2)))
+
+    def _start(self, s):
+        st = self.state
+        theta = self.theta[s]
+        f0, loss = self._field(s, theta)
+        st.nfev[s] += 1
+        st.loss[s] = loss
+        if not np.isfinite(loss):
+            st.status[s], st.t_stop[s] = DIVERGED, st.t[s]
+            return
+        # HNW I, II.4 starting step, as the layer integrator does
+        scale = self.atol + self.rtol * np.abs(theta)
+        scale = np.maximum(scale, np.finfo(np.float64).tiny)
+        d0, d1 = np.sqrt(np.mean((theta / scale) ** 2)), np.sqrt(np.mean((f0 / scale) ** 2))
+        h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
+        h0 = min(h0, self.dt)
+        f1, _ = self._field(s, theta + h0 * f0)
+        st.nfev[s] += 1
+        d2 = np.sqrt(np.mean(((f1 - f0) / scale) ** 2)) / h0
+        big = max(d1, d2)
+        h1 = max(1e-6, h0 * 1e-3) if big <= 1e-15 else (0.01 / big) ** 0.2
+        st.h[s] = min(100 * h0, h1, self.dt)
+        self.derivative[s] = f0
+        self.fsal_ready[s] = True
+
+    def _advance_seed(self, s, t_target):
+        st = self.state
+        A, B, C, E = DOPRI5.A, DOPRI5.B, DOPRI5.C, DOPRI5.E
+        del C
+        if not self.fsal_ready[s]:
+            self._start(s)
+        expo1 = 0.2 - BETA * 0.75
+        eps = np.finfo(np.float64).eps
+        K = np.zeros((7, self.dim))
+        while st.status[s] == RUNNING and st.t[s] < t_target:
+            theta = self.theta[s]
+            proposal = st.h[s]
+            landing = st.t[s] + 1.01 * proposal >= t_target
+            h = t_target - st.t[s] if landing else proposal
+            K[0] = self.derivative[s]
+            for i in range(1, 7):
+                K[i], loss_new = self._field(s, theta + h * (A[i, :i] @ K[:i]))
+            theta_new = theta + h * (B @ K)  # B[6] = 0; stage 6 is f(theta_new) (FSAL)
+            err = self._error_norm(h * (E @ K), theta, theta_new)
+            st.steps[s] += 1
+            st.nfev[s] += 6
+            if err <= 1.0:
+                fac = err ** expo1 / st.facold[s] ** BETA
+                fac = max(1.0 / FAC_MAX, min(1.0 / FAC_MIN, fac / SAFETY))
+                h_new = h / fac
+                st.facold[s] = max(err, 1e-4)
+                if st.rejected[s]:
+                    h_new = min(h_new, h)
+                st.rejected[s] = 0
+                if landing:
+                    st.t[s] = t_target
+                    h_new = max(h_new, proposal)
+                else:
+                    st.t[s] += h
+                st.h[s] = h_new
+                st.accepted[s] += 1
+                self.theta[s] = theta_new
+                self.derivative[s] = K[6]
+                st.loss[s] = loss_new
+                if loss_new < self.loss_tol:
+                    st.status[s], st.t_stop[s] = LOSS_TOL, st.t[s]
+            else:
+                fac11 = err ** expo1 if np.isfinite(err) else np.inf
+                st.h[s] = h / min(1.0 / FAC_MIN, fac11 / SAFETY)
+                st.rejected[s] = 1
+            if st.status[s] == RUNNING:
+                if not np.all(np.isfinite(self.theta[s])):
+                    st.status[s], st.t_stop[s] = DIVERGED, st.t[s]
+                elif st.steps[s] >= self.max_steps:
+                    st.status[s], st.t_stop[s] = MAX_STEPS, st.t[s]
+                elif not st.h[s] > 16.0 * eps * max(abs(st.t[s]), 1e-280):
+                    st.status[s], st.t_stop[s] = STALLED, st.t[s]

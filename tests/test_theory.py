@@ -1,0 +1,284 @@
+"""theory.py against independent references.
+
+References (written here, not taken from the package):
+- ``quad_psi``: the mirror map psi(s) = int_0^s dr / prod_k sqrt(r^2 + delta_k) by scipy's quad;
+- the depth-2 closed forms of THEORY.md: phi = (1/2) arcsinh(2 theta / delta),
+  h = sqrt(delta^2 + 4 theta^2), and the clock map theta(tau) = ((a+b)^2 e^{-2 tau} - (a-b)^2 e^{2 tau}) / 4;
+- ``layer_ode``: the clock flow du^j/dtau = -prod_{k != j} u^k solved by scipy's solve_ivp (DOP853,
+  rtol 1e-12), and the layer gradient flow augmented with the clock dtau/dt = g(theta);
+- ``naive_h``: h from the layers, sum_j prod_{k != j} (u^k)^2, as a loop over layers;
+- scipy's linprog (HiGHS) on the split LP for the (weighted) minimum-l1 interpolator.
+Tolerances: quad's 1e-13 relative, solve_ivp's rtol 1e-12 over O(1) clock times (-> 1e-9), the
+dopri5 tolerance of the runs (rtol 1e-11 -> 1e-7 on limits reached at t ~ 1e3).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.integrate import quad, solve_ivp
+from scipy.optimize import linprog
+
+from ddln_fast import Config, InputError, simulate
+from ddln_fast.theory import (MirrorGeometry, assumption_a, min_l1_interpolator, predict, predict_limit,
+                              small_init_weights, weighted_l1_interpolator)
+
+
+# -- references -----------------------------------------------------------------------------------
+def quad_psi(s, gaps):
+    f = lambda r: 1.0 / np.prod(np.sqrt(r * r + gaps))  # noqa: E731
+    edges = [0.0] + sorted(p for p in np.sqrt(gaps) if p < abs(s)) + [abs(s)]
+    total = sum(quad(f, lo, hi, epsabs=0, epsrel=1e-13, limit=400)[0] for lo, hi in zip(edges[:-1], edges[1:]))
+    return np.sign(s) * total
+
+
+def naive_h(u):
+    """u of shape (L, ...): sum_j prod_{k != j} u_k^2."""
+    L = u.shape[0]
+    out = np.zeros(u.shape[1:])
+    for j in range(L):
+        term = np.ones(u.shape[1:])
+        for k in range(L):
+            if k != j:
+                term = term * u[k] ** 2
+        out += term
+    return out
+
+
+def clock_ode(u0_col, tau):
+    """theta(tau) of one coordinate by solve_ivp on du^j/dtau = -prod_{k != j} u^k."""
+    L = len(u0_col)
+
+    def rhs(_, u):
+        return np.array([-np.prod(np.delete(u, j)) for j in range(L)])
+
+    sol = solve_ivp(rhs, (0.0, tau), u0_col, method="DOP853", rtol=1e-12, atol=1e-14)
+    return np.prod(sol.y[:, -1])
+
+
+def random_layers(rng, L, d, low=0.2, high=1.5):
+    return rng.uniform(low, high, (L, d)) * rng.choice([-1.0, 1.0], (L, d))
+
+
+def lp_l1(X, y, w_plus, w_minus):
+    d = X.shape[1]
+    res = linprog(np.concatenate([w_plus, w_minus]), A_eq=np.hstack([X, -X]), b_eq=y, bounds=(0, None),
+                  method="highs")
+    return res.x[:d] - res.x[d:]
+
+
+# -- closed forms ---------------------------------------------------------------------------------
+def test_depth2_closed_forms():
+    rng = np.random.default_rng(20)
+    u0 = random_layers(rng, 2, 7)
+    geo = MirrorGeometry.from_layers(u0)
+    a, b = u0
+    delta = np.abs(a ** 2 - b ** 2)
+    theta = rng.normal(size=7) * 3
+    np.testing.assert_allclose(geo.mirror_map(theta), 0.5 * np.arcsinh(2 * theta / delta), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(geo.h(theta), np.sqrt(delta ** 2 + 4 * theta ** 2), rtol=1e-13)
+    # potential: Q(theta) = int_0^theta phi, by quad of the closed-form phi
+    Q_ref = [quad(lambda x: 0.5 * np.arcsinh(2 * x / dl), 0, t, epsabs=0, epsrel=1e-13)[0]
+             for t, dl in zip(theta, delta)]
+    np.testing.assert_allclose(geo.potential(theta), Q_ref, rtol=1e-11)
+    for tau in (-0.7, 0.4, 2.0):
+        ref = ((a + b) ** 2 * np.exp(-2 * tau) - (a - b) ** 2 * np.exp(2 * tau)) / 4
+        got, blown = geo.clock_map(np.full(7, tau))
+        assert not blown.any()
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14)
+    assert np.all(np.isinf(geo.bound))
+
+
+@pytest.mark.parametrize("L", [3, 4, 5, 7])
+def test_mirror_map_and_bound_vs_quadrature(L):
+    """depth 3: elliptic integrals; depth >= 4: the quadrature table; both against quad."""
+    rng = np.random.default_rng(30 + L)
+    u0 = random_layers(rng, L, 6, 0.05, 1.5)
+    geo = MirrorGeometry.from_layers(u0)
+    theta = np.concatenate([rng.normal(size=3) * 2, [1e-7, -40.0, 3e3]])
+    s = geo.smallest_layer(theta)
+    np.testing.assert_allclose(geo.theta_of_smallest(s), theta, rtol=1e-14)
+    ref = [np.sign(t) * quad_psi(abs(si), geo.a.gaps[:, i]) for i, (t, si) in enumerate(zip(theta, s))]
+    np.testing.assert_allclose(geo.mirror_map(theta), ref, rtol=1e-12)
+    bound_ref = [quad_psi(np.inf, geo.a.gaps[:, i]) for i in range(6)]
+    np.testing.assert_allclose(geo.bound, bound_ref, rtol=1e-12)
+    # inverse: round trip, also close to the bound of the dual range
+    v = np.array([-0.9, -0.5, 0.0, 0.3, 0.99, 0.999999]) * geo.bound
+    back = geo.mirror_map(geo.inverse_mirror_map(v))
+    np.testing.assert_allclose(back, v, rtol=1e-12, atol=1e-15)
+    # conjugate identity theta phi - Q = s^2 / 2 with Q = int_0^theta phi by quad
+    i = 0
+    Q_ref = quad(lambda x: geo.mirror_map(np.full(6, x))[i], 0, theta[i], epsabs=0, epsrel=1e-12)[0]
+    np.testing.assert_allclose(geo.potential(theta)[i], Q_ref, rtol=1e-10)
+
+
+def test_equal_gaps_hypergeometric_vs_quadrature():
+    u0 = np.full((5, 4), 0.3)
+    u0[0] = 0.0  # first layer zero: all four gaps equal 0.09
+    geo = MirrorGeometry.from_layers(u0)
+    assert geo._equal_gaps
+    theta = np.array([1e-6, 0.3, -5.0, 1e4])
+    s = geo.smallest_layer(theta)
+    ref = [np.sign(t) * quad_psi(abs(si), geo.a.gaps[:, 0]) for t, si in zip(theta, s)]
+    np.testing.assert_allclose(geo.mirror_map(theta), ref, rtol=1e-12)
+    from scipy.special import gamma
+
+    delta, L = 0.09, 5  # b = delta^{(2-L)/2} sqrt(pi) Gamma((L-2)/2) / (2 Gamma((L-1)/2))
+    np.testing.assert_allclose(geo.bound, delta ** ((2 - L) / 2) * np.sqrt(np.pi) * gamma(1.5) / (2 * gamma(2.0)),
+                               rtol=1e-13)
+
+
+# -- h, mirror identity and the clock map along trajectories ------------------------------------
+def small_problem(L, seeds=2, t_end=5.0, **model):
+    tables = {"problem": {"n": 5, "d": 10, "sparsity": 3},
+              "model": {"depth": L, "alpha": 0.7, "init": "gaussian", "jitter": 0.5, "signs": "random", **model},
+              "integrator": {"rtol": 1e-11, "atol": 1e-14, "t_end": t_end},
+              "run": {"seeds": seeds, "checkpoints": 12}}
+    return Config.from_dict(tables)
+
+
+@pytest.mark.parametrize("L", [2, 3, 4])
+def test_h_from_theta_equals_h_from_layers(L):
+    run = simulate(small_problem(L))
+    for s in range(2):
+        geo = MirrorGeometry.from_layers(run.u0[s])
+        u = run.u[:, s]  # (K, L, d)
+        np.testing.assert_allclose(geo.h(run.theta[:, s]), naive_h(np.moveaxis(u, 1, 0)), rtol=1e-10)
+        # the layers rebuilt from theta are the simulated ones (invariants)
+        np.testing.assert_allclose(np.moveaxis(geo.layers(run.theta[:, s]), 0, 1), u, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("L", [2, 3, 5])
+def test_mirror_identity_with_carried_clock(L):
+    """phi(theta(t)) - phi(theta0) = -int_0^t g: the layer flow with tau' = g, by solve_ivp."""
+    rng = np.random.default_rng(40 + L)
+    n, d = 4, 7
+    X = rng.normal(size=(n, d))
+    y = rng.normal(size=n)
+    u0 = random_layers(rng, L, d, 0.3, 1.2)
+
+    def rhs(_, z):
+        u = z[: L * d].reshape(L, d)
+        g = X.T @ (X @ np.prod(u, axis=0) - y) / n
+        du = np.array([-g * np.prod(np.delete(u, j, axis=0), axis=0) for j in range(L)])
+        return np.concatenate([du.ravel(), g])
+
+    times = [0.5, 2.0, 6.0]
+    sol = solve_ivp(rhs, (0, times[-1]), np.concatenate([u0.ravel(), np.zeros(d)]), method="DOP853",
+                    rtol=1e-12, atol=1e-14, t_eval=times)
+    geo = MirrorGeometry.from_layers(u0)
+    for k in range(len(times)):
+        theta = np.prod(sol.y[: L * d, k].reshape(L, d), axis=0)
+        tau = sol.y[L * d:, k]
+        np.testing.assert_allclose(geo.mirror_map(theta) - geo.phi0, -tau, atol=1e-9)
+        clock, blown = geo.clock_map(tau)
+        assert not blown.any()
+        np.testing.assert_allclose(clock, theta, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("L", [3, 4])
+def test_clock_map_vs_layer_ode_and_blow_up_both_ways(L):
+    rng = np.random.default_rng(50 + L)
+    u0 = random_layers(rng, L, 3, 0.3, 1.2)
+    geo = MirrorGeometry.from_layers(u0)
+    for i in range(3):
+        lo, hi = geo.phi0[i] - geo.bound[i], geo.phi0[i] + geo.bound[i]  # tau range without blow-up
+        for frac in (0.05, 0.5, 0.9):
+            for tau in (lo + frac * (hi - lo),):
+                tau_vec = np.full(3, tau)
+                got, blown = geo.clock_map(tau_vec)
+                assert not blown[i]
+                assert abs(got[i] - clock_ode(u0[:, i], tau)) <= 1e-8 * max(1.0, abs(got[i]))
+        for tau in (hi * 1.0001 + 1e-3, lo * 1.0001 - 1e-3):
+            got, blown = geo.clock_map(np.full(3, tau))
+            assert blown[i] and np.isinf(got[i])
+            # the reference ODE blows up before tau: it cannot reach it with bounded layers
+            event = lambda _, u: np.max(np.abs(u)) - 1e6  # noqa: E731
+            event.terminal = True
+            rhs = lambda _, u: np.array([-np.prod(np.delete(u, j)) for j in range(L)])  # noqa: E731
+            sol = solve_ivp(rhs, (0, tau), u0[:, i], method="DOP853", rtol=1e-10, atol=1e-12, events=event)
+            assert sol.status == 1 and abs(sol.t[-1]) < abs(tau)
+
+
+# -- the implicit-bias limit ---------------------------------------------------------------------
+@pytest.mark.parametrize("L", [2, 3, 4])
+def test_predict_limit_equals_long_dopri5_run(L):
+    cfg = small_problem(L, t_end=2000.0, seeds=2).with_overrides({"problem.per_seed_data": True,
+                                                                   "run.checkpoints": 4})
+    run = simulate(cfg)
+    assert np.all(run.loss[-1] < 1e-18)
+    limit = predict_limit(cfg)
+    for s in range(2):
+        rel = np.linalg.norm(run.theta[-1, s] - limit[s]) / np.linalg.norm(limit[s])
+        assert rel <= 1e-7, (L, s, rel)
+        # the limit interpolates, and satisfies KKT: phi(theta) - phi(theta0) in range(X^T)
+        X, y = run.X[s], run.y[s]
+        np.testing.assert_allclose(X @ limit[s], y, atol=1e-10)
+        geo = MirrorGeometry.from_layers(run.u0[s])
+        kkt = geo.mirror_map(limit[s]) - geo.phi0
+        null_part = kkt - X.T @ np.linalg.lstsq(X.T, kkt, rcond=None)[0]
+        assert np.linalg.norm(null_part) <= 1e-9 * max(1.0, np.linalg.norm(kkt))
+
+
+def test_more_samples_than_dimensions_projects_onto_least_squares():
+    cfg = Config.from_dict({"problem": {"n": 9, "d": 5, "sparsity": 2, "noise": 0.3},
+                            "model": {"depth": 3, "alpha": 0.5}, "run": {"seeds": 1}})
+    pred = predict(cfg)
+    assert pred.projected and "least-squares" in pred.message
+    from ddln_fast.problem import make_problem
+
+    p = make_problem(cfg)
+    np.testing.assert_allclose(pred.theta[0], np.linalg.lstsq(p.X, p.y, rcond=None)[0], rtol=1e-10)
+
+
+def test_balanced_init_is_flagged_and_theta_keeps_its_orthant():
+    cfg = Config.from_dict({"problem": {"n": 5, "d": 10, "sparsity": 3},
+                            "model": {"depth": 3, "alpha": 0.5, "init": "balanced", "signs": "random"},
+                            "integrator": {"t_end": 50.0}, "run": {"seeds": 2, "checkpoints": 15}})
+    from ddln_fast.init import initial_layers
+
+    u0 = initial_layers(cfg, 10)
+    assert assumption_a(u0[0]).violating.all()
+    with pytest.raises(InputError, match="assumption \\(A\\)"):
+        predict_limit(cfg)
+    with pytest.warns(UserWarning, match="assumption \\(A\\)"):
+        run = simulate(cfg)
+    theta0 = np.prod(u0, axis=1)
+    assert np.all(run.theta * np.sign(theta0)[None] >= 0)
+
+
+def test_small_uniform_init_moves_toward_min_l1():
+    """first_layer_zero, depth 3: the distance of the limit to the min-l1 LP solution shrinks
+    monotonically as alpha decreases."""
+    base = Config.from_dict({"problem": {"n": 8, "d": 24, "sparsity": 3, "seed": 3},
+                             "model": {"depth": 3, "init": "first_layer_zero"}, "run": {"seeds": 1}})
+    from ddln_fast.problem import make_problem
+
+    p = make_problem(base)
+    ref = lp_l1(p.X, p.y, np.ones(24), np.ones(24))
+    np.testing.assert_allclose(min_l1_interpolator(p.X, p.y), ref, atol=1e-8)
+    dist = [np.linalg.norm(predict_limit(base.with_overrides({"model.alpha": a}))[0] - ref)
+            for a in (0.5, 0.1, 0.02)]
+    assert dist[0] > dist[1] > dist[2], dist
+    assert dist[2] < 0.05 * np.linalg.norm(ref)
+
+
+def test_small_random_shape_init_approaches_weighted_l1():
+    """Random-shape init, depth 3: weights b_i - sign(theta_i) phi_i(theta_0,i) are scale-free,
+    and the limit approaches the weighted-l1 LP solution as alpha -> 0."""
+    base = Config.from_dict({"problem": {"n": 6, "d": 16, "sparsity": 3, "seed": 5},
+                             "model": {"depth": 3, "init": "gaussian", "jitter": 0.4, "signs": "random"},
+                             "run": {"seeds": 1}})
+    from ddln_fast.init import initial_layers
+    from ddln_fast.problem import make_problem
+
+    p = make_problem(base)
+    dists = []
+    for alpha in (0.3, 0.03, 0.003):
+        cfg = base.with_overrides({"model.alpha": alpha})
+        geo = MirrorGeometry.from_layers(initial_layers(cfg, 16)[0])
+        w_plus, w_minus = small_init_weights(geo)
+        ref = lp_l1(p.X, p.y, w_plus, w_minus)
+        np.testing.assert_allclose(weighted_l1_interpolator(p.X, p.y, w_plus, w_minus), ref, atol=1e-8)
+        dists.append(np.linalg.norm(predict_limit(cfg)[0] - ref) / np.linalg.norm(ref))
+    assert dists[0] > dists[1] > dists[2] and dists[2] < 0.02, dists
