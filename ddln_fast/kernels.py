@@ -185,11 +185,104 @@ def _rk_stage(U, Y_in, G, K, stage, keep, inv_n, h, active, live, mode,
 
 
 @njit(**PARALLEL_OPTIONS)
+def _euler_step(U, G, inv_n, h, active, live, theta, scratch):
+    """One explicit Euler step in place for the live active seeds, and theta of the new layers:
+    U[s, j] += h[s] * (-(G[a] / n) * prod_{k != j} U[s, k]); theta[a] = prod_j U[s, j].
+
+    The same arithmetic as :func:`_rk_stage` with one stage and ``keep = 0`` (suffix products,
+    then the prefix sweep with -g/n folded in), but for depths 1-4 each coordinate's layers stay
+    in registers: the state is read and written once. Deeper networks take the
+    ``scratch`` rows. ``G`` rows are destroyed.
+    """
+    L, d = U.shape[1], U.shape[2]
+    nb = _n_blocks(d)
+    for item in prange(active.shape[0] * nb):
+        a = item // nb
+        if live[a] == 0:
+            continue
+        s = active[a]
+        start = (item % nb) * BLOCK
+        w = min(BLOCK, d - start)
+        hs = h[s]
+        g = G[a, start:start + w]
+        th = theta[a, start:start + w]
+        if L == 1:
+            u0 = U[s, 0, start:start + w]
+            for c in range(w):
+                y0 = u0[c] + hs * (-inv_n * g[c])
+                u0[c] = y0
+                th[c] = y0
+        elif L == 2:
+            u0 = U[s, 0, start:start + w]
+            u1 = U[s, 1, start:start + w]
+            for c in range(w):
+                a0, a1 = u0[c], u1[c]
+                carry = -inv_n * g[c]
+                y0 = a0 + hs * (a1 * carry)
+                y1 = a1 + hs * (carry * a0)
+                u0[c], u1[c] = y0, y1
+                th[c] = y0 * y1
+        elif L == 3:
+            u0 = U[s, 0, start:start + w]
+            u1 = U[s, 1, start:start + w]
+            u2 = U[s, 2, start:start + w]
+            for c in range(w):
+                a0, a1, a2 = u0[c], u1[c], u2[c]
+                carry = -inv_n * g[c]
+                y0 = a0 + hs * ((a2 * a1) * carry)
+                carry *= a0
+                y1 = a1 + hs * (a2 * carry)
+                y2 = a2 + hs * (carry * a1)
+                u0[c], u1[c], u2[c] = y0, y1, y2
+                th[c] = (y0 * y1) * y2
+        elif L == 4:
+            u0 = U[s, 0, start:start + w]
+            u1 = U[s, 1, start:start + w]
+            u2 = U[s, 2, start:start + w]
+            u3 = U[s, 3, start:start + w]
+            for c in range(w):
+                a0, a1, a2, a3 = u0[c], u1[c], u2[c], u3[c]
+                carry = -inv_n * g[c]
+                s1 = a3 * a2
+                y0 = a0 + hs * ((s1 * a1) * carry)
+                carry *= a0
+                y1 = a1 + hs * (s1 * carry)
+                carry *= a1
+                y2 = a2 + hs * (a3 * carry)
+                y3 = a3 + hs * (carry * a2)
+                u0[c], u1[c], u2[c], u3[c] = y0, y1, y2, y3
+                th[c] = ((y0 * y1) * y2) * y3
+        else:
+            suffix = scratch[get_thread_id()]
+            nxt = suffix[L - 1, :w]
+            for c in range(w):
+                nxt[c] = 1.0
+            for j in range(L - 2, -1, -1):
+                cur = suffix[j, :w]
+                ur = U[s, j + 1, start:start + w]
+                for c in range(w):
+                    cur[c] = nxt[c] * ur[c]
+                nxt = cur
+            for c in range(w):
+                g[c] = -inv_n * g[c]
+                th[c] = 1.0
+            for j in range(L):
+                ur = U[s, j, start:start + w]
+                sr = suffix[j, :w]
+                for c in range(w):
+                    u = ur[c]
+                    y = u + hs * (sr[c] * g[c])
+                    g[c] *= u
+                    ur[c] = y
+                    th[c] *= y
+
+# Serial: S x n values are far too few to pay for waking the thread team (tens of us).
+@njit(**JIT_OPTIONS)
 def _residual_and_loss(R, y, y_rows, m, inv_2n, loss):
     """R[a] -= y[y_rows[a]] in place and loss[a] = ||R[a]||^2 / (2n), for a < m (float64 sums
     in a fixed order)."""
     n = R.shape[1]
-    for a in prange(m):
+    for a in range(m):
         target = y[y_rows[a]]
         total = 0.0
         for i in range(n):
@@ -198,6 +291,39 @@ def _residual_and_loss(R, y, y_rows, m, inv_2n, loss):
             total += np.float64(r) * np.float64(r)
         loss[a] = total * inv_2n
 
+
+@njit(**PARALLEL_OPTIONS)
+def _per_seed_products(X, y, theta, active, R, G, inv_2n, loss):
+    """Both products with per-seed data, one seed per work item: R[a] = X[s] theta[a] - y[s],
+    loss[a] = ||R[a]||^2 / (2n), G[a] = X[s]^T R[a] (not yet divided by n), ``s = active[a]``.
+
+    One seed's design (n x d) is read from memory once: the second product finds it in the
+    cache. Hand-written loops, not BLAS (no BLAS inside prange): each seed's sums run in one
+    thread in a fixed order, so results depend neither on the thread count nor on the batch.
+    """
+    n, d = X.shape[1], X.shape[2]
+    for a in prange(active.shape[0]):
+        s = active[a]
+        th = theta[a]
+        r = R[a]
+        total = 0.0
+        for i in range(n):
+            xi = X[s, i]
+            acc = 0.0
+            for c in range(d):
+                acc += xi[c] * th[c]
+            ri = acc - y[s, i]
+            r[i] = ri
+            total += np.float64(ri) * np.float64(ri)
+        loss[a] = total * inv_2n
+        g = G[a]
+        for c in range(d):
+            g[c] = 0.0
+        for i in range(n):
+            xi = X[s, i]
+            ri = r[i]
+            for c in range(d):
+                g[c] += ri * xi[c]
 
 @njit(**JIT_OPTIONS)
 def _sum_blocks(err_partial, m, size, out):
