@@ -6,6 +6,7 @@ checked before the output file is created, so bad input never leaves a half-writ
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 import warnings
@@ -115,11 +116,11 @@ def _prepare_output(out, overwrite: bool, resume: bool) -> Path | None:
     if path.exists() and not (overwrite or resume):
         raise InputError(f"output {path} exists; pass --resume to continue it or --overwrite to replace it")
     if not path.parent.exists():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise InputError(f"cannot create the output folder {path.parent}: {err.strerror}") from None
-    if not path.exists():
+        # Created only once the data and init are known good: bad input leaves nothing behind.
+        ancestor = next(p for p in path.parent.parents if p.exists())
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            raise InputError(f"cannot create the output folder {path.parent}: {ancestor} is not a writable folder")
+    elif not path.exists():
         try:
             path.touch()
             path.unlink()
@@ -168,6 +169,8 @@ def run_simulation(config: Config, out=None, *, progress=False, overwrite=False,
     with limit_threads(n_threads) as used_threads:
         integrator = _make_integrator(config, problem, u0)
         shapes = state_shapes(*u0.shape, integrator.dtype, integrator.tableau.adaptive)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         writer = RunWriter.create(path, config, problem, u0, provenance(used_threads), shapes)
         return _drive(config, integrator, writer, times, 0, progress, on_checkpoint)
 

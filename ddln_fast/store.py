@@ -94,6 +94,14 @@ class RunWriter:
         if problem.theta_star is not None:
             g.create_dataset("theta_star", data=problem.theta_star)
         f.create_group("init").create_dataset("u", data=u0)
+        seed_axis = ("seed",) if problem.per_seed else ()
+        for name, labels in (("problem/X", (*seed_axis, "sample", "coordinate")),
+                             ("problem/y", (*seed_axis, "sample")),
+                             ("problem/theta_star", (*seed_axis, "coordinate")),
+                             ("init/u", ("seed", "layer", "coordinate"))):
+            if name in f:
+                for axis, label in enumerate(labels):
+                    f[name].dims[axis].label = label
 
         c = f.create_group("checkpoints")
         per_checkpoint = {

@@ -1,0 +1,188 @@
+"""Gradient descent, the depth-2 identities, batching and per-seed random streams.
+
+References:
+- a plain numpy gradient-descent loop on the layers (references.gradient_descent: all-but-one
+  products by multiplying the other layers, g = X^T (X theta - y) / n);
+- THEORY.md's exact per-step identities of gradient descent at depth 2:
+  (u1 + u2)_{k+1} = (1 - eta g_k)(u1 + u2)_k and (u1 - u2)_{k+1} = (1 + eta g_k)(u1 - u2)_k,
+  with g_k recomputed in numpy from the stored layers;
+- for batching, the same seed integrated alone (the batch must not change a seed's result);
+- for the random streams, the same seed drawn in a run of another size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ddln_fast import simulate
+from ddln_fast.init import initial_layers
+from ddln_fast.integrators import Integrator
+from ddln_fast.problem import Problem, make_problem
+from references import gradient, gradient_descent
+
+# --- euler is gradient descent ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth,init,per_seed_data", [
+    (2, "gaussian", False),
+    (3, "first_layer_zero", False),  # a layer exactly 0: the products must not divide by it
+    (4, "gaussian", True),
+])
+def test_euler_is_gradient_descent(make_config, depth, init, per_seed_data):
+    """Every iterate of euler equals the numpy loop to 1e-12: both do the same arithmetic up to
+    the order of the sums in X^T r (a few ulps per step on O(1) layers, 100 steps)."""
+    eta, steps = 0.02, 100
+    config = make_config({"model.depth": depth, "model.init": init, "problem.per_seed_data": per_seed_data,
+                          "integrator.method": "euler", "integrator.dt": eta,
+                          "integrator.t_end": eta * steps, "run.checkpoints": steps + 1})
+    run = simulate(config)
+    assert len(run.t) == steps + 1
+    np.testing.assert_allclose(run.t, eta * np.arange(steps + 1), rtol=1e-15)
+    for s in range(config.run.seeds):
+        X, y = (run.X[s], run.y[s]) if per_seed_data else (run.X, run.y)
+        expected = gradient_descent(X, y, run.u0[s], eta, steps)
+        assert np.max(np.abs(expected[-1] - expected[0])) > 1e-2  # the layers moved
+        np.testing.assert_allclose(run.u[:, s], expected, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(run.theta[:, s], np.prod(expected, axis=1), rtol=0, atol=1e-12)
+    assert np.all(run.nfev[-1] == steps)  # one gradient evaluation per GD step
+
+
+def test_depth_two_gradient_descent_identities(make_config):
+    """(u1 + u2) is multiplied by (1 - eta g_k) and (u1 - u2) by (1 + eta g_k) at step k, exactly
+    in exact arithmetic; in floating point each side is a couple of roundings of O(1) numbers,
+    so 1e-13 (100 * eps) bounds the residual."""
+    eta, steps = 0.05, 80
+    config = make_config({"model.depth": 2, "integrator.method": "euler", "integrator.dt": eta,
+                          "integrator.t_end": eta * steps, "run.checkpoints": steps + 1})
+    run = simulate(config)
+    u = run.u  # (K, S, 2, d), one checkpoint per step
+    assert u.shape[0] == steps + 1
+    for s in range(config.run.seeds):
+        plus = u[:, s, 0] + u[:, s, 1]
+        minus = u[:, s, 0] - u[:, s, 1]
+        for k in range(steps):
+            g = gradient(run.X, run.y, u[k, s, 0] * u[k, s, 1])
+            assert np.max(np.abs(plus[k + 1] - (1 - eta * g) * plus[k])) <= 1e-13
+            assert np.max(np.abs(minus[k + 1] - (1 + eta * g) * minus[k])) <= 1e-13
+        # non-trivial: the sum and difference really changed along the run
+        assert np.max(np.abs(plus[-1] - plus[0])) > 1e-2 and np.max(np.abs(minus[-1] - minus[0])) > 1e-2
+
+
+def test_depth_two_identities_one_step_at_a_time(make_config):
+    """The same identities, driving ddln_fast.integrators.Integrator directly step by step."""
+    eta = 0.05
+    config = make_config({"model.depth": 2, "run.seeds": 3})
+    problem = make_problem(config)
+    u0 = initial_layers(config, problem.d)
+    integrator = Integrator("euler", problem, u0, dt=eta)
+    for k in range(1, 21):
+        before = integrator.U.copy()
+        integrator.advance_to(k * eta)
+        after = integrator.U
+        assert np.all(integrator.state.steps == k)
+        for s in range(3):
+            g = gradient(problem.X, problem.y, before[s, 0] * before[s, 1])
+            np.testing.assert_allclose(after[s, 0] + after[s, 1], (1 - eta * g) * (before[s, 0] + before[s, 1]),
+                                       rtol=0, atol=1e-13)
+            np.testing.assert_allclose(after[s, 0] - after[s, 1], (1 + eta * g) * (before[s, 0] - before[s, 1]),
+                                       rtol=0, atol=1e-13)
+
+
+# --- a seed's result does not depend on the batch -----------------------------------------------
+
+
+def _integrate(method, problem, u0, t_end, dt=0.01):
+    integrator = Integrator(method, problem, u0, dt=dt, rtol=1e-9, atol=1e-13)
+    integrator.advance_to(t_end / 2)
+    integrator.advance_to(t_end)
+    return integrator
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4", "dopri5"])
+def test_per_seed_data_seed_alone_equals_seed_in_batch_bitwise(make_config, method):
+    """Per-seed data: one product per seed, kernels per seed with fixed-order reductions, so the
+    batch changes nothing: bitwise equality (dopri5 too: its step control is per seed)."""
+    config = make_config({"problem.per_seed_data": True, "run.seeds": 4, "model.depth": 3})
+    problem = make_problem(config)
+    u0 = initial_layers(config, problem.d)
+    batch = _integrate(method, problem, u0, 1.0)
+    for s in range(4):
+        alone = _integrate(method, Problem(problem.X[s:s + 1], problem.y[s:s + 1]), u0[s:s + 1], 1.0)
+        np.testing.assert_array_equal(alone.U[0], batch.U[s])
+        np.testing.assert_array_equal(alone.state.nfev[0], batch.state.nfev[s])
+    assert not np.array_equal(batch.U[0], batch.U[1])  # the seeds really differ
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_per_seed_data_run_of_one_equals_seed_zero_of_many(make_config, method):
+    """End to end (config -> file): seed 0 of run.seeds = 1 is bit-identical to seed 0 of 4."""
+    tables = {"problem.per_seed_data": True, "integrator.method": method, "integrator.t_end": 1.0}
+    alone = simulate(make_config({**tables, "run.seeds": 1}))
+    batch = simulate(make_config({**tables, "run.seeds": 4}))
+    for name in ("u", "theta", "loss", "nfev", "invariant_drift"):
+        np.testing.assert_array_equal(getattr(alone, name)[:, 0], getattr(batch, name)[:, 0], err_msg=name)
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4", "dopri5"])
+def test_shared_data_seed_alone_matches_seed_in_batch(make_config, method):
+    """Shared X: the seeds go through one GEMM, and OpenBLAS's GEMM result for a row depends on
+    the number of rows M (kernel blocking; measured on this machine), so a seed alone (M = 1)
+    and in a batch (M = 4) differ by rounding: not bitwise. They agree to 1e-13 relative, since
+    the flow is stable over t = 1 and a few ulps per step do not grow."""
+    config = make_config({"run.seeds": 4, "model.depth": 3})
+    problem = make_problem(config)
+    u0 = initial_layers(config, problem.d)
+    batch = _integrate(method, problem, u0, 1.0)
+    for s in range(4):
+        alone = _integrate(method, problem, u0[s:s + 1], 1.0)
+        np.testing.assert_allclose(alone.U[0], batch.U[s], rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4", "dopri5"])
+def test_shared_and_per_seed_paths_agree_on_equal_data(make_config, write_npz, method):
+    """The same X given once (n, d) and repeated per seed (S, n, d) in a data file: GEMM vs one
+    product per seed, same numbers up to rounding (1e-13 relative, as above)."""
+    rng = np.random.default_rng(7)
+    seeds, n, d = 3, 9, 14
+    X = rng.standard_normal((n, d))
+    y = X @ np.where(rng.random(d) < 0.3, 1.5, 0.0)
+    shared = write_npz("shared.npz", X=X, y=y)
+    repeated = write_npz("repeated.npz", X=np.repeat(X[None], seeds, axis=0), y=np.repeat(y[None], seeds, axis=0))
+    base = {"problem.kind": "file", "integrator.method": method, "run.seeds": seeds, "integrator.t_end": 1.0}
+    one = simulate(make_config({**base, "problem.path": shared}))
+    many = simulate(make_config({**base, "problem.path": repeated}))
+    assert one.X.shape == (n, d) and many.X.shape == (seeds, n, d)
+    np.testing.assert_array_equal(one.u0, many.u0)
+    np.testing.assert_allclose(many.u, one.u, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(many.loss, one.loss, rtol=1e-12, atol=1e-300)
+
+
+# --- per-seed random streams --------------------------------------------------------------------
+
+
+def test_seed_draws_do_not_depend_on_run_size(make_config):
+    """Seed s gets the same layers and (per-seed) data whether run.seeds is 1, 5 or 64."""
+    base = {"problem.per_seed_data": True, "integrator.method": "euler", "integrator.dt": 0.01,
+            "integrator.t_end": 0.01, "run.checkpoints": 2}
+    runs = {S: simulate(make_config({**base, "run.seeds": S})) for S in (1, 5, 64)}
+    big = runs[64]
+    assert big.u0.shape == (64, 3, 12) and big.X.shape == (64, 10, 12)
+    for S in (1, 5):
+        small = runs[S]
+        np.testing.assert_array_equal(small.u0, big.u0[:S])
+        np.testing.assert_array_equal(small.X, big.X[:S])
+        np.testing.assert_array_equal(small.y, big.y[:S])
+        np.testing.assert_array_equal(small.theta_star, big.theta_star[:S])
+    # independent streams: no two seeds share an init or a design, and signs are mixed
+    assert len({row.tobytes() for row in big.u0}) == 64
+    assert len({row.tobytes() for row in big.X}) == 64
+    assert np.any(big.u0[:, -1] < 0) and np.any(big.u0[:, -1] > 0)
+
+
+def test_shared_data_does_not_depend_on_run_size(make_config):
+    """Shared data comes from problem.seed alone: the same X, y for any run.seeds."""
+    one = make_problem(make_config({"run.seeds": 1}))
+    many = make_problem(make_config({"run.seeds": 64}))
+    np.testing.assert_array_equal(one.X, many.X)
+    np.testing.assert_array_equal(one.y, many.y)
