@@ -192,3 +192,33 @@ def test_bad_input_real_process(tmp_path, case_id):
                           text=True, timeout=120, env={**os.environ, "COLUMNS": "80"})
     _check_one_line_error(proc.returncode, proc.stderr, word)
     assert not out.exists()
+
+
+# --- positive controls: the same machinery accepts good input -----------------------------------
+
+
+def test_empty_file_and_resolved_toml_are_valid(tmp_path):
+    """An empty file is a valid run with every default of INTERFACE.md; the resolved TOML that
+    a run stores reads back to the same config (so a stored config can be re-run)."""
+    from ddln_fast import Config
+    from ddln_fast.config import parse_override
+
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    config = Config.from_toml(empty)
+    assert config == Config()
+    defaults = {"problem.n": 100, "problem.d": 1000, "problem.sparsity": 5, "model.depth": 3,
+                "model.alpha": 0.1, "model.init": "first_layer_zero", "integrator.method": "dopri5",
+                "integrator.rtol": 1e-8, "integrator.atol": 1e-12, "integrator.t_end": 100.0,
+                "integrator.max_steps": 10_000_000, "run.seeds": 8, "run.checkpoints": 200,
+                "run.spacing": "log", "run.save_layers": True, "run.dtype": "float64", "run.threads": 0}
+    flat = config.flat()
+    for key, value in defaults.items():
+        assert flat[key] == value, key
+    resolved = tmp_path / "resolved.toml"
+    changed = config.with_overrides(dict(parse_override(text) for text in
+                                         ("model.depth=4", "model.init=shape", "model.layer_scales=[1, 2, 3, 4]",
+                                          "integrator.rtol=1e-10", "model.signs=random")))
+    resolved.write_text(changed.to_toml())
+    assert Config.from_toml(resolved) == changed
+    assert changed.model.layer_scales == (1.0, 2.0, 3.0, 4.0) and changed.model.init == "shape"

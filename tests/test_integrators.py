@@ -12,6 +12,7 @@ References:
 
 from __future__ import annotations
 
+import h5py
 import numpy as np
 import pytest
 
@@ -186,3 +187,135 @@ def test_shared_data_does_not_depend_on_run_size(make_config):
     many = make_problem(make_config({"run.seeds": 64}))
     np.testing.assert_array_equal(one.X, many.X)
     np.testing.assert_array_equal(one.y, many.y)
+
+
+# --- stopping rules (per seed) ------------------------------------------------------------------
+
+
+def test_loss_tol_stops_each_seed_and_freezes_it(make_config):
+    """A seed stops at the first accepted step whose loss is below loss_tol; its layers stay put
+    while other seeds run on. Reference: f recomputed in numpy from the stored theta."""
+    from references import loss as numpy_loss
+
+    config = make_config({"model.depth": 2, "model.alpha": 1.0, "problem.n": 6, "problem.d": 12,
+                          "integrator.loss_tol": 1e-6, "integrator.t_end": 400.0, "run.seeds": 3,
+                          "run.checkpoints": 30, "run.spacing": "log"})
+    run = simulate(config)
+    status = run.status[-1]
+    assert np.all(status == 2), status  # loss_tol for every seed (n < d: interpolation, f -> 0)
+    for s in range(3):
+        stopped = np.flatnonzero(run.status[:, s] == 2)[0]
+        t_stop = run.t_seed[-1, s]
+        assert 0 < t_stop < config.integrator.t_end
+        assert numpy_loss(run.X, run.y, run.theta[-1, s]) < 1e-6
+        # before it stopped, it had not reached the tolerance yet at a checkpoint
+        assert np.all(run.loss[:stopped, s] >= 1e-6)
+        # frozen from then on: the same layers and time at every later checkpoint
+        np.testing.assert_array_equal(run.u[stopped:, s], np.broadcast_to(run.u[stopped, s], run.u[stopped:, s].shape))
+        assert np.all(run.t_seed[stopped:, s] == t_stop)
+
+
+def test_max_steps_stops_fixed_step_methods(make_config):
+    config = make_config({"integrator.method": "rk4", "integrator.dt": 0.01, "integrator.max_steps": 7,
+                          "integrator.t_end": 1.0, "run.checkpoints": 5})
+    run = simulate(config)
+    assert np.all(run.status[-1] == 3)  # max_steps
+    np.testing.assert_allclose(run.t_seed[-1], 0.07, rtol=1e-12)
+    assert np.all(run.nfev[-1] == 4 * 7)  # four stages per rk4 step
+
+
+# --- initializations ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("init,scales", [("first_layer_zero", [0.0, 0.4, 0.4]), ("balanced", [0.4, 0.4, 0.4]),
+                                         ("shape", [0.4 * 2.0, 0.4 * 0.5, 0.4 * 1.0])])
+def test_deterministic_inits_follow_their_definition(make_config, init, scales):
+    """INTERFACE.md: first_layer_zero: u^1 = 0, the others alpha; balanced: every layer alpha;
+    shape: layer j = alpha * layer_scales[j]. No jitter, positive signs: exact values."""
+    config = make_config({"model.init": init, "model.alpha": 0.4, "model.jitter": 0.0, "model.signs": "positive",
+                          "model.layer_scales": [2.0, 0.5, 1.0]})
+    u0 = initial_layers(config, 12)
+    expected = np.broadcast_to(np.array(scales)[None, :, None], (2, 3, 12))
+    np.testing.assert_array_equal(u0, expected)
+
+
+def test_gaussian_init_statistics_and_random_signs(make_config):
+    """gaussian: alpha (1 + jitter N(0, 1)); signs = random flips the last layer only, about half
+    of its coordinates. 64 seeds x 3 layers x 200 coordinates: the sample mean and std of
+    u / alpha are within 5 standard errors of 1 and jitter."""
+    config = make_config({"model.alpha": 0.5, "model.jitter": 0.2, "problem.d": 200, "run.seeds": 64})
+    u0 = initial_layers(config, 200)
+    magnitudes = np.abs(u0) / 0.5
+    assert abs(magnitudes.mean() - 1.0) < 5 * 0.2 / np.sqrt(magnitudes.size)
+    assert abs(magnitudes.std() - 0.2) < 5 * 0.2 / np.sqrt(2 * magnitudes.size)
+    assert np.all(u0[:, :-1] > 0)  # jitter 0.2: 1 + 0.2 N < 0 would need a 5-sigma draw
+    negative = np.mean(u0[:, -1] < 0)
+    assert abs(negative - 0.5) < 5 * 0.5 / np.sqrt(64 * 200)
+
+
+def test_balanced_init_warns_about_the_sign_trap(make_config):
+    """Balanced layers violate assumption (A) at every coordinate: the warning counts them all."""
+    from ddln_fast.simulate import SignTrapWarning
+
+    config = make_config({"model.init": "balanced", "model.jitter": 0.0, "model.signs": "positive",
+                          "integrator.t_end": 0.1, "run.checkpoints": 2})
+    with pytest.warns(SignTrapWarning, match="24 of 24 coordinates"):
+        simulate(config)
+
+
+def test_init_from_a_run_file_and_from_one_layer_set(make_config, tmp_path):
+    """model.init = "file" reads /init/u of another run (S, L, d), or one (L, d) array used by
+    every seed."""
+    first = make_config({})
+    path = tmp_path / "first.h5"
+    simulate(first, out=path).close()
+    again = simulate(make_config({"model.init": "file", "model.init_path": str(path), "model.signs": "positive"}))
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(again.u0, f["init/u"][:])
+    layers = np.linspace(-1, 1, 36).reshape(3, 12)
+    np.savez(tmp_path / "one.npz", u0=layers)
+    shared = simulate(make_config({"model.init": "file", "model.init_path": str(tmp_path / "one.npz"),
+                                   "model.signs": "positive"}))
+    np.testing.assert_array_equal(shared.u0, np.stack([layers, layers]))
+
+
+def _numpy_fixed_step_until(X, y, u0, method, dt, loss_tol, max_steps):
+    """Reference: euler or classical RK4 on the layer flow in plain numpy, checking the loss
+    before each step as the stopping rule says. Returns (layers, steps taken)."""
+    from references import layer_flow_rhs, loss as numpy_loss
+
+    rhs = layer_flow_rhs(X, y, u0.shape[0])
+    z = u0.ravel().copy()
+    for step in range(max_steps):
+        if numpy_loss(X, y, np.prod(z.reshape(u0.shape), axis=0)) < loss_tol:
+            return z.reshape(u0.shape), step
+        if method == "euler":
+            z = z + dt * rhs(0, z)
+        else:
+            k1 = rhs(0, z)
+            k2 = rhs(0, z + dt / 2 * k1)
+            k3 = rhs(0, z + dt / 2 * k2)
+            k4 = rhs(0, z + dt * k3)
+            z = z + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return z.reshape(u0.shape), max_steps
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_seeds_stopping_at_different_steps_keep_the_others_exact(make_config, method):
+    """With loss_tol, seeds leave the batch at different steps; the remaining seeds are packed
+    into fewer rows. Each seed must still follow its own numpy loop (1e-12) and stop at the
+    same step."""
+    dt, tol = 0.02, 3e-3  # seeds cross it at different times (losses measured at t = 24: 1e-5 .. 5e-3)
+    config = make_config({"model.depth": 2, "model.alpha": 1.0, "problem.n": 6, "problem.d": 12,
+                          "integrator.method": method, "integrator.dt": dt, "integrator.loss_tol": tol,
+                          "integrator.t_end": 40.0, "run.seeds": 4, "run.checkpoints": 6})
+    run = simulate(config)
+    stops = []
+    for s in range(4):
+        layers, steps = _numpy_fixed_step_until(run.X, run.y, run.u0[s], method, dt, tol, 2000)
+        assert steps < 2000
+        stops.append(steps)
+        assert run.status[-1, s] == 2  # loss_tol
+        np.testing.assert_allclose(run.t_seed[-1, s], steps * dt, rtol=1e-12)
+        np.testing.assert_allclose(run.u[-1, s], layers, rtol=0, atol=1e-12)
+    assert len(set(stops)) > 1, stops  # they did stop at different steps
