@@ -57,7 +57,9 @@ class MirrorIntegrator:
         self.loss_tol, self.max_steps = float(loss_tol), int(max_steps)
         self.theta = np.prod(self.u0, axis=1)
         self.derivative = np.zeros((S, d))
-        self.fsal_ready = np.zeros(S, dtype=bool)
+        self._ready = np.zeros(S, dtype=bool)  # FSAL derivative computed, per seed
+        self.stop_check = None  # set by the driver (signals): checked between steps
+        self.stopped_early = False
         self.state = SeedState.fresh(S, self.dt)
 
     # -- the vector field --------------------------------------------------------------------------
@@ -88,15 +90,23 @@ class MirrorIntegrator:
         return out
 
     @property
+    def fsal_ready(self) -> bool:
+        return bool(np.all(self._ready))
+
+    @property
     def running(self) -> np.ndarray:
         return self.state.status == RUNNING
 
-    def restore(self, U, state: SeedState, fsal=None):
+    def theta_cache(self):
+        """(rows, theta) as for :class:`Integrator`: nothing is reused between steps here."""
+        return np.full(self.seeds, -1, dtype=np.int64), self.theta.copy()
+
+    def restore(self, U, state: SeedState, fsal=None, theta_cache=None):
         self.theta = np.prod(np.asarray(U, dtype=np.float64), axis=1)
         self.state = state
         if fsal is not None:
             self.derivative = np.array(fsal)[:, 0]
-            self.fsal_ready[:] = True
+            self._ready[:] = True
 
     def current_losses(self) -> np.ndarray:
         return np.array([self._loss_and_gradient(s, self.theta[s])[0] for s in range(self.seeds)])
@@ -114,9 +124,13 @@ class MirrorIntegrator:
         return drift
 
     def advance_to(self, t_target: float) -> None:
+        """Advance every running seed to ``t_target``, or until ``stop_check`` asks to stop."""
+        self.stopped_early = False
         for s in range(self.seeds):
             if self.state.status[s] == RUNNING and self.state.t[s] < t_target:
                 self._advance_seed(s, float(t_target))
+            if self.stopped_early:
+                return
 
     # -- dopri5 per seed ---------------------------------------------------------------------------
     def _error_norm(self, err, theta, theta_new):
@@ -145,18 +159,21 @@ class MirrorIntegrator:
         h1 = max(1e-6, h0 * 1e-3) if big <= 1e-15 else (0.01 / big) ** 0.2
         st.h[s] = min(100 * h0, h1, self.dt)
         self.derivative[s] = f0
-        self.fsal_ready[s] = True
+        self._ready[s] = True
 
     def _advance_seed(self, s, t_target):
         st = self.state
         A, B, C, E = DOPRI5.A, DOPRI5.B, DOPRI5.C, DOPRI5.E
         del C
-        if not self.fsal_ready[s]:
+        if not self._ready[s]:
             self._start(s)
         expo1 = 0.2 - BETA * 0.75
         eps = np.finfo(np.float64).eps
         K = np.zeros((7, self.dim))
         while st.status[s] == RUNNING and st.t[s] < t_target:
+            if self.stop_check is not None and self.stop_check():
+                self.stopped_early = True
+                return
             theta = self.theta[s]
             proposal = st.h[s]
             landing = st.t[s] + 1.01 * proposal >= t_target

@@ -282,3 +282,44 @@ def test_small_random_shape_init_approaches_weighted_l1():
         np.testing.assert_allclose(weighted_l1_interpolator(p.X, p.y, w_plus, w_minus), ref, atol=1e-8)
         dists.append(np.linalg.norm(predict_limit(cfg)[0] - ref) / np.linalg.norm(ref))
     assert dists[0] > dists[1] > dists[2] and dists[2] < 0.02, dists
+
+
+# -- the mirror method and the orthogonal design --------------------------------------------------
+@pytest.mark.parametrize("L", [2, 3, 4])
+def test_mirror_method_equals_layer_flow(L):
+    """dopri5 in theta space (method "mirror") and dopri5 on the layers, both at rtol 1e-11:
+    the same trajectory to 1e-8 (each is within ~1e-10 of the exact flow)."""
+    cfg = small_problem(L, t_end=30.0)
+    layer = simulate(cfg)
+    mirror = simulate(cfg.with_overrides({"integrator.method": "mirror"}))
+    np.testing.assert_array_equal(layer.t, mirror.t)
+    np.testing.assert_allclose(mirror.theta, layer.theta, atol=1e-8, rtol=0)
+    np.testing.assert_allclose(mirror.u, layer.u, atol=1e-8, rtol=0)
+
+
+def test_mirror_method_refuses_the_sign_trap():
+    cfg = small_problem(3).with_overrides({"model.init": "balanced", "model.jitter": 0.0,
+                                           "integrator.method": "mirror"})
+    with pytest.raises(InputError, match="assumption \\(A\\)"):
+        simulate(cfg)
+
+
+def test_orthogonal_design_depth2_balanced_logistic(tmp_path):
+    """X^T X / n = I decouples the coordinates; balanced depth 2 gives
+    theta(t) = theta* theta0 / (theta0 + (theta* - theta0) e^{-2 theta* t}) (THEORY.md)."""
+    rng = np.random.default_rng(7)
+    n = d = 8
+    Q, _ = np.linalg.qr(rng.normal(size=(n, d)))
+    X = np.sqrt(n) * Q
+    star = rng.uniform(0.5, 2.0, d) * rng.choice([-1.0, 1.0], d)
+    np.savez(tmp_path / "orth.npz", X=X, y=X @ star, theta_star=star)
+    cfg = Config.from_dict({"problem": {"kind": "file", "path": str(tmp_path / "orth.npz")},
+                            "model": {"depth": 2, "alpha": 0.3, "init": "balanced"},
+                            "integrator": {"rtol": 1e-11, "atol": 1e-14, "t_end": 20.0},
+                            "run": {"seeds": 1, "checkpoints": 25}})
+    with pytest.warns(UserWarning, match="assumption"):
+        run = simulate(cfg)
+    theta0 = 0.3 ** 2
+    t = run.t[:, None]
+    ref = star * theta0 / (theta0 + (star - theta0) * np.exp(-2 * star * t))
+    np.testing.assert_allclose(run.theta[:, 0], ref, atol=1e-9)
