@@ -6,6 +6,7 @@ ends in exit code 1.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -100,9 +101,16 @@ def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
     else:
         _print_summary(report, out)
     if report.interrupted:
-        click.echo(f"stopped by {report.run.file.attrs.get('stop_signal', 'a signal')}: "
-                   f"resume with: ddln run ... -o {out} --resume", err=True)
-        sys.exit(130)
+        import shlex
+        import signal
+
+        again = ["ddln", "run"] + ([config_path] if config_path else [])
+        again += [a for s in sets for a in ("--set", s)] + ["-o", str(out), "--resume"]
+        again += ["--threads", str(threads)] if threads is not None else []
+        click.echo(f"stopped by {report.interrupted}: {out} holds {report.run.committed} committed "
+                   f"checkpoints and the state where it stopped (incomplete, resumable); resume "
+                   f"with: {shlex.join(again)}", err=True)
+        sys.exit(128 + getattr(signal, report.interrupted, signal.SIGINT))
 
 
 def _print_summary(report, out):
@@ -138,7 +146,7 @@ def _print_summary(report, out):
         click.echo(f"seeds that did not finish: {', '.join(f'{s} ({STATUS_NAMES[status[s]]})' for s in bad)}")
     click.echo(f"wall time {report.wall_seconds:.2f} s, {int(nfev.sum())} gradient evaluations, "
                f"{run.committed} checkpoints")
-    state = "complete" if run.complete else "incomplete (resumable)"
+    state = "complete" if run.complete else "incomplete, resumable"
     click.echo(f"wrote {out} ({state})")
 
 
@@ -197,8 +205,14 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)
-    except OSError as err:
-        click.echo(f"Error: {err}", err=True)
+    except OSError as err:  # output trouble (full disk, I/O error): not bad input, exit 1
+        click.echo(f"Error: {' '.join(str(err).split())}", err=True)
+        from .store import OutputError
+
+        if isinstance(err, OutputError):  # h5py/HDF5 crash cleaning up a file whose write failed
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         sys.exit(1)
     sys.exit(code or 0)
 

@@ -294,16 +294,35 @@ class Integrator:
         #: callable -> bool, asked before every step: True stops advance_to early (a safe point
         #: for SIGINT/SIGTERM: the state then is a step boundary, resumable bit-identically)
         self.stop_check = None
+        self.stopped_early = False
 
     # -- state ----------------------------------------------------------------------------------
-    def restore(self, U, state: SeedState, fsal=None):
-        """Continue from a saved state (resume): layers, per-seed state and FSAL stage."""
+    def restore(self, U, state: SeedState, fsal=None, theta_cache=None):
+        """Continue from a saved state (resume): layers, per-seed state and FSAL stage.
+
+        ``theta_cache`` is :meth:`theta_cache` of the saved integrator: between two checkpoints
+        the fixed-step loop reuses the theta its last step computed, whose bits may differ from
+        theta recomputed from U, so a resume there restores it to stay bit-identical."""
         self.U[...] = U
         self.state = state
         if fsal is not None and self.tableau.adaptive:
             self.K[0][...] = fsal
             self.fsal_ready = True
         self._theta_rows = None
+        if theta_cache is not None:
+            rows, theta = theta_cache
+            rows = np.asarray(rows)[np.asarray(rows) >= 0]
+            if rows.size:
+                self.theta[: rows.size] = theta[: rows.size]
+                self._theta_rows = rows.astype(np.int64)
+
+    def theta_cache(self):
+        """(rows, theta): the seeds (``active`` order, padded with -1 to S) whose theta the next
+        fixed step reuses, and the (S, d) theta buffer; rows all -1 when nothing is reused."""
+        rows = np.full(self.seeds, -1, dtype=np.int64)
+        if self._theta_rows is not None:
+            rows[: len(self._theta_rows)] = self._theta_rows
+        return rows, self.theta
 
     @property
     def fsal(self):
@@ -358,18 +377,22 @@ class Integrator:
 
     # -- time stepping --------------------------------------------------------------------------
     def advance_to(self, t_target: float) -> None:
-        """Advance every running seed to flow time ``t_target`` (exactly), or until it stops."""
+        """Advance every running seed to flow time ``t_target`` (exactly), or until it stops,
+        or until ``stop_check`` asks to stop (then ``stopped_early`` is True)."""
+        self.stopped_early = False
         if self.tableau.adaptive:
             self._advance_adaptive(float(t_target))
         else:
             self._advance_fixed(int(round(t_target / self.dt)))
-        self._theta_rows = None  # the next interval starts from a clean slate (exact resume)
+        if not self.stopped_early:  # (a stop keeps the cache: it is saved, see theta_cache)
+            self._theta_rows = None  # the next interval starts from a clean slate (exact resume)
 
     def _advance_fixed(self, target_step: int) -> None:
         st = self.state
         tab = self.tableau
         while True:
             if self.stop_check is not None and self.stop_check():
+                self.stopped_early = True
                 return
             active = np.flatnonzero((st.status == RUNNING) & (st.steps < target_step))
             if active.size == 0:
@@ -445,6 +468,7 @@ class Integrator:
         landing = np.zeros(self.seeds, dtype=np.uint8)
         while True:
             if self.stop_check is not None and self.stop_check():
+                self.stopped_early = True
                 return
             active = np.flatnonzero((st.status == RUNNING) & (st.t < t_target))
             if active.size == 0:

@@ -6,6 +6,7 @@ checked before the output file is created, so bad input never leaves a half-writ
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -18,7 +19,7 @@ import numpy as np
 from .config import Config
 from .errors import InputError
 from .init import initial_layers, sign_trap_coordinates
-from .integrators import RUNNING, T_END, Integrator, SeedState
+from .integrators import DIVERGED, RUNNING, T_END, Integrator, SeedState
 from .problem import make_problem
 from .store import Run, RunWriter, open_h5, provenance, state_shapes
 from .threads import limit_threads
@@ -63,12 +64,14 @@ def check_initialization(config: Config, u0: np.ndarray) -> None:
     tiny = np.finfo(np.dtype(config.run.dtype)).tiny
     nonzero = np.abs(u0[u0 != 0])
     if nonzero.size:
-        smallest = float(np.exp(np.log(nonzero.min()) * config.model.depth))
-        if smallest < tiny:
+        # in log10, so that the number can be printed even below float64's range
+        exponent = float(np.log10(nonzero.min())) * config.model.depth
+        if exponent < np.log10(tiny):
+            whole = int(np.floor(exponent))
             warnings.warn(
-                f"alpha^depth = {smallest:.3g} is below the smallest normal {config.run.dtype} "
-                f"({tiny:.3g}): theta underflows; raise model.alpha or use float64",
-                UnderflowWarning, stacklevel=3)
+                f"alpha^depth = {10 ** (exponent - whole):.3g}e{whole} (smallest |u0|^depth) is "
+                f"below the smallest normal {config.run.dtype} ({tiny:.3g}): theta underflows; "
+                f"raise model.alpha or use float64", UnderflowWarning, stacklevel=3)
 
 
 @dataclass
@@ -78,12 +81,13 @@ class RunReport:
     run: Run
     wall_seconds: float
     checkpoints_written: int
-    interrupted: bool = False
+    interrupted: str | None = None  # the signal's name (SIGINT, SIGTERM) if stopped by one
     resumed_from: int | None = None
 
 
 class _StopRequests:
-    """SIGINT/SIGTERM set a flag; the driver stops at the next checkpoint (a safe point)."""
+    """SIGINT/SIGTERM set a flag; the integrator stops before its next step (a safe point) and
+    the driver saves the state there."""
 
     def __init__(self):
         self.requested = None
@@ -101,6 +105,10 @@ class _StopRequests:
         if self.requested is not None:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
+
+    def pending(self) -> bool:
+        """For the integrator's loop: whether to stop before the next step."""
+        return self.requested is not None
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -157,10 +165,21 @@ def simulate(config: Config, out: str | Path | None = None, *, progress: bool | 
 
 def run_simulation(config: Config, out=None, *, progress=False, overwrite=False, resume=False,
                    threads=None, on_checkpoint=None) -> RunReport:
-    """:func:`simulate`, returning a :class:`RunReport` (used by the CLI)."""
+    """:func:`simulate`, returning a :class:`RunReport` (used by the CLI).
+
+    SIGINT/SIGTERM handlers are installed from here on (before the file is created), so a stop
+    request at any moment after this call ends in a consistent, resumable file."""
     path = _prepare_output(out, overwrite, resume)
+    with _StopRequests() as stops:
+        return _start_or_resume(config, path, progress, resume, threads, on_checkpoint, stops)
+
+
+def _start_or_resume(config, path, progress, resume, threads, on_checkpoint, stops) -> RunReport:
     if resume and path is not None and path.exists():
-        return _resume(config, path, progress, threads, on_checkpoint)
+        report = _resume(config, path, progress, threads, on_checkpoint, stops)
+        if report is not None:
+            return report
+        # killed before its first checkpoint was committed: nothing to keep, start again
     problem = make_problem(config)
     u0 = initial_layers(config, problem.d)
     check_initialization(config, u0)
@@ -172,7 +191,7 @@ def run_simulation(config: Config, out=None, *, progress=False, overwrite=False,
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         writer = RunWriter.create(path, config, problem, u0, provenance(used_threads), shapes)
-        return _drive(config, integrator, writer, times, 0, progress, on_checkpoint)
+        return _drive(config, integrator, writer, times, 0, progress, on_checkpoint, stops)
 
 
 def _make_integrator(config: Config, problem, u0) -> Integrator:
@@ -188,33 +207,60 @@ def _make_integrator(config: Config, problem, u0) -> Integrator:
                       dtype=np.dtype(config.run.dtype).type)
 
 
-def _resume(config: Config, path: Path, progress, threads, on_checkpoint) -> RunReport:
-    """Continue ``path`` from its last committed checkpoint (bit-identical at equal threads)."""
+def _resume(config: Config, path: Path, progress, threads, on_checkpoint, stops) -> RunReport:
+    """Continue ``path`` from its last committed checkpoint (bit-identical at equal threads and
+    BLAS); ``None`` if the file has no committed checkpoint yet (the caller starts afresh)."""
     from .problem import Problem
 
     with open_h5(path) as f:
         run = Run(f, str(path))
         stored = run.config
+        # threads change only the last bits (warned about below), not what is computed
         differing = stored.differing_keys(config, ignore=("run.threads",))
         if differing:
-            raise InputError(f"cannot resume {path}: the config differs in {', '.join(differing)}")
+            raise InputError(f"cannot resume {path}: the config differs in {', '.join(differing)} "
+                             f"(use the config of the run, or --overwrite to start a new one)")
         if run.complete:
             raise _AlreadyComplete(str(path))
+        if run.committed == 0:
+            return None
         index, state = run.state()
         problem = Problem(run.X, run.y, run.theta_star)
         u0 = run.u0
         stored_threads = int(f.attrs.get("threads", -1))
+        stored_blas = str(f.attrs.get("blas", ""))
     n_threads = config.run.threads if threads is None else threads
     times = checkpoint_times(config)
     with limit_threads(n_threads) as used_threads:
-        if stored_threads != used_threads:
-            warnings.warn(f"resuming with {used_threads} threads, the run started with {stored_threads}: "
-                          f"the result will not be bit-identical to an uninterrupted run", stacklevel=2)
+        now = provenance(used_threads)
+        mismatch = [f"threads {stored_threads} -> {used_threads}"] if stored_threads != used_threads else []
+        if _blas_identity(stored_blas) != _blas_identity(now["blas"]):
+            mismatch.append(f"BLAS {_blas_identity(stored_blas)} -> {_blas_identity(now['blas'])}")
+        if mismatch:
+            warnings.warn(f"resuming {path} with {'; '.join(mismatch)}: the rest of the run will not be "
+                          f"bit-identical to an uninterrupted run", ResumeMismatchWarning, stacklevel=2)
         integrator = _make_integrator(config, problem, u0)
-        integrator.restore(state["U"], SeedState.from_dict(state), state.get("fsal"))
+        ready = "fsal" in state and bool(state.get("fsal_ready", np.ones(1))[0])
+        cache = (state["theta_rows"], state["theta_cache"]) if "theta_rows" in state else None
+        integrator.restore(state["U"], SeedState.from_dict(state), state["fsal"] if ready else None,
+                           theta_cache=cache)
         writer = RunWriter.reopen(str(path), config.run.swmr)
-        return _drive(config, integrator, writer, times, index + 1, progress, on_checkpoint,
+        return _drive(config, integrator, writer, times, index + 1, progress, on_checkpoint, stops,
                       resumed_from=index)
+
+
+class ResumeMismatchWarning(UserWarning):
+    """A run is resumed with another thread count or BLAS than it started with."""
+
+
+def _blas_identity(blas_json: str) -> str:
+    """What of the BLAS decides its rounding: library, version and kernel architecture."""
+    try:
+        infos = json.loads(blas_json) if blas_json else []
+    except ValueError:
+        return "unknown"
+    return ", ".join(f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')}"
+                     for i in infos) or "none"
 
 
 class _AlreadyComplete(Exception):
@@ -222,11 +268,17 @@ class _AlreadyComplete(Exception):
 
 
 def _checkpoint_row(integrator: Integrator, t: float, save_layers: bool) -> dict:
+    """The checkpoint's rows. A running seed whose loss is not finite here (its last step
+    overflowed) is marked diverged now, as its next step would: the same time, the same layers."""
     st = integrator.state
+    losses = integrator.current_losses()
+    blown = (st.status == RUNNING) & ~np.isfinite(losses)
+    st.status[blown] = DIVERGED
+    st.t_stop[blown] = st.t[blown]
     row = {
         "t": t,
         "t_seed": np.where(np.isnan(st.t_stop), st.t, st.t_stop),
-        "loss": integrator.current_losses(),
+        "loss": losses,
         "theta": integrator.theta_of_all(),
         "invariant_drift": integrator.invariant_drift(),
         "nfev": st.nfev.copy(),
@@ -239,13 +291,31 @@ def _checkpoint_row(integrator: Integrator, t: float, save_layers: bool) -> dict
 
 def _state_arrays(integrator: Integrator) -> dict:
     arrays = {"U": integrator.U, **integrator.state.as_dict()}
+    arrays["theta_rows"], arrays["theta_cache"] = integrator.theta_cache()
     if integrator.tableau.adaptive:
         arrays["fsal"] = integrator.fsal
+        arrays["fsal_ready"] = np.array([integrator.fsal_ready], dtype=np.int8)
     return arrays
 
 
+def _interval_done(integrator: Integrator, t: float) -> bool:
+    """Whether every running seed has reached checkpoint time ``t`` (else the integrator was
+    stopped between two steps by a stop request)."""
+    st = integrator.state
+    running = st.status == RUNNING
+    if integrator.tableau.adaptive:
+        return not np.any(running & (st.t < t))
+    return not np.any(running & (st.steps < int(round(t / integrator.dt))))
+
+
 def _drive(config, integrator: Integrator, writer: RunWriter, times, first_index, progress,
-           on_checkpoint, resumed_from=None) -> RunReport:
+           on_checkpoint, stops, resumed_from=None) -> RunReport:
+    """Advance checkpoint by checkpoint, appending each one (rows, state, then the counter).
+
+    A stop request (SIGINT/SIGTERM) is honoured at the next step boundary, not only at the next
+    checkpoint: the integrator checks it before every step, and the state where it stopped is
+    saved (a long interval between checkpoints would otherwise outlast a scheduler's grace time).
+    """
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -255,32 +325,41 @@ def _drive(config, integrator: Integrator, writer: RunWriter, times, first_index
     written = 0
     interrupted = None
     try:
-        with _StopRequests() as stops:
-            for k in range(first_index, len(times)):
-                if k > 0:
-                    integrator.advance_to(times[k])
-                if k == len(times) - 1:
-                    st = integrator.state
-                    done = st.status == RUNNING
-                    st.status[done] = T_END
-                    st.t_stop[done] = st.t[done]
-                writer.append(_checkpoint_row(integrator, times[k], save_layers), _state_arrays(integrator))
-                written += 1
-                bar.update(1)
-                if on_checkpoint is not None:
-                    on_checkpoint(k, times[k], integrator)
-                if not np.any(integrator.running):
+        integrator.stop_check = stops.pending
+        for k in range(first_index, len(times)):
+            if k > 0:
+                if not np.any(integrator.running):  # every seed stopped: no more rows
                     break
-                if stops.requested:
+                integrator.advance_to(times[k])
+                if stops.requested and not _interval_done(integrator, times[k]):
+                    writer.save_state(_state_arrays(integrator))
                     interrupted = stops.requested
                     break
+            if k == len(times) - 1:
+                st = integrator.state
+                done = st.status == RUNNING
+                st.status[done] = T_END
+                st.t_stop[done] = st.t[done]
+            writer.append(_checkpoint_row(integrator, times[k], save_layers), _state_arrays(integrator))
+            written += 1
+            bar.update(1)
+            if on_checkpoint is not None:
+                on_checkpoint(k, times[k], integrator)
+            if stops.requested and k < len(times) - 1 and np.any(integrator.running):
+                interrupted = stops.requested
+                break
+        integrator.stop_check = None
         wall = time.perf_counter() - start
         if interrupted:
-            writer.close()
-            run = Run(open_h5(writer.path), writer.path)
-            return RunReport(run, wall, written, interrupted=True, resumed_from=resumed_from)
+            if writer.path is None:
+                run = Run(writer.file, None)
+            else:
+                writer.close()
+                run = Run(open_h5(writer.path), writer.path)
+            return RunReport(run, wall, written, interrupted=interrupted, resumed_from=resumed_from)
         writer.finish({"wall_seconds": wall})
     except BaseException:
+        integrator.stop_check = None
         writer.close()
         raise
     finally:

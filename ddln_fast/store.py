@@ -1,14 +1,36 @@
-"""HDF5 storage of one run: the schema, a streaming writer and a reader.
+"""HDF5 storage of one run: the schema, a crash-safe streaming writer and a reader.
 
-Crash safety (DESIGN.md, "Storage design"): datasets along the checkpoint axis K grow one row
-per checkpoint; the one-element dataset ``/checkpoints/committed`` is written LAST, after the
-rows and the integrator state, and readers trust only rows below it. The integrator state is
-double-buffered (``/state/slot0``, ``/state/slot1``): checkpoint k writes slot k % 2, so a crash
-while writing it leaves the slot of the last committed checkpoint intact.
+Crash safety (DESIGN.md, "Storage design"; the commit-counter pattern of emcee's HDFBackend with
+its pitfall fixed, engineering.md section 3.3):
+
+- Datasets along the checkpoint axis K grow one row per checkpoint; the one-element dataset
+  ``/checkpoints/committed`` is written LAST, after the rows and the integrator state, and
+  readers and resume trust only rows below it. Every cumulative quantity (nfev, step counters)
+  lives in the rows or the state, never in a running total updated before the counter.
+- The integrator state is double-buffered (``/state/slot0``, ``/state/slot1``). A new state goes
+  to the slot that does not hold the latest one: its ``sequence`` is set to -1 (invalid), the
+  arrays are written, then ``sequence`` gets the next number. Resume takes the valid slot with
+  the highest sequence whose ``checkpoint_index`` is ``committed - 1``; at every instant at least
+  one slot qualifies. Besides the state of each checkpoint, a stop request (SIGINT/SIGTERM)
+  between checkpoints saves the state where it is (a safe point inside a long interval).
+- Each phase ends with a flush, so the file's bytes follow the order above; a SIGKILL (which
+  loses no written bytes, only the process) leaves every committed checkpoint readable.
+- The file is created under ``OUT.h5.creating`` and renamed once its schema is complete, so
+  ``OUT.h5`` never holds a half-made schema. Every later write access happens in SWMR mode
+  (measured, HDF5 2.0: a writer killed in SWMR mode leaves a file that SWMR readers open, but a
+  latest-format file killed while open in plain 'a' mode cannot be opened at all without
+  h5clear). So ``complete`` is set in place (``attrs.modify``, same size) before the SWMR writer
+  closes, not by reopening in plain mode.
+- A crashed SWMR writer leaves the file flagged "open for writing"; :meth:`RunWriter.reopen`
+  then copies it (read through SWMR) into ``OUT.h5.rebuild`` and renames that over the file.
+- A POSIX byte-range lock (``lockf``, independent of HDF5's ``flock``) marks a live writer, so a
+  second ``--resume`` of the same file refuses instead of rebuilding it under the first.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import socket
@@ -28,6 +50,13 @@ from .problem import Problem
 SCHEMA_VERSION = 1
 CHUNK_BYTES = 2 * 1024 * 1024
 STATE_SLOTS = 2
+#: Byte offset of the writer lock: far beyond any real file size, so it covers no data.
+_LOCK_OFFSET = 1 << 62
+
+
+class OutputError(OSError):
+    """The output file cannot be written (disk full, permissions, I/O error); earlier committed
+    checkpoints stay intact. The CLI reports it on one line with exit code 1."""
 
 
 def _chunks(shape_per_checkpoint: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
@@ -43,39 +72,114 @@ def _chunks(shape_per_checkpoint: tuple[int, ...], itemsize: int) -> tuple[int, 
     return (1, lead, *shape[1:-1], last)
 
 
-class RunWriter:
-    """Create a run file and stream checkpoints into it (emcee's HDFBackend, grown up)."""
+def _swmr_write_open(path: str) -> h5py.File:
+    """Open an existing latest-format file for writing directly in SWMR mode (h5py's File()
+    would open it in plain mode first, a window in which a kill leaves it unopenable)."""
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+    fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE, fapl=fapl)
+    return h5py.File(fid)
 
-    def __init__(self, file: h5py.File, path: str | None, swmr: bool):
+
+class _WriterLock:
+    """An exclusive ``lockf`` on one byte far past the end of the file: held by the process
+    writing the file, released by the kernel when that process ends (also by SIGKILL)."""
+
+    def __init__(self, path: str):
+        try:
+            self.fd = os.open(path, os.O_RDWR)
+        except OSError as err:
+            raise InputError(f"{path} cannot be opened for writing: {err.strerror}") from None
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _LOCK_OFFSET)
+        except OSError as err:
+            os.close(self.fd)
+            self.fd = None
+            if err.errno in (errno.EACCES, errno.EAGAIN):
+                raise InputError(f"{path} is being written by another running ddln process; "
+                                 f"stop it first (or wait for it to finish)") from None
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            # a file system without POSIX locks: carry on unprotected
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def check_not_being_written(path: str | Path) -> None:
+    """Raise InputError if another process holds the writer lock of ``path``."""
+    if Path(path).is_file():
+        _WriterLock(str(path)).release()
+
+
+class RunWriter:
+    """Create a run file and stream checkpoints into it (see the module docstring)."""
+
+    def __init__(self, file: h5py.File, path: str | None, swmr: bool, lock: _WriterLock | None = None):
         self.file = file
         self.path = path
         self.swmr = swmr
-        self.committed = int(file["checkpoints/committed"][0])
+        self.lock = lock
+        # Every dataset is opened once and kept open: no dataset closes (and flushes) happen
+        # between the explicit flushes, so a write error surfaces there, in order.
+        self.rows = {name: ds for name, ds in file["checkpoints"].items() if name != "committed"}
+        self.counter = file["checkpoints/committed"]
+        self.slots = [dict(file[f"state/slot{slot}"].items()) for slot in range(STATE_SLOTS)]
+        self.lengths = {name: ds.shape[0] for name, ds in self.rows.items()}
+        self.row_shapes = {name: ds.shape[1:] for name, ds in self.rows.items()}
+        self.slot_shapes = [{name: ds.shape for name, ds in slot.items()} for slot in self.slots]
+        self.committed = int(self.counter[0])
+        self.latest_slot, self.sequence = None, -1
+        for slot in range(STATE_SLOTS):
+            seq = int(self.slots[slot]["sequence"][0])
+            if seq > self.sequence:
+                self.latest_slot, self.sequence = slot, seq
 
     # -- creation -------------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | Path | None, config: Config, problem: Problem, u0: np.ndarray,
                provenance: dict, state_shapes: dict[str, tuple]) -> "RunWriter":
-        """Create every group and dataset (before SWMR starts, as SWMR requires).
+        """Create every group, dataset and attribute (before SWMR starts, as SWMR requires),
+        under ``path.creating``, then rename it to ``path``.
 
         ``path=None`` keeps the file in memory (Python API without an output file).
         """
         if path is None:
             f = h5py.File(f"ddln-{uuid.uuid4().hex}.h5", "w", driver="core", backing_store=False)
-            swmr = False
-        else:
-            swmr = config.run.swmr
-            f = h5py.File(path, "w", libver="latest" if swmr else "earliest", track_order=True)
+            cls._write_schema(f, config, problem, u0, provenance, state_shapes)
+            return cls(f, None, False)
+        path = str(path)
+        check_not_being_written(path)
+        tmp = f"{path}.creating"
+        swmr = config.run.swmr
+        lock = None
+        try:
+            f = h5py.File(tmp, "w", libver="latest" if swmr else "earliest", track_order=True)
+        except OSError as err:
+            raise OutputError(f"cannot create the output file {tmp}: {_reason(err)}") from None
         try:
             cls._write_schema(f, config, problem, u0, provenance, state_shapes)
             if swmr:
                 f.swmr_mode = True
-        except BaseException:
-            f.close()
-            if path is not None:
-                Path(path).unlink(missing_ok=True)
+            f.flush()
+            lock = _WriterLock(tmp)
+            os.replace(tmp, path)
+        except BaseException as err:
+            if lock is not None:
+                lock.release()
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(err, (OSError, RuntimeError)) and not isinstance(err, InputError):
+                writer = cls.__new__(cls)
+                writer.file, writer.path = f, tmp
+                writer._fence()
+                _FENCED.append(f)
+                raise OutputError(f"cannot create the output file {path}: {_reason(err)}") from None
+            _close_quietly(f)
             raise
-        return cls(f, None if path is None else str(path), swmr)
+        return cls(f, path, swmr, lock)
 
     @staticmethod
     def _write_schema(f, config, problem, u0, provenance, state_shapes):
@@ -84,7 +188,9 @@ class RunWriter:
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["config"] = config.to_toml()
         f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        # Written now with placeholder values: in SWMR mode they may only be modified in place.
         f.attrs["complete"] = False
+        f.attrs["wall_seconds"] = np.nan
         for key, value in provenance.items():
             f.attrs[key] = value
         f.attrs["status_names"] = json.dumps(list(STATUS_NAMES))
@@ -119,6 +225,8 @@ class RunWriter:
             ds = c.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dt, chunks=chunks)
             for axis, label in enumerate(("checkpoint", *labels[name])):
                 ds.dims[axis].label = label
+        c["status"].attrs["names"] = json.dumps(list(STATUS_NAMES))
+        c["t_seed"].attrs["meaning"] = "flow time of each seed's state (the time it stopped, if it did)"
         c.create_dataset("committed", data=np.zeros(1, dtype=np.int64))
         state = f.create_group("state")
         for slot in range(STATE_SLOTS):
@@ -126,71 +234,198 @@ class RunWriter:
             for name, (shape, dt) in state_shapes.items():
                 sg.create_dataset(name, shape=shape, dtype=dt)
             sg.create_dataset("checkpoint_index", data=np.full(1, -1, dtype=np.int64))
+            sg.create_dataset("sequence", data=np.full(1, -1, dtype=np.int64))
 
     @classmethod
     def reopen(cls, path: str, swmr: bool) -> "RunWriter":
-        """Open an interrupted run to append to it, dropping rows past the commit counter.
+        """Open an interrupted run to append to it.
 
-        A SWMR writer killed mid-run leaves the file flagged as open for writing; then the
-        committed content is copied into a fresh file (read with SWMR) that replaces it.
+        Rows past the commit counter are left in place (SWMR allows no shrinking) and are
+        overwritten by the next checkpoints; readers never see them. A SWMR writer killed mid-run
+        leaves the file flagged as open for writing: then the file is copied (read with SWMR)
+        into a fresh one that replaces it.
         """
+        check_not_being_written(path)
         try:
-            f = h5py.File(path, "a", libver="latest" if swmr else "earliest")
+            f = _swmr_write_open(path) if swmr else h5py.File(path, "r+")
         except OSError:
             _rebuild(path)
-            f = h5py.File(path, "a", libver="latest" if swmr else "earliest")
-        committed = int(f["checkpoints/committed"][0])
-        for name, ds in f["checkpoints"].items():
-            if name != "committed" and ds.shape[0] != committed:
-                ds.resize(committed, axis=0)
-        if swmr:
-            f.swmr_mode = True
-        return cls(f, path, swmr)
+            f = _swmr_write_open(path) if swmr else h5py.File(path, "r+")
+        try:
+            lock = _WriterLock(path)
+        except BaseException:
+            f.close()
+            raise
+        return cls(f, path, swmr, lock)
 
     # -- streaming ------------------------------------------------------------------------------
+    def _flush(self) -> None:
+        self.file.flush()
+
+    def _write_state(self, state: dict[str, np.ndarray], checkpoint_index: int) -> None:
+        """Phases 1-3 of a state write (the caller may have queued rows before phase 1)."""
+        slot_number = 0 if self.latest_slot is None else 1 - self.latest_slot
+        slot = self.slots[slot_number]
+        _write_all(slot["sequence"], -1)
+        self._flush()
+        shapes = self.slot_shapes[slot_number]
+        for name, value in state.items():
+            _write_all(slot[name], value, shapes[name])
+        _write_all(slot["checkpoint_index"], checkpoint_index)
+        self._flush()
+        _write_all(slot["sequence"], self.sequence + 1)
+        self._flush()
+        self.latest_slot, self.sequence = slot_number, self.sequence + 1
+
     def append(self, row: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> None:
         """Write checkpoint number ``committed``: its rows, then the state, then the counter."""
         k = self.committed
-        c = self.file["checkpoints"]
-        for name, value in row.items():
-            ds = c[name]
-            ds.resize(k + 1, axis=0)
-            ds[k] = value
-        slot = self.file[f"state/slot{k % STATE_SLOTS}"]
-        for name, value in state.items():
-            slot[name][...] = value
-        slot["checkpoint_index"][0] = k
-        self.file.flush()
-        c["committed"][0] = k + 1
-        self.file.flush()
+        try:
+            for name, value in row.items():
+                ds = self.rows[name]
+                if self.lengths[name] < k + 1:
+                    ds.resize(k + 1, axis=0)
+                    self.lengths[name] = k + 1
+                _write_row(ds, k, value, self.row_shapes[name])
+            self._write_state(state, k)
+            _write_all(self.counter, k + 1)
+            self._flush()
+        except (OSError, RuntimeError) as err:  # h5py raises RuntimeError for a failed flush
+            raise self._output_error(err, f"checkpoint {k}") from None
         self.committed = k + 1
 
-    def finish(self, extra_attrs: dict | None = None) -> None:
-        """Close, then mark the file complete (attributes are written outside SWMR mode)."""
-        if self.path is None:
-            self.file.attrs["complete"] = True
-            for key, value in (extra_attrs or {}).items():
-                self.file.attrs[key] = value
+    def save_state(self, state: dict[str, np.ndarray]) -> None:
+        """Save the integrator state between checkpoints (a stop request's safe point); resume
+        continues from it towards checkpoint ``committed``."""
+        if self.committed == 0:
             return
-        self.file.close()
-        with h5py.File(self.path, "a") as f:
-            f.attrs["complete"] = True
+        try:
+            self._write_state(state, self.committed - 1)
+        except (OSError, RuntimeError) as err:
+            raise self._output_error(err, "the integrator state") from None
+
+    def _output_error(self, err: Exception, what: str) -> OutputError:
+        """Fence the file off (no later byte from HDF5 reaches it: after a failed write, HDF5
+        would retry its dirty metadata on close, and a partly successful retry could damage the
+        committed part), then describe the failure on one line."""
+        self._fence()
+        return OutputError(f"cannot write {what} to {self.path or 'memory'}: {_reason(err)}; the "
+                           f"{self.committed} committed checkpoints are intact (free space, then "
+                           f"resume with --resume)")
+
+    def _fence(self) -> None:
+        if self.path is None:
+            return
+        _silence_failed_closes()
+        try:
+            fd = self.file.id.get_vfd_handle()
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, fd)
+            os.close(null)
+        except Exception:  # noqa: BLE001 - best effort; the counter protocol still holds
+            pass
+        self.fenced = True
+
+    def finish(self, extra_attrs: dict | None = None) -> None:
+        """Mark the run complete in place (still in SWMR mode, see the module docstring), close."""
+        try:
+            self.file.attrs.modify("complete", True)
             for key, value in (extra_attrs or {}).items():
-                f.attrs[key] = value
+                self.file.attrs.modify(key, value)
+            self._flush()
+        except (OSError, RuntimeError) as err:
+            raise self._output_error(err, "the completion mark") from None
+        if self.path is not None:
+            self.close()
 
     def close(self) -> None:
-        if self.file.id.valid:
-            self.file.close()
+        """Close the file (quietly: after a write error the close may fail too) and unlock.
+
+        A fenced file is not closed: h5py 3.16 / HDF5 2.0 crash (SIGSEGV) when objects of a file
+        whose close failed are deallocated; the CLI ends the process with os._exit instead.
+        """
+        if getattr(self, "fenced", False):
+            _FENCED.append(self.file)
+        else:
+            _close_quietly(self.file)
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def _write_all(ds: h5py.Dataset, value, shape: tuple | None = None) -> None:
+    """ds[...] = value through the low-level API (h5py's __setitem__ costs ~0.25 ms a call)."""
+    shape = ds.shape if shape is None else shape
+    data = np.asarray(value, dtype=ds.dtype)
+    if data.shape != shape:
+        data = np.broadcast_to(data, shape)
+    ds.id.write(h5py.h5s.ALL, h5py.h5s.ALL, np.ascontiguousarray(data))
+
+
+def _write_row(ds: h5py.Dataset, k: int, value, row_shape: tuple) -> None:
+    """ds[k] = value (row k along the checkpoint axis) through the low-level API."""
+    data = np.ascontiguousarray(np.asarray(value, dtype=ds.dtype).reshape((1, *row_shape)))
+    file_space = ds.id.get_space()
+    file_space.select_hyperslab((k,) + (0,) * len(row_shape), (1, *row_shape))
+    ds.id.write(h5py.h5s.create_simple(data.shape), file_space, data)
+
+
+#: Files fenced off after a write error, kept referenced (see RunWriter.close).
+_FENCED: list = []
+
+
+def _silence_failed_closes() -> None:
+    """After a write error every h5py object of the file fails to close when it is freed, and
+    h5py prints each failure as an ignored exception with a traceback: keep stderr to one line."""
+    import sys
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_ddln_quiet", False):
+        return
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and "ref count" in str(unraisable.exc_value):
+            return
+        previous(unraisable)
+
+    hook._ddln_quiet = True
+    sys.unraisablehook = hook
+
+
+def _reason(err: Exception) -> str:
+    """The useful part of an OSError from the OS or from HDF5, on one line."""
+    if getattr(err, "errno", None) and getattr(err, "strerror", None):
+        return err.strerror
+    text = " ".join(str(err).split())
+    for code, name in ((errno.ENOSPC, "No space left on device"), (errno.EDQUOT, "Disk quota exceeded"),
+                       (errno.EACCES, "Permission denied"), (errno.EROFS, "Read-only file system")):
+        if name in text or f"errno = {code}," in text:
+            return name
+    return text
+
+
+def _close_quietly(f: h5py.File) -> None:
+    try:
+        if f.id.valid:
+            f.close()
+    except Exception:  # after ENOSPC, closing flushes again and may fail again
+        pass
 
 
 def _rebuild(path: str) -> None:
-    """Copy a run file that cannot be opened for writing (crashed SWMR writer) into a new one."""
+    """Copy a run file that cannot be opened for writing (crashed SWMR writer) into a new one,
+    then rename it over the original (a kill during the copy leaves the original untouched)."""
     tmp = f"{path}.rebuild"
-    with h5py.File(path, "r", swmr=True, libver="latest") as src, h5py.File(tmp, "w", libver="latest") as dst:
+    try:
+        src = h5py.File(path, "r", swmr=True, libver="latest")
+    except OSError as err:
+        raise InputError(f"run file {path} cannot be opened to resume ({_reason(err)})") from None
+    with src, h5py.File(tmp, "w", libver="latest", track_order=True) as dst:
         for key, value in src.attrs.items():
             dst.attrs[key] = value
         for name in src:
             src.copy(src[name], dst, name=name)
+        dst.flush()
     os.replace(tmp, path)
 
 
@@ -202,7 +437,11 @@ def open_h5(path: str | Path) -> h5py.File:
         raise InputError(f"run file {path} does not exist")
     if path.is_dir():
         raise InputError(f"run file {path} is a directory, expected an .h5 file")
-    if not h5py.is_hdf5(path):
+    try:
+        is_hdf5 = h5py.is_hdf5(path)
+    except OSError as err:
+        raise InputError(f"run file {path} cannot be read ({_reason(err)})") from None
+    if not is_hdf5:
         raise InputError(f"run file {path} is not an HDF5 file")
     last_error = None
     for kwargs in ({}, {"swmr": True, "libver": "latest"}):
@@ -211,11 +450,16 @@ def open_h5(path: str | Path) -> h5py.File:
         except OSError as err:
             last_error = err
             continue
-        if "schema_version" not in f.attrs or "checkpoints/committed" not in f:
+        try:
+            valid = "schema_version" in f.attrs and "checkpoints/committed" in f and "state" in f
+        except Exception:  # noqa: BLE001 - broken metadata of a truncated file
+            valid = False
+        if not valid:
             f.close()
-            raise InputError(f"run file {path} is not a ddln_fast run (no schema_version or commit counter)")
+            raise InputError(f"run file {path} is not a ddln_fast run (no schema_version, commit counter "
+                             f"or state)")
         return f
-    raise InputError(f"run file {path} cannot be opened ({last_error})")
+    raise InputError(f"run file {path} cannot be opened ({' '.join(str(last_error).split())})")
 
 
 class Run:
@@ -223,22 +467,38 @@ class Run:
 
     Attributes (numpy arrays, read on access): ``t`` (K,), ``loss`` (K, S), ``theta`` (K, S, d),
     ``u`` (K, S, L, d) when layers were saved, ``invariant_drift`` (K, S), ``nfev`` (K, S),
-    ``status`` (K, S), ``t_seed`` (K, S); ``X``, ``y``, ``theta_star``, ``u0``; ``config``.
+    ``status`` (K, S) (codes, names in :attr:`status_names` / the root attribute
+    ``status_names``), ``t_seed`` (K, S) (each seed's time; the time it stopped, if it did);
+    ``X``, ``y``, ``theta_star``, ``u0``; ``config``.
+
+    K is the number of checkpoints committed when the file was opened or last
+    :meth:`refresh`-ed: every array read in between has the same K, even while a writer appends.
     """
 
     def __init__(self, file: h5py.File, path: str | None = None):
         self.file = file
         self.path = path
+        self._committed = int(file["checkpoints/committed"][0])
+        # Opens of one file in one process share HDF5's metadata cache, so a new handle can
+        # still see the dataset shapes an older handle saw: refresh them (SWMR) from the start.
+        self.refresh()
 
-    def refresh(self) -> None:
-        """See checkpoints committed since the file was opened (live runs, SWMR)."""
+    def refresh(self) -> int:
+        """See checkpoints committed since the file was opened or last refreshed (live runs,
+        SWMR); returns the new count. The counter is read first, so every dataset, refreshed
+        after it, holds at least that many rows."""
         if self.file.swmr_mode:
-            for ds in self.file["checkpoints"].values():
-                ds.refresh()
+            counter = self.file["checkpoints/committed"]
+            counter.refresh()
+            self._committed = int(counter[0])
+            for name, ds in self.file["checkpoints"].items():
+                if name != "committed":
+                    ds.refresh()
+        return self._committed
 
     @property
     def committed(self) -> int:
-        return int(self.file["checkpoints/committed"][0])
+        return self._committed
 
     @property
     def complete(self) -> bool:
@@ -248,12 +508,14 @@ class Run:
     def config(self) -> Config:
         import tomllib
 
-        return Config.from_dict(tomllib.loads(self.file.attrs["config"]))
+        try:
+            return Config.from_dict(tomllib.loads(self.file.attrs["config"]))
+        except (tomllib.TOMLDecodeError, KeyError, TypeError) as err:
+            raise InputError(f"run file {self.path}: its stored config cannot be read ({err})") from None
 
     def checkpoint(self, name: str) -> np.ndarray:
         """Committed rows of ``/checkpoints/name``."""
-        k = self.committed
-        return np.asarray(self.file["checkpoints"][name][:k])
+        return np.asarray(self.file["checkpoints"][name][: self._committed])
 
     def __getattr__(self, name):
         if name in ("t", "loss", "theta", "u", "invariant_drift", "nfev", "status", "t_seed"):
@@ -268,17 +530,30 @@ class Run:
         raise AttributeError(name)
 
     def state(self) -> tuple[int, dict[str, np.ndarray]]:
-        """The integrator state of the last committed checkpoint: (checkpoint index, arrays)."""
-        k = self.committed
+        """The integrator state to resume from: (index of the last committed checkpoint, arrays).
+
+        That is the state of the last committed checkpoint, or a later one saved by a stop
+        request before the next checkpoint (the newest valid slot that follows that checkpoint).
+        """
+        k = self._committed
         if k == 0:
             raise InputError(f"run file {self.path} has no committed checkpoint to resume from")
-        slot = self.file[f"state/slot{(k - 1) % STATE_SLOTS}"]
-        if int(slot["checkpoint_index"][0]) != k - 1:
-            raise InputError(f"run file {self.path}: the saved state does not match the last checkpoint")
-        return k - 1, {name: np.asarray(ds) for name, ds in slot.items()}
+        best = None
+        for slot in range(STATE_SLOTS):
+            g = self.file[f"state/slot{slot}"]
+            seq = int(g["sequence"][0]) if "sequence" in g else -1
+            if seq >= 0 and int(g["checkpoint_index"][0]) == k - 1 and (best is None or seq > best[0]):
+                best = (seq, g)
+        if best is None:
+            raise InputError(f"run file {self.path}: no saved integrator state matches its last "
+                             f"committed checkpoint {k - 1}")
+        g = best[1]
+        skip = ("checkpoint_index", "sequence")
+        return k - 1, {name: np.asarray(ds) for name, ds in g.items() if name not in skip}
 
     def status_names(self) -> list[str]:
-        return [STATUS_NAMES[int(s)] for s in self.checkpoint("status")[-1]] if self.committed else []
+        """Status name of every seed at the last committed checkpoint."""
+        return [STATUS_NAMES[int(s)] for s in self.checkpoint("status")[-1]] if self._committed else []
 
     def close(self) -> None:
         self.file.close()
@@ -292,14 +567,23 @@ class Run:
 
 def open_run(path: str | Path) -> Run:
     """Open a run file (complete, still being written, or killed) for reading."""
-    return Run(open_h5(path), str(path))
+    f = open_h5(path)
+    try:
+        return Run(f, str(path))
+    except Exception as err:  # noqa: BLE001 - a counter that cannot be read: a broken file
+        f.close()
+        raise InputError(f"run file {path}: the commit counter cannot be read ({err})") from None
 
 
 def state_shapes(seeds: int, depth: int, dim: int, dtype, adaptive: bool) -> dict[str, tuple]:
-    """Shapes and dtypes of everything needed to resume bit-identically."""
-    shapes = {"U": ((seeds, depth, dim), dtype)}
+    """Shapes and dtypes of everything needed to resume bit-identically (``fsal_ready``: whether
+    the FSAL stage holds f(U) yet, before dopri5's first step it does not; ``theta_rows`` and
+    ``theta_cache``: the theta a fixed-step method reuses, see Integrator.theta_cache)."""
+    shapes = {"U": ((seeds, depth, dim), dtype), "theta_rows": ((seeds,), np.int64),
+              "theta_cache": ((seeds, dim), dtype)}
     if adaptive:
         shapes["fsal"] = ((seeds, depth, dim), dtype)
+        shapes["fsal_ready"] = ((1,), np.int8)
     template = SeedState.fresh(seeds, 0.0)
     for f in fields(SeedState):
         value = getattr(template, f.name)
@@ -316,6 +600,7 @@ def provenance(threads: int) -> dict:
 
     blas = [{k: info.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
             for info in threadpoolctl.threadpool_info() if info.get("user_api") == "blas"]
+    blas.sort(key=lambda info: json.dumps(info, sort_keys=True))  # load order varies by process
     try:
         layer = numba.threading_layer()
     except ValueError:  # no parallel kernel has run yet
