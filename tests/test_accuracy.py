@@ -94,6 +94,24 @@ def test_trajectory_from_random_mixed_sign_file(make_config, write_npz, tmp_path
     assert np.max(errors) <= TRAJECTORY_TOLERANCE, f"errors per seed {errors}"
 
 
+@pytest.mark.parametrize("method", ["dopri5", "rk4"])
+@pytest.mark.parametrize("depth,n,d,dt", [(5, 8, 12, 0.0025), (6, 8, 9, 0.0025), (3, 100, 1100, 0.001)])
+def test_trajectory_deep_and_wide(make_config, method, depth, n, d, dt):
+    """Depths beyond 4 (the generic kernel path) and d = 1100 > 2 blocks of coordinates (the
+    per-block partial sums of the error norm and drift, with a partial last block). With
+    d = 1100 the largest eigenvalue of X^T X / n is about (sqrt(d) + sqrt(n))^2 / n ~ 18 (n = 100),
+    so rk4 gets dt = 0.001 there (measured error 2e-8 at dt = 0.002); at depth 5 the rk4 error
+    was 1e-7 at dt = 0.005, hence dt = 0.0025 (~6e-9)."""
+    config = make_config({"model.depth": depth, "problem.d": d, "problem.n": n, "integrator.method": method,
+                          "integrator.dt": dt, "integrator.t_end": 1.0, "run.checkpoints": 3,
+                          "model.alpha": 0.9, "model.jitter": 0.2})
+    run = simulate(config)
+    errors = _checkpoint_errors(run, config)
+    assert np.max(errors) <= TRAJECTORY_TOLERANCE, f"errors per seed {errors}"
+    assert np.max(np.abs(run.u[-1] - run.u0)) > 1e-3  # the layers moved
+    np.testing.assert_allclose(run.invariant_drift, invariant_drift(run.u, run.u0[None]), rtol=0, atol=1e-13)
+
+
 # --- order of accuracy --------------------------------------------------------------------------
 
 

@@ -29,6 +29,7 @@ from references import gradient, gradient_descent
     (2, "gaussian", False),
     (3, "first_layer_zero", False),  # a layer exactly 0: the products must not divide by it
     (4, "gaussian", True),
+    (6, "gaussian", False),  # beyond the depths with specialised kernels
 ])
 def test_euler_is_gradient_descent(make_config, depth, init, per_seed_data):
     """Every iterate of euler equals the numpy loop to 1e-12: both do the same arithmetic up to
@@ -47,6 +48,20 @@ def test_euler_is_gradient_descent(make_config, depth, init, per_seed_data):
         np.testing.assert_allclose(run.u[:, s], expected, rtol=0, atol=1e-12)
         np.testing.assert_allclose(run.theta[:, s], np.prod(expected, axis=1), rtol=0, atol=1e-12)
     assert np.all(run.nfev[-1] == steps)  # one gradient evaluation per GD step
+
+
+@pytest.mark.parametrize("depth", [2, 5])
+def test_euler_is_gradient_descent_across_coordinate_blocks(make_config, depth):
+    """d = 1300: several blocks of coordinates per seed, the last one partial. n = 100 keeps the
+    largest eigenvalue of X^T X / n near (sqrt(1300) + 10)^2 / 100 ~ 21: eta = 0.01 is stable."""
+    eta, steps = 0.01, 30
+    config = make_config({"model.depth": depth, "problem.d": 1300, "problem.n": 100, "integrator.method": "euler",
+                          "integrator.dt": eta, "integrator.t_end": eta * steps, "run.checkpoints": 4,
+                          "model.alpha": 0.9, "model.jitter": 0.2})
+    run = simulate(config)
+    for s in range(config.run.seeds):
+        expected = gradient_descent(run.X, run.y, run.u0[s], eta, steps)
+        np.testing.assert_allclose(run.u[-1, s], expected[-1], rtol=0, atol=1e-12)
 
 
 def test_depth_two_gradient_descent_identities(make_config):
@@ -319,3 +334,17 @@ def test_seeds_stopping_at_different_steps_keep_the_others_exact(make_config, me
         np.testing.assert_allclose(run.t_seed[-1, s], steps * dt, rtol=1e-12)
         np.testing.assert_allclose(run.u[-1, s], layers, rtol=0, atol=1e-12)
     assert len(set(stops)) > 1, stops  # they did stop at different steps
+
+
+@pytest.mark.parametrize("method", ["euler", "dopri5"])
+def test_per_seed_results_do_not_depend_on_the_thread_count(make_config, method):
+    """DESIGN.md: the kernels reduce per seed in a fixed order, so 1 and 2 threads give the same
+    bits (per-seed data: no BLAS GEMM whose blocking could depend on the thread count). d = 1300
+    gives each seed three blocks of coordinates, so two threads really split a seed's work."""
+    config = make_config({"problem.per_seed_data": True, "problem.d": 1300, "problem.n": 100,
+                          "integrator.method": method, "integrator.t_end": 0.5, "model.alpha": 0.9,
+                          "model.jitter": 0.2})
+    one = simulate(config, threads=1)
+    two = simulate(config, threads=2)
+    for name in ("u", "loss", "invariant_drift", "nfev"):
+        np.testing.assert_array_equal(one.file["checkpoints"][name][:], two.file["checkpoints"][name][:], err_msg=name)

@@ -169,3 +169,19 @@ def test_readable_while_being_written(make_config, tmp_path):
         assert view["complete"] is False
     with open_run(path) as run:
         assert run.complete and run.committed == K
+
+
+@pytest.mark.parametrize("shape", [(8,), (64, 100_000), (64, 4, 100_000), (3, 2, 12), (1_000_000,),
+                                   (2, 64, 5_000)])
+def test_chunks_hold_one_checkpoint_and_at_most_a_few_mib(shape):
+    """DESIGN.md: one checkpoint along K, split over seeds/coordinates to about 1-4 MiB per
+    chunk (small rows stay whole)."""
+    from ddln_fast.store import _chunks
+
+    chunks = _chunks(shape, 8)
+    assert len(chunks) == len(shape) + 1 and chunks[0] == 1
+    assert all(1 <= c <= s for c, s in zip(chunks[1:], shape))
+    nbytes = 8 * int(np.prod(chunks))
+    assert nbytes <= 4 * 2**20
+    if 8 * int(np.prod(shape)) <= 2**20:
+        assert chunks[1:] == shape  # a small row is one chunk
