@@ -135,15 +135,18 @@ class Products:
         self.inv_2n = 0.5 / self.n
         self.shared_rows = np.zeros(seeds, dtype=np.int64)
 
-    def residual_and_gradient(self, theta, active, R, G, loss):
-        """R[a] = X theta[a] - y, loss[a] = f, G[a] = X^T R[a] (not yet divided by n)."""
+    def residual_and_gradient(self, theta, active, R, G, loss, gradient=True):
+        """R[a] = X theta[a] - y, loss[a] = f, G[a] = X^T R[a] (not yet divided by n; skipped
+        with ``gradient=False``: a loss alone needs only the first product)."""
         m = len(active)
         if self.per_seed:
-            kernels._per_seed_products(self.X, self.y, theta, active, R, G, self.inv_2n, loss)
+            kernels._per_seed_products(self.X, self.y, theta, active, R, G, self.inv_2n, loss,
+                                       1 if gradient else 0)
         else:
             np.matmul(theta[:m], self.X.T, out=R[:m])
             kernels._residual_and_loss(R, self.y, self.shared_rows, m, self.inv_2n, loss)
-            np.matmul(R[:m], self.X, out=G[:m])
+            if gradient:
+                np.matmul(R[:m], self.X, out=G[:m])
 
 
 # Per-step bookkeeping of the fixed-step loop, compiled: as Python loops over 64 seeds it cost
@@ -273,7 +276,8 @@ class Integrator:
         self.loss_tol, self.max_steps = float(loss_tol), int(max_steps)
         self.products = Products(problem, self.dtype, S)
         stages = self.tableau.stages
-        self.K = np.zeros((stages, S, L, d), dtype=self.dtype)
+        # Euler's stage derivative never leaves its kernel: no state-sized K (memory at large d)
+        self.K = np.zeros((stages, S if stages > 1 else 0, L, d), dtype=self.dtype)
         self.Y = np.zeros_like(self.U) if stages > 1 else self.U
         self.theta = np.zeros((S, d), dtype=self.dtype)
         self.G = np.zeros((S, d), dtype=self.dtype)
@@ -360,7 +364,8 @@ class Integrator:
         """Loss of every seed at its current layers (one exact residual evaluation)."""
         active = np.arange(self.seeds)
         self._theta_of_U(active)
-        self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss)
+        self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss,
+                                            gradient=False)
         self._theta_rows = None
         return self.stage_loss[: self.seeds].copy()
 

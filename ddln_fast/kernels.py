@@ -293,9 +293,10 @@ def _residual_and_loss(R, y, y_rows, m, inv_2n, loss):
 
 
 @njit(**PARALLEL_OPTIONS)
-def _per_seed_products(X, y, theta, active, R, G, inv_2n, loss):
+def _per_seed_products(X, y, theta, active, R, G, inv_2n, loss, gradient):
     """Both products with per-seed data, one seed per work item: R[a] = X[s] theta[a] - y[s],
-    loss[a] = ||R[a]||^2 / (2n), G[a] = X[s]^T R[a] (not yet divided by n), ``s = active[a]``.
+    loss[a] = ||R[a]||^2 / (2n), G[a] = X[s]^T R[a] (not yet divided by n; only if
+    ``gradient``), ``s = active[a]``.
 
     One seed's design (n x d) is read from memory once: the second product finds it in the
     cache. Hand-written loops, not BLAS (no BLAS inside prange): each seed's sums run in one
@@ -316,6 +317,8 @@ def _per_seed_products(X, y, theta, active, R, G, inv_2n, loss):
             r[i] = ri
             total += np.float64(ri) * np.float64(ri)
         loss[a] = total * inv_2n
+        if gradient == 0:
+            continue
         g = G[a]
         for c in range(d):
             g[c] = 0.0
