@@ -33,6 +33,12 @@ def _toml(tmp: Path, text: str, name: str = "bad.toml") -> str:
     return str(path)
 
 
+def _raw(tmp: Path, name: str, content: bytes) -> str:
+    path = tmp / name
+    path.write_bytes(content)
+    return str(path)
+
+
 def _data_config(tmp: Path, data_name: str, arrays: dict | None = None, raw: bytes | None = None,
                  seeds: int = 2) -> str:
     """A config whose problem is the data file ``data_name``, written from arrays or raw bytes."""
@@ -108,6 +114,7 @@ CASES = [
     ("init-nan", lambda t: ["run", _init_config(t, "u0.npy", np.full((2, 4), np.nan))], "non-finite"),
     ("config-missing", lambda t: ["run", str(t / "none.toml")], "does not exist"),
     ("config-is-dir", lambda t: ["run", str(t)], "directory"),
+    ("config-not-utf8", lambda t: ["run", _raw(t, "latin.toml", b"[model]\ninit = '\xe9'\n")], "cannot be read"),
     ("set-no-equals", lambda t: ["run", "--set", "model.depth"], "KEY=VALUE"),
     ("set-empty-value", lambda t: ["run", "--set", "model.depth="], "missing value"),
     ("set-unknown-section", lambda t: ["run", "--set", "modle.depth=3"], "modle"),
@@ -155,6 +162,14 @@ def test_existing_output_is_refused_and_kept(tmp_path, monkeypatch, capsys):
     code, _, err = _run_main(["run", "--set", "problem.d=10", "--set", "problem.n=5", "-o", str(out)], capsys)
     _check_one_line_error(code, err, "--overwrite")
     assert out.read_bytes() == b"previous content"
+
+
+def test_output_that_is_a_folder_is_refused(tmp_path, capsys):
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    code, _, err = _run_main(["run", "--set", "problem.d=10", "-o", str(folder)], capsys)
+    _check_one_line_error(code, err, "directory")
+    assert list(folder.iterdir()) == []
 
 
 @pytest.mark.parametrize("content,word", [
