@@ -185,6 +185,88 @@ def inspect(run_path):
         click.echo("  " + f.attrs["config"].strip().replace("\n", "\n  "))
 
 
+@cli.command()
+@click.argument("sweep_path", metavar="SWEEP.toml")
+@click.option("-o", "--output", "outdir", required=True, metavar="OUTDIR", help="Output directory of the sweep.")
+@click.option("--scheduler", metavar="ADDRESS", default=None, help="Use a running Dask scheduler, e.g. tcp://HOST:8786.")
+@click.option("--workers", type=int, default=None, help="Worker processes of the local cluster (default: one per core).")
+@click.option("--resume", is_flag=True, help="Continue OUTDIR even if its sweep.toml differs from SWEEP.toml.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar over tasks (default: on a terminal only).")
+def sweep(sweep_path, outdir, scheduler, workers, resume, progress):
+    """Run every task of a sweep file on Dask (a local cluster unless --scheduler)."""
+    import signal
+
+    from .sweep import load_sweep, run_sweep
+
+    sweep_def = load_sweep(sweep_path)  # every task's config is validated before anything runs
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers {workers}: expected an integer >= 1")
+    if scheduler and workers:
+        raise InputError("--scheduler and --workers exclude each other (the cluster has its workers)")
+
+    def stop(signum, frame):  # SIGTERM (e.g. a batch system) stops like Ctrl-C: tasks resume on rerun
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    result = run_sweep(sweep_def, outdir, scheduler=scheduler, workers=workers, resume=resume,
+                       progress=progress, echo=click.echo)
+    for row in result.rows:
+        if row["status"] == "failed":
+            point = ", ".join(f"{k}={row[k]!r}" for k in result.swept_keys)
+            click.echo(f"failed {row['task']} ({point}): {row.get('message', '')}", err=True)
+    complete = sum(r["status"] == "complete" for r in result.rows)
+    click.echo(f"{complete} of {len(result.rows)} tasks complete ({result.skipped} already were), "
+               f"{result.failed} failed, {result.seconds:.1f} s; wrote {Path(outdir) / 'summary.csv'} "
+               f"and summary.h5")
+    if result.interrupted:
+        click.echo(f"interrupted: rerun the same command to continue", err=True)
+        sys.exit(130)
+    if result.failed:
+        sys.exit(1)
+
+
+@cli.command("sweep-report")
+@click.argument("outdir", metavar="OUTDIR")
+@click.option("--metric", "metrics", multiple=True, metavar="NAME",
+              help="Summary column to report (repeatable; default: time_to_eps, l1_norm, final_loss_max).")
+@click.option("--x", "x_key", metavar="KEY", default=None, help="Swept key on the x axis (default: the first).")
+@click.option("--by", "by_key", metavar="KEY", default=None,
+              help="Swept key, one line per value (default: the second swept key, if any).")
+@click.option("--plots", "plots", metavar="DIR", default=None, help="Write one PNG per metric into DIR.")
+def sweep_report(outdir, metrics, x_key, by_key, plots):
+    """Print (and plot) summary metrics of a sweep against a swept key."""
+    from .sweep import METRICS, plot_report, read_summary, report_table
+
+    swept, rows = read_summary(outdir)
+    metrics = metrics or ("time_to_eps", "l1_norm", "final_loss_max")
+    for m in metrics:
+        if m not in METRICS:
+            raise InputError(f"--metric {m}: expected one of {', '.join(METRICS)}")
+    if not swept:
+        raise InputError(f"{outdir}: the sweep has no swept keys, nothing to report against")
+    x_key = x_key or swept[0]
+    if by_key is None and len(swept) > 1:
+        by_key = next(k for k in swept if k != x_key)
+    for name, key in (("--x", x_key), ("--by", by_key)):
+        if key is not None and key not in swept:
+            raise InputError(f"{name} {key}: expected a swept key, one of {', '.join(swept)}")
+    if by_key == x_key:
+        raise InputError(f"--x and --by are both {x_key}: expected two different swept keys")
+    complete = sum(r["status"] == "complete" for r in rows)
+    click.echo(f"{outdir}: {len(rows)} tasks, {complete} complete; medians over tasks sharing "
+               f"{x_key}{' and ' + by_key if by_key else ''}")
+    for m in metrics:
+        xs, bys, table = report_table(rows, m, x_key, by_key)
+        click.echo("")
+        label = f"{m}: {x_key} \\ {by_key}" if by_key else f"{m}: {x_key}"
+        click.echo(f"{label:<28}" + "".join(f"{str(b):>12}" for b in bys))
+        for i, xv in enumerate(xs):
+            click.echo(f"{str(xv):<28}" + "".join(f"{_format_value(v):>12}" for v in table[i]))
+        if plots:
+            out = plot_report(xs, bys, table, m, x_key, by_key, Path(plots) / f"{m}_vs_{x_key}.png")
+            click.echo(f"wrote {out}")
+
+
 def main(argv=None) -> None:
     """Console entry point: maps every failure to its exit code and a one-line message."""
     try:
