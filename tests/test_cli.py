@@ -57,9 +57,10 @@ def test_run_as_a_process_writes_the_file_and_names_it(tmp_path):
     config = tmp_path / "tiny.toml"
     config.write_text(TINY)
     out = tmp_path / "new folder" / "tiny.h5"  # a folder that does not exist yet
-    proc = _ddln("run", str(config), "-o", str(out), "--set", "model.depth=2", "--no-progress", cwd=tmp_path)
+    proc = _ddln("run", str(config), "-o", str(out), "--set", "model.depth=2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
+    assert "ckpt" not in proc.stderr and "%|" not in proc.stderr  # not a terminal: no progress bar
     assert f"wrote {out}" in proc.stdout and "(complete)" in proc.stdout
     assert "wall time" in proc.stdout and "gradient evaluations" in proc.stdout
     with h5py.File(out, "r") as f:
@@ -90,6 +91,15 @@ def test_run_quiet_prints_only_the_path(tmp_path, monkeypatch, capsys):
     assert code == 0, err
     with h5py.File(tmp_path / "q.h5", "r") as f:
         assert f["init/u"].shape[0] == 3
+
+
+def test_progress_flag_forces_the_bar(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    code, _, err = _main(["run", str(config), "-o", "p.h5", "--progress"], capsys)
+    assert code == 0
+    assert "ckpt" in err  # tqdm's bar, counted in checkpoints
 
 
 def test_run_summary_of_many_seeds_gives_quantiles(tmp_path, monkeypatch, capsys):
