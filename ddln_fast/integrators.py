@@ -271,7 +271,10 @@ class Integrator:
         self.U = np.array(u0, dtype=self.dtype, order="C")
         S, L, d = self.U.shape
         self.seeds, self.depth, self.dim = S, L, d
-        self.u0 = self.U.copy()
+        # u0 is only read (invariant drift): keep the caller's array when no cast is needed, a
+        # read-only view, rather than one more state-sized copy (memory at d = 10^6).
+        self.u0 = np.asarray(u0, dtype=self.dtype, order="C").view()
+        self.u0.flags.writeable = False
         self.dt, self.rtol, self.atol = float(dt), float(rtol), float(atol)
         self.loss_tol, self.max_steps = float(loss_tol), int(max_steps)
         self.products = Products(problem, self.dtype, S)
