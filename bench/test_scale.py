@@ -1,0 +1,140 @@
+"""Scale and start-up: peak memory on D (d = 10^6), the cost of streaming 200 checkpoints to
+HDF5 on A, and the time of the first ``ddln run`` (cold Numba compile) and of later runs.
+
+References: memory is compared with the arrays a run cannot do without (X, the state U, one
+checkpoint row: theta and u); HDF5 streaming with the same integration without checkpoints;
+start-up with the 30 s / 3 s of issue 6.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+from conftest import bench_config, record
+from ddln_fast.init import initial_layers
+from ddln_fast.integrators import Integrator
+from ddln_fast.problem import make_problem
+from ddln_fast.simulate import run_simulation
+
+REPO = Path(__file__).resolve().parents[1]
+DDLN = Path(sys.executable).with_name("ddln")
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import json, sys, tracemalloc, resource
+    import numpy as np
+    sys.path.insert(0, {bench!r})
+    from conftest import bench_config
+    from ddln_fast.simulate import run_simulation
+
+    def rss_mib():
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+
+    # compile (or load from cache) outside the measurement
+    small = bench_config("D", problem__d=64, integrator__t_end=2e-3, run__checkpoints=2)
+    run_simulation(small, out=None)
+    base = rss_mib()
+    config = bench_config("D", integrator__t_end=3e-3, run__checkpoints=2)
+    tracemalloc.start()
+    run_simulation(config, out={out!r}, overwrite=True)
+    traced = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(dict(traced_peak=traced, rss_peak=peak, rss_base=base)))
+""")
+
+
+def test_memory_D(benchmark, tmp_path):
+    """Peak memory of an Euler run on D (n=100, d=10^6, 8 seeds, depth 3), in a subprocess."""
+    script = MEMORY_SCRIPT.format(bench=str(Path(__file__).parent), out=str(tmp_path / "d.h5"))
+
+    def run():
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              cwd=REPO, timeout=900)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    result = benchmark.pedantic(run, rounds=1, iterations=1)
+    n, d, S, L = 100, 1_000_000, 8, 3
+    mib = 8 / 2**20
+    X, state, checkpoint = n * d * mib, S * L * d * mib, (S * d + S * L * d) * mib
+    budget = X + state + checkpoint
+    record(benchmark, "D", "peak traced memory / (X + state + checkpoint)",
+           result["traced_peak"] / budget, 1.3,
+           note=f"tracemalloc peak {result['traced_peak']:.0f} MiB; X {X:.0f} + U {state:.0f} + "
+                f"checkpoint {checkpoint:.0f} = {budget:.0f} MiB")
+    record(benchmark, "D", "peak RSS growth / (X + state + checkpoint)",
+           (result["rss_peak"] - result["rss_base"]) / budget, 1.3,
+           note=f"maxrss {result['rss_peak']:.0f} MiB - {result['rss_base']:.0f} MiB after imports "
+                f"and compile")
+
+
+HDF5_STEPS = int(os.environ.get("DDLN_BENCH_HDF5_STEPS", "2000"))
+
+
+def test_hdf5_streaming_A(benchmark, tmp_path):
+    """An Euler run on A with 200 checkpoints streamed to an HDF5 file, against the same
+    integration without checkpoints (both build the data and the layers)."""
+    dt = 1e-3
+    t_end = HDF5_STEPS * dt
+    config = bench_config("A", integrator__t_end=t_end, run__checkpoints=200, run__spacing="linear")
+    out = tmp_path / "a.h5"
+
+    def bare():
+        problem = make_problem(config)
+        u0 = initial_layers(config, problem.d)
+        Integrator("euler", problem, u0, dt=dt).advance_to(t_end)
+
+    def streamed():
+        run_simulation(config, out=out, overwrite=True)
+
+    bare()  # compile and warm the page cache
+    times = {"bare": [], "streamed": []}
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - start)
+
+    benchmark.pedantic(lambda: timed("streamed", streamed), setup=lambda: timed("bare", bare),
+                       rounds=2, iterations=1)
+    b, s = min(times["bare"]), min(times["streamed"])
+    per_checkpoint = (s - b) / 200
+    record(benchmark, "A", f"HDF5 200 checkpoints: added time ({HDF5_STEPS} Euler steps)",
+           s / b - 1, 0.05,
+           note=f"{s:.2f} s vs {b:.2f} s without; {per_checkpoint * 1e3:.1f} ms per checkpoint, "
+                f"{out.stat().st_size / 2**20:.0f} MiB file")
+
+
+TINY = ["--set", "problem.d=50", "--set", "run.seeds=2", "--set", "integrator.t_end=1.0",
+        "--set", "run.checkpoints=5"]
+
+
+def test_cold_and_warm_start(benchmark, tmp_path):
+    """``ddln run`` of data/default.toml shrunk to a tiny problem: with an empty Numba cache
+    (compiles every kernel it uses), then again with the cache filled."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba_cache"))
+
+    def ddln_run(name):
+        start = time.perf_counter()
+        done = subprocess.run([str(DDLN), "run", "data/default.toml", "-o", str(tmp_path / name),
+                               "--overwrite", "--quiet", *TINY], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return time.perf_counter() - start
+
+    cold = ddln_run("cold.h5")
+    warm = [ddln_run(f"warm{i}.h5") for i in range(3)]
+    benchmark.pedantic(lambda: ddln_run("timed.h5"), rounds=1, iterations=1)
+    record(benchmark, "-", "first `ddln run` (cold compile) s", cold, 30.0,
+           note="data/default.toml with d=50, 2 seeds, t_end=1 (dopri5, per-seed data)")
+    record(benchmark, "-", "later `ddln run` s", min(warm), 3.0,
+           note=f"warm runs: {', '.join(f'{w:.2f}' for w in warm)} s")
