@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import itertools
 import json
 import logging
@@ -43,7 +44,7 @@ from .errors import InputError
 SWEEP_KEYS = ("base", "set", "grid", "zip")
 #: The metric columns of the summary, after the task id and the swept keys.
 METRICS = ("final_loss_max", "final_loss_median", "t_final", "time_to_eps", "nfev", "l1_norm",
-           "gap_to_prediction", "fitted_rate", "seconds")
+           "predicted_l1_norm", "gap_to_prediction", "fitted_rate", "seconds")
 #: Relative loss (to the loss at t = 0) that defines "time to epsilon" when integrator.loss_tol = 0.
 RELATIVE_EPS = 1e-6
 #: Retries of a task that raised something other than bad input (e.g. a full disk, a flaky mount).
@@ -289,47 +290,45 @@ def run_task(tid: str, config: Config, outdir: str, threads: int | None = None,
     seconds = time.perf_counter() - start
     import h5py
 
-    with h5py.File(part, "a") as f:  # provenance of the task, then the atomic "done"
+    with h5py.File(part, "a") as f:  # provenance of the task
         f.attrs["sweep_task"] = tid
         f.attrs["sweep_seconds"] = seconds + float(f.attrs.get("sweep_seconds", 0.0))
         f.attrs["sweep_threads"] = used
-    os.replace(part, final)
+    with limit_threads(n_threads):
+        row = summarize_run(part)
     notes += [f"warning: {' '.join(str(w.message).split())}" for w in caught]
+    row["message"] = "; ".join(n for n in [*notes, row.get("message", "")] if n)
+    with h5py.File(part, "a") as f:  # the summary row, so that a rerun need not recompute it
+        f.attrs["sweep_summary"] = json.dumps(row)
+    os.replace(part, final)  # the atomic "done"
     _log(log_path, "done", tid, f"seconds={seconds:.3f}")
-    row = summarize_run(final)
-    if notes:
-        row["message"] = "; ".join(notes)
+    row.pop("analysis", None)
     return row
 
 
 # -- metrics of one run ----------------------------------------------------------------------------
-def _theory_metrics(run) -> tuple[float, float, str]:
-    """Gap to the predicted limit and fitted rate from the analysis module, when it exists."""
+def _theory_metrics(run) -> dict:
+    """Gap to the predicted limit, fitted rate and predicted l1 norm (medians over seeds) from
+    the analysis module (``ddln analyze``), NaN with a note when it is not there or fails."""
+    nan = {"gap_to_prediction": math.nan, "fitted_rate": math.nan, "predicted_l1_norm": math.nan}
     try:
-        from . import analysis  # noqa: F401  (written by the theory work; optional here)
+        from . import analysis
     except ImportError:
-        return math.nan, math.nan, ""
-    return _analysis_metrics(run)
-
-
-def _analysis_metrics(run) -> tuple[float, float, str]:
-    from . import analysis
-
+        return {**nan, "analysis": False,
+                "note": "no ddln_fast.analysis: gap_to_prediction and fitted_rate left NaN"}
     try:
-        result = analysis.analyze(run)
-    except Exception as err:  # an analysis failure must not lose the run's other metrics
-        return math.nan, math.nan, f"analysis failed: {' '.join(str(err).split())}"
-    gap = _seed_values(result, ("gap_to_prediction", "gap", "relative_gap"))
-    rate = _seed_values(result, ("fitted_rate", "rate"))
-    return _median(gap), _median(rate), ""
-
-
-def _seed_values(result, names) -> np.ndarray:
-    for name in names:
-        value = result.get(name) if isinstance(result, Mapping) else getattr(result, name, None)
-        if value is not None:
-            return np.asarray(value, dtype=float).ravel()
-    return np.array([math.nan])
+        if hasattr(analysis, "analyze_run"):
+            result = analysis.analyze_run(run)
+        else:
+            result = analysis.analyze(run.path)
+        seeds = list(getattr(result, "seeds", []))
+    except Exception as err:  # e.g. assumption (A) fails: the other metrics still count
+        return {**nan, "analysis": True, "note": f"analysis: {' '.join(str(err).split())}"}
+    out = {"analysis": True, "note": ""}
+    for name in nan:
+        values = np.array([getattr(seed, name, math.nan) for seed in seeds], dtype=float)
+        out[name] = _median(values)
+    return out
 
 
 def _median(values: np.ndarray) -> float:
@@ -367,11 +366,16 @@ def summarize_run(path: str | Path) -> dict:
     from .store import open_run
 
     with open_run(path) as run:
+        cached = run.file.attrs.get("sweep_summary")
+        if cached is not None:  # written by the task, before the rename
+            row = json.loads(cached)
+            if row.pop("analysis", False) or importlib.util.find_spec("ddln_fast.analysis") is None:
+                return row
         loss, t_seed, nfev, status = run.loss, run.t_seed, run.nfev, run.status
         theta = run.checkpoint("theta")[-1]
         config = run.config
         seconds = float(run.file.attrs.get("sweep_seconds", run.file.attrs.get("wall_seconds", math.nan)))
-        gap, rate, note = _theory_metrics(run)
+        theory = _theory_metrics(run)
     final = loss[-1]
     counts: dict[str, int] = {}
     for v in status[-1]:
@@ -386,11 +390,13 @@ def summarize_run(path: str | Path) -> dict:
         "time_to_eps": float(np.median(tte)),
         "nfev": int(np.sum(nfev[-1])),
         "l1_norm": float(np.median(np.abs(theta).sum(axis=-1))),
-        "gap_to_prediction": gap,
-        "fitted_rate": rate,
+        "predicted_l1_norm": theory["predicted_l1_norm"],
+        "gap_to_prediction": theory["gap_to_prediction"],
+        "fitted_rate": theory["fitted_rate"],
         "seconds": seconds,
         "seed_status": " ".join(f"{c}x{name}" for name, c in counts.items()),
-        "message": note,
+        "message": theory["note"],
+        "analysis": theory["analysis"],
     }
 
 
@@ -513,7 +519,7 @@ def default_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _prepare_outdir(sweep: Sweep, outdir: Path, resume: bool) -> None:
+def _prepare_outdir(sweep: Sweep, outdir: Path, resume: bool):
     """Refuse an OUTDIR that holds something else; write the copy of the sweep file."""
     if outdir.exists() and not outdir.is_dir():
         raise InputError(f"output {outdir} is a file, expected a directory for the sweep")
@@ -523,7 +529,8 @@ def _prepare_outdir(sweep: Sweep, outdir: Path, resume: bool) -> None:
         if previous != sweep.text and not resume:
             raise InputError(f"{outdir} holds a different sweep (its sweep.toml differs from {sweep.path}); "
                              f"pass --resume to continue it with the new sweep file, or use another OUTDIR")
-    elif outdir.exists() and any(outdir.iterdir()):
+    elif outdir.exists() and any(p.name != ".lock" and not (p.name == "runs" and not any(p.iterdir()))
+                                 for p in outdir.iterdir()):
         raise InputError(f"{outdir} is not empty and holds no sweep.toml: expected a new or empty "
                          f"directory, or the OUTDIR of an earlier ddln sweep")
     elif resume:
@@ -532,9 +539,26 @@ def _prepare_outdir(sweep: Sweep, outdir: Path, resume: bool) -> None:
         (outdir / "runs").mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"cannot create the sweep output {outdir}: {err.strerror}") from None
+    lock = _lock(outdir)
     tmp = outdir / "sweep.toml.tmp"
     tmp.write_text(sweep.text, encoding="utf-8")
     os.replace(tmp, copy)
+    return lock
+
+
+def _lock(outdir: Path):
+    """An exclusive lock on OUTDIR/.lock for the client's lifetime: two sweeps writing one
+    OUTDIR would run the same tasks twice and overwrite each other's summary."""
+    import fcntl
+
+    f = open(outdir / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise InputError(f"another ddln sweep is running on {outdir} (it holds {outdir / '.lock'}); "
+                         f"wait for it or use another OUTDIR") from None
+    return f
 
 
 def _connect(scheduler: str | None, workers: int | None, cores: int):
@@ -577,8 +601,6 @@ def run_sweep(sweep: Sweep | str | Path, outdir: str | Path, *, scheduler: str |
     echo : callable, optional
         Receives the lines to print (default: stdout).
     """
-    from tqdm import tqdm
-
     echo = echo or print
     start = time.perf_counter()
     if not isinstance(sweep, Sweep):
@@ -588,7 +610,16 @@ def run_sweep(sweep: Sweep | str | Path, outdir: str | Path, *, scheduler: str |
     if scheduler and workers:
         raise InputError("--scheduler and --workers exclude each other (the cluster has its workers)")
     outdir = Path(outdir)
-    _prepare_outdir(sweep, outdir, resume)
+    lock = _prepare_outdir(sweep, outdir, resume)
+    try:
+        return _run_tasks(sweep, outdir, scheduler, workers, client, progress, echo, start)
+    finally:
+        lock.close()  # releases the flock
+
+
+def _run_tasks(sweep: Sweep, outdir: Path, scheduler, workers, client, progress, echo, start) -> SweepResult:
+    from tqdm import tqdm
+
     runs = outdir / "runs"
     swept = sweep.swept_keys
     rows: dict[str, dict] = {}
