@@ -519,8 +519,8 @@ def default_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _prepare_outdir(sweep: Sweep, outdir: Path, resume: bool):
-    """Refuse an OUTDIR that holds something else; write the copy of the sweep file."""
+def _check_outdir(sweep: Sweep, outdir: Path, resume: bool) -> None:
+    """Refuse an OUTDIR that holds something else (nothing is written here)."""
     if outdir.exists() and not outdir.is_dir():
         raise InputError(f"output {outdir} is a file, expected a directory for the sweep")
     copy = outdir / "sweep.toml"
@@ -535,6 +535,11 @@ def _prepare_outdir(sweep: Sweep, outdir: Path, resume: bool):
                          f"directory, or the OUTDIR of an earlier ddln sweep")
     elif resume:
         raise InputError(f"--resume: {outdir} holds no sweep to resume (no sweep.toml)")
+
+
+def _claim_outdir(sweep: Sweep, outdir: Path):
+    """Create OUTDIR/runs, lock OUTDIR and write the copy of the sweep file; returns the lock."""
+    copy = outdir / "sweep.toml"
     try:
         (outdir / "runs").mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -568,7 +573,7 @@ def _connect(scheduler: str | None, workers: int | None, cores: int):
     if scheduler:
         try:
             return Client(scheduler, timeout="10s"), None
-        except (OSError, TimeoutError) as err:
+        except (OSError, TimeoutError, ValueError) as err:
             raise InputError(f"--scheduler {scheduler}: cannot connect ({' '.join(str(err).split())})") from None
     # Workers are spawned processes (numba's omp layer is not fork-safe), one thread each; the
     # task itself sets Numba and BLAS to cores // workers threads.
@@ -610,14 +615,23 @@ def run_sweep(sweep: Sweep | str | Path, outdir: str | Path, *, scheduler: str |
     if scheduler and workers:
         raise InputError("--scheduler and --workers exclude each other (the cluster has its workers)")
     outdir = Path(outdir)
-    lock = _prepare_outdir(sweep, outdir, resume)
+    _check_outdir(sweep, outdir, resume)
+    own_client = client is None
+    if own_client and scheduler:  # a bad address is reported before OUTDIR is touched
+        client, _ = _connect(scheduler, None, 0)
     try:
-        return _run_tasks(sweep, outdir, scheduler, workers, client, progress, echo, start)
+        lock = _claim_outdir(sweep, outdir)
+        try:
+            return _run_tasks(sweep, outdir, workers, client, progress, echo, start)
+        finally:
+            lock.close()  # releases the flock
     finally:
-        lock.close()  # releases the flock
+        if own_client and client is not None:
+            client.close()
 
 
-def _run_tasks(sweep: Sweep, outdir: Path, scheduler, workers, client, progress, echo, start) -> SweepResult:
+def _run_tasks(sweep: Sweep, outdir: Path, workers, client, progress, echo, start) -> SweepResult:
+    """Summarize the complete tasks, run the others on ``client`` (None: a new LocalCluster)."""
     from tqdm import tqdm
 
     runs = outdir / "runs"
@@ -649,9 +663,8 @@ def _run_tasks(sweep: Sweep, outdir: Path, scheduler, workers, client, progress,
 
     cores = default_cores()
     own_cluster = None
-    own_client = client is None
-    if own_client:
-        client, own_cluster = _connect(scheduler, workers, cores)
+    if client is None:
+        client, own_cluster = _connect(None, workers, cores)
     interrupted = False
     try:
         threads = None
@@ -698,9 +711,8 @@ def _run_tasks(sweep: Sweep, outdir: Path, scheduler, workers, client, progress,
         finally:
             bar.close()
     finally:
-        if own_client:
-            client.close()
         if own_cluster is not None:
+            client.close()
             own_cluster.close()
     return finish(interrupted, engine)
 

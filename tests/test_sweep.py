@@ -477,6 +477,7 @@ def test_bad_arguments_exit_2_one_line(sweep_file, tmp_path):
         (("sweep", sweep_file, "-o", tmp_path / "o2", "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"),
          "exclude each other"),
         (("sweep", tmp_path / "missing.toml", "-o", tmp_path / "o3"), "does not exist"),
+        (("sweep", sweep_file, "-o", tmp_path / "o5", "--scheduler", "nonsense"), "cannot connect"),
         (("sweep", sweep_file, "-o", tmp_path / "o4", "--resume"), "no sweep to resume"),
         (("sweep-report", tmp_path / "nothing"), "does not exist"),
     ]
@@ -486,6 +487,7 @@ def test_bad_arguments_exit_2_one_line(sweep_file, tmp_path):
         code, stdout, stderr = call_ddln(*args)
         lines = stderr.strip().splitlines()
         assert code == 2 and len(lines) == 1 and expected in lines[0], (args, stderr)
+        assert not any(Path(a).exists() for a in args if str(a).startswith(str(tmp_path / "o")))
 
 
 def test_outdir_of_another_sweep_needs_resume(local_sweep, tmp_path):
