@@ -207,9 +207,12 @@ def sweep(sweep_path, outdir, scheduler, workers, resume, progress):
     def stop(signum, frame):  # SIGTERM (e.g. a batch system) stops like Ctrl-C: tasks resume on rerun
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
-    result = run_sweep(sweep_def, outdir, scheduler=scheduler, workers=workers, resume=resume,
-                       progress=progress, echo=click.echo)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        result = run_sweep(sweep_def, outdir, scheduler=scheduler, workers=workers, resume=resume,
+                           progress=progress, echo=click.echo)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     for row in result.rows:
         if row["status"] == "failed":
             point = ", ".join(f"{k}={row[k]!r}" for k in result.swept_keys)
