@@ -522,3 +522,14 @@ def test_a_second_sweep_on_the_same_outdir_is_refused(local_sweep, sweep_file):
         code, stdout, stderr = call_ddln("sweep", sweep_file, "-o", outdir)
     assert code == 2 and "another ddln sweep is running" in stderr and len(stderr.strip().splitlines()) == 1
     assert file_identity(outdir) == before
+
+
+def test_sweep_report_bad_arguments_exit_2_one_line(local_sweep, tmp_path):
+    outdir, _ = local_sweep
+    for args, expected in [(("--metric", "speed"), "--metric speed: expected one of"),
+                           (("--x", "model.width"), "--x model.width: expected a swept key"),
+                           (("--x", "model.depth", "--by", "model.depth"), "two different swept keys")]:
+        code, stdout, stderr = call_ddln("sweep-report", outdir, *args, "--plots", tmp_path / "p")
+        lines = stderr.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and expected in lines[0], (args, stderr)
+        assert not (tmp_path / "p").exists()
