@@ -194,10 +194,13 @@ def inspect(run_path):
 @click.option("--progress/--no-progress", default=None, help="Progress bar over tasks (default: on a terminal only).")
 def sweep(sweep_path, outdir, scheduler, workers, resume, progress):
     """Run every task of a sweep file on Dask (a local cluster unless --scheduler)."""
+    import importlib.util
     import signal
 
     from .sweep import load_sweep, run_sweep
 
+    if importlib.util.find_spec("distributed") is None:
+        raise click.ClickException("ddln sweep needs Dask distributed: pip install 'ddln_fast[sweep]'")
     sweep_def = load_sweep(sweep_path)  # every task's config is validated before anything runs
     if workers is not None and workers < 1:
         raise InputError(f"--workers {workers}: expected an integer >= 1")
@@ -240,6 +243,10 @@ def sweep_report(outdir, metrics, x_key, by_key, plots):
     """Print (and plot) summary metrics of a sweep against a swept key."""
     from .sweep import METRICS, plot_report, read_summary, report_table
 
+    import importlib.util
+
+    if plots and importlib.util.find_spec("matplotlib") is None:
+        raise click.ClickException("--plots needs matplotlib: pip install 'ddln_fast[plot]'")
     swept, rows = read_summary(outdir)
     metrics = metrics or ("time_to_eps", "l1_norm", "final_loss_max")
     for m in metrics:

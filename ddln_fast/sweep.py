@@ -156,6 +156,9 @@ def load_sweep(path: str | Path) -> Sweep:
                 raise InputError(f"{where}: {key} is in both [{seen[key]}] and [{name}]; give it in one")
             seen[key] = name
     for name, table in (("grid", grid), ("zip", zipped)):
+        if "run.threads" in table:
+            raise InputError(f"{where}: [{name}] run.threads cannot be swept: the sweep gives every task "
+                             f"cores // workers threads (use --workers)")
         for key, values in table.items():
             if not isinstance(values, list):
                 raise InputError(f"{where}: [{name}] {key} = {values!r}: expected a list of values")

@@ -453,6 +453,7 @@ BAD_SWEEPS = {
     "missing base": ('base = "nope.toml"\n[grid]\n"model.depth" = [2]\n', "nope.toml does not exist"),
     "duplicate task": ('[grid]\n"model.depth" = [2, 2]\n', "are the same run"),
     "invalid TOML": ('[grid\n"model.depth" = [2]\n', "is not valid TOML"),
+    "swept run.threads": ('[grid]\n"run.threads" = [1, 2]\n', "run.threads cannot be swept"),
     "key without section": ('[grid]\ndepth = [2, 3]\n', "expected SECTION.KEY"),
 }
 
