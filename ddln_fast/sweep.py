@@ -295,7 +295,7 @@ def run_task(tid: str, config: Config, outdir: str, threads: int | None = None,
 
     with h5py.File(part, "a") as f:  # provenance of the task
         f.attrs["sweep_task"] = tid
-        f.attrs["sweep_seconds"] = seconds + float(f.attrs.get("sweep_seconds", 0.0))
+        f.attrs["sweep_seconds"] = seconds  # this attempt (a resumed task: the rest of the run)
         f.attrs["sweep_threads"] = used
     with limit_threads(n_threads):
         row = summarize_run(part)
