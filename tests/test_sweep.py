@@ -534,3 +534,27 @@ def test_sweep_report_bad_arguments_exit_2_one_line(local_sweep, tmp_path):
         lines = stderr.strip().splitlines()
         assert code == 2 and len(lines) == 1 and expected in lines[0], (args, stderr)
         assert not (tmp_path / "p").exists()
+
+
+def test_run_task_is_idempotent(tasks, references, tmp_path):
+    """A task run twice (a retry after its result was lost) returns the same row without
+    simulating again; a leftover .part that cannot be resumed is restarted, and says so."""
+    from ddln_fast.sweep import run_task
+
+    task = tasks[0]
+    (tmp_path / "runs").mkdir()
+    first = run_task(task.id, task.config, str(tmp_path), threads=1)
+    final = tmp_path / "runs" / f"{task.id}.h5"
+    identity = (final.stat().st_ino, final.stat().st_mtime_ns)
+    second = run_task(task.id, task.config, str(tmp_path), threads=1)
+    assert (final.stat().st_ino, final.stat().st_mtime_ns) == identity
+    assert [e for e, t, _ in log_events(tmp_path)] == ["start", "done", "found"]
+    assert {k: v for k, v in second.items() if k != "message"} == \
+        {k: v for k, v in first.items() if k not in ("message", "analysis")}
+    assert_same_checkpoints(final, references[task.id])
+
+    other = tasks[1]  # garbage where a killed worker left its .part
+    (tmp_path / "runs" / f"{other.id}.h5.part").write_bytes(b"not an HDF5 file")
+    row = run_task(other.id, other.config, str(tmp_path), threads=1)
+    assert row["status"] == "complete" and "restarted (could not resume" in row["message"]
+    assert_same_checkpoints(tmp_path / "runs" / f"{other.id}.h5", references[other.id])
