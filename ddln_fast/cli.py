@@ -277,6 +277,91 @@ def sweep_report(outdir, metrics, x_key, by_key, plots):
             click.echo(f"wrote {out}")
 
 
+@cli.command()
+@click.argument("config_path", metavar="CONFIG.toml")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. model.alpha=0.01.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def predict(config_path, sets, as_json):
+    """Predict where training ends (the implicit-bias limit), without training."""
+    import json
+
+    from .theory import predict as predict_config
+
+    config = _load_config(config_path, sets)
+    pred = predict_config(config, interpolators=True)
+    rows = []
+    for s in range(pred.theta.shape[0]):
+        theta = pred.theta[s]
+        scale = max(float(np.max(np.abs(theta))), 1e-300)
+        rows.append({
+            "seed": s, "l1_norm": float(np.abs(theta).sum()),
+            "support": int(np.sum(np.abs(theta) > 1e-6 * scale)),
+            "distance_to_min_l1": float(np.linalg.norm(theta - pred.min_l1[s])),
+            "distance_to_min_l2": float(np.linalg.norm(theta - pred.min_l2[s])),
+            "min_l1_norm": float(np.abs(pred.min_l1[s]).sum()),
+            "dual_residual": float(pred.residual[s]), "newton_iterations": int(pred.iterations[s]),
+        })
+    if as_json:
+        click.echo(json.dumps({"config": config_path, "what": pred.message, "projected": pred.projected,
+                               "seconds": pred.seconds, "interpolator_seconds": pred.interpolator_seconds,
+                               "support_threshold": "|theta_i| > 1e-6 max_i |theta_i|",
+                               "seeds": rows, "theta_inf": pred.theta.tolist()}))
+        return
+    m = config.model
+    click.echo(f"ddln predict: depth {m.depth}, alpha {m.alpha:g}, init {m.init}; {pred.message}")
+    click.echo(f"{'seed':>4} {'l1 norm':>10} {'support':>8} {'|.-min l1|':>11} {'|.-min l2|':>11} "
+               f"{'min l1 norm':>11} {'residual':>9} {'newton':>6}")
+    for r in rows:
+        click.echo(f"{r['seed']:>4} {r['l1_norm']:>10.5g} {r['support']:>8} {r['distance_to_min_l1']:>11.4g} "
+                   f"{r['distance_to_min_l2']:>11.4g} {r['min_l1_norm']:>11.5g} {r['dual_residual']:>9.2g} "
+                   f"{r['newton_iterations']:>6}")
+    click.echo(f"support: |theta_i| > 1e-6 max|theta|; prediction {pred.seconds:.2f} s, "
+               f"min-l1 LP and min-l2 {pred.interpolator_seconds:.2f} s")
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN.h5")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--plots", "plots", metavar="DIR", help="Write loss.png, theta.png and gap.png to DIR.")
+def analyze(run_path, as_json, plots):
+    """Put the theory next to a run: predicted limit, KKT residual, rates and bounds per seed."""
+    import json
+
+    from .analysis import EPSILON, analyze as analyze_path, plot
+
+    if plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InputError("--plots needs matplotlib: pip install 'ddln_fast[plot]'") from None
+        if Path(plots).exists() and not Path(plots).is_dir():
+            raise InputError(f"--plots {plots}: exists and is not a folder")
+    result = analyze_path(run_path)
+    written = plot(result, plots) if plots else []
+    if as_json:
+        out = result.as_dict()
+        out["plots"] = written
+        click.echo(json.dumps(out))
+        return
+    state = "complete" if result.complete else "still being written / incomplete"
+    click.echo(f"{run_path}: {state}, {result.committed} committed checkpoints, depth {result.depth}"
+               + ("; X rank deficient: limit = projection onto argmin f" if result.projected else ""))
+    click.echo(f"{'seed':>4} {'status':>9} {'t':>8} {'f - f*':>9} {'drift':>8} {'gap':>9} {'kkt':>8} "
+               f"{'rate':>9} {'PL rate':>9} {'PL@lim':>9} {'t(1e-6)':>9} bounds(PL cA, PL int h, D/t)")
+    for sa in result.seeds:
+        held = " ".join("ok" if b else "VIOLATED" for b in
+                        (sa.bound_pl_c_a_held, sa.bound_pl_trajectory_held, sa.bound_sublinear_held))
+        click.echo(f"{sa.seed:>4} {sa.status:>9} {sa.t_final:>8.4g} {_format_value(sa.final_loss - sa.f_star):>9} "
+                   f"{_format_value(sa.invariant_drift):>8} {_format_value(sa.gap_to_prediction):>9} "
+                   f"{_format_value(sa.kkt_residual):>8} {_format_value(sa.fitted_rate):>9} "
+                   f"{_format_value(sa.pl_rate):>9} {_format_value(sa.pl_rate_at_limit):>9} "
+                   f"{_format_value(sa.time_to_epsilon):>9} {held}")
+    click.echo(f"gap: |theta_K - theta_inf| / |theta_inf|; rate: fitted -d log(f - f*)/dt; t(1e-6): first "
+               f"time with (f - f*) / (f0 - f*) <= {EPSILON:g}")
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
 def main(argv=None) -> None:
     """Console entry point: maps every failure to its exit code and a one-line message."""
     try:

@@ -564,6 +564,10 @@ def bregman_projection(geometry: MirrorGeometry, cons: Constraints, tol: float =
     mu = np.zeros(A.shape[0])
 
     def evaluate(mu):
+        with np.errstate(over="ignore", invalid="ignore"):
+            return _evaluate(mu)
+
+    def _evaluate(mu):
         v = geometry.phi0 - A.T @ mu
         if np.any(np.abs(v) >= geometry.bound):
             return np.inf, None
@@ -572,12 +576,23 @@ def bregman_projection(geometry: MirrorGeometry, cons: Constraints, tol: float =
         return 0.5 * float(s @ s) + float(mu @ c), theta
 
     psi_val, theta = evaluate(mu)
-    residual = np.inf
+    best = (np.inf, theta, mu)
+    stalled = 0
+    progress = True  # the last step decreased the dual by more than its rounding
     it = 0
     for it in range(1, max_iter + 1):
         grad = c - A @ theta
         residual = float(np.linalg.norm(grad)) / scale
-        if residual <= tol:
+        if residual < 0.5 * best[0] or progress:
+            stalled = 0
+        else:
+            stalled += 1
+        if residual < best[0]:
+            best = (residual, theta, mu)
+        # stop at the tolerance, or at the floor rounding sets: when the limit sits close to
+        # the bound of the dual range (small alpha, depth >= 3), phi ~ b is huge and b - |phi|
+        # carries only eps * b of absolute precision
+        if residual <= tol or stalled >= 6:
             break
         H = geometry.h(theta)
         hessian = (A * H) @ A.T
@@ -590,16 +605,26 @@ def bregman_projection(geometry: MirrorGeometry, cons: Constraints, tol: float =
         accepted = False
         for _ in range(80):
             trial_val, trial_theta = evaluate(mu + t * step)
-            if np.isfinite(trial_val) and trial_val <= psi_val + 1e-4 * t * slope + 1e-15 * abs(psi_val):
-                accepted = True
-                break
+            if np.isfinite(trial_val):
+                # Armijo on the dual; where its decrease is below the rounding of Psi, the
+                # residual norm decides (Newton on grad Psi = 0)
+                if trial_val <= psi_val + 1e-4 * t * slope:
+                    accepted = True
+                elif trial_val <= psi_val + 1e-14 * abs(psi_val):
+                    trial_res = float(np.linalg.norm(c - A @ trial_theta)) / scale
+                    accepted = trial_res < (1 - 1e-4 * t) * residual
+                if accepted:
+                    break
             t *= 0.5
         if not accepted:
             break
         mu = mu + t * step
+        progress = psi_val - trial_val > 1e-12 * max(1.0, abs(psi_val))
         psi_val, theta = trial_val, trial_theta
     grad = c - A @ theta
     residual = float(np.linalg.norm(grad)) / scale
+    if best[0] < residual:
+        residual, theta, mu = best
     return Limit(theta, mu, residual, it, cons.projected, cons.rank)
 
 

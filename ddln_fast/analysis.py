@@ -1,0 +1,308 @@
+"""Read a run and put the theory next to it: the predicted limit, the KKT residual, the rates and
+the convergence bounds of THEORY.md, checked at every committed checkpoint; and the plots.
+
+Works on a run that is still being written: only committed checkpoints are read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .errors import InputError
+from .theory import (MirrorGeometry, bregman_projection, c_a, constraints, pl_constant,
+                     require_assumption_a, serial_blas)
+
+# Relative loss at which the "time to epsilon" is read off.
+EPSILON = 1e-6
+# A bound "holds" at a checkpoint when f - f* <= bound * (1 + BOUND_RTOL) + BOUND_ATOL * (f0 - f*):
+# the simulated loss carries the integrator's error (rtol ~ 1e-8 on theta), and f - f* cannot be
+# resolved below rounding of f itself.
+BOUND_RTOL = 1e-6
+BOUND_ATOL = 1e-13
+
+
+@dataclass
+class SeedAnalysis:
+    """What ``ddln analyze`` reports for one seed (times are flow time)."""
+
+    seed: int
+    status: str
+    t_final: float
+    final_loss: float
+    f_star: float
+    invariant_drift: float
+    gap_to_prediction: float          # ||theta_K - theta_inf|| / ||theta_inf||
+    kkt_residual: float               # ||P_null(X) (phi(theta_K) - phi(theta_0))||
+    fitted_rate: float                # slope of -log(f - f*) over its last decades
+    pl_rate: float                    # 2 mu c_A
+    pl_rate_at_limit: float           # 2 mu min_i h_i(theta_inf): the asymptotic PL rate
+    time_to_epsilon: float            # first t with (f - f*) / (f0 - f*) <= EPSILON (nan: not reached)
+    bound_pl_c_a_held: bool
+    bound_pl_trajectory_held: bool
+    bound_sublinear_held: bool
+    l1_norm: float
+    predicted_l1_norm: float
+    # curves for the plots, not in the JSON
+    curves: dict = field(default_factory=dict, repr=False)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("curves")
+        return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in out.items()}
+
+
+@dataclass
+class RunAnalysis:
+    path: str
+    complete: bool
+    committed: int
+    depth: int
+    mu: list
+    projected: bool
+    seeds: list[SeedAnalysis]
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "complete": self.complete, "committed_checkpoints": self.committed,
+                "depth": self.depth, "pl_constant": self.mu, "projected_onto_argmin_f": self.projected,
+                "epsilon": EPSILON, "seeds": [s.as_dict() for s in self.seeds]}
+
+
+def _distinct_rows(t_seed: np.ndarray) -> np.ndarray:
+    """Indices of checkpoints where the seed had moved (a stopped seed repeats its last row)."""
+    keep = [0]
+    for k in range(1, len(t_seed)):
+        if t_seed[k] > t_seed[keep[-1]]:
+            keep.append(k)
+    return np.array(keep)
+
+
+def _time_to(t, rel, level):
+    below = np.flatnonzero(rel <= level)
+    if below.size == 0:
+        return float("nan")
+    k = below[0]
+    if k == 0:
+        return float(t[0])
+    # log-linear interpolation between the two checkpoints around the crossing
+    lo, hi = np.log(rel[k - 1]), np.log(max(rel[k], 1e-300))
+    frac = (lo - np.log(level)) / (lo - hi) if lo > hi else 1.0
+    return float(t[k - 1] + frac * (t[k] - t[k - 1]))
+
+
+def _fitted_rate(t, gap, gap0):
+    """Least-squares slope of -log(f - f*) where 1e-14 <= (f - f*) / (f0 - f*) <= 1e-5: late
+    enough for the slowest mode to dominate, above the floor that rounding and the integrator's
+    tolerance leave."""
+    rel = gap / gap0
+    window = (rel <= 1e-5) & (rel >= 1e-14) & (gap > 0)
+    if window.sum() < 3:
+        return float("nan")
+    slope = np.polyfit(t[window], np.log(gap[window]), 1)[0]
+    return float(-slope)
+
+
+def analyze_seed(s, t, loss, theta, u0, X, y, drift, status, cons=None, mu=None) -> SeedAnalysis:
+    """Analysis of one seed from its checkpoints.
+
+    Parameters
+    ----------
+    t : ndarray of shape (K,)
+        The seed's own times (``t_seed``).
+    loss : ndarray of shape (K,)
+    theta : ndarray of shape (K, d)
+    u0 : ndarray of shape (L, d)
+    X, y : ndarray of shape (n, d), (n,)
+    """
+    geo = MirrorGeometry.from_layers(u0)
+    cons = constraints(X, y) if cons is None else cons
+    mu = pl_constant(X) if mu is None else mu
+    limit = bregman_projection(geo, cons)
+    f_star = cons.f_star
+    rows = _distinct_rows(t)
+    t, loss, theta = t[rows], loss[rows], theta[rows]
+    gap = np.maximum(loss - f_star, 0.0)
+    gap0 = gap[0]
+    # PL bounds: with c_A, and with the integral of min_i h_i(theta(s)) along the checkpoints
+    # (left/right minimum on each interval: the checkpoints are dense where h changes)
+    cA = c_a(geo)
+    h_min = np.min(geo.h(theta), axis=1)
+    integral = np.concatenate([[0.0], np.cumsum(np.minimum(h_min[1:], h_min[:-1]) * np.diff(t))])
+    bound_ca = gap0 * np.exp(-2 * mu * cA * t)
+    bound_traj = gap0 * np.exp(-2 * mu * integral)
+    d_q = float(geo.bregman_divergence(limit.theta, geo.theta0))
+    with np.errstate(divide="ignore"):
+        bound_sub = np.where(t > 0, d_q / np.where(t > 0, t, 1.0), np.inf)
+    slack = BOUND_ATOL * gap0
+
+    def held(bound):
+        return bool(np.all(gap <= bound * (1 + BOUND_RTOL) + slack))
+
+    v = geo.mirror_map(theta[-1]) - geo.phi0
+    kkt = float(np.linalg.norm(v - cons.A.T @ (cons.A @ v)))
+    ref = max(float(np.linalg.norm(limit.theta)), 1e-300)
+    gaps_t = np.linalg.norm(theta - limit.theta, axis=1) / ref
+    rel = gap / gap0 if gap0 > 0 else np.zeros_like(gap)
+    return SeedAnalysis(
+        seed=s, status=status, t_final=float(t[-1]), final_loss=float(loss[-1]), f_star=f_star,
+        invariant_drift=float(drift), gap_to_prediction=float(gaps_t[-1]), kkt_residual=kkt,
+        fitted_rate=_fitted_rate(t, gap, gap0), pl_rate=float(2 * mu * cA),
+        pl_rate_at_limit=float(2 * mu * np.min(geo.h(limit.theta))),
+        time_to_epsilon=_time_to(t, rel, EPSILON) if gap0 > 0 else 0.0,
+        bound_pl_c_a_held=held(bound_ca), bound_pl_trajectory_held=held(bound_traj),
+        bound_sublinear_held=held(bound_sub), l1_norm=float(np.abs(theta[-1]).sum()),
+        predicted_l1_norm=float(np.abs(limit.theta).sum()),
+        curves={"t": t, "gap": gap, "bound_pl_c_a": bound_ca, "bound_pl_trajectory": bound_traj,
+                "bound_sublinear": bound_sub, "theta": theta, "limit": limit.theta, "gap_t": gaps_t})
+
+
+def analyze_run(run) -> RunAnalysis:
+    """Analyze every seed of an open :class:`~ddln_fast.store.Run` (committed rows only)."""
+    from .integrators import STATUS_NAMES
+
+    run.refresh()
+    k = run.committed
+    if k == 0:
+        raise InputError(f"run file {run.path} has no committed checkpoint yet")
+    u0 = run.u0
+    S, L, d = u0.shape
+    for s in range(S):
+        require_assumption_a(u0[s], what=f"the analysis of seed {s}")
+    X, y = run.X, run.y
+    t_seed, loss, theta = run.t_seed, run.loss, run.theta
+    drift, status = run.invariant_drift, run.status
+    per_seed = X.ndim == 3
+    shared = None if per_seed else (constraints(X, y), pl_constant(X))
+    seeds, mus = [], []
+    projected = False
+    for s in range(S):
+        Xs, ys = (X[s], y[s]) if per_seed else (X, y)
+        cons, mu = shared if shared else (constraints(Xs, ys), pl_constant(Xs))
+        projected |= cons.projected
+        mus.append(mu)
+        seeds.append(analyze_seed(s, t_seed[:, s], loss[:, s], theta[:, s].astype(np.float64), u0[s], Xs, ys,
+                                  float(np.nanmax(drift[:, s])), STATUS_NAMES[int(status[-1, s])], cons, mu))
+    return RunAnalysis(str(run.path), run.complete, k, L, mus if per_seed else mus[:1], projected, seeds)
+
+
+_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def check_not_truncated(path) -> None:
+    """InputError when the file is shorter than the end-of-file address its HDF5 superblock
+    records (a truncated copy): HDF5 itself can spin for minutes retrying such a file's
+    metadata under SWMR. Superblock layouts: HDF5 file format specification, section II.A."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        return  # open_run names the problem
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64 * 1024)
+    base = next((k for k in (0, 512, 1024, 2048, 4096, 8192, 16384, 32768) if head[k:k + 8] == _SIGNATURE), None)
+    if base is None:
+        return
+    sb = head[base:]
+    version = sb[8]
+    if version in (0, 1):
+        offsets = sb[13]
+        start = 24 + (4 if version == 1 else 0)
+        eof_at = start + 2 * offsets  # base address, free-space address, then end of file
+    elif version in (2, 3):
+        offsets = sb[9]
+        eof_at = 12 + 2 * offsets  # base address, extension address, then end of file
+    else:
+        return
+    if len(sb) < eof_at + offsets or offsets not in (2, 4, 8):
+        return
+    base_address = int.from_bytes(sb[start if version in (0, 1) else 12:][:offsets], "little")
+    eof = int.from_bytes(sb[eof_at:eof_at + offsets], "little")
+    if base_address + eof > size:
+        raise InputError(f"run file {path} is truncated: {size} bytes, its HDF5 superblock says "
+                         f"{base_address + eof} bytes")
+
+
+def analyze(path) -> RunAnalysis:
+    """Open a run file (complete or still being written) and analyze it."""
+    from .store import open_run
+
+    check_not_truncated(path)
+    run = open_run(path)
+    try:
+        with serial_blas():
+            return analyze_run(run)
+    finally:
+        run.close()
+
+
+def plot(analysis: RunAnalysis, folder) -> list[str]:
+    """loss.png (f - f* with the PL and sublinear bounds, log axes), theta.png (coordinate paths
+    of seed 0 with the predicted limit), gap.png (distance to the prediction vs time)."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shown = analysis.seeds[: min(4, len(analysis.seeds))]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, sa in enumerate(shown):
+        c = sa.curves
+        pos = c["t"] > 0
+        ax.loglog(c["t"][pos], np.maximum(c["gap"][pos], 1e-300), color=colors[i], lw=2,
+                  label=f"seed {sa.seed}: f - f*")
+        ax.loglog(c["t"][pos], c["bound_pl_trajectory"][pos], color=colors[i], ls="--", lw=1,
+                  label="PL bound, $\\int \\min_i h_i$" if i == 0 else None)
+        ax.loglog(c["t"][pos], c["bound_pl_c_a"][pos], color=colors[i], ls=":", lw=1,
+                  label="PL bound, $c_A t$" if i == 0 else None)
+        ax.loglog(c["t"][pos], c["bound_sublinear"][pos], color=colors[i], ls="-.", lw=1,
+                  label="$D_Q(\\theta^*, \\theta_0) / t$" if i == 0 else None)
+    floor = min(max(np.min(sa.curves["gap"][sa.curves["gap"] > 0], initial=1.0), 1e-30) for sa in shown)
+    ax.set_ylim(bottom=max(floor / 10, 1e-32))
+    ax.set_xlabel("flow time t")
+    ax.set_ylabel("f(theta(t)) - f*")
+    ax.set_title(f"loss and convergence bounds (depth {analysis.depth})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(str(folder / "loss.png"))
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    sa = analysis.seeds[0]
+    c = sa.curves
+    order = np.argsort(-np.abs(c["limit"]))[:8]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    pos = c["t"] > 0
+    for i, j in enumerate(order):
+        ax.semilogx(c["t"][pos], c["theta"][pos, j], color=colors[i % len(colors)], lw=1.5)
+        ax.axhline(c["limit"][j], color=colors[i % len(colors)], ls="--", lw=0.8)
+    ax.set_xlabel("flow time t")
+    ax.set_ylabel("theta_i(t)")
+    ax.set_title(f"seed {sa.seed}: largest coordinates; dashed: predicted limit")
+    fig.tight_layout()
+    written.append(str(folder / "theta.png"))
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, sa in enumerate(shown):
+        c = sa.curves
+        pos = c["t"] > 0
+        ax.loglog(c["t"][pos], np.maximum(c["gap_t"][pos], 1e-17), color=colors[i], label=f"seed {sa.seed}")
+    ax.set_xlabel("flow time t")
+    ax.set_ylabel("||theta(t) - theta_inf|| / ||theta_inf||")
+    ax.set_title("distance to the predicted limit")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(str(folder / "gap.png"))
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    return written
