@@ -24,6 +24,10 @@ run: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# The paper's figures (implicit bias, time to epsilon, PL bound) from data/paper/ into figures/.
+paper: install
+	$(BIN)/python -m ddln_fast.paper --configs data/paper --out figures
+
 bench: install
 	$(BIN)/python -m pytest bench -q --benchmark-enable -p no:cacheprovider
 
