@@ -10,7 +10,9 @@ u^k_i = sign(u^k_i(0)) sqrt(s_i^2 + delta^k_i) with the gaps delta^k_i > 0, and
     Q_i(theta_i) = theta_i phi_i(theta_i) - s_i^2 / 2          (conjugate identity),
     Q_i^*(v) = s_i(v)^2 / 2                                    (so the dual is cheap).
 
-The clock map is the inverse of the mirror map shifted by the clock:
+The clock map is the inverse of the mirror map shifted by the clock (``MirrorGeometry.clock_map``;
+``clock_flow`` integrates the clock ODE itself with the package's Dormand–Prince tableau, an
+independent route that needs no mirror map):
 theta_i(tau) = F_i(tau) = phi_i^{-1}(phi_i(theta_i(0)) - tau), which blows up in finite clock
 time when |phi_i(theta_i(0)) - tau| reaches b_i = psi_i(inf) (finite for depth >= 3).
 
@@ -438,6 +440,82 @@ class MirrorGeometry:
         return np.where(beyond, s_far, np.where(w <= 0, 0.0, s))
 
 
+def _all_but_one(u: np.ndarray) -> np.ndarray:
+    """prod_{k != j} u^k for every j by prefix/suffix products (no division: u^j may be 0)."""
+    L = u.shape[0]
+    prefix = np.ones_like(u)
+    suffix = np.ones_like(u)
+    for j in range(1, L):
+        prefix[j] = prefix[j - 1] * u[j - 1]
+        suffix[L - 1 - j] = suffix[L - j] * u[L - j]
+    return prefix * suffix
+
+
+def clock_flow(u0: np.ndarray, tau: np.ndarray, rtol: float = 1e-11, atol: float = 1e-13,
+               max_steps: int = 100_000, blow_up: float = 1e100) -> tuple[np.ndarray, np.ndarray]:
+    """theta(tau) by integrating the clock flow du^j/dtau = -prod_{k != j} u^k, any depth.
+
+    The route that needs no mirror map: the package's Dormand–Prince tableau and Hairer's
+    controller constants (:mod:`ddln_fast.integrators`), vectorized over coordinates with one
+    step size per coordinate, each coordinate integrated to its own clock time tau_i (of either
+    sign). A coordinate whose layers exceed ``blow_up`` or whose step size collapses before
+    reaching tau_i has blown up (finite-time blow-up of depth >= 3, both directions).
+
+    Parameters
+    ----------
+    u0 : ndarray of shape (L, d)
+    tau : ndarray of shape (d,)
+
+    Returns
+    -------
+    theta : ndarray of shape (d,)
+        +-inf where blown up.
+    blown_up : ndarray of shape (d,), bool
+    """
+    from .integrators import BETA, DOPRI5, FAC_MAX, FAC_MIN, SAFETY
+
+    del BETA  # a plain (I) controller suffices for a smooth autonomous flow
+    A, B, E = DOPRI5.A, DOPRI5.B, DOPRI5.E
+    u = np.array(u0, dtype=np.float64)
+    L, d = u.shape
+    tau = np.broadcast_to(np.asarray(tau, dtype=np.float64), (d,))
+    direction = np.sign(tau)
+    target = np.abs(tau)
+    done = np.zeros(d)
+    h = np.minimum(np.full(d, 1e-3), target)
+    blown = np.zeros(d, dtype=bool)
+    active = np.flatnonzero(target > 0)
+    K = np.zeros((7, L, d))
+    for _ in range(max_steps):
+        if active.size == 0:
+            break
+        ua, ha, sa = u[:, active], h[active], direction[active]
+        step = np.minimum(ha, target[active] - done[active])
+        Ka = K[:, :, : active.size]
+        Ka[0] = -_all_but_one(ua)
+        for i in range(1, 7):
+            Ka[i] = -_all_but_one(ua + (step * sa) * np.tensordot(A[i, :i], Ka[:i], axes=1))
+        u_new = ua + (step * sa) * np.tensordot(B, Ka, axes=1)
+        err = step * np.tensordot(E, Ka, axes=1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            scale = atol + rtol * np.maximum(np.abs(ua), np.abs(u_new))
+            norm = np.sqrt(np.mean((err / scale) ** 2, axis=0))
+            ok = norm <= 1.0
+            fac = np.clip(SAFETY * np.where(norm > 0, norm, 1e-10) ** -0.2, FAC_MIN, FAC_MAX)
+        fac = np.where(np.isfinite(fac), fac, FAC_MIN)
+        u[:, active[ok]] = u_new[:, ok]
+        done[active[ok]] += step[ok]
+        h[active] = step * fac
+        exploded = (np.max(np.abs(u[:, active]), axis=0) > blow_up) | (h[active] < 1e-14 * np.maximum(done[active], 1e-300))
+        exploded |= ~np.isfinite(norm)
+        blown[active[exploded]] = True
+        finished = done[active] >= target[active]
+        active = active[~(finished | exploded)]
+    theta = np.prod(u, axis=0)
+    theta = np.where(blown, np.sign(theta) * np.inf, theta)
+    return theta, blown
+
+
 # ---------------------------------------------------------------------------------------------
 # Reference integrals (1-D quadrature with scipy; slow, for checks and single coordinates)
 # ---------------------------------------------------------------------------------------------
@@ -498,7 +576,7 @@ def weighted_l1_interpolator(X, y, w_plus, w_minus=None) -> np.ndarray:
 
     theta = theta+ - theta-, both >= 0, on X theta = y when X has full row rank, else on the
     orthonormal description of argmin f. (Column generation from the predicted support was
-    tried: 17 rounds and 29 s against 9-16 s for this full LP at d = 10^4, n = 200.)
+    tried: 17 rounds and 29 s against 6-16 s for the full LP with presolve at d = 10^4, n = 200.)
     """
     from scipy.optimize import linprog
 
@@ -509,8 +587,9 @@ def weighted_l1_interpolator(X, y, w_plus, w_minus=None) -> np.ndarray:
     d = A.shape[1]
     w_plus = np.broadcast_to(np.asarray(w_plus, float), (d,))
     w_minus = w_plus if w_minus is None else np.broadcast_to(np.asarray(w_minus, float), (d,))
+    # presolve off: on a dense X it only costs (d = 10^4, n = 200: 1.4 s without, 5.9 s with)
     res = linprog(np.concatenate([w_plus, w_minus]), A_eq=np.hstack([A, -A]), b_eq=c,
-                  bounds=(0, None), method="highs")
+                  bounds=(0, None), method="highs", options={"presolve": False})
     if res.status != 0:
         raise RuntimeError(f"the l1 linear program failed: {res.message}")
     return res.x[:d] - res.x[d:]
