@@ -323,7 +323,7 @@ def test_mirror_method_equals_layer_flow(L):
 def test_mirror_method_refuses_the_sign_trap():
     cfg = small_problem(3).with_overrides({"model.init": "balanced", "model.jitter": 0.0,
                                            "integrator.method": "mirror"})
-    with pytest.raises(InputError, match="assumption \\(A\\)"):
+    with pytest.raises(InputError, match="assumption \\(A\\)"), pytest.warns(UserWarning, match="sign trap"):
         simulate(cfg)
 
 
