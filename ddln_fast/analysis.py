@@ -1,6 +1,10 @@
 """Read a run and put the theory next to it: the predicted limit, the KKT residual, the rates and
 the convergence bounds of THEORY.md, checked at every committed checkpoint; and the plots.
 
+The bounds are theorems about the exact gradient flow: a dopri5 or rk4 run follows it to its
+tolerance, gradient descent (euler) only to O(dt), so a "violated" bound on an euler run with a
+large step says that the run is not the flow.
+
 Works on a run that is still being written: only committed checkpoints are read.
 """
 
@@ -121,6 +125,10 @@ def analyze_seed(s, t, loss, theta, u0, X, y, drift, status, cons=None, mu=None)
     limit = bregman_projection(geo, cons)
     f_star = cons.f_star
     rows = _distinct_rows(t)
+    # a diverged seed's last rows are not finite: the theory speaks about the rows before
+    rows = rows[np.isfinite(loss[rows]) & np.all(np.isfinite(theta[rows]), axis=1)]
+    if rows.size == 0:
+        rows = np.array([0])
     t, loss, theta = t[rows], loss[rows], theta[rows]
     gap = np.maximum(loss - f_star, 0.0)
     gap0 = gap[0]
