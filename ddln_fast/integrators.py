@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import numpy as np
+import numba
 from numba import njit
 
 from . import kernels
@@ -142,6 +143,9 @@ class Products:
         if self.per_seed:
             kernels._per_seed_products(self.X, self.y, theta, active, R, G, self.inv_2n, loss,
                                        1 if gradient else 0)
+        elif m * self.X.size <= kernels.SERIAL_PRODUCT_WORK:
+            kernels._shared_products_serial(self.X, self.y, theta, m, R, G, self.inv_2n, loss,
+                                            1 if gradient else 0)
         else:
             np.matmul(theta[:m], self.X.T, out=R[:m])
             kernels._residual_and_loss(R, self.y, self.shared_rows, m, self.inv_2n, loss)
@@ -388,12 +392,23 @@ class Integrator:
         """Advance every running seed to flow time ``t_target`` (exactly), or until it stops,
         or until ``stop_check`` asks to stop (then ``stopped_early`` is True)."""
         self.stopped_early = False
-        if self.tableau.adaptive:
-            self._advance_adaptive(float(t_target))
-        else:
-            self._advance_fixed(int(round(t_target / self.dt)))
+        threads = self._threads_wanted = numba.get_num_threads()
+        try:
+            if self.tableau.adaptive:
+                self._advance_adaptive(float(t_target))
+            else:
+                self._advance_fixed(int(round(t_target / self.dt)))
+        finally:
+            numba.set_num_threads(threads)
         if not self.stopped_early:  # (a stop keeps the cache: it is saved, see theta_cache)
             self._theta_rows = None  # the next interval starts from a clean slate (exact resume)
+
+    def _pick_threads(self, m: int) -> None:
+        """One thread for the parallel kernels while the active state is small (see
+        kernels.SERIAL_STATE_WORK), else the caller's setting (restored by advance_to).
+        Results do not change: per-seed sums never depend on the thread count."""
+        small = m * self.depth * self.dim <= kernels.SERIAL_STATE_WORK
+        numba.set_num_threads(1 if small else self._threads_wanted)
 
     def _advance_fixed(self, target_step: int) -> None:
         st = self.state
@@ -405,6 +420,7 @@ class Integrator:
             active = np.flatnonzero((st.status == RUNNING) & (st.steps < target_step))
             if active.size == 0:
                 return
+            self._pick_threads(active.size)
             if self._theta_rows is None or not np.array_equal(self._theta_rows, active):
                 self._theta_of_U(active)
             self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss)
@@ -430,12 +446,6 @@ class Integrator:
                                      st.t_stop)
             # theta rows now hold theta of the new layers, for the live seeds
             self._theta_rows = active if all_live else None
-
-    def _check_max_steps(self, seeds):
-        st = self.state
-        over = seeds[(st.steps[seeds] >= self.max_steps) & (st.status[seeds] == RUNNING)]
-        st.status[over] = MAX_STEPS
-        st.t_stop[over] = st.t[over]
 
     def _start_adaptive(self, active) -> None:
         """f(u0) (FSAL stage and initial loss), then Hairer's starting step per seed."""
@@ -483,6 +493,7 @@ class Integrator:
                 return
             m = active.size
             self.live[:m] = 1
+            self._pick_threads(m)
             # land on the checkpoint (Hairer: stretch by up to 1% rather than take a tiny step)
             proposal = st.h[active]
             remaining = t_target - st.t[active]

@@ -29,6 +29,12 @@ PARALLEL_OPTIONS = dict(JIT_OPTIONS, parallel=True)
 #: Coordinates per work item; a stage's rows for one item stay in the L1/L2 cache.
 BLOCK = 512
 
+#: Below these sizes (multiply-adds of one product with X; elements of the active state) the
+#: integrators run in the calling thread: waking two threads costs tens of microseconds, and
+#: on a loaded machine far more, while the work takes less (a straggler seed of dopri5).
+SERIAL_PRODUCT_WORK = 1_000_000
+SERIAL_STATE_WORK = 32_768
+
 MODE_DERIVATIVE = 0  # stage derivative only
 MODE_NEXT_INPUT = 1  # ... then the next stage input and its theta
 MODE_ERROR = 2  # ... then the embedded error norm (adaptive methods)
@@ -324,6 +330,37 @@ def _per_seed_products(X, y, theta, active, R, G, inv_2n, loss, gradient):
             g[c] = 0.0
         for i in range(n):
             xi = X[s, i]
+            ri = r[i]
+            for c in range(d):
+                g[c] += ri * xi[c]
+
+@njit(**JIT_OPTIONS)
+def _shared_products_serial(X, y, theta, m, R, G, inv_2n, loss, gradient):
+    """Both products with a shared X for the first ``m`` rows of ``theta``, in the calling
+    thread: R[a] = X theta[a] - y, loss[a] = ||R[a]||^2 / (2n), G[a] = X^T R[a] (if
+    ``gradient``). For a few seeds there is too little work to pay for waking a thread team
+    (Numba's or the BLAS's), which on a busy machine can cost more than the products."""
+    n, d = X.shape
+    for a in range(m):
+        th = theta[a]
+        r = R[a]
+        total = 0.0
+        for i in range(n):
+            xi = X[i]
+            acc = 0.0
+            for c in range(d):
+                acc += xi[c] * th[c]
+            ri = acc - y[0, i]
+            r[i] = ri
+            total += np.float64(ri) * np.float64(ri)
+        loss[a] = total * inv_2n
+        if gradient == 0:
+            continue
+        g = G[a]
+        for c in range(d):
+            g[c] = 0.0
+        for i in range(n):
+            xi = X[i]
             ri = r[i]
             for c in range(d):
                 g[c] += ri * xi[c]
