@@ -15,6 +15,7 @@ import os
 import time
 
 import numpy as np
+import pytest
 from scipy.integrate import solve_ivp
 
 from conftest import problem_and_layers, record
@@ -33,6 +34,7 @@ def relative_error(theta, reference):
     return float(np.abs(theta - reference).max() / np.abs(reference).max())
 
 
+@pytest.mark.timeout(3600)
 def test_dopri5_vs_scipy(benchmark):
     problem, u0 = c_problem()
     X, y = problem.X, problem.y
@@ -119,3 +121,19 @@ def test_dopri5_vs_scipy(benchmark):
     t_stop = np.percentile(st.t_stop, [0, 50, 100])
     record(benchmark, "C", "steps of the longest seed / median", float(st.steps.max() / np.median(st.steps)),
            note=f"t_stop min/median/max {t_stop[0]:.0f}/{t_stop[1]:.0f}/{t_stop[2]:.0f}")
+
+
+def test_dopri5_batched_evaluation(benchmark):
+    """dopri5 on C while every seed is still running (the plateau, t < 20): time per batched
+    gradient evaluation of all 64 seeds against the floor, side by side."""
+    from conftest import side_by_side
+    from peers import DdlnSteps
+
+    problem, u0 = c_problem()
+    ours = DdlnSteps("dopri5", problem, u0, T_END, rtol=RTOL, atol=ATOL, t_per_call=0.5)
+    floor = Floor(np.ascontiguousarray(problem.X), np.array(u0), u0.prod(axis=1))
+    side_by_side(benchmark, ours, [floor])
+    assert np.all(ours.it.state.status == 0)
+    record(benchmark, "C", "dopri5 64-seed gradient evaluation / floor", ours.best_eval / floor.best_step,
+           2.0, note=f"{ours.best_eval * 1e3:.3f} ms vs floor {floor.best_step * 1e3:.3f} ms "
+                     f"(all seeds running)")
