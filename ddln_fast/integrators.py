@@ -198,6 +198,23 @@ def _finish_fixed(active, live, dt, stages, max_steps, steps, accepted, nfev, t,
 
 
 @njit(**JIT_OPTIONS)
+def _prepare_adaptive_step(active, t_target, t, h, landing, h_unclipped, h_work, h_step):
+    """The step each active seed tries: its proposal, or exactly what is left to ``t_target``
+    when the proposal would reach it (Hairer: stretch by up to 1% rather than take a tiny
+    step). Compiled: as a dozen numpy calls it cost ~50 us per step, a third of a step of one
+    straggler seed at d = 1000."""
+    for a in range(active.shape[0]):
+        s = active[a]
+        proposal = h[s]
+        clip = t[s] + 1.01 * proposal >= t_target
+        h_used = t_target - t[s] if clip else proposal
+        landing[a] = clip
+        h_unclipped[s] = proposal
+        h_work[s] = h_used
+        h_step[s] = h_used
+
+
+@njit(**JIT_OPTIONS)
 def _dopri5_control(active, live, err, loss_new, t_target, landing, h_used, h_unclipped,
                     t, h, facold, rejected, steps, accepted, nfev, loss, status, t_stop,
                     loss_tol, max_steps, accept_mask):
@@ -484,6 +501,7 @@ class Integrator:
         h_unclipped = np.zeros(self.seeds)
         accept_mask = np.zeros(self.seeds, dtype=np.uint8)
         landing = np.zeros(self.seeds, dtype=np.uint8)
+        h_step = np.zeros(self.seeds)
         while True:
             if self.stop_check is not None and self.stop_check():
                 self.stopped_early = True
@@ -495,15 +513,8 @@ class Integrator:
             self.live[:m] = 1
             self._pick_threads(m)
             # land on the checkpoint (Hairer: stretch by up to 1% rather than take a tiny step)
-            proposal = st.h[active]
-            remaining = t_target - st.t[active]
-            clip = st.t[active] + 1.01 * proposal >= t_target
-            h_used = np.where(clip, remaining, proposal)
-            landing[:m] = clip
-            h_unclipped[active] = proposal
-            self.h_work[active] = h_used
-            h_step = np.zeros(self.seeds)
-            h_step[active] = h_used
+            _prepare_adaptive_step(active, t_target, st.t, st.h, landing, h_unclipped, self.h_work,
+                                   h_step)
             kernels._stage_input(self.U, self.K, A[1], 1, self.h_work, active, self.Y, self.theta,
                                  self.scratch)
             for i in range(1, 6):
