@@ -308,6 +308,11 @@ def _interval_done(integrator: Integrator, t: float) -> bool:
     return not np.any(running & (st.steps < int(round(t / integrator.dt))))
 
 
+#: A seed's overflow is detected and reported in its status (diverged, stalled), so numpy's
+#: floating-point warnings on the way there would only repeat it, without naming the seed.
+_NON_FINITE_IS_A_STATUS = dict(over="ignore", invalid="ignore", divide="ignore")
+
+
 def _drive(config, integrator: Integrator, writer: RunWriter, times, first_index, progress,
            on_checkpoint, stops, resumed_from=None) -> RunReport:
     """Advance checkpoint by checkpoint, appending each one (rows, state, then the counter).
@@ -330,7 +335,8 @@ def _drive(config, integrator: Integrator, writer: RunWriter, times, first_index
             if k > 0:
                 if not np.any(integrator.running):  # every seed stopped: no more rows
                     break
-                integrator.advance_to(times[k])
+                with np.errstate(**_NON_FINITE_IS_A_STATUS):
+                    integrator.advance_to(times[k])
                 if stops.requested and not _interval_done(integrator, times[k]):
                     writer.save_state(_state_arrays(integrator))
                     interrupted = stops.requested
@@ -340,7 +346,9 @@ def _drive(config, integrator: Integrator, writer: RunWriter, times, first_index
                 done = st.status == RUNNING
                 st.status[done] = T_END
                 st.t_stop[done] = st.t[done]
-            writer.append(_checkpoint_row(integrator, times[k], save_layers), _state_arrays(integrator))
+            with np.errstate(**_NON_FINITE_IS_A_STATUS):
+                row = _checkpoint_row(integrator, times[k], save_layers)
+            writer.append(row, _state_arrays(integrator))
             written += 1
             bar.update(1)
             if on_checkpoint is not None:

@@ -248,7 +248,9 @@ class RunWriter:
         check_not_being_written(path)
         try:
             f = _swmr_write_open(path) if swmr else h5py.File(path, "r+")
-        except OSError:
+        except OSError as err:
+            if "already open for" not in str(err):
+                raise InputError(f"run file {path} cannot be opened to resume ({_reason(err)})") from None
             _rebuild(path)
             f = _swmr_write_open(path) if swmr else h5py.File(path, "r+")
         try:
@@ -445,6 +447,10 @@ def open_h5(path: str | Path) -> h5py.File:
         raise InputError(f"run file {path} is not an HDF5 file")
     last_error = None
     for kwargs in ({}, {"swmr": True, "libver": "latest"}):
+        if kwargs and "already open for" not in str(last_error):
+            # only a file flagged by a (live or killed) SWMR writer needs an SWMR reader: SWMR
+            # skips the end-of-file check, and reading a truncated file that way retries forever
+            break
         try:
             f = h5py.File(path, "r", **kwargs)
         except OSError as err:
@@ -459,7 +465,11 @@ def open_h5(path: str | Path) -> h5py.File:
             raise InputError(f"run file {path} is not a ddln_fast run (no schema_version, commit counter "
                              f"or state)")
         return f
-    raise InputError(f"run file {path} cannot be opened ({' '.join(str(last_error).split())})")
+    reason = " ".join(str(last_error).split())
+    if "truncated file" in reason:
+        raise InputError(f"run file {path} is truncated (shorter than its own header says; "
+                         f"an incomplete copy?): {reason.split('(', 1)[-1].rstrip(')')}")
+    raise InputError(f"run file {path} cannot be opened ({reason})")
 
 
 class Run:
