@@ -12,6 +12,7 @@ writing rows, state and counter, reopening, rebuilding a crashed SWMR file.
 
 from __future__ import annotations
 
+import json
 import random
 import shlex
 import signal
@@ -163,7 +164,7 @@ def test_reader_process_sees_a_growing_consistent_prefix(reference, tmp_path):
     proc = start_ddln("run", config_path, "-o", out, "--threads", 1, "--quiet")
     assert wait_for_writing(out, proc, None)
     counts, refreshed = [], []
-    inspect_output = None
+    inspect_output = analyze = None
     held = None
     while proc.poll() is None:
         try:
@@ -182,7 +183,13 @@ def test_reader_process_sees_a_growing_consistent_prefix(reference, tmp_path):
         assert held.theta.shape[0] == k_held
         refreshed.append(k_held)
         if inspect_output is None and 0 < k < TABLES["run"]["checkpoints"] // 2:
+            # both started at once, while the writer is at checkpoint k
+            readers_from = k
+            analyze = start_ddln("analyze", out, "--json") if "analyze" in _commands() else None
             inspect_output = ddln("inspect", out)
+            if analyze is not None:
+                analyze_output = analyze.communicate(timeout=120)
+                assert analyze.returncode == 0, analyze_output[1]
         time.sleep(0.05)
     held.close()
     assert proc.wait() == 0
@@ -193,7 +200,17 @@ def test_reader_process_sees_a_growing_consistent_prefix(reference, tmp_path):
     assert inspect_output is not None and inspect_output.returncode == 0, inspect_output
     first = inspect_output.stdout.splitlines()[0]
     assert "incomplete" in first and "committed checkpoints" in first
+    if analyze is not None:  # ddln analyze (another module) reads committed rows only
+        report = json.loads(analyze_output[0])
+        assert report["committed_checkpoints"] >= readers_from
+        assert report["complete"] == (report["committed_checkpoints"] == K)
     assert_same_run_file(ref, out)
+
+
+def _commands() -> list[str]:
+    from ddln_fast.cli import cli
+
+    return list(cli.commands)
 
 
 def _mount_tmpfs(folder: Path, size: str) -> bool:
