@@ -312,8 +312,8 @@ class RunWriter:
         committed part), then describe the failure on one line."""
         self._fence()
         return OutputError(f"cannot write {what} to {self.path or 'memory'}: {_reason(err)}; the "
-                           f"{self.committed} committed checkpoints are intact (free space, then "
-                           f"resume with --resume)")
+                           f"{self.committed} committed checkpoints are intact (fix that, e.g. free "
+                           f"space, then resume with --resume)")
 
     def _fence(self) -> None:
         if self.path is None:
