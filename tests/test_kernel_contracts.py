@@ -1,0 +1,94 @@
+"""Performance contracts of the kernels that results alone cannot show (DESIGN.md, Performance
+design; issue 6): the time loop allocates nothing, and each kernel compiles once per dtype.
+
+References: Numba's own allocation counter (``NUMBA_NRT_STATS=1``, read with
+``numba.core.runtime.rtsys.get_allocation_stats()``), which must not grow with the number of
+steps; and each dispatcher's ``signatures``. Both run in a fresh interpreter, because the
+counter must be switched on before Numba is imported and the signatures must not include calls
+made by other tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent("""
+    import json
+    import numpy as np
+    from numba.core.runtime import rtsys
+    from ddln_fast import integrators, kernels
+    from ddln_fast.integrators import Integrator
+    from ddln_fast.problem import Problem
+
+    # Every compiled function the integrators call, wrapped: Numba counts one allocation per
+    # array argument it receives (its MemInfo), so anything above that was allocated inside.
+    excess, calls = {}, {}
+
+    def counting(name, fn):
+        def wrapper(*args):
+            before = rtsys.get_allocation_stats().alloc
+            out = fn(*args)
+            inside = rtsys.get_allocation_stats().alloc - before
+            arrays = sum(isinstance(a, np.ndarray) for a in args)
+            excess[name] = max(excess.get(name, 0), inside - arrays)
+            calls[name] = calls.get(name, 0) + 1
+            return out
+        return wrapper
+
+    kernels._n_blocks(1)  # starts Numba's runtime (and its counters)
+    for module in (kernels, integrators):
+        for name in dir(module):
+            fn = getattr(module, name)
+            if hasattr(fn, "signatures") and name.startswith("_"):
+                setattr(module, name, counting(name, fn))
+
+    rng = np.random.default_rng(0)
+    S, L, n, d = 3, 3, 8, 700   # d > BLOCK: two coordinate blocks per seed
+    u0 = 0.5 * (1 + 0.1 * rng.standard_normal((S, L, d)))
+    problems = [(rng.standard_normal((n, d)) / np.sqrt(d), rng.standard_normal(n)),
+                (rng.standard_normal((S, n, d)) / np.sqrt(d), rng.standard_normal((S, n))),
+                # large enough for the BLAS path and two threads
+                (rng.standard_normal((100, 4000)) / 60, rng.standard_normal(100))]
+    for X, y in problems:
+        layers = u0 if X.shape[-1] == d else 0.5 * np.ones((4, L, X.shape[-1]))
+        for dtype in (np.float64, np.float32):
+            for method in ("euler", "rk4", "dopri5"):
+                it = Integrator(method, Problem(X, y), layers, dt=1e-3, rtol=1e-6, atol=1e-9,
+                                dtype=dtype)
+                it.advance_to(0.005)
+                it.current_losses(); it.theta_of_all(); it.invariant_drift()
+    signatures = {}
+    for module in (kernels, integrators):
+        for name in dir(module):
+            fn = getattr(module, name)
+            cells = [c.cell_contents for c in getattr(fn, "__closure__", None) or ()]
+            inner = next((c for c in cells if hasattr(c, "signatures")), fn)
+            if hasattr(inner, "signatures"):
+                signatures[name] = len(inner.signatures)
+    print(json.dumps(dict(excess=excess, calls=calls, signatures=signatures)))
+""")
+
+
+def _run_script():
+    env = dict(os.environ, NUMBA_NRT_STATS="1")
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                          env=env, timeout=500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_kernels_allocate_nothing_and_compile_once_per_dtype():
+    result = _run_script()
+    assert {"_rk_stage", "_euler_step", "_stage_input", "_per_seed_products",
+            "_shared_products_serial", "_residual_and_loss", "_accept_steps", "_screen_fixed",
+            "_finish_fixed", "_dopri5_control", "_prepare_adaptive_step"} <= set(result["calls"])
+    for name, extra in result["excess"].items():
+        assert extra == 0, f"{name} allocates {extra} array(s) per call (the time loop must not)"
+    assert {"_rk_stage", "_euler_step", "_dopri5_control"} <= set(result["signatures"])
+    for name, count in result["signatures"].items():
+        # float64 and float32 runs: at most two compilations of any kernel
+        assert count <= 2, f"{name} compiled {count} times"
