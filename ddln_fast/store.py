@@ -249,7 +249,7 @@ class RunWriter:
         try:
             f = _swmr_write_open(path) if swmr else h5py.File(path, "r+")
         except OSError as err:
-            if "already open for" not in str(err):
+            if not swmr_writer_flag(path):
                 raise InputError(f"run file {path} cannot be opened to resume ({_reason(err)})") from None
             _rebuild(path)
             f = _swmr_write_open(path) if swmr else h5py.File(path, "r+")
@@ -431,6 +431,21 @@ def _rebuild(path: str) -> None:
     os.replace(tmp, path)
 
 
+def swmr_writer_flag(path: str | Path) -> bool:
+    """Whether the superblock says a SWMR writer has the file open (or had, and was killed).
+
+    Superblock versions 2 and 3 (HDF5 file format spec, "Superblock"): 8-byte signature, then
+    version, size of offsets, size of lengths, and the file consistency flags, whose bit 2 is
+    "SWMR write access". (No user block: ddln_fast never writes one.)"""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return False
+    return (len(head) == 12 and head[:8] == b"\x89HDF\r\n\x1a\n" and head[8] >= 2
+            and bool(head[11] & 0x04))
+
+
 def open_h5(path: str | Path) -> h5py.File:
     """Open a run file for reading, also while it is being written (SWMR) or after a crash of a
     SWMR writer; raises InputError with one line for missing, foreign or broken files."""
@@ -447,9 +462,11 @@ def open_h5(path: str | Path) -> h5py.File:
         raise InputError(f"run file {path} is not an HDF5 file")
     last_error = None
     for kwargs in ({}, {"swmr": True, "libver": "latest"}):
-        if kwargs and "already open for" not in str(last_error):
+        if kwargs and not swmr_writer_flag(path):
             # only a file flagged by a (live or killed) SWMR writer needs an SWMR reader: SWMR
-            # skips the end-of-file check, and reading a truncated file that way retries forever
+            # skips the end-of-file check, and reading a truncated copy that way retries forever.
+            # (A live writer's file can also fail the plain open as "truncated": its header may
+            # already count bytes it is still writing.)
             break
         try:
             f = h5py.File(path, "r", **kwargs)
