@@ -13,6 +13,7 @@ writing rows, state and counter, reopening, rebuilding a crashed SWMR file.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shlex
 import signal
@@ -56,7 +57,8 @@ def reference(tmp_path_factory):
 def test_sigkill_at_random_instants_then_resume_is_bit_identical(reference, tmp_path):
     config_path, ref, ref_arrays = reference
     out = tmp_path / "killed.h5"
-    rng = random.Random(20261127)
+    rng_seed = int(os.environ.get("DDLN_KILL_SEED", "20261127"))
+    rng = random.Random(rng_seed)
     kills, seen = 0, []
     launches = 0
     while kills < KILLS:
@@ -85,7 +87,7 @@ def test_sigkill_at_random_instants_then_resume_is_bit_identical(reference, tmp_
         if complete:  # killed while exiting after the last checkpoint: a new chain
             assert_same_run_file(ref, out)
             out.unlink()
-    print(f"SIGKILL points: {kills} kills over {launches} launches; committed after each: {seen}")
+    print(f"SIGKILL points (seed {rng_seed}): {kills} kills over {launches} launches; committed after each: {seen}")
     assert sum(k is not None and k > 0 for k in seen) >= KILLS - EARLY_KILLS
     done = ddln("run", config_path, "-o", out, "--resume", "--threads", 1, "--quiet")
     assert done.returncode == 0, done.stderr
