@@ -131,7 +131,8 @@ def _print_summary(report, out):
                     f"{nfev[s]:>10} {_format_value(drift[s]):>9}")
             if star is not None:
                 ref = star[s] if star.ndim == 2 else star
-                rel = np.linalg.norm(theta[s] - ref) / max(np.linalg.norm(ref), 1e-300)
+                with np.errstate(over="ignore", invalid="ignore"):  # a diverged seed: inf, said so
+                    rel = np.linalg.norm(theta[s] - ref) / max(np.linalg.norm(ref), 1e-300)
                 line += f" {_format_value(rel):>24}"
             click.echo(line)
     else:
