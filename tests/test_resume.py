@@ -316,10 +316,11 @@ def test_a_diverging_seed_is_frozen_and_flagged_and_the_others_are_untouched(tmp
 
     cfg = _file_config("euler", tmp_path / "all.npz", 3, dt)
     toml = write_toml(tmp_path / "all.toml", cfg)
-    code, stdout, stderr = cli(["run", toml, "-o", tmp_path / "all.h5", "--threads", 1], capsys)
+    with warnings.catch_warnings():  # numpy's overflow warnings would not name the seed: the
+        warnings.simplefilter("error", RuntimeWarning)  # status does, so none may escape
+        code, stdout, stderr = cli(["run", toml, "-o", tmp_path / "all.h5", "--threads", 1], capsys)
     assert code == 0, stderr
     assert "seeds that did not finish: 1 (diverged)" in stdout
-    assert "overflow" not in stderr  # the status says it, once, with the seed's number
     run_simulation(_file_config("euler", tmp_path / "healthy.npz", 2, dt), tmp_path / "healthy.h5",
                    threads=1).run.close()
 
