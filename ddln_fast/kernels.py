@@ -298,6 +298,32 @@ def _residual_and_loss(R, y, y_rows, m, inv_2n, loss):
         loss[a] = total * inv_2n
 
 
+@njit(**JIT_OPTIONS)
+def _one_seed_products(X, y, theta, r, g, inv_2n, gradient):
+    """Both products of one seed, in the calling thread, sums in a fixed order:
+    r = X theta - y, g = X^T r (not yet divided by n; only if ``gradient``); returns
+    ||r||^2 / (2n). ``X`` (n, d), ``y`` (n,), ``theta`` and ``g`` (d,), ``r`` (n,)."""
+    n, d = X.shape
+    total = 0.0
+    for i in range(n):
+        xi = X[i]
+        acc = 0.0
+        for c in range(d):
+            acc += xi[c] * theta[c]
+        ri = acc - y[i]
+        r[i] = ri
+        total += np.float64(ri) * np.float64(ri)
+    if gradient != 0:
+        for c in range(d):
+            g[c] = 0.0
+        for i in range(n):
+            xi = X[i]
+            ri = r[i]
+            for c in range(d):
+                g[c] += ri * xi[c]
+    return total * inv_2n
+
+
 @njit(**PARALLEL_OPTIONS)
 def _per_seed_products(X, y, theta, active, R, G, inv_2n, loss, gradient):
     """Both products with per-seed data, one seed per work item: R[a] = X[s] theta[a] - y[s],
@@ -308,62 +334,20 @@ def _per_seed_products(X, y, theta, active, R, G, inv_2n, loss, gradient):
     cache. Hand-written loops, not BLAS (no BLAS inside prange): each seed's sums run in one
     thread in a fixed order, so results depend neither on the thread count nor on the batch.
     """
-    n, d = X.shape[1], X.shape[2]
     for a in prange(active.shape[0]):
         s = active[a]
-        th = theta[a]
-        r = R[a]
-        total = 0.0
-        for i in range(n):
-            xi = X[s, i]
-            acc = 0.0
-            for c in range(d):
-                acc += xi[c] * th[c]
-            ri = acc - y[s, i]
-            r[i] = ri
-            total += np.float64(ri) * np.float64(ri)
-        loss[a] = total * inv_2n
-        if gradient == 0:
-            continue
-        g = G[a]
-        for c in range(d):
-            g[c] = 0.0
-        for i in range(n):
-            xi = X[s, i]
-            ri = r[i]
-            for c in range(d):
-                g[c] += ri * xi[c]
+        loss[a] = _one_seed_products(X[s], y[s], theta[a], R[a], G[a], inv_2n, gradient)
+
 
 @njit(**JIT_OPTIONS)
 def _shared_products_serial(X, y, theta, m, R, G, inv_2n, loss, gradient):
     """Both products with a shared X for the first ``m`` rows of ``theta``, in the calling
-    thread: R[a] = X theta[a] - y, loss[a] = ||R[a]||^2 / (2n), G[a] = X^T R[a] (if
-    ``gradient``). For a few seeds there is too little work to pay for waking a thread team
-    (Numba's or the BLAS's), which on a busy machine can cost more than the products."""
-    n, d = X.shape
+    thread (see :func:`_one_seed_products`). For a few seeds there is too little work to pay
+    for waking a thread team (Numba's or the BLAS's), which on a busy machine can cost more
+    than the products."""
     for a in range(m):
-        th = theta[a]
-        r = R[a]
-        total = 0.0
-        for i in range(n):
-            xi = X[i]
-            acc = 0.0
-            for c in range(d):
-                acc += xi[c] * th[c]
-            ri = acc - y[0, i]
-            r[i] = ri
-            total += np.float64(ri) * np.float64(ri)
-        loss[a] = total * inv_2n
-        if gradient == 0:
-            continue
-        g = G[a]
-        for c in range(d):
-            g[c] = 0.0
-        for i in range(n):
-            xi = X[i]
-            ri = r[i]
-            for c in range(d):
-                g[c] += ri * xi[c]
+        loss[a] = _one_seed_products(X, y[0], theta[a], R[a], G[a], inv_2n, gradient)
+
 
 @njit(**JIT_OPTIONS)
 def _sum_blocks(err_partial, m, size, out):
