@@ -271,9 +271,10 @@ def run_task(tid: str, config: Config, outdir: str, threads: int | None = None,
                     else:
                         notes.append(f"resumed from checkpoint {report.resumed_from}")
                         _log(log_path, "resume", tid, f"threads={used} from={report.resumed_from}")
-                except _AlreadyComplete:
+                except _AlreadyComplete:  # killed between the run's end and the rename
                     report = None
                     notes.append("found complete .part")
+                    _log(log_path, "resume", tid, "complete .part: summary and rename only")
                 except Exception as err:  # a .part that cannot be resumed: start it again
                     reason = " ".join(str(err).split())
                     notes.append(f"restarted (could not resume: {reason})")
