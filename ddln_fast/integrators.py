@@ -384,13 +384,17 @@ class Integrator:
                 st.t_stop[s] = st.t[s]
                 st.loss[s] = self.stage_loss[a]
 
-    def current_losses(self) -> np.ndarray:
-        """Loss of every seed at its current layers (one exact residual evaluation)."""
+    def current_losses(self, theta=None) -> np.ndarray:
+        """Loss of every seed at its current layers (one exact residual evaluation).
+
+        ``theta``: :meth:`theta_of_all` of the current layers, when the caller has it already
+        (a checkpoint stores both: the product over the layers is then taken once)."""
         active = np.arange(self.seeds)
-        self._theta_of_U(active)
-        self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss,
+        if theta is None:
+            theta = self.theta_of_all()
+        self.products.residual_and_gradient(theta, active, self.R, self.G, self.stage_loss,
                                             gradient=False)
-        self._theta_rows = None
+        self._theta_rows = None  # a checkpoint starts the next interval from a clean slate
         return self.stage_loss[: self.seeds].copy()
 
     def invariant_drift(self) -> np.ndarray:

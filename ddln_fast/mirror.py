@@ -108,7 +108,8 @@ class MirrorIntegrator:
             self.derivative = np.array(fsal)[:, 0]
             self._ready[:] = True
 
-    def current_losses(self) -> np.ndarray:
+    def current_losses(self, theta=None) -> np.ndarray:
+        # theta (from theta_of_all) is self.theta already here: nothing to reuse
         return np.array([self._loss_and_gradient(s, self.theta[s])[0] for s in range(self.seeds)])
 
     def theta_of_all(self) -> np.ndarray:

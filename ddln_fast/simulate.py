@@ -271,7 +271,8 @@ def _checkpoint_row(integrator: Integrator, t: float, save_layers: bool) -> dict
     """The checkpoint's rows. A running seed whose loss is not finite here (its last step
     overflowed) is marked diverged now, as its next step would: the same time, the same layers."""
     st = integrator.state
-    losses = integrator.current_losses()
+    theta = integrator.theta_of_all()
+    losses = integrator.current_losses(theta)
     blown = (st.status == RUNNING) & ~np.isfinite(losses)
     st.status[blown] = DIVERGED
     st.t_stop[blown] = st.t[blown]
@@ -279,7 +280,7 @@ def _checkpoint_row(integrator: Integrator, t: float, save_layers: bool) -> dict
         "t": t,
         "t_seed": np.where(np.isnan(st.t_stop), st.t, st.t_stop),
         "loss": losses,
-        "theta": integrator.theta_of_all(),
+        "theta": theta,
         "invariant_drift": integrator.invariant_drift(),
         "nfev": st.nfev.copy(),
         "status": st.status.copy(),
