@@ -85,7 +85,7 @@ def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
     out = Path(output) if output else _default_output(config_path)
     if not quiet:
         m, p, i = config.model, config.problem, config.integrator
-        what = f"rtol {i.rtol:g}" if i.method == "dopri5" else f"dt {i.dt:g}"
+        what = f"rtol {i.rtol:g}" if i.method in ("dopri5", "dual") else f"dt {i.dt:g}"
         click.echo(f"ddln run: {config.run.seeds} seeds, depth {m.depth}, alpha {m.alpha:g}, "
                    f"init {m.init}, {i.method} ({what}), t_end {i.t_end:g}")
         if not _kernels_cached():
@@ -337,10 +337,14 @@ def analyze(run_path, as_json, plots):
             raise InputError("--plots needs matplotlib: pip install 'ddln_fast[plot]'") from None
         if Path(plots).exists() and not Path(plots).is_dir():
             raise InputError(f"--plots {plots}: exists and is not a folder")
+    from .events import events_of, format_events
+
     result = analyze_path(run_path)
+    events = events_of(run_path)
     written = plot(result, plots) if plots else []
     if as_json:
         out = result.as_dict()
+        out["events"] = events.as_dict() if events is not None else None
         out["plots"] = written
         click.echo(json.dumps(out))
         return
@@ -359,6 +363,8 @@ def analyze(run_path, as_json, plots):
                    f"{_format_value(sa.time_to_epsilon):>9} {held}")
     click.echo(f"gap: |theta_K - theta_inf| / |theta_inf|; rate: fitted -d log(f - f*)/dt; t(1e-6): first "
                f"time with (f - f*) / (f0 - f*) <= {EPSILON:g}")
+    for line in format_events(events) if events is not None else ():
+        click.echo(line)
     for path in written:
         click.echo(f"wrote {path}")
 

@@ -22,7 +22,7 @@ from .errors import InputError
 PROBLEM_KINDS = ("gaussian", "file")
 INITS = ("first_layer_zero", "balanced", "gaussian", "shape", "file")
 SIGNS = ("positive", "random")
-METHODS = ("euler", "rk4", "dopri5", "mirror")
+METHODS = ("euler", "rk4", "dopri5", "mirror", "dual")
 SPACINGS = ("log", "linear")
 DTYPES = ("float64", "float32")
 
@@ -82,6 +82,8 @@ class IntegratorConfig:
     t_end: float = _key(float, 100.0, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
     max_steps: int = _key(int, 10_000_000, _positive, "an integer >= 1")
     loss_tol: float = _key(float, 0.0, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+    activation_level: float = _key(float, 0.0, lambda v: math.isfinite(v) and v >= 0,
+                                   "a finite number >= 0 (0: a fraction of the predicted limit)")
 
 
 @dataclass(frozen=True)
@@ -251,8 +253,20 @@ def _check_consistency(config: Config) -> None:
                              f"needs one per layer (model.depth = {m.depth})")
         if not all(math.isfinite(v) for v in m.layer_scales):
             raise InputError("model.layer_scales: expected finite numbers")
+    if config.integrator.method == "dual":
+        _check_dual(config)
     if m.init == "file" and not m.init_path:
         raise InputError('model.init = "file" needs model.init_path (.npy, .npz or .h5 with u0)')
+
+
+def _check_dual(config: Config) -> None:
+    """Settings the dual method cannot honour."""
+    if config.run.dtype != "float64":
+        raise InputError('integrator.method = "dual" runs in float64 only (run.dtype = '
+                         f'"{config.run.dtype}"); set run.dtype = "float64"')
+    if config.integrator.atol == 0:
+        raise InputError('integrator.atol = 0 with method "dual": the clocks start at 0, where a '
+                         "purely relative tolerance is undefined; set atol > 0")
 
 
 def read_toml(path: str | Path) -> dict:

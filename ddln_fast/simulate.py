@@ -44,7 +44,7 @@ def checkpoint_times(config: Config) -> np.ndarray:
         times = np.linspace(0.0, t_end, count)
     else:
         times = np.concatenate([[0.0], np.geomspace(min(integ.dt, t_end), t_end, count - 1)])
-    if integ.method not in ("dopri5", "mirror"):  # adaptive methods land on any time
+    if integ.method not in ("dopri5", "mirror", "dual"):  # adaptive methods land on any time
         steps = np.unique(np.round(times / integ.dt).astype(np.int64))
         times = steps * integ.dt
     return times
@@ -187,15 +187,26 @@ def _start_or_resume(config, path, progress, resume, threads, on_checkpoint, sto
     times = checkpoint_times(config)
     with limit_threads(n_threads) as used_threads:
         integrator = _make_integrator(config, problem, u0)
-        shapes = state_shapes(*u0.shape, integrator.dtype, integrator.tableau.adaptive)
+        if hasattr(integrator, "state_shapes"):
+            shapes = integrator.state_shapes()
+        else:
+            shapes = state_shapes(*u0.shape, integrator.dtype, integrator.tableau.adaptive)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        writer = RunWriter.create(path, config, problem, u0, provenance(used_threads), shapes)
+        writer = RunWriter.create(path, config, problem, u0, provenance(used_threads), shapes,
+                                  _fixed_shapes(integrator))
         return _drive(config, integrator, writer, times, 0, progress, on_checkpoint, stops)
 
 
 def _make_integrator(config: Config, problem, u0) -> Integrator:
     integ = config.integrator
+    if integ.method == "dual":  # Radau IIA(5) in dual coordinates
+        from .dual import DualIntegrator
+        from .events import activation_levels
+
+        return DualIntegrator(problem, u0, dt=integ.dt, rtol=integ.rtol, atol=integ.atol,
+                              loss_tol=integ.loss_tol, max_steps=integ.max_steps,
+                              activation_level=activation_levels(config, problem, u0))
     if integ.method == "mirror":  # dopri5 in theta space (theory-side reference method)
         from .mirror import MirrorIntegrator
 
@@ -240,10 +251,13 @@ def _resume(config: Config, path: Path, progress, threads, on_checkpoint, stops)
             warnings.warn(f"resuming {path} with {'; '.join(mismatch)}: the rest of the run will not be "
                           f"bit-identical to an uninterrupted run", ResumeMismatchWarning, stacklevel=2)
         integrator = _make_integrator(config, problem, u0)
-        ready = "fsal" in state and bool(state.get("fsal_ready", np.ones(1))[0])
-        cache = (state["theta_rows"], state["theta_cache"]) if "theta_rows" in state else None
-        integrator.restore(state["U"], SeedState.from_dict(state), state["fsal"] if ready else None,
-                           theta_cache=cache)
+        if hasattr(integrator, "restore_state"):
+            integrator.restore_state(state)
+        else:
+            ready = "fsal" in state and bool(state.get("fsal_ready", np.ones(1))[0])
+            cache = (state["theta_rows"], state["theta_cache"]) if "theta_rows" in state else None
+            integrator.restore(state["U"], SeedState.from_dict(state), state["fsal"] if ready else None,
+                               theta_cache=cache)
         writer = RunWriter.reopen(str(path), config.run.swmr)
         return _drive(config, integrator, writer, times, index + 1, progress, on_checkpoint, stops,
                       resumed_from=index)
@@ -265,6 +279,17 @@ def _blas_identity(blas_json: str) -> str:
 
 class _AlreadyComplete(Exception):
     """Resume asked for a run that already finished."""
+
+
+def _fixed_shapes(integrator) -> dict:
+    """Datasets rewritten in place at every checkpoint (the dual method's events)."""
+    events = getattr(integrator, "events", None)
+    return {} if events is None else events.file_shapes(integrator.seeds, integrator.dim)
+
+
+def _fixed_rows(integrator) -> dict:
+    events = getattr(integrator, "events", None)
+    return {} if events is None else events.file_rows()
 
 
 def _checkpoint_row(integrator: Integrator, t: float, save_layers: bool) -> dict:
@@ -291,6 +316,8 @@ def _checkpoint_row(integrator: Integrator, t: float, save_layers: bool) -> dict
 
 
 def _state_arrays(integrator: Integrator) -> dict:
+    if hasattr(integrator, "state_arrays"):
+        return integrator.state_arrays()
     arrays = {"U": integrator.U, **integrator.state.as_dict()}
     arrays["theta_rows"], arrays["theta_cache"] = integrator.theta_cache()
     if integrator.tableau.adaptive:
@@ -349,7 +376,7 @@ def _drive(config, integrator: Integrator, writer: RunWriter, times, first_index
                 st.t_stop[done] = st.t[done]
             with np.errstate(**_NON_FINITE_IS_A_STATUS):
                 row = _checkpoint_row(integrator, times[k], save_layers)
-            writer.append(row, _state_arrays(integrator))
+            writer.append(row, _state_arrays(integrator), _fixed_rows(integrator))
             written += 1
             bar.update(1)
             if on_checkpoint is not None:

@@ -1,0 +1,638 @@
+"""The ``dual`` method: the layer flow integrated in dual coordinates by Radau IIA(5).
+
+Along the layer flow every coordinate follows its own clock, theta_i(t) = F_i(s_i(t)), and the
+clocks are s(t) = X^T nu(t) / n with nu(t) = int_0^t (X theta - y) (Labarrière et al.,
+arXiv:2412.16765: the clock view of the layer flow). The whole flow is therefore the
+n-dimensional ODE
+
+    nu' = X F(X^T nu / n) - y,   nu(0) = 0,   J = -X diag(h) X^T / n   (h_i = -F_i' >= 0),
+
+for every initialization (frozen coordinates have h = 0; a rank-deficient X makes J singular,
+which the implicit step does not mind). J is symmetric negative semidefinite, and the flow is
+stiff at small scales (h spans many decades), so the default scheme is the L-stable Radau IIA
+method of order 5 (:mod:`ddln_fast.radau`) with the exact Jacobian, simplified Newton with the
+Jacobian kept while Newton converges fast, and one eigendecomposition per Jacobian instead of
+one factorization per step size.
+
+The right-hand side depends on nu only through the clocks, so the integrator carries the clocks
+s (d numbers per seed) next to nu and advances them by the step's own increment,
+s_new = s + X^T Z_3 / n: their rounding error then scales with the increments, not with |nu|
+(which grows like t in plateaus and without bound when X theta = y has no solution).
+
+Error norm. What the clocks must get right is each coordinate's clock: theta_i = F_i(s_i), and
+the activation of coordinate i is the moment s_i reaches a fixed clock. Local errors are
+therefore measured on the clocks, delta s = X^T delta nu / n, coordinate by coordinate, as an
+RMS over the d coordinates of delta s_i / tol_i with
+
+    tol_i = max(min(atol + rtol |s_i|, (atol + rtol |theta_i|) / h_i), 64 eps |s_i|):
+
+the clock relative to itself (which places activations to a relative rtol in time), and tight
+enough that the induced change h_i delta s_i of theta_i stays within atol + rtol |theta_i|,
+but never below what float64 can represent of s_i (at depth >= 3 and tiny scales a clock near
+its blow-up is known to eps |s_i| only; the accuracy of theta is then limited by that, not by
+the tolerance). A norm on nu itself would let absolute errors ~ rtol |nu| through, which grow
+with t in plateaus and move the clocks of coordinates about to activate. The tolerances at
+both ends of a step are used (the smaller one).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numba
+from numba import njit, prange
+
+from . import radau
+from .errors import InputError
+from .integrators import DIVERGED, LOSS_TOL, RUNNING, SeedState
+from .kernels import JIT_OPTIONS, PARALLEL_OPTIONS, SERIAL_STATE_WORK
+from .problem import Problem
+from .radau import RADAU_IIA5
+
+#: For depth >= 3 a coordinate activates when its clock nears the blow-up clock, of size about
+#: alpha^(2-L); float64 resolves a clock only to eps times its size. Blow-up clocks beyond this
+#: make activation times (and theta near them) wrong in more than the 4th digit: refused.
+CLOCK_LIMIT = 1e12
+#: The floor of the clock tolerance, in units of eps |s_i| (see the module docstring).
+CLOCK_FLOOR_ULPS = 64.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+@njit(**PARALLEL_OPTIONS)
+def _add_start(out, start, row_seeds, scale):
+    """out[r] = start[row_seeds[r]] + scale * out[r] (a clock from a product X^T Z)."""
+    R, d = out.shape
+    for item in prange(R * d):
+        r = item // d
+        i = item - r * d
+        out[r, i] = start[row_seeds[r], i] + scale * out[r, i]
+
+
+@njit(**PARALLEL_OPTIONS)
+def _subtract_targets(out, y, row_seeds):
+    """out[r] -= y[row_seeds[r]] (y of shape (S or 1, n); row 0 when shared)."""
+    R, n = out.shape
+    shared = y.shape[0] == 1
+    for r in prange(R):
+        src = y[0] if shared else y[row_seeds[r]]
+        for i in range(n):
+            out[r, i] -= src[i]
+
+
+@njit(**PARALLEL_OPTIONS)
+def _per_seed_clocks(X, Z, start, row_seeds, inv_n, use_start, out):
+    """out[r] = start[seed] + X[seed]^T Z[r] / n for per-seed data X of shape (S, n, d)."""
+    R, n = Z.shape
+    d = X.shape[2]
+    for r in prange(R):
+        seed = row_seeds[r]
+        o = out[r]
+        for i in range(d):
+            o[i] = 0.0
+        for k in range(n):
+            z = Z[r, k]
+            xr = X[seed, k]
+            for i in range(d):
+                o[i] += z * xr[i]
+        for i in range(d):
+            o[i] = (start[seed, i] if use_start else 0.0) + inv_n * o[i]
+
+
+@njit(**PARALLEL_OPTIONS)
+def _per_seed_residuals(X, y, theta, row_seeds, out):
+    """out[r] = X[seed] theta[r] - y[seed] for per-seed data."""
+    R, d = theta.shape
+    n = X.shape[1]
+    for r in prange(R):
+        seed = row_seeds[r]
+        th = theta[r]
+        for k in range(n):
+            xr = X[seed, k]
+            acc = 0.0
+            for i in range(d):
+                acc += xr[i] * th[i]
+            out[r, k] = acc - y[seed, k]
+
+
+@njit(**PARALLEL_OPTIONS)
+def _clock_tolerance(s, theta, h, rows, rtol, atol, out):
+    """out[rows[a]] = the clock tolerance of every coordinate (module docstring) at (s, theta, h)
+    of row a."""
+    R, d = s.shape
+    floor = CLOCK_FLOOR_ULPS * np.finfo(np.float64).eps
+    for item in prange(R * d):
+        a = item // d
+        i = item - a * d
+        si = abs(s[a, i])
+        tol = atol + rtol * si
+        hi = h[a, i]
+        if hi > 0:
+            tol = min(tol, (atol + rtol * abs(theta[a, i])) / hi)
+        out[rows[a], i] = max(tol, floor * si)
+
+
+@njit(**JIT_OPTIONS)
+def _weighted_rms(delta, tol, row_seeds, tol_other, use_other, out):
+    """out[r] = RMS over the last axis (and stages) of delta[r] / tol[seed] (or the smaller of
+    tol and tol_other[r] when ``use_other``). delta : (R, K, d); tol : (S, d); tol_other : (R, d)."""
+    R, K, d = delta.shape
+    for r in range(R):
+        seed = row_seeds[r]
+        acc = 0.0
+        for k in range(K):
+            for i in range(d):
+                t = tol[seed, i]
+                if use_other:
+                    t = min(t, tol_other[r, i])
+                q = delta[r, k, i] / t
+                acc += q * q
+        out[r] = np.sqrt(acc / (K * d))
+
+
+@njit(**JIT_OPTIONS)
+def _rows_finite(values, out):
+    """out[r] = 1 if every value of row r (R, ...) is finite."""
+    R = values.shape[0]
+    flat = values.reshape(R, -1)
+    for r in range(R):
+        ok = 1
+        for v in flat[r]:
+            if not np.isfinite(v):
+                ok = 0
+                break
+        out[r] = ok
+
+
+# ---------------------------------------------------------------------------------------------
+# Products with X
+# ---------------------------------------------------------------------------------------------
+class DualProducts:
+    """The two products of the dual field, for rows of any batch (row r belongs to seed
+    ``row_seeds[r]``): clocks X^T Z / n (+ a start) and residuals X theta - y. Shared X: one
+    GEMM for every row of the batch; per-seed X: a parallel kernel over rows."""
+
+    def __init__(self, problem: Problem):
+        self.X = np.ascontiguousarray(problem.X, dtype=np.float64)
+        self.per_seed = problem.per_seed
+        y = np.asarray(problem.y, dtype=np.float64)
+        self.y = np.ascontiguousarray(y if self.per_seed else y[None, :])
+        self.n, self.d = problem.n, problem.d
+        self.inv_n = 1.0 / self.n
+        self.XT = None if self.per_seed else np.ascontiguousarray(self.X.T)
+
+    def clocks(self, Z, row_seeds, start, out):
+        """out = start[row_seeds] + X^T Z / n (``start`` None: no start). Z : (R, n); out : (R, d)."""
+        if self.per_seed:
+            _per_seed_clocks(self.X, Z, start if start is not None else out, row_seeds, self.inv_n,
+                             start is not None, out)
+            return out
+        np.matmul(Z, self.X, out=out)
+        if start is None:
+            out *= self.inv_n
+        else:
+            _add_start(out, start, row_seeds, self.inv_n)
+        return out
+
+    def residuals(self, theta, row_seeds, out):
+        """out = X theta - y for rows of theta (R, d); out : (R, n)."""
+        if self.per_seed:
+            _per_seed_residuals(self.X, self.y, theta, row_seeds, out)
+            return out
+        np.matmul(theta, self.XT, out=out)
+        _subtract_targets(out, self.y, row_seeds)
+        return out
+
+    def jacobian_matrices(self, h, seeds, out):
+        """out[a] = X diag(h[a]) X^T / n of seed ``seeds[a]`` (the negative Jacobian A)."""
+        for a, seed in enumerate(seeds):
+            X = self.X[seed] if self.per_seed else self.X
+            np.matmul(X * h[a], X.T, out=out[a])
+            out[a] *= self.inv_n
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The integrator
+# ---------------------------------------------------------------------------------------------
+class DualIntegrator:
+    """Radau IIA(5) on the dual flow of every seed, one step size per seed, seeds batched.
+
+    It has the interface of :class:`ddln_fast.integrators.Integrator` for the driver
+    (``advance_to``, ``U``, ``state``, ``current_losses``, ``theta_of_all``, ``invariant_drift``,
+    ``tableau``, ``running``, ``stop_check``, ``stopped_early``) plus ``state_arrays``,
+    ``state_shapes`` and ``restore_state`` (its state is not the layers).
+
+    Parameters
+    ----------
+    problem : Problem
+    u0 : ndarray of shape (S, L, d)
+        Initial layers.
+    dt : float
+        Upper bound of the first step.
+    rtol, atol : float
+        Tolerances of the clock error norm (module docstring).
+    loss_tol, max_steps : stopping rules, as for :class:`Integrator`.
+    activation_level : ndarray of shape (S,), optional
+        Level of |theta_i| whose first crossing is recorded per coordinate (see
+        :mod:`ddln_fast.events`); zero: no activation events.
+    clock_map : optional
+        The clock map of ``u0`` (built when not given).
+    """
+
+    method = "dual"
+    tableau = RADAU_IIA5
+
+    def __init__(self, problem: Problem, u0, dt=0.01, rtol=1e-8, atol=1e-12, loss_tol=0.0,
+                 max_steps=10_000_000, dtype=np.float64, activation_level=None, clock_map=None):
+        from .dual_clocks import InterimClockMap
+        from .events import EventRecorder
+
+        self.dtype = np.dtype(dtype).type
+        if self.dtype is not np.float64:
+            raise InputError('integrator.method = "dual" runs in float64 only (set run.dtype = "float64")')
+        if not atol > 0:
+            raise InputError('integrator.atol = 0 with method "dual": the clocks start at 0, where a '
+                             'purely relative tolerance is undefined; set atol > 0')
+        self.u0 = np.array(u0, dtype=np.float64)
+        S, L, d = self.u0.shape
+        self.seeds, self.depth, self.dim = S, L, d
+        self.clock = clock_map if clock_map is not None else InterimClockMap(self.u0)
+        check_clock_range(self.clock, L)
+        self.products = DualProducts(problem)
+        n = self.products.n
+        self.n = n
+        self.dt = float(dt)
+        # The embedded estimate has order 3, the solution order 5: RADAU5's conversion of the
+        # user's tolerances into those of the estimate, so that the error in theta is about rtol.
+        self.rtol, self.atol = radau.estimate_tolerances(float(rtol), float(atol))
+        self.loss_tol, self.max_steps = float(loss_tol), int(max_steps)
+        self.newton_tol = radau.newton_tolerance(self.rtol)
+        # the state (saved and restored)
+        self.state = SeedState.fresh(S, self.dt)
+        self.nu = np.zeros((S, n))
+        self.s = np.zeros((S, d))
+        self.f = np.zeros((S, n))            # nu' at the current state (the step start)
+        self.Z_prev = np.zeros((S, 3, n))    # stage increments of the last accepted step
+        self.h_old = np.zeros(S)             # its size
+        self.faccon = np.ones(S)             # Newton contraction factor carried between steps
+        self.jac_h = np.zeros((S, d))        # h at the point of each seed's Jacobian
+        self.flags = np.zeros((S, 4), dtype=np.int8)  # started, has_previous, current_jac, need_jac
+        self.counters = np.zeros((S, 3), dtype=np.int64)  # jacobians, newton failures, rejections
+        # derived from the state
+        self.theta = np.zeros((S, d))
+        self.hvec = np.zeros((S, d))
+        self.tol = np.zeros((S, d))
+        self.V = np.zeros((S, n, n))
+        self.lam = np.zeros((S, n))
+        self.events = EventRecorder(self.clock, activation_level, S, d)
+        self.stop_check = None
+        self.stopped_early = False
+        self._threads_wanted = numba.get_num_threads()
+
+    # -- flags ----------------------------------------------------------------------------------
+    STARTED, HAS_PREVIOUS, CURRENT_JAC, NEED_JAC = range(4)
+
+    @property
+    def running(self) -> np.ndarray:
+        return self.state.status == RUNNING
+
+    # -- what the driver stores -----------------------------------------------------------------
+    def theta_of_all(self) -> np.ndarray:
+        theta = np.empty((self.seeds, self.dim))
+        self.clock.evaluate(self.s, np.arange(self.seeds), theta)
+        return theta
+
+    @property
+    def U(self) -> np.ndarray:
+        """Layers recovered from the clocks, shape (S, L, d)."""
+        return self.clock.layers(self.s, np.arange(self.seeds))
+
+    def current_losses(self, theta=None) -> np.ndarray:
+        if theta is None:
+            theta = self.theta_of_all()
+        r = np.empty((self.seeds, self.n))
+        self.products.residuals(theta, np.arange(self.seeds), r)
+        return np.einsum("ij,ij->i", r, r) / (2 * self.n)
+
+    def invariant_drift(self, U=None) -> np.ndarray:
+        """max_{i,j} |((u^j_i)^2 - (u^1_i)^2) - (same at t = 0)| of the layers recovered from the
+        clocks: it measures how well the recovered layers keep the invariants, by computation."""
+        U = self.U if U is None else U
+        sq, sq0 = U ** 2, self.u0 ** 2
+        return np.max(np.abs((sq - sq[:, :1]) - (sq0 - sq0[:, :1])), axis=(1, 2))
+
+    # -- state for the run file -----------------------------------------------------------------
+    _ARRAYS = ("nu", "s", "f", "Z_prev", "h_old", "faccon", "jac_h", "flags", "counters")
+
+    def state_shapes(self) -> dict[str, tuple]:
+        shapes = {name: (getattr(self, name).shape, getattr(self, name).dtype) for name in self._ARRAYS}
+        for name, value in self.state.as_dict().items():
+            shapes[name] = (value.shape, value.dtype)
+        shapes.update(self.events.state_shapes())
+        return shapes
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        arrays = {name: getattr(self, name) for name in self._ARRAYS}
+        arrays.update(self.state.as_dict())
+        arrays.update(self.events.state_arrays())
+        return arrays
+
+    def restore_state(self, arrays) -> None:
+        """Continue from :meth:`state_arrays` of a saved run (bit-identical: the derived arrays
+        are recomputed by the same code from the same numbers)."""
+        for name in self._ARRAYS:
+            getattr(self, name)[...] = arrays[name]
+        self.state = SeedState.from_dict(arrays)
+        self.events.restore(arrays)
+        started = np.flatnonzero(self.flags[:, self.STARTED] == 1)
+        if started.size:
+            self._derive(started)
+            have_jac = started[np.any(self.jac_h[started] != 0, axis=1) | (self.flags[started, self.CURRENT_JAC] == 1)]
+            if have_jac.size:
+                self._eigen(have_jac, self.jac_h[have_jac])
+
+    def _derive(self, seeds):
+        """theta, h and the clock tolerance at the current clocks of ``seeds``."""
+        theta = np.empty((seeds.size, self.dim))
+        h = np.empty((seeds.size, self.dim))
+        self.clock.evaluate(self.s[seeds], seeds, theta, h)
+        self.theta[seeds] = theta
+        self.hvec[seeds] = h
+        _clock_tolerance(self.s[seeds], theta, h, seeds, self.rtol, self.atol, self.tol)
+
+    # -- Jacobians --------------------------------------------------------------------------------
+    def _eigen(self, seeds, h):
+        """Eigendecomposition of A = X diag(h) X^T / n for ``seeds`` (h : (m, d))."""
+        A = np.empty((seeds.size, self.n, self.n))
+        self.products.jacobian_matrices(h, seeds, A)
+        lam, V = np.linalg.eigh(A)
+        # A is positive semidefinite: eigenvalues below zero are rounding
+        self.lam[seeds] = np.maximum(lam, 0.0)
+        self.V[seeds] = V
+
+    def _refresh_jacobians(self, seeds):
+        self.jac_h[seeds] = self.hvec[seeds]
+        self._eigen(seeds, self.jac_h[seeds])
+        self.flags[seeds, self.CURRENT_JAC] = 1
+        self.flags[seeds, self.NEED_JAC] = 0
+        self.counters[seeds, 0] += 1
+
+    # -- start ------------------------------------------------------------------------------------
+    def _start(self, seeds):
+        """f(0), the loss, the Jacobian and Hairer's starting step of fresh seeds."""
+        st = self.state
+        m = seeds.size
+        self._derive(seeds)
+        r = np.empty((m, self.n))
+        self.products.residuals(self.theta[seeds], seeds, r)
+        self.f[seeds] = r
+        st.loss[seeds] = np.einsum("ij,ij->i", r, r) / (2 * self.n)
+        st.nfev[seeds] += 1
+        bad = seeds[~np.isfinite(st.loss[seeds])]
+        st.status[bad] = DIVERGED
+        st.t_stop[bad] = st.t[bad]
+        self.events.start(seeds, st.loss)
+        self._refresh_jacobians(seeds)
+        # Hairer's starting step, measured in the clock norm: y0 is the clock s = 0, f0 its
+        # derivative X^T f / n, and f1 the derivative after an Euler step of size h0
+        g0 = np.empty((m, self.dim))
+        self.products.clocks(np.ascontiguousarray(self.f[seeds]), seeds, None, g0)
+        norm = np.empty(m)
+        _weighted_rms(g0[:, None, :], self.tol, seeds, g0, False, norm)
+        norm_s = np.zeros(m)
+        _weighted_rms(self.s[seeds][:, None, :], self.tol, seeds, g0, False, norm_s)
+        h0 = radau.first_trial_step(norm_s, norm, self.dt)
+        s1 = self.s[seeds] + h0[:, None] * g0
+        theta1 = np.empty((m, self.dim))
+        self.clock.evaluate(s1, seeds, theta1)
+        f1 = np.empty((m, self.n))
+        self.products.residuals(theta1, seeds, f1)
+        st.nfev[seeds] += 1
+        g1 = np.empty((m, self.dim))
+        self.products.clocks(np.ascontiguousarray(f1 - self.f[seeds]), seeds, None, g1)
+        diff = np.empty(m)
+        _weighted_rms((g1 / h0[:, None])[:, None, :], self.tol, seeds, g0, False, diff)
+        with np.errstate(invalid="ignore", over="ignore"):
+            st.h[seeds] = radau.starting_step(norm_s, norm, diff, h0, self.dt)
+        st.h[seeds] = np.where(np.isfinite(st.h[seeds]), st.h[seeds], h0)
+        self.flags[seeds, self.STARTED] = 1
+
+    # -- stepping ---------------------------------------------------------------------------------
+    def _pick_threads(self, m: int) -> None:
+        small = m * 3 * max(self.dim, self.n) <= SERIAL_STATE_WORK
+        numba.set_num_threads(1 if small else self._threads_wanted)
+
+    def advance_to(self, t_target: float) -> None:
+        """Advance every running seed to flow time ``t_target`` (exactly), or until it stops, or
+        until ``stop_check`` asks to stop (then ``stopped_early`` is True)."""
+        self.stopped_early = False
+        self._threads_wanted = numba.get_num_threads()
+        try:
+            # Newton trial points may overflow F (rejected, with a smaller step): not a warning
+            with np.errstate(over="ignore", invalid="ignore"):
+                self._advance(float(t_target))
+        finally:
+            numba.set_num_threads(self._threads_wanted)
+
+    def _advance(self, t_target):
+        st = self.state
+        fresh = np.flatnonzero((st.status == RUNNING) & (self.flags[:, self.STARTED] == 0))
+        if fresh.size:
+            self._start(fresh)
+        S = self.seeds
+        landing = np.zeros(S, dtype=np.uint8)
+        h_unclipped = np.zeros(S)
+        h_step = np.zeros(S)
+        while True:
+            if self.stop_check is not None and self.stop_check():
+                self.stopped_early = True
+                return
+            active = np.flatnonzero((st.status == RUNNING) & (st.t < t_target))
+            if active.size == 0:
+                return
+            m = active.size
+            self._pick_threads(m)
+            radau.prepare_steps(active, t_target, st.t, st.h, landing, h_unclipped, h_step)
+            need = active[self.flags[active, self.NEED_JAC] == 1]
+            if need.size:
+                self._refresh_jacobians(need)
+            self._attempt(active, h_step[:m], landing[:m], h_unclipped, t_target)
+            radau.check_stops(active, st.steps, self.max_steps, st.t, st.h, st.status, st.t_stop)
+
+    def _attempt(self, active, h_step, landing, h_unclipped, t_target):
+        """One step attempt of every active seed: Newton, error estimate, accept or reject."""
+        st = self.state
+        m = active.size
+        n, d = self.n, self.dim
+        inv_h = 1.0 / h_step
+        Z = np.empty((m, 3, n))
+        W = np.empty((m, 3, n))
+        radau.starting_guess(self.Z_prev[active], self.h_old[active], h_step,
+                             self.flags[active, self.HAS_PREVIOUS], Z, W)
+        self.faccon[active] = np.maximum(self.faccon[active], np.finfo(np.float64).eps) ** 0.8
+        stage_seeds = np.repeat(active, 3)
+        sigma = np.empty((m, 3, d))
+        self.products.clocks(Z.reshape(3 * m, n), stage_seeds, self.s, sigma.reshape(3 * m, d))
+        outcome = np.zeros(m, dtype=np.int8)
+        iterations = np.zeros(m, dtype=np.int64)
+        increment_old = np.ones(m)
+        theta_old = np.zeros(m)
+        rate = np.zeros(m)
+        h_factor = np.ones(m)
+        faccon = self.faccon[active].copy()
+        going = np.arange(m)
+        for iteration in range(1, radau.NEWTON_MAXITER + 1):
+            k = going.size
+            seeds_k = active[going]
+            st.nfev[seeds_k] += 3
+            iterations[going] = iteration
+            sig_k = sigma[going]
+            theta = np.empty((3 * k, d))
+            self.clock.evaluate(sig_k.reshape(3 * k, d), np.repeat(seeds_k, 3), theta)
+            stage_f = np.empty((3 * k, n))
+            self.products.residuals(theta, np.repeat(seeds_k, 3), stage_f)
+            stage_f = stage_f.reshape(k, 3, n)
+            finite = np.empty(k, dtype=np.uint8)
+            _rows_finite(stage_f, finite)
+            Zk, Wk = Z[going], W[going]
+            radau.newton_update(stage_f, Wk, Zk, self.V, self.lam, seeds_k, inv_h[going], finite,
+                                np.empty((k, 6, n)))
+            new_sigma = np.empty((k, 3, d))
+            self.products.clocks(Zk.reshape(3 * k, n), np.repeat(seeds_k, 3), self.s,
+                                 new_sigma.reshape(3 * k, d))
+            increment = np.empty(k)
+            _weighted_rms(new_sigma - sig_k, self.tol, seeds_k, new_sigma[:, 0], False, increment)
+            increment[finite == 0] = np.inf
+            Z[going], W[going], sigma[going] = Zk, Wk, new_sigma
+            inc_old_k, th_old_k, fac_k = increment_old[going], theta_old[going], faccon[going]
+            out_k, hf_k, rate_k = outcome[going], h_factor[going], rate[going]
+            radau.newton_decide(iteration, increment, inc_old_k, th_old_k, fac_k, self.newton_tol,
+                                out_k, hf_k, rate_k)
+            increment_old[going], theta_old[going], faccon[going] = inc_old_k, th_old_k, fac_k
+            outcome[going], h_factor[going], rate[going] = out_k, hf_k, rate_k
+            going = going[out_k == radau.NEWTON_GOING]
+            if going.size == 0:
+                break
+        self.faccon[active] = faccon
+        st.steps[active] += 1
+        # Newton failed: a smaller step, and a fresh Jacobian if this one was old
+        failed = np.flatnonzero(outcome != radau.NEWTON_CONVERGED)
+        if failed.size:
+            seeds_f = active[failed]
+            st.h[seeds_f] = h_step[failed] * h_factor[failed]
+            st.rejected[seeds_f] = 1
+            old = seeds_f[self.flags[seeds_f, self.CURRENT_JAC] == 0]
+            self.flags[old, self.NEED_JAC] = 1
+            self.counters[seeds_f, 1] += 1
+        done = np.flatnonzero(outcome == radau.NEWTON_CONVERGED)
+        if done.size == 0:
+            return
+        self._finish(active, done, Z, sigma, h_step, inv_h, iterations, rate, landing, h_unclipped,
+                     t_target)
+
+    def _finish(self, active, done, Z, sigma, h_step, inv_h, iterations, rate, landing, h_unclipped,
+                t_target):
+        """Error estimate, accept or reject, and the new state of accepted seeds (rows ``done``)."""
+        st = self.state
+        n, d = self.n, self.dim
+        seeds = active[done]
+        c = seeds.size
+        Zd = Z[done]
+        work = np.empty((c, 6, n))
+        err_nu = np.empty((c, n))
+        f_start = self.f[seeds]
+        radau.error_solve(f_start, Zd, self.V, self.lam, seeds, inv_h[done], f_start,
+                          np.zeros(c, dtype=np.uint8), err_nu, work)
+        delta = np.empty((c, d))
+        self.products.clocks(err_nu, seeds, None, delta)
+        s_new = np.ascontiguousarray(sigma[done, 2])
+        theta_new = np.empty((c, d))
+        h_new = np.empty((c, d))
+        self.clock.evaluate(s_new, seeds, theta_new, h_new)
+        tol_end = np.empty((c, d))
+        _clock_tolerance(s_new, theta_new, h_new, np.arange(c), self.rtol, self.atol, tol_end)
+        err = np.empty(c)
+        _weighted_rms(delta[:, None, :], self.tol, seeds, tol_end, True, err)
+        # Hairer's second estimate after a rejection: f at y0 + err instead of f(y0)
+        again = np.flatnonzero((st.rejected[seeds] == 1) & ~(err <= 1.0) & np.isfinite(err))
+        if again.size:
+            sg = seeds[again]
+            s1 = self.s[sg] + delta[again]
+            theta1 = np.empty((again.size, d))
+            self.clock.evaluate(s1, sg, theta1)
+            f1 = np.empty((again.size, n))
+            self.products.residuals(theta1, sg, f1)
+            st.nfev[sg] += 1
+            err2 = np.empty((again.size, n))
+            radau.error_solve(f1, Zd[again], self.V, self.lam, sg, inv_h[done][again], f1,
+                              np.zeros(again.size, dtype=np.uint8), err2,
+                              np.empty((again.size, 6, n)))
+            delta2 = np.empty((again.size, d))
+            self.products.clocks(err2, sg, None, delta2)
+            e2 = np.empty(again.size)
+            _weighted_rms(delta2[:, None, :], self.tol, sg, tol_end[again], True, e2)
+            err[again] = e2
+        accept = np.zeros(c, dtype=np.uint8)
+        t_old = st.t[seeds].copy()
+        radau.control_steps(seeds, err, iterations[done], t_target, landing[done], h_step[done],
+                            h_unclipped, st.t, st.h, self.h_old, st.facold, st.rejected,
+                            st.accepted, st.status, st.t_stop, accept)
+        self.counters[seeds[accept == 0], 2] += 1
+        ok = np.flatnonzero(accept == 1)
+        if ok.size == 0:
+            return
+        sa = seeds[ok]
+        s_old = self.s[sa].copy()
+        loss_old = st.loss[sa].copy()
+        self.nu[sa] += Zd[ok, 2]
+        self.s[sa] = s_new[ok]
+        self.theta[sa] = theta_new[ok]
+        self.hvec[sa] = h_new[ok]
+        self.Z_prev[sa] = Zd[ok]
+        self.flags[sa, self.HAS_PREVIOUS] = 1
+        _clock_tolerance(s_new[ok], theta_new[ok], h_new[ok], sa, self.rtol, self.atol, self.tol)
+        f_new = np.empty((ok.size, n))
+        self.products.residuals(theta_new[ok], sa, f_new)
+        self.f[sa] = f_new
+        st.nfev[sa] += 1
+        loss = np.einsum("ij,ij->i", f_new, f_new) / (2 * n)
+        st.loss[sa] = loss
+        self.events.step(self, sa, t_old[ok], h_step[done][ok], s_old, sigma[done][ok], loss_old, loss)
+        converged = (loss < self.loss_tol) & (st.status[sa] == RUNNING)
+        st.status[sa[converged]] = LOSS_TOL
+        st.t_stop[sa[converged]] = st.t[sa[converged]]
+        diverged = ~np.isfinite(loss) & (st.status[sa] == RUNNING)
+        st.status[sa[diverged]] = DIVERGED
+        st.t_stop[sa[diverged]] = st.t[sa[diverged]]
+        # keep the Jacobian while Newton converges fast (scipy's Radau rule)
+        refresh = (iterations[done][ok] > 2) & (rate[done][ok] > 1e-3)
+        self.flags[sa, self.CURRENT_JAC] = 0
+        self.flags[sa[refresh], self.NEED_JAC] = 1
+
+    # -- dense output (for events) --------------------------------------------------------------
+    def dense_clocks(self, s_old, sigma, x):
+        """Clocks at fraction x in [0, 1] of the last accepted step of one seed, from its start
+        clocks (d,) and stage clocks (3, d) (the collocation polynomial, mapped by X^T / n)."""
+        coef = np.empty((3, s_old.shape[0]))
+        radau.dense_coefficients(s_old, sigma, coef)
+        return s_old + x * (coef[0] + x * (coef[1] + x * coef[2]))
+
+
+def check_clock_range(clock, depth: int) -> None:
+    """Refuse initializations whose blow-up clocks float64 cannot resolve (depth >= 3 at tiny
+    scales: activation clocks ~ alpha^(2-L))."""
+    if depth < 3:
+        return
+    finite = np.concatenate([np.abs(clock.low[np.isfinite(clock.low)]),
+                             np.abs(clock.high[np.isfinite(clock.high)])])
+    if finite.size == 0:
+        return
+    worst = float(finite.max())
+    if worst > CLOCK_LIMIT:
+        scale = worst ** (-1.0)
+        raise InputError(
+            f'integrator.method = "dual" at depth {depth}: a blow-up clock of {worst:.3g} (about '
+            f"alpha^(2-L), so alpha^(L-2) ~ {scale:.1e}) is beyond the float64 limit alpha^(L-2) >= "
+            f"{1 / CLOCK_LIMIT:.0e} (clocks resolve only to eps times their size, so activation "
+            f"times would be wrong); raise model.alpha or use a layer method")
