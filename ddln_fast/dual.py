@@ -30,7 +30,11 @@ the clock relative to itself (which places activations to a relative rtol in tim
 enough that the induced change h_i delta s_i of theta_i stays within atol + rtol |theta_i|,
 but never below what float64 can represent of s_i (at depth >= 3 and tiny scales a clock near
 its blow-up is known to eps |s_i| only; the accuracy of theta is then limited by that, not by
-the tolerance). A norm on nu itself would let absolute errors ~ rtol |nu| through, which grow
+the tolerance). Nor below the rounding of a step's own increment: the clock derivative
+X^T (X theta - y) / n is computed with an absolute error of about eps (|X|^T |y|)_i / n (near
+a fit, X theta - y cancels), so a step of size h cannot place a clock better than h times that;
+late in a run, where steps grow like t, a tolerance below this floor would make Newton chase
+rounding noise. A norm on nu itself would let absolute errors ~ rtol |nu| through, which grow
 with t in plateaus and move the clocks of coordinates about to activate. The tolerances at
 both ends of a step are used (the smaller one).
 """
@@ -54,6 +58,9 @@ from .radau import RADAU_IIA5
 CLOCK_LIMIT = 1e12
 #: The floor of the clock tolerance, in units of eps |s_i| (see the module docstring).
 CLOCK_FLOOR_ULPS = 64.0
+#: The rounding floor of a step's clock increments, in units of eps (|X|^T |y|)_i / n per unit
+#: of flow time (see the module docstring).
+CLOCK_NOISE_ULPS = 32.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,18 +140,22 @@ def _clock_tolerance(s, theta, h, rows, rtol, atol, out):
 
 
 @njit(**JIT_OPTIONS)
-def _weighted_rms(delta, tol, row_seeds, tol_other, use_other, out):
-    """out[r] = RMS over the last axis (and stages) of delta[r] / tol[seed] (or the smaller of
-    tol and tol_other[r] when ``use_other``). delta : (R, K, d); tol : (S, d); tol_other : (R, d)."""
+def _weighted_rms(delta, tol, row_seeds, tol_other, use_other, step, noise, out):
+    """out[r] = RMS over stages and coordinates of delta[r] / tol, with tol = tol[seed] (or the
+    smaller of it and tol_other[r] when ``use_other``), raised to the rounding floor
+    step[r] * noise[seed] of a step of that size. delta : (R, K, d); tol, noise : (S, d);
+    tol_other : (R, d); step : (R,)."""
     R, K, d = delta.shape
     for r in range(R):
         seed = row_seeds[r]
+        hs = step[r]
         acc = 0.0
         for k in range(K):
             for i in range(d):
                 t = tol[seed, i]
                 if use_other:
                     t = min(t, tol_other[r, i])
+                t = max(t, hs * noise[seed, i])
                 q = delta[r, k, i] / t
                 acc += q * q
         out[r] = np.sqrt(acc / (K * d))
@@ -202,6 +213,14 @@ class DualProducts:
         np.matmul(theta, self.XT, out=out)
         _subtract_targets(out, self.y, row_seeds)
         return out
+
+    def clock_noise_rate(self, seeds: int) -> np.ndarray:
+        """eps (|X|^T |y|)_i / n of every seed, shape (S, d): the size of the rounding error of
+        a clock derivative X^T (X theta - y) / n near a fit (where X theta ~ y)."""
+        X = np.abs(self.X)
+        y = np.abs(self.y)
+        rate = np.einsum("...ki,...k->...i", X, y if self.per_seed else y[0]) * self.inv_n
+        return np.finfo(np.float64).eps * np.broadcast_to(rate, (seeds, self.d)).copy()
 
     def jacobian_matrices(self, h, seeds, out):
         """out[a] = X diag(h[a]) X^T / n of seed ``seeds[a]`` (the negative Jacobian A)."""
@@ -261,6 +280,7 @@ class DualIntegrator:
         check_clock_range(self.clock, L)
         self.products = DualProducts(problem)
         n = self.products.n
+        self.noise = self.products.clock_noise_rate(S) * CLOCK_NOISE_ULPS
         self.n = n
         self.dt = float(dt)
         # The embedded estimate has order 3, the solution order 5: RADAU5's conversion of the
@@ -315,12 +335,12 @@ class DualIntegrator:
         self.products.residuals(theta, np.arange(self.seeds), r)
         return np.einsum("ij,ij->i", r, r) / (2 * self.n)
 
-    def invariant_drift(self, U=None) -> np.ndarray:
-        """max_{i,j} |((u^j_i)^2 - (u^1_i)^2) - (same at t = 0)| of the layers recovered from the
-        clocks: it measures how well the recovered layers keep the invariants, by computation."""
-        U = self.U if U is None else U
-        sq, sq0 = U ** 2, self.u0 ** 2
-        return np.max(np.abs((sq - sq[:, :1]) - (sq0 - sq0[:, :1])), axis=(1, 2))
+    def invariant_drift(self) -> np.ndarray:
+        """max_i (max_j D_ij - min_j D_ij), D_ij = (u^j_i)^2 - (u0^j_i)^2, of the layers recovered
+        from the clocks (the layer methods' definition): computed, not assumed to be zero."""
+        U = self.U
+        change = (U - self.u0) * (U + self.u0)
+        return np.max(change.max(axis=1) - change.min(axis=1), axis=1)
 
     # -- state for the run file -----------------------------------------------------------------
     _ARRAYS = ("nu", "s", "f", "Z_prev", "h_old", "faccon", "jac_h", "flags", "counters")
@@ -399,9 +419,9 @@ class DualIntegrator:
         g0 = np.empty((m, self.dim))
         self.products.clocks(np.ascontiguousarray(self.f[seeds]), seeds, None, g0)
         norm = np.empty(m)
-        _weighted_rms(g0[:, None, :], self.tol, seeds, g0, False, norm)
+        _weighted_rms(g0[:, None, :], self.tol, seeds, g0, False, np.zeros(m), self.noise, norm)
         norm_s = np.zeros(m)
-        _weighted_rms(self.s[seeds][:, None, :], self.tol, seeds, g0, False, norm_s)
+        _weighted_rms(self.s[seeds][:, None, :], self.tol, seeds, g0, False, np.zeros(m), self.noise, norm_s)
         h0 = radau.first_trial_step(norm_s, norm, self.dt)
         s1 = self.s[seeds] + h0[:, None] * g0
         theta1 = np.empty((m, self.dim))
@@ -412,7 +432,8 @@ class DualIntegrator:
         g1 = np.empty((m, self.dim))
         self.products.clocks(np.ascontiguousarray(f1 - self.f[seeds]), seeds, None, g1)
         diff = np.empty(m)
-        _weighted_rms((g1 / h0[:, None])[:, None, :], self.tol, seeds, g0, False, diff)
+        _weighted_rms((g1 / h0[:, None])[:, None, :], self.tol, seeds, g0, False, np.zeros(m), self.noise,
+                      diff)
         with np.errstate(invalid="ignore", over="ignore"):
             st.h[seeds] = radau.starting_step(norm_s, norm, diff, h0, self.dt)
         st.h[seeds] = np.where(np.isfinite(st.h[seeds]), st.h[seeds], h0)
@@ -502,7 +523,8 @@ class DualIntegrator:
             self.products.clocks(Zk.reshape(3 * k, n), np.repeat(seeds_k, 3), self.s,
                                  new_sigma.reshape(3 * k, d))
             increment = np.empty(k)
-            _weighted_rms(new_sigma - sig_k, self.tol, seeds_k, new_sigma[:, 0], False, increment)
+            _weighted_rms(new_sigma - sig_k, self.tol, seeds_k, new_sigma[:, 0], False, h_step[going],
+                          self.noise, increment)
             increment[finite == 0] = np.inf
             Z[going], W[going], sigma[going] = Zk, Wk, new_sigma
             inc_old_k, th_old_k, fac_k = increment_old[going], theta_old[going], faccon[going]
@@ -553,7 +575,7 @@ class DualIntegrator:
         tol_end = np.empty((c, d))
         _clock_tolerance(s_new, theta_new, h_new, np.arange(c), self.rtol, self.atol, tol_end)
         err = np.empty(c)
-        _weighted_rms(delta[:, None, :], self.tol, seeds, tol_end, True, err)
+        _weighted_rms(delta[:, None, :], self.tol, seeds, tol_end, True, h_step[done], self.noise, err)
         # Hairer's second estimate after a rejection: f at y0 + err instead of f(y0)
         again = np.flatnonzero((st.rejected[seeds] == 1) & ~(err <= 1.0) & np.isfinite(err))
         if again.size:
@@ -571,7 +593,8 @@ class DualIntegrator:
             delta2 = np.empty((again.size, d))
             self.products.clocks(err2, sg, None, delta2)
             e2 = np.empty(again.size)
-            _weighted_rms(delta2[:, None, :], self.tol, sg, tol_end[again], True, e2)
+            _weighted_rms(delta2[:, None, :], self.tol, sg, tol_end[again], True, h_step[done][again],
+                          self.noise, e2)
             err[again] = e2
         accept = np.zeros(c, dtype=np.uint8)
         t_old = st.t[seeds].copy()
