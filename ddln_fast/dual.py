@@ -48,14 +48,17 @@ from numba import njit, prange
 from . import radau
 from .errors import InputError
 from .integrators import DIVERGED, LOSS_TOL, RUNNING, SeedState
-from .kernels import JIT_OPTIONS, PARALLEL_OPTIONS, SERIAL_STATE_WORK
+from .kernels import JIT_OPTIONS, SERIAL_STATE_WORK, call_by_size, serial_and_parallel
 from .problem import Problem
 from .radau import RADAU_IIA5
 
-#: For depth >= 3 a coordinate activates when its clock nears the blow-up clock, of size about
-#: alpha^(2-L); float64 resolves a clock only to eps times its size. Blow-up clocks beyond this
-#: make activation times (and theta near them) wrong in more than the 4th digit: refused.
-CLOCK_LIMIT = 1e12
+#: For depth >= 3 a coordinate activates when its clock nears its blow-up clock, of size about
+#: alpha^(2-L); float64 resolves a clock only to eps times its size, so theta near activation
+#: carries a relative error of about eps times that clock, and the loss cannot be brought below
+#: about (eps * clock)^2 |y|^2. Measured (depth 3 and 4, n = 40, d = 200, to loss 1e-10): blow-up
+#: clocks up to 1.6e10 run cleanly; at 1e11 and 1e12 the runs stall or lose the fit. Beyond this
+#: limit the method refuses.
+CLOCK_LIMIT = 1e10
 #: The floor of the clock tolerance, in units of eps |s_i| (see the module docstring).
 CLOCK_FLOOR_ULPS = 64.0
 #: The rounding floor of a step's clock increments, in units of eps (|X|^T |y|)_i / n per unit
@@ -66,7 +69,6 @@ CLOCK_NOISE_ULPS = 32.0
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
-@njit(**PARALLEL_OPTIONS)
 def _add_start(out, start, row_seeds, scale):
     """out[r] = start[row_seeds[r]] + scale * out[r] (a clock from a product X^T Z)."""
     R, d = out.shape
@@ -76,7 +78,9 @@ def _add_start(out, start, row_seeds, scale):
         out[r, i] = start[row_seeds[r], i] + scale * out[r, i]
 
 
-@njit(**PARALLEL_OPTIONS)
+ADD_START_KERNELS = serial_and_parallel(_add_start)
+
+
 def _subtract_targets(out, y, row_seeds):
     """out[r] -= y[row_seeds[r]] (y of shape (S or 1, n); row 0 when shared)."""
     R, n = out.shape
@@ -87,7 +91,9 @@ def _subtract_targets(out, y, row_seeds):
             out[r, i] -= src[i]
 
 
-@njit(**PARALLEL_OPTIONS)
+SUBTRACT_TARGETS_KERNELS = serial_and_parallel(_subtract_targets)
+
+
 def _per_seed_clocks(X, Z, start, row_seeds, inv_n, use_start, out):
     """out[r] = start[seed] + X[seed]^T Z[r] / n for per-seed data X of shape (S, n, d)."""
     R, n = Z.shape
@@ -106,7 +112,9 @@ def _per_seed_clocks(X, Z, start, row_seeds, inv_n, use_start, out):
             o[i] = (start[seed, i] if use_start else 0.0) + inv_n * o[i]
 
 
-@njit(**PARALLEL_OPTIONS)
+PER_SEED_CLOCKS_KERNELS = serial_and_parallel(_per_seed_clocks)
+
+
 def _per_seed_residuals(X, y, theta, row_seeds, out):
     """out[r] = X[seed] theta[r] - y[seed] for per-seed data."""
     R, d = theta.shape
@@ -122,12 +130,15 @@ def _per_seed_residuals(X, y, theta, row_seeds, out):
             out[r, k] = acc - y[seed, k]
 
 
-@njit(**PARALLEL_OPTIONS)
-def _clock_tolerance(s, theta, h, rows, rtol, atol, out):
+PER_SEED_RESIDUALS_KERNELS = serial_and_parallel(_per_seed_residuals)
+
+
+def _clock_tolerance(s, theta, h, rows, rtol, atol, newton_floor, out, out_newton):
     """out[rows[a]] = the clock tolerance of every coordinate (module docstring) at (s, theta, h)
-    of row a."""
+    of row a; out_newton[rows[a]] the same with the floor ``newton_floor`` eps |s| (what
+    Newton's increments are measured against)."""
     R, d = s.shape
-    floor = CLOCK_FLOOR_ULPS * np.finfo(np.float64).eps
+    eps = np.finfo(np.float64).eps
     for item in prange(R * d):
         a = item // d
         i = item - a * d
@@ -136,7 +147,11 @@ def _clock_tolerance(s, theta, h, rows, rtol, atol, out):
         hi = h[a, i]
         if hi > 0:
             tol = min(tol, (atol + rtol * abs(theta[a, i])) / hi)
-        out[rows[a], i] = max(tol, floor * si)
+        out[rows[a], i] = max(tol, CLOCK_FLOOR_ULPS * eps * si)
+        out_newton[rows[a], i] = max(tol, newton_floor * eps * si)
+
+
+CLOCK_TOLERANCE_KERNELS = serial_and_parallel(_clock_tolerance)
 
 
 @njit(**JIT_OPTIONS)
@@ -195,28 +210,29 @@ class DualProducts:
     def clocks(self, Z, row_seeds, start, out):
         """out = start[row_seeds] + X^T Z / n (``start`` None: no start). Z : (R, n); out : (R, d)."""
         if self.per_seed:
-            _per_seed_clocks(self.X, Z, start if start is not None else out, row_seeds, self.inv_n,
-                             start is not None, out)
+            call_by_size(PER_SEED_CLOCKS_KERNELS, out.size * self.n, self.X, Z,
+                         start if start is not None else out, row_seeds, self.inv_n, start is not None, out)
             return out
         np.matmul(Z, self.X, out=out)
         if start is None:
             out *= self.inv_n
         else:
-            _add_start(out, start, row_seeds, self.inv_n)
+            call_by_size(ADD_START_KERNELS, out.size, out, start, row_seeds, self.inv_n)
         return out
 
     def residuals(self, theta, row_seeds, out):
         """out = X theta - y for rows of theta (R, d); out : (R, n)."""
         if self.per_seed:
-            _per_seed_residuals(self.X, self.y, theta, row_seeds, out)
+            call_by_size(PER_SEED_RESIDUALS_KERNELS, theta.size * self.n, self.X, self.y, theta,
+                         row_seeds, out)
             return out
         np.matmul(theta, self.XT, out=out)
-        _subtract_targets(out, self.y, row_seeds)
+        call_by_size(SUBTRACT_TARGETS_KERNELS, out.size, out, self.y, row_seeds)
         return out
 
     def clock_noise_rate(self, seeds: int) -> np.ndarray:
         """eps (|X|^T |y|)_i / n of every seed, shape (S, d): the size of the rounding error of
-        a clock derivative X^T (X theta - y) / n near a fit (where X theta ~ y)."""
+        a clock derivative X^T (X theta - y) / n near a fit (where X theta cancels y)."""
         X = np.abs(self.X)
         y = np.abs(self.y)
         rate = np.einsum("...ki,...k->...i", X, y if self.per_seed else y[0]) * self.inv_n
@@ -280,7 +296,6 @@ class DualIntegrator:
         check_clock_range(self.clock, L)
         self.products = DualProducts(problem)
         n = self.products.n
-        self.noise = self.products.clock_noise_rate(S) * CLOCK_NOISE_ULPS
         self.n = n
         self.dt = float(dt)
         # The embedded estimate has order 3, the solution order 5: RADAU5's conversion of the
@@ -288,6 +303,10 @@ class DualIntegrator:
         self.rtol, self.atol = radau.estimate_tolerances(float(rtol), float(atol))
         self.loss_tol, self.max_steps = float(loss_tol), int(max_steps)
         self.newton_tol = radau.newton_tolerance(self.rtol)
+        # Newton increments need not be resolved below ~10 ulps of a clock (RADAU5's
+        # 10 eps / rtol term of its Newton tolerance, per coordinate): in tolerance units
+        # that is a floor of 10 / newton_tol ulps
+        self.newton_floor = 10.0 / self.newton_tol
         # the state (saved and restored)
         self.state = SeedState.fresh(S, self.dt)
         self.nu = np.zeros((S, n))
@@ -297,12 +316,15 @@ class DualIntegrator:
         self.h_old = np.zeros(S)             # its size
         self.faccon = np.ones(S)             # Newton contraction factor carried between steps
         self.jac_h = np.zeros((S, d))        # h at the point of each seed's Jacobian
+        # the rounding floor of clock increments per unit of flow time (module docstring)
+        self.noise = CLOCK_NOISE_ULPS * self.products.clock_noise_rate(S)
         self.flags = np.zeros((S, 4), dtype=np.int8)  # started, has_previous, current_jac, need_jac
         self.counters = np.zeros((S, 3), dtype=np.int64)  # jacobians, newton failures, rejections
         # derived from the state
         self.theta = np.zeros((S, d))
         self.hvec = np.zeros((S, d))
         self.tol = np.zeros((S, d))
+        self.tol_newton = np.zeros((S, d))
         self.V = np.zeros((S, n, n))
         self.lam = np.zeros((S, n))
         self.events = EventRecorder(self.clock, activation_level, S, d)
@@ -320,13 +342,13 @@ class DualIntegrator:
     # -- what the driver stores -----------------------------------------------------------------
     def theta_of_all(self) -> np.ndarray:
         theta = np.empty((self.seeds, self.dim))
-        self.clock.evaluate(self.s, np.arange(self.seeds), theta)
+        self.clock.evaluate(self.s, theta=theta)
         return theta
 
     @property
     def U(self) -> np.ndarray:
         """Layers recovered from the clocks, shape (S, L, d)."""
-        return self.clock.layers(self.s, np.arange(self.seeds))
+        return self.clock.layers(self.s)
 
     def current_losses(self, theta=None) -> np.ndarray:
         if theta is None:
@@ -376,10 +398,11 @@ class DualIntegrator:
         """theta, h and the clock tolerance at the current clocks of ``seeds``."""
         theta = np.empty((seeds.size, self.dim))
         h = np.empty((seeds.size, self.dim))
-        self.clock.evaluate(self.s[seeds], seeds, theta, h)
+        self.clock.evaluate(self.s[seeds], theta=theta, h=h, rows=seeds)
         self.theta[seeds] = theta
         self.hvec[seeds] = h
-        _clock_tolerance(self.s[seeds], theta, h, seeds, self.rtol, self.atol, self.tol)
+        call_by_size(CLOCK_TOLERANCE_KERNELS, theta.size, self.s[seeds], theta, h, seeds, self.rtol,
+                     self.atol, self.newton_floor, self.tol, self.tol_newton)
 
     # -- Jacobians --------------------------------------------------------------------------------
     def _eigen(self, seeds, h):
@@ -425,7 +448,7 @@ class DualIntegrator:
         h0 = radau.first_trial_step(norm_s, norm, self.dt)
         s1 = self.s[seeds] + h0[:, None] * g0
         theta1 = np.empty((m, self.dim))
-        self.clock.evaluate(s1, seeds, theta1)
+        self.clock.evaluate(s1, theta=theta1, rows=seeds)
         f1 = np.empty((m, self.n))
         self.products.residuals(theta1, seeds, f1)
         st.nfev[seeds] += 1
@@ -492,50 +515,65 @@ class DualIntegrator:
         radau.starting_guess(self.Z_prev[active], self.h_old[active], h_step,
                              self.flags[active, self.HAS_PREVIOUS], Z, W)
         self.faccon[active] = np.maximum(self.faccon[active], np.finfo(np.float64).eps) ** 0.8
-        stage_seeds = np.repeat(active, 3)
         sigma = np.empty((m, 3, d))
-        self.products.clocks(Z.reshape(3 * m, n), stage_seeds, self.s, sigma.reshape(3 * m, d))
+        self.products.clocks(Z.reshape(3 * m, n), np.repeat(active, 3), self.s, sigma.reshape(3 * m, d))
         outcome = np.zeros(m, dtype=np.int8)
         iterations = np.zeros(m, dtype=np.int64)
-        increment_old = np.ones(m)
-        theta_old = np.zeros(m)
         rate = np.zeros(m)
         h_factor = np.ones(m)
-        faccon = self.faccon[active].copy()
-        going = np.arange(m)
+        faccon = self.faccon[active]
+        # the rows still iterating, compacted when some finish (no copies while none has)
+        rows = np.arange(m)
+        Zw, Ww, sw = Z, W, sigma
+        seeds_w, stage_rows = active, np.repeat(active, 3)
+        inv_h_w, h_w = inv_h, h_step
+        faccon_w, outcome_w, factor_w, rate_w = faccon.copy(), outcome.copy(), h_factor.copy(), rate.copy()
+        increment_old, theta_old = np.ones(m), np.zeros(m)
+        theta = np.empty((3 * m, d))
+        stage_f = np.empty((3 * m, n))
+        new_sigma = np.empty((m, 3, d))
+        increment = np.empty(m)
+        finite = np.empty(m, dtype=np.uint8)
+        work = np.empty((m, 6, n))
         for iteration in range(1, radau.NEWTON_MAXITER + 1):
-            k = going.size
-            seeds_k = active[going]
-            st.nfev[seeds_k] += 3
-            iterations[going] = iteration
-            sig_k = sigma[going]
-            theta = np.empty((3 * k, d))
-            self.clock.evaluate(sig_k.reshape(3 * k, d), np.repeat(seeds_k, 3), theta)
-            stage_f = np.empty((3 * k, n))
-            self.products.residuals(theta, np.repeat(seeds_k, 3), stage_f)
-            stage_f = stage_f.reshape(k, 3, n)
-            finite = np.empty(k, dtype=np.uint8)
-            _rows_finite(stage_f, finite)
-            Zk, Wk = Z[going], W[going]
-            radau.newton_update(stage_f, Wk, Zk, self.V, self.lam, seeds_k, inv_h[going], finite,
-                                np.empty((k, 6, n)))
-            new_sigma = np.empty((k, 3, d))
-            self.products.clocks(Zk.reshape(3 * k, n), np.repeat(seeds_k, 3), self.s,
-                                 new_sigma.reshape(3 * k, d))
-            increment = np.empty(k)
-            _weighted_rms(new_sigma - sig_k, self.tol, seeds_k, new_sigma[:, 0], False, h_step[going],
-                          self.noise, increment)
-            increment[finite == 0] = np.inf
-            Z[going], W[going], sigma[going] = Zk, Wk, new_sigma
-            inc_old_k, th_old_k, fac_k = increment_old[going], theta_old[going], faccon[going]
-            out_k, hf_k, rate_k = outcome[going], h_factor[going], rate[going]
-            radau.newton_decide(iteration, increment, inc_old_k, th_old_k, fac_k, self.newton_tol,
-                                out_k, hf_k, rate_k)
-            increment_old[going], theta_old[going], faccon[going] = inc_old_k, th_old_k, fac_k
-            outcome[going], h_factor[going], rate[going] = out_k, hf_k, rate_k
-            going = going[out_k == radau.NEWTON_GOING]
-            if going.size == 0:
+            k = rows.size
+            st.nfev[seeds_w] += 3
+            self.clock.evaluate(sw.reshape(3 * k, d), theta=theta[:3 * k], rows=stage_rows)
+            self.products.residuals(theta[:3 * k], stage_rows, stage_f[:3 * k])
+            stage_fk = stage_f[:3 * k].reshape(k, 3, n)
+            _rows_finite(stage_fk, finite[:k])
+            call_by_size(radau.NEWTON_UPDATE_KERNELS, k * n * n, stage_fk, Ww, Zw, self.V, self.lam,
+                         seeds_w, inv_h_w, finite[:k], work[:k])
+            self.products.clocks(Zw.reshape(3 * k, n), stage_rows, self.s, new_sigma[:k].reshape(3 * k, d))
+            _weighted_rms(new_sigma[:k] - sw, self.tol_newton, seeds_w, sw[:, 0], False, h_w, self.noise,
+                          increment[:k])
+            increment[:k][finite[:k] == 0] = np.inf
+            sw[...] = new_sigma[:k]
+            radau.newton_decide(iteration, increment[:k], increment_old, theta_old, faccon_w,
+                                self.newton_tol, outcome_w, factor_w, rate_w)
+            finished = outcome_w != radau.NEWTON_GOING
+            if not finished.any():
+                continue
+            # hand the finished rows' results back, keep iterating the others
+            done_rows = rows[finished]
+            iterations[done_rows] = iteration
+            outcome[done_rows], h_factor[done_rows] = outcome_w[finished], factor_w[finished]
+            rate[done_rows], faccon[done_rows] = rate_w[finished], faccon_w[finished]
+            if Zw is not Z:
+                Z[done_rows], W[done_rows], sigma[done_rows] = Zw[finished], Ww[finished], sw[finished]
+            if finished.all():
                 break
+            keep = ~finished
+            if Zw is Z:  # the first compaction: from here on the working rows are copies
+                Zw, Ww, sw = Z[rows[keep]], W[rows[keep]], sigma[rows[keep]]
+            else:
+                Zw, Ww, sw = Zw[keep], Ww[keep], sw[keep]
+            rows, seeds_w = rows[keep], seeds_w[keep]
+            stage_rows = np.repeat(seeds_w, 3)
+            inv_h_w, h_w = inv_h_w[keep], h_w[keep]
+            faccon_w, outcome_w = faccon_w[keep], outcome_w[keep]
+            factor_w, rate_w = factor_w[keep], rate_w[keep]
+            increment_old, theta_old = increment_old[keep], theta_old[keep]
         self.faccon[active] = faccon
         st.steps[active] += 1
         # Newton failed: a smaller step, and a fresh Jacobian if this one was old
@@ -564,16 +602,17 @@ class DualIntegrator:
         work = np.empty((c, 6, n))
         err_nu = np.empty((c, n))
         f_start = self.f[seeds]
-        radau.error_solve(f_start, Zd, self.V, self.lam, seeds, inv_h[done], f_start,
-                          np.zeros(c, dtype=np.uint8), err_nu, work)
+        call_by_size(radau.ERROR_SOLVE_KERNELS, c * n * n, f_start, Zd, self.V, self.lam, seeds,
+                     inv_h[done], f_start, np.zeros(c, dtype=np.uint8), err_nu, work)
         delta = np.empty((c, d))
         self.products.clocks(err_nu, seeds, None, delta)
         s_new = np.ascontiguousarray(sigma[done, 2])
         theta_new = np.empty((c, d))
         h_new = np.empty((c, d))
-        self.clock.evaluate(s_new, seeds, theta_new, h_new)
+        self.clock.evaluate(s_new, theta=theta_new, h=h_new, rows=seeds)
         tol_end = np.empty((c, d))
-        _clock_tolerance(s_new, theta_new, h_new, np.arange(c), self.rtol, self.atol, tol_end)
+        call_by_size(CLOCK_TOLERANCE_KERNELS, s_new.size, s_new, theta_new, h_new, np.arange(c),
+                     self.rtol, self.atol, self.newton_floor, tol_end, tol_end)
         err = np.empty(c)
         _weighted_rms(delta[:, None, :], self.tol, seeds, tol_end, True, h_step[done], self.noise, err)
         # Hairer's second estimate after a rejection: f at y0 + err instead of f(y0)
@@ -582,14 +621,14 @@ class DualIntegrator:
             sg = seeds[again]
             s1 = self.s[sg] + delta[again]
             theta1 = np.empty((again.size, d))
-            self.clock.evaluate(s1, sg, theta1)
+            self.clock.evaluate(s1, theta=theta1, rows=sg)
             f1 = np.empty((again.size, n))
             self.products.residuals(theta1, sg, f1)
             st.nfev[sg] += 1
             err2 = np.empty((again.size, n))
-            radau.error_solve(f1, Zd[again], self.V, self.lam, sg, inv_h[done][again], f1,
-                              np.zeros(again.size, dtype=np.uint8), err2,
-                              np.empty((again.size, 6, n)))
+            call_by_size(radau.ERROR_SOLVE_KERNELS, again.size * n * n, f1, Zd[again], self.V,
+                         self.lam, sg, inv_h[done][again], f1, np.zeros(again.size, dtype=np.uint8),
+                         err2, np.empty((again.size, 6, n)))
             delta2 = np.empty((again.size, d))
             self.products.clocks(err2, sg, None, delta2)
             e2 = np.empty(again.size)
@@ -614,7 +653,8 @@ class DualIntegrator:
         self.hvec[sa] = h_new[ok]
         self.Z_prev[sa] = Zd[ok]
         self.flags[sa, self.HAS_PREVIOUS] = 1
-        _clock_tolerance(s_new[ok], theta_new[ok], h_new[ok], sa, self.rtol, self.atol, self.tol)
+        call_by_size(CLOCK_TOLERANCE_KERNELS, ok.size * d, s_new[ok], theta_new[ok], h_new[ok], sa,
+                     self.rtol, self.atol, self.newton_floor, self.tol, self.tol_newton)
         f_new = np.empty((ok.size, n))
         self.products.residuals(theta_new[ok], sa, f_new)
         self.f[sa] = f_new
@@ -637,25 +677,25 @@ class DualIntegrator:
     def dense_clocks(self, s_old, sigma, x):
         """Clocks at fraction x in [0, 1] of the last accepted step of one seed, from its start
         clocks (d,) and stage clocks (3, d) (the collocation polynomial, mapped by X^T / n)."""
-        coef = np.empty((3, s_old.shape[0]))
-        radau.dense_coefficients(s_old, sigma, coef)
+        coef = np.empty((1, 3, s_old.shape[0]))
+        radau.dense_coefficients(s_old[None], sigma[None], coef)
+        coef = coef[0]
         return s_old + x * (coef[0] + x * (coef[1] + x * coef[2]))
 
 
 def check_clock_range(clock, depth: int) -> None:
     """Refuse initializations whose blow-up clocks float64 cannot resolve (depth >= 3 at tiny
-    scales: activation clocks ~ alpha^(2-L))."""
+    scales: blow-up clocks ~ alpha^(2-L), see CLOCK_LIMIT)."""
     if depth < 3:
         return
-    finite = np.concatenate([np.abs(clock.low[np.isfinite(clock.low)]),
-                             np.abs(clock.high[np.isfinite(clock.high)])])
+    low, high = clock.blow_up
+    finite = np.concatenate([np.abs(low[np.isfinite(low)]), np.abs(high[np.isfinite(high)])])
     if finite.size == 0:
         return
     worst = float(finite.max())
     if worst > CLOCK_LIMIT:
-        scale = worst ** (-1.0)
         raise InputError(
-            f'integrator.method = "dual" at depth {depth}: a blow-up clock of {worst:.3g} (about '
-            f"alpha^(2-L), so alpha^(L-2) ~ {scale:.1e}) is beyond the float64 limit alpha^(L-2) >= "
-            f"{1 / CLOCK_LIMIT:.0e} (clocks resolve only to eps times their size, so activation "
-            f"times would be wrong); raise model.alpha or use a layer method")
+            f'integrator.method = "dual" at depth {depth}: a blow-up clock of {worst:.3g} (clocks '
+            f"scale like alpha^(2-L)) is beyond the float64 limit {CLOCK_LIMIT:.0e} of the dual "
+            f"method (about alpha^(L-2) >= 1e-10; theta near activation would carry errors of eps "
+            f"times the clock); raise model.alpha or use a layer method")

@@ -17,9 +17,9 @@ other leaves the neighbourhood of zero. Two kinds of events measure that picture
 
 The activation level is ``integrator.activation_level`` when it is positive; by default (0) it
 is ``ACTIVATION_FRACTION`` times max_i |theta_inf,i|, the largest coordinate of the seed's
-predicted limit (the Bregman projection of its initialization onto the interpolators); for an
-initialization without a prediction (violating assumption (A)), of the minimum-l2
-interpolator. A coordinate already at or above the level at t = 0 activates at 0.
+predicted limit (the Bregman projection of its initialization onto the interpolators); where
+there is no prediction (an initialization violating assumption (A)) or it does not converge
+(very small scales), of the minimum-l2 interpolator. A coordinate already at or above the level at t = 0 activates at 0.
 
 In the run file (method ``dual``): ``/events/activation_level`` (S,), ``/events/activation_time``
 (S, d) (NaN: not activated), ``/events/loss_decades`` (D,) (the exponents k) and
@@ -35,16 +35,17 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from .kernels import PARALLEL_OPTIONS
+from .kernels import call_by_size, serial_and_parallel
 
 #: Default activation level: this fraction of max_i |theta_inf,i| of the seed.
 ACTIVATION_FRACTION = 0.1
+#: The predicted limit sets the default level only if its dual residual is below this.
+PREDICTION_RESIDUAL = 1e-8
 #: Exponents k of the loss decades 10^k whose first crossing is recorded.
 LOSS_DECADES = np.arange(10, -31, -1, dtype=np.int64)
 _BISECTIONS = 80
 
 
-@njit(**PARALLEL_OPTIONS)
 def _activation_crossings(s_old, coef, seeds, t_old, h, up, down, times):
     """First crossing of c_up (from above) or c_down (from below) by the cubic clock
     p(x) = s_old + coef[0] x + coef[1] x^2 + coef[2] x^3 on x in [0, 1], for every coordinate of
@@ -111,13 +112,16 @@ def _activation_crossings(s_old, coef, seeds, t_old, h, up, down, times):
             break
 
 
+ACTIVATION_CROSSINGS_KERNELS = serial_and_parallel(_activation_crossings)
+
+
 class EventRecorder:
     """Activation and loss-decade events of every seed, found step by step (module docstring).
 
     Parameters
     ----------
     clock : clock map
-        With ``clock_of(values (S, d)) -> clocks`` and ``theta0``.
+        With ``evaluate`` and ``clock_of(values (S, d)) -> clocks`` (NaN: never reached).
     levels : ndarray of shape (S,) or None
         Activation level of each seed (None or 0: no activation events for it).
     """
@@ -128,12 +132,14 @@ class EventRecorder:
             np.asarray(levels, dtype=np.float64), (seeds,)).copy()
         self.activation_time = np.full((seeds, dim), np.nan)
         self.decade_time = np.full((seeds, LOSS_DECADES.size), np.nan)
+        self.theta0, _ = clock.evaluate(np.zeros((seeds, dim)))
         self._clocks()
 
     def _clocks(self):
-        level = self.level[:, None] * np.ones_like(self.clock.theta0)
-        self.clock_up = self.clock.clock_of(level)
-        self.clock_down = self.clock.clock_of(-level)
+        level = self.level[:, None] * np.ones_like(self.theta0)
+        # NaN: F never reaches the level on that side (e.g. a frozen coordinate)
+        self.clock_up = np.nan_to_num(self.clock.clock_of(level), nan=-np.inf)
+        self.clock_down = np.nan_to_num(self.clock.clock_of(-level), nan=np.inf)
         off = self.level <= 0
         self.clock_up[off] = -np.inf
         self.clock_down[off] = np.inf
@@ -166,7 +172,7 @@ class EventRecorder:
     # -- detection ------------------------------------------------------------------------------
     def start(self, seeds, loss) -> None:
         """Events at t = 0 of fresh seeds: coordinates already at the level, decades above f(0)."""
-        theta0 = self.clock.theta0[seeds]
+        theta0 = self.theta0[seeds]
         on = (self.level[seeds, None] > 0) & (np.abs(theta0) >= self.level[seeds, None])
         self.activation_time[seeds] = np.where(on, 0.0, self.activation_time[seeds])
         below = loss[seeds, None] < 10.0 ** LOSS_DECADES[None, :].astype(np.float64)
@@ -179,10 +185,9 @@ class EventRecorder:
 
         m, d = s_old.shape
         coef = np.empty((m, 3, d))
-        for r in range(m):
-            dense_coefficients(s_old[r], sigma[r], coef[r])
-        _activation_crossings(s_old, coef, seeds, t_old, h, self.clock_up, self.clock_down,
-                              self.activation_time)
+        dense_coefficients(s_old, sigma, coef)
+        call_by_size(ACTIVATION_CROSSINGS_KERNELS, s_old.size, s_old, coef, seeds, t_old, h,
+                     self.clock_up, self.clock_down, self.activation_time)
         thresholds = 10.0 ** LOSS_DECADES.astype(np.float64)
         for r in np.flatnonzero(loss_new < loss_old):
             seed = seeds[r]
@@ -203,7 +208,7 @@ def _loss_crossing(integrator, seed, s_old, coef, level, loss_start, loss_end) -
 
     def gap(x):
         clocks = s_old + x * (coef[0] + x * (coef[1] + x * coef[2]))
-        integrator.clock.evaluate(clocks[None, :], rows, theta)
+        integrator.clock.evaluate(clocks[None, :], theta=theta, rows=rows)
         integrator.products.residuals(theta, rows, r)
         value = float(r[0] @ r[0]) / (2 * integrator.n)
         return np.log(max(value, 1e-300)) - np.log(level)
@@ -247,9 +252,15 @@ def activation_levels(config, problem, u0) -> np.ndarray:
         for s in range(S):
             data = problem.for_seed(s)
             cons = shared if shared is not None else constraints(data.X, data.y)
+            limit = None
             try:
-                limit = bregman_projection(MirrorGeometry.from_layers(u0[s]), cons).theta
+                with np.errstate(all="ignore"):
+                    prediction = bregman_projection(MirrorGeometry.from_layers(u0[s]), cons)
+                if prediction.residual <= PREDICTION_RESIDUAL and np.all(np.isfinite(prediction.theta)):
+                    limit = prediction.theta
             except InputError:  # no prediction for this initialization (sign trap)
+                pass
+            if limit is None:  # none, or not converged (tiny scales)
                 limit = min_l2_interpolator(data.X, data.y)
             out[s] = ACTIVATION_FRACTION * float(np.max(np.abs(limit)))
     return out

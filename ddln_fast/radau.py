@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .kernels import JIT_OPTIONS, PARALLEL_OPTIONS
+from .kernels import JIT_OPTIONS, serial_and_parallel
 
 SQRT6 = 6.0 ** 0.5
 
@@ -115,7 +115,6 @@ def _expand(Vs, coef, n, out):
         out[i] = acc
 
 
-@njit(**PARALLEL_OPTIONS)
 def newton_update(stage_f, W, Z, V, lam, seeds, inv_h, live, work):
     """One simplified-Newton update of the collocation system, for every live row.
 
@@ -185,7 +184,9 @@ def newton_update(stage_f, W, Z, V, lam, seeds, inv_h, live, work):
             z2[i] = T[2, 0] * a0 + T[2, 1] * a1 + T[2, 2] * a2
 
 
-@njit(**PARALLEL_OPTIONS)
+NEWTON_UPDATE_KERNELS = serial_and_parallel(newton_update)
+
+
 def error_solve(f_start, Z, V, lam, seeds, inv_h, extra, use_extra, out, work):
     """The embedded error estimate of every row: (MU_REAL / h + A)^{-1} (f + sum_i E_i Z_i / h),
     with f = f_start (the derivative at the step start), or ``extra`` where ``use_extra[r]``
@@ -207,6 +208,9 @@ def error_solve(f_start, Z, V, lam, seeds, inv_h, extra, use_extra, out, work):
         for j in range(n):
             coef[j] = coef[j] / (mr + lam[s, j])
         _expand(V[s], coef, n, out[r])
+
+
+ERROR_SOLVE_KERNELS = serial_and_parallel(error_solve)
 
 
 @njit(**JIT_OPTIONS)
@@ -242,16 +246,18 @@ def starting_guess(Z_prev, h_prev, h, has_previous, Z, W):
 
 @njit(**JIT_OPTIONS)
 def dense_coefficients(start, nodes, out):
-    """Monomial coefficients of the collocation polynomial of one row:
+    """Monomial coefficients of the collocation polynomial of each row:
     p(x) = start + out[0] x + out[1] x^2 + out[2] x^3 passes through ``nodes[i]`` at x = C[i].
 
-    start : (M,); nodes : (3, M); out : (3, M). Works for any linear image of the state (the
-    clocks X^T nu / n of the dual flow)."""
-    m = start.shape[0]
-    for k in range(3):
-        for i in range(m):
-            out[k, i] = (P[0, k] * (nodes[0, i] - start[i]) + P[1, k] * (nodes[1, i] - start[i])
-                         + P[2, k] * (nodes[2, i] - start[i]))
+    start : (R, M); nodes : (R, 3, M); out : (R, 3, M). Works for any linear image of the state
+    (the clocks X^T nu / n of the dual flow)."""
+    R, m = start.shape
+    for r in range(R):
+        for k in range(3):
+            for i in range(m):
+                out[r, k, i] = (P[0, k] * (nodes[r, 0, i] - start[r, i])
+                                + P[1, k] * (nodes[r, 1, i] - start[r, i])
+                                + P[2, k] * (nodes[r, 2, i] - start[r, i]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +279,9 @@ def newton_decide(iteration, increment, increment_old, theta_old, faccon, tol, s
     ``tol``; it has converged when faccon * increment <= tol, with faccon = theta / (1 - theta),
     carried over from the previous step (so a step can converge after one update).
 
+    An increment below ``tol`` itself ends the iteration at once: it is at the resolution of the
+    state (or far below the error tolerance), where the rate is only rounding noise.
+
     Arrays of shape (rows,): increment_old and theta_old are updated in place; faccon too;
     ``state`` gets NEWTON_* codes; ``h_factor`` the proposed step-size factor of failed rows;
     ``theta_out`` the current rate estimate (for the Jacobian-reuse decision).
@@ -285,6 +294,9 @@ def newton_decide(iteration, increment, increment_old, theta_old, faccon, tol, s
         if not np.isfinite(dyno):
             state[r] = NEWTON_FAILED
             h_factor[r] = 0.5
+            continue
+        if dyno <= tol:
+            state[r] = NEWTON_CONVERGED
             continue
         if iteration > 1:
             thq = dyno / increment_old[r]

@@ -373,15 +373,21 @@ def test_stop_then_resume_is_bit_identical(tmp_path, evaluations):
 
 # --- bad input and limits ------------------------------------------------------------------------
 
-def test_depth_three_limit_of_float64_is_refused():
-    """alpha^(L-2) = 1e-14 < 1e-12: activation clocks of 1e14 cannot be resolved in float64."""
+def test_scales_beyond_the_float64_limit_are_refused():
+    """Blow-up clocks grow like alpha^(2-L): depth 4 at alpha = 1e-6 has them at 1e12 (first
+    layer zero: exactly 1 / alpha^2), beyond the limit 1e10; depth 4 at alpha = 1e-5 (1e10) is
+    accepted; depth 2 has no blow-up and takes alpha = 1e-300."""
     from ddln_fast.errors import InputError
     from ddln_fast.simulate import run_simulation
 
-    config = dual_config({"model.depth": 4, "model.init": "first_layer_zero", "model.alpha": 1e-7,
-                          "model.jitter": 0.0})
-    with pytest.raises(InputError, match=r"alpha\^\(L-2\) >= 1e-12"):
-        run_simulation(config, None)
+    flz = {"model.init": "first_layer_zero", "model.jitter": 0.0, "run.seeds": 1}
+    with pytest.raises(InputError, match=r"blow-up clock of 1e\+12 .* limit 1e\+10"):
+        run_simulation(dual_config({**flz, "model.depth": 4, "model.alpha": 1e-6}), None)
+    run_simulation(dual_config({**flz, "model.depth": 4, "model.alpha": 1e-5, "integrator.t_end": 1.0}),
+                   None)
+    run = run_simulation(dual_config({**flz, "model.depth": 2, "model.alpha": 1e-300,
+                                      "integrator.t_end": 1.0}), None).run
+    assert np.all(np.isfinite(run.theta))
 
 
 @pytest.mark.parametrize("key, value, word", [("run.dtype", "float32", "float64"),
@@ -404,7 +410,7 @@ def test_cli_refuses_with_one_line(tmp_path):
     proc = ddln("run", "--set", "integrator.method=dual", "--set", "model.depth=5", "--set",
                 "model.alpha=1e-5", "-o", str(out))
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().count("\n") == 0 and "1e-12" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "1e+10" in proc.stderr
     assert not out.exists()
 
 
