@@ -9,9 +9,9 @@ Targets (issue 10):
   limited by stability in the plateaus, so flow time grows about linearly with evaluations;
   steps only shrink as coordinates activate, so the extrapolation favours the layer method);
 - the same problem against scipy's Radau on the same nu-ODE with the exact Jacobian, one seed
-  after another: >= 5x. Both use the same clock map; scipy's rtol is tightened tenfold until
-  its error (theta at a time inside the saddle-to-saddle phase, against scipy Radau at
-  rtol 1e-12) is at most the dual method's;
+  after another: >= 5x. Both use the same clock map; scipy runs at the loosest rtol (tenfold
+  steps from the dual method's) whose error (theta at a time inside the saddle-to-saddle phase,
+  against scipy Radau at rtol 1e-12) is at most the dual method's;
 - configuration C (n = 100, d = 1000, 64 seeds, alpha = 0.01) to loss 1e-8: dual against layer
   dopri5, >= 20x;
 - the depth {2, 3, 4, 5} x alpha {1e-1 .. 1e-6} grid (n = 40, d = 200, 4 seeds) as a
@@ -35,6 +35,8 @@ from ddln_fast.dual import DualIntegrator
 from ddln_fast.integrators import LOSS_TOL, Integrator
 
 LAYER_SECONDS = float(os.environ.get("DDLN_BENCH_LAYER_SECONDS", "600"))
+#: Jitter of the rich-regime seeds (the issue's 0.1; 0 keeps the closed-form clock map).
+RICH_JITTER = float(os.environ.get("DDLN_BENCH_RICH_JITTER", "0.1"))
 RTOL, ATOL = 1e-8, 1e-12
 
 
@@ -46,7 +48,7 @@ def rich_problem(seeds=8):
 
     config = Config.from_dict({"problem": {"n": 40, "d": 200, "sparsity": 5, "seed": 0},
                                "model": {"depth": 3, "alpha": 0.01, "init": "first_layer_zero",
-                                         "jitter": 0.1},
+                                         "jitter": RICH_JITTER},
                                "run": {"seeds": seeds, "seed": 0}})
     problem = make_problem(config)
     return problem, initial_layers(config, problem.d)
@@ -156,17 +158,26 @@ def test_dual_vs_scipy_radau(benchmark):
         event.terminal = True
         return event
 
-    rtol = RTOL
-    while True:
-        scipy_error = 0.0
+    def scipy_error_at(rtol):
+        worst = 0.0
         for s in subset:
             rhs, jac, theta_of = _scipy_nu_ode(problem, clock, s)
             sol = solve_ivp(rhs, (0.0, t_check), np.zeros(n), method="Radau", jac=jac, rtol=rtol, atol=ATOL)
-            scipy_error = max(scipy_error, np.abs(theta_of(sol.y[:, -1]) - reference[s]).max()
-                              / np.abs(reference[s]).max())
-        if scipy_error <= ours_error or rtol <= 1e-11:
-            break
+            worst = max(worst, np.abs(theta_of(sol.y[:, -1]) - reference[s]).max()
+                        / np.abs(reference[s]).max())
+        return worst
+
+    # scipy's cheapest rtol (tenfold steps from ours) whose error is at most the dual method's
+    rtol = RTOL
+    scipy_error = scipy_error_at(rtol)
+    while scipy_error > ours_error and rtol > 1e-11:
         rtol /= 10
+        scipy_error = scipy_error_at(rtol)
+    while scipy_error <= ours_error and rtol < 1e-4:
+        looser = scipy_error_at(rtol * 10)
+        if looser > ours_error:
+            break
+        rtol, scipy_error = rtol * 10, looser
     scipy_wall, scipy_steps = 0.0, 0
     for s in range(S):
         rhs, jac, _ = _scipy_nu_ode(problem, clock, s)

@@ -177,6 +177,28 @@ def _weighted_rms(delta, tol, row_seeds, tol_other, use_other, step, noise, out)
 
 
 @njit(**JIT_OPTIONS)
+def _move_stage_clocks(increments, start, seeds, sigma, tol, step, noise, finite, out):
+    """One Newton update of the stage clocks: sigma_new = start[seed] + increments (X^T Z / n),
+    out[r] = RMS of (sigma_new - sigma) / tol (floored as in :func:`_weighted_rms`; inf where
+    the row's stage values were not finite), then sigma = sigma_new.
+
+    increments, sigma : (R, 3, d); start, tol, noise : (S, d); seeds, step, finite : (R,)."""
+    R, K, d = sigma.shape
+    for r in range(R):
+        seed = seeds[r]
+        hs = step[r]
+        acc = 0.0
+        for k in range(K):
+            for i in range(d):
+                new = start[seed, i] + increments[r, k, i]
+                t = max(tol[seed, i], hs * noise[seed, i])
+                q = (new - sigma[r, k, i]) / t
+                acc += q * q
+                sigma[r, k, i] = new
+        out[r] = np.sqrt(acc / (K * d)) if finite[r] else np.inf
+
+
+@njit(**JIT_OPTIONS)
 def _rows_finite(values, out):
     """out[r] = 1 if every value of row r (R, ...) is finite."""
     R = values.shape[0]
@@ -544,11 +566,9 @@ class DualIntegrator:
             _rows_finite(stage_fk, finite[:k])
             call_by_size(radau.NEWTON_UPDATE_KERNELS, k * n * n, stage_fk, Ww, Zw, self.V, self.lam,
                          seeds_w, inv_h_w, finite[:k], work[:k])
-            self.products.clocks(Zw.reshape(3 * k, n), stage_rows, self.s, new_sigma[:k].reshape(3 * k, d))
-            _weighted_rms(new_sigma[:k] - sw, self.tol_newton, seeds_w, sw[:, 0], False, h_w, self.noise,
-                          increment[:k])
-            increment[:k][finite[:k] == 0] = np.inf
-            sw[...] = new_sigma[:k]
+            self.products.clocks(Zw.reshape(3 * k, n), stage_rows, None, new_sigma[:k].reshape(3 * k, d))
+            _move_stage_clocks(new_sigma[:k], self.s, seeds_w, sw, self.tol_newton, h_w, self.noise,
+                               finite[:k], increment[:k])
             radau.newton_decide(iteration, increment[:k], increment_old, theta_old, faccon_w,
                                 self.newton_tol, outcome_w, factor_w, rate_w)
             finished = outcome_w != radau.NEWTON_GOING
@@ -672,15 +692,6 @@ class DualIntegrator:
         refresh = (iterations[done][ok] > 2) & (rate[done][ok] > 1e-3)
         self.flags[sa, self.CURRENT_JAC] = 0
         self.flags[sa[refresh], self.NEED_JAC] = 1
-
-    # -- dense output (for events) --------------------------------------------------------------
-    def dense_clocks(self, s_old, sigma, x):
-        """Clocks at fraction x in [0, 1] of the last accepted step of one seed, from its start
-        clocks (d,) and stage clocks (3, d) (the collocation polynomial, mapped by X^T / n)."""
-        coef = np.empty((1, 3, s_old.shape[0]))
-        radau.dense_coefficients(s_old[None], sigma[None], coef)
-        coef = coef[0]
-        return s_old + x * (coef[0] + x * (coef[1] + x * coef[2]))
 
 
 def check_clock_range(clock, depth: int) -> None:

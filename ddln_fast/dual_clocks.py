@@ -156,6 +156,7 @@ class InterimClockMap:
         else:
             self._classify_deep(u0, mag)
         self._bounds_for_general()
+        self.has_general = any(g is not None for g in self.general)
 
     def _classify_deep(self, u0, mag):
         S, L, d = u0.shape
@@ -206,9 +207,6 @@ class InterimClockMap:
             self.low[s, cols] = geometry.phi0 - geometry.bound
             self.high[s, cols] = geometry.phi0 + geometry.bound
 
-    @property
-    def has_general(self) -> bool:
-        return any(g is not None for g in self.general)
 
     @property
     def blow_up(self) -> tuple[np.ndarray, np.ndarray]:

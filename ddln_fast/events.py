@@ -62,6 +62,9 @@ def _activation_crossings(s_old, coef, seeds, t_old, h, up, down, times):
             continue
         lo_clock, hi_clock = up[seed, i], down[seed, i]
         p0, p1, p2, p3 = s_old[r, i], coef[r, 0, i], coef[r, 1, i], coef[r, 2, i]
+        reach = abs(p1) + abs(p2) + abs(p3)  # |p(x) - p0| <= reach on [0, 1]
+        if lo_clock < p0 - reach and p0 + reach < hi_clock:
+            continue
         # monotone pieces of p on [0, 1], split at the roots of p' = p1 + 2 p2 x + 3 p3 x^2
         cuts = np.empty(4)
         count = 0
