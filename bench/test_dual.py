@@ -61,6 +61,7 @@ def run_dual(problem, u0, loss_tol, t_end=1e15, rtol=RTOL):
     return it, time.perf_counter() - start
 
 
+@pytest.mark.timeout(7200)
 def test_rich_regime_dual_vs_layer_dopri5(benchmark):
     problem, u0 = rich_problem()
     run_dual(problem, u0[:1], 1e-10, t_end=1.0)  # compile outside the measurement
