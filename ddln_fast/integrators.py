@@ -11,13 +11,15 @@ advances all running seeds to a target time (a checkpoint), landing on it exactl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import numba
 from numba import njit
 
-from . import kernels
+from . import controller, kernels
+from .controller import (DIVERGED, LOSS_TOL, MAX_STEPS, RUNNING, STALLED, STATUS_NAMES, T_END,
+                         SeedState, Trial)
 from .kernels import JIT_OPTIONS
 from .problem import Problem
 
@@ -73,51 +75,6 @@ DOPRI5 = _tableau(
 )
 TABLEAUS = {"euler": EULER, "rk4": RK4, "dopri5": DOPRI5}
 
-# Status of a seed (stored per checkpoint in the HDF5 file).
-RUNNING, T_END, LOSS_TOL, MAX_STEPS, DIVERGED, STALLED = range(6)
-STATUS_NAMES = ("running", "t_end", "loss_tol", "max_steps", "diverged", "stalled")
-
-# Hairer's dopri5.f controller constants.
-SAFETY, FAC_MIN, FAC_MAX, BETA = 0.9, 0.2, 10.0, 0.04
-
-
-@dataclass
-class SeedState:
-    """Everything that defines where each seed is (all arrays of shape (S,)).
-
-    ``t`` is flow time; ``h`` the proposed next step (dopri5) or dt; ``steps`` counts attempted
-    steps; ``nfev`` gradient evaluations; ``loss`` is f at the current layers (NaN if unknown).
-    """
-
-    t: np.ndarray
-    h: np.ndarray
-    facold: np.ndarray
-    rejected: np.ndarray
-    steps: np.ndarray
-    accepted: np.ndarray
-    nfev: np.ndarray
-    loss: np.ndarray
-    status: np.ndarray
-    t_stop: np.ndarray
-
-    @classmethod
-    def fresh(cls, seeds: int, h0: float) -> "SeedState":
-        return cls(
-            t=np.zeros(seeds), h=np.full(seeds, h0), facold=np.full(seeds, 1e-4),
-            rejected=np.zeros(seeds, dtype=np.int8), steps=np.zeros(seeds, dtype=np.int64),
-            accepted=np.zeros(seeds, dtype=np.int64), nfev=np.zeros(seeds, dtype=np.int64),
-            loss=np.full(seeds, np.nan), status=np.zeros(seeds, dtype=np.int8),
-            t_stop=np.full(seeds, np.nan),
-        )
-
-    def as_dict(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, arrays) -> "SeedState":
-        return cls(**{f.name: np.array(arrays[f.name]) for f in fields(cls)})
-
-
 class Products:
     """The two products with X of one gradient evaluation, for the active seeds.
 
@@ -156,26 +113,6 @@ class Products:
 # Per-step bookkeeping of the fixed-step loop, compiled: as Python loops over 64 seeds it cost
 # about 0.3 ms per step (measured), as much as a whole stage kernel at moderate d.
 @njit(**JIT_OPTIONS)
-def _screen_fixed(active, live, stage_loss, loss_tol, dt, h, t, loss, status, t_stop):
-    """Before a fixed step: record each active seed's loss at its current layers; a seed whose
-    loss is not finite stops as diverged, one below ``loss_tol`` as converged (neither moves)."""
-    for a in range(active.shape[0]):
-        s = active[a]
-        f = stage_loss[a]
-        loss[s] = f
-        h[s] = dt
-        live[a] = 1
-        if not np.isfinite(f):
-            live[a] = 0
-            status[s] = DIVERGED
-            t_stop[s] = t[s]
-        elif f < loss_tol:
-            live[a] = 0
-            status[s] = LOSS_TOL
-            t_stop[s] = t[s]
-
-
-@njit(**JIT_OPTIONS)
 def _finish_fixed(active, live, dt, stages, max_steps, steps, accepted, nfev, t, loss, status,
                   t_stop):
     """After a fixed step: count it for the seeds that moved (their loss is now unknown) and stop
@@ -195,74 +132,6 @@ def _finish_fixed(active, live, dt, stages, max_steps, steps, accepted, nfev, t,
             status[s] = MAX_STEPS
             t_stop[s] = t[s]
     return all_live
-
-
-@njit(**JIT_OPTIONS)
-def _prepare_adaptive_step(active, t_target, t, h, landing, h_unclipped, h_work, h_step):
-    """The step each active seed tries: its proposal, or exactly what is left to ``t_target``
-    when the proposal would reach it (Hairer: stretch by up to 1% rather than take a tiny
-    step). Compiled: as a dozen numpy calls it cost ~50 us per step, a third of a step of one
-    straggler seed at d = 1000."""
-    for a in range(active.shape[0]):
-        s = active[a]
-        proposal = h[s]
-        clip = t[s] + 1.01 * proposal >= t_target
-        h_used = t_target - t[s] if clip else proposal
-        landing[a] = clip
-        h_unclipped[s] = proposal
-        h_work[s] = h_used
-        h_step[s] = h_used
-
-
-@njit(**JIT_OPTIONS)
-def _dopri5_control(active, live, err, loss_new, t_target, landing, h_used, h_unclipped,
-                    t, h, facold, rejected, steps, accepted, nfev, loss, status, t_stop,
-                    loss_tol, max_steps, accept_mask):
-    """Hairer's PI step-size control (dopri5.f), one seed at a time; decides accept/reject,
-    updates time, proposal and counters, and stops seeds (loss_tol, max_steps, stalled)."""
-    expo1 = 0.2 - BETA * 0.75
-    eps = np.finfo(np.float64).eps
-    for a in range(active.shape[0]):
-        accept_mask[a] = 0
-        if live[a] == 0:
-            continue
-        s = active[a]
-        hs = h_used[s]
-        e = err[a]
-        steps[s] += 1
-        nfev[s] += 6
-        if e <= 1.0:  # NaN and inf fail this test: reject
-            fac11 = e ** expo1
-            fac = fac11 / facold[s] ** BETA
-            fac = max(1.0 / FAC_MAX, min(1.0 / FAC_MIN, fac / SAFETY))
-            h_new = hs / fac
-            facold[s] = max(e, 1e-4)
-            if rejected[s]:
-                h_new = min(h_new, hs)
-            rejected[s] = 0
-            if landing[a]:
-                t[s] = t_target
-                h_new = max(h_new, h_unclipped[s])
-            else:
-                t[s] = t[s] + hs
-            h[s] = h_new
-            accepted[s] += 1
-            loss[s] = loss_new[a]
-            accept_mask[a] = 1
-            if loss_new[a] < loss_tol:
-                status[s] = LOSS_TOL
-                t_stop[s] = t[s]
-        else:
-            fac11 = e ** expo1 if e == e and e < np.inf else np.inf
-            h[s] = hs / min(1.0 / FAC_MIN, fac11 / SAFETY)
-            rejected[s] = 1
-        if status[s] == RUNNING:
-            if steps[s] >= max_steps:
-                status[s] = MAX_STEPS
-                t_stop[s] = t[s]
-            elif not h[s] > 16.0 * eps * max(abs(t[s]), 1e-280):
-                status[s] = STALLED
-                t_stop[s] = t[s]
 
 
 class Integrator:
@@ -310,7 +179,8 @@ class Integrator:
         self.err = np.zeros(S)
         self.err_partial = np.zeros((S, kernels._n_blocks(d)))
         self.live = np.ones(S, dtype=np.uint8)
-        self.h_work = np.zeros(S, dtype=self.dtype)
+        # the step of each seed in the kernels' dtype (fixed-step methods: always dt)
+        self.h_work = np.full(S, self.dt, dtype=self.dtype)
         self.scratch = kernels.stage_scratch(L, self.dtype)
         self.A = [row.astype(self.dtype) for row in self.tableau.A]
         self.one = np.ones(1, dtype=self.dtype)
@@ -374,16 +244,6 @@ class Integrator:
                              self.scratch)
         self._theta_rows = active
 
-    def _stop_non_finite(self, active):
-        """Seeds whose loss at the current layers is not finite are frozen as diverged."""
-        st = self.state
-        for a, s in enumerate(active):
-            if self.live[a] and not np.isfinite(self.stage_loss[a]):
-                self.live[a] = 0
-                st.status[s] = DIVERGED
-                st.t_stop[s] = st.t[s]
-                st.loss[s] = self.stage_loss[a]
-
     def current_losses(self, theta=None) -> np.ndarray:
         """Loss of every seed at its current layers (one exact residual evaluation).
 
@@ -445,8 +305,8 @@ class Integrator:
             if self._theta_rows is None or not np.array_equal(self._theta_rows, active):
                 self._theta_of_U(active)
             self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss)
-            _screen_fixed(active, self.live, self.stage_loss, self.loss_tol, self.dt, self.h_work,
-                          st.t, st.loss, st.status, st.t_stop)
+            self.live[: active.size] = 1
+            controller.screen_losses(active, self.live, self.stage_loss, self.loss_tol, st)
             if tab.stages == 1:
                 kernels._euler_step(self.U, self.G, self.products.inv_n, self.h_work, active,
                                     self.live, self.theta, self.scratch)
@@ -475,26 +335,21 @@ class Integrator:
         self.live[:m] = 1
         self._theta_of_U(active)
         self._evaluate(active, self.U, 0, kernels.MODE_DERIVATIVE)
-        st.loss[active] = self.stage_loss[:m]
         st.nfev[active] += 1
-        self._stop_non_finite(active)
-        # HNW I, II.4 "starting step size": h0 from ||y0||/||f0||, h1 from a 2nd-derivative estimate.
+        controller.screen_losses(active, self.live, self.stage_loss, 0.0, st)  # diverged only
         U, f0 = self.U[active].astype(np.float64), self.K[0][active].astype(np.float64)
         scale = self.atol + self.rtol * np.abs(U)
         scale = np.maximum(scale, np.finfo(np.float64).tiny)
         rms = lambda v: np.sqrt(np.mean((v / scale) ** 2, axis=(1, 2)))  # noqa: E731
-        d0, d1 = rms(U), rms(f0)
-        h0 = np.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / np.maximum(d1, 1e-300))
-        h0 = np.minimum(h0, self.dt)
+        d1 = rms(f0)
+        h0 = controller.first_trial_step(rms(U), d1, self.dt)
         self.h_work[active] = h0
         kernels._stage_input(self.U, self.K, self.one, 1, self.h_work, active, self.Y, self.theta,
                              self.scratch)
         self._evaluate(active, self.Y, 1, kernels.MODE_DERIVATIVE)
         st.nfev[active] += 1
         d2 = rms(self.K[1][active].astype(np.float64) - f0) / h0
-        big = np.maximum(d1, d2)
-        h1 = np.where(big <= 1e-15, np.maximum(1e-6, h0 * 1e-3), (0.01 / np.maximum(big, 1e-300)) ** (1 / 5))
-        st.h[active] = np.minimum(np.minimum(100 * h0, h1), self.dt)
+        st.h[active] = controller.starting_step(h0, d1, d2, self.tableau.error_order, self.dt)
         self.fsal_ready = True
 
     def _advance_adaptive(self, t_target: float) -> None:
@@ -502,10 +357,9 @@ class Integrator:
         A, E = self.A, self.E
         if not self.fsal_ready:
             self._start_adaptive(np.flatnonzero(st.status == RUNNING))
-        h_unclipped = np.zeros(self.seeds)
-        accept_mask = np.zeros(self.seeds, dtype=np.uint8)
-        landing = np.zeros(self.seeds, dtype=np.uint8)
-        h_step = np.zeros(self.seeds)
+        trial = Trial.empty(self.seeds)
+        targets = np.full(self.seeds, t_target)
+        expo1 = controller.control_for(self.tableau.error_order).expo1
         while True:
             if self.stop_check is not None and self.stop_check():
                 self.stopped_early = True
@@ -517,18 +371,15 @@ class Integrator:
             self.live[:m] = 1
             self._pick_threads(m)
             # land on the checkpoint (Hairer: stretch by up to 1% rather than take a tiny step)
-            _prepare_adaptive_step(active, t_target, st.t, st.h, landing, h_unclipped, self.h_work,
-                                   h_step)
+            controller.propose_steps_fastmath(active, targets, st, trial, self.h_work)
             kernels._stage_input(self.U, self.K, A[1], 1, self.h_work, active, self.Y, self.theta,
                                  self.scratch)
             for i in range(1, 6):
                 self._evaluate(active, self.Y, i, kernels.MODE_NEXT_INPUT, A[i + 1], i + 1)
             self._evaluate(active, self.Y, 6, kernels.MODE_ERROR, E, 7)
             kernels._sum_blocks(self.err_partial, m, float(self.depth * self.dim), self.err)
-            _dopri5_control(active, self.live, self.err, self.stage_loss, t_target, landing, h_step,
-                            h_unclipped, st.t, st.h, st.facold, st.rejected, st.steps, st.accepted,
-                            st.nfev, st.loss, st.status, st.t_stop, self.loss_tol, self.max_steps,
-                            accept_mask)
-            accepted = active[accept_mask[:m] == 1]
+            controller.control_steps_fastmath(active, self.live, self.err, self.stage_loss, targets,
+                                              st, trial, expo1, 6, self.loss_tol, self.max_steps)
+            accepted = active[trial.accepted[active] == 1]
             if accepted.size:
                 kernels._accept_steps(self.U, self.Y, self.K, 6, 0, accepted)

@@ -25,6 +25,8 @@ from numba import get_thread_id, njit, prange
 FASTMATH_FLAGS = {"nsz", "arcp", "contract", "afn", "reassoc"}
 JIT_OPTIONS = dict(cache=True, fastmath=FASTMATH_FLAGS, error_model="numpy", nogil=True)
 PARALLEL_OPTIONS = dict(JIT_OPTIONS, parallel=True)
+#: IEEE arithmetic: for code whose results must equal a Python transcription (step control).
+STRICT_JIT_OPTIONS = dict(cache=True, error_model="numpy", nogil=True)
 
 #: Coordinates per work item; a stage's rows for one item stay in the L1/L2 cache.
 BLOCK = 512

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import controller
+from .controller import DIVERGED, RUNNING, SeedState, Trial
 from .errors import InputError
-from .integrators import (BETA, DIVERGED, DOPRI5, FAC_MAX, FAC_MIN, LOSS_TOL, MAX_STEPS, RUNNING,
-                          SAFETY, STALLED, SeedState)
+from .integrators import DOPRI5
 from .problem import Problem
 from .theory import MirrorGeometry, assumption_a
 
@@ -147,73 +148,45 @@ class MirrorIntegrator:
         if not np.isfinite(loss):
             st.status[s], st.t_stop[s] = DIVERGED, st.t[s]
             return
-        # HNW I, II.4 starting step, as the layer integrator does
         scale = self.atol + self.rtol * np.abs(theta)
         scale = np.maximum(scale, np.finfo(np.float64).tiny)
         d0, d1 = np.sqrt(np.mean((theta / scale) ** 2)), np.sqrt(np.mean((f0 / scale) ** 2))
-        h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
-        h0 = min(h0, self.dt)
+        h0 = controller.first_trial_step(d0, d1, self.dt)
         f1, _ = self._field(s, theta + h0 * f0)
         st.nfev[s] += 1
         d2 = np.sqrt(np.mean(((f1 - f0) / scale) ** 2)) / h0
-        big = max(d1, d2)
-        h1 = max(1e-6, h0 * 1e-3) if big <= 1e-15 else (0.01 / big) ** 0.2
-        st.h[s] = min(100 * h0, h1, self.dt)
+        st.h[s] = controller.starting_step(h0, d1, d2, DOPRI5.error_order, self.dt)
         self.derivative[s] = f0
         self._ready[s] = True
 
     def _advance_seed(self, s, t_target):
         st = self.state
-        A, B, C, E = DOPRI5.A, DOPRI5.B, DOPRI5.C, DOPRI5.E
-        del C
+        A, B, E = DOPRI5.A, DOPRI5.B, DOPRI5.E
         if not self._ready[s]:
             self._start(s)
-        expo1 = 0.2 - BETA * 0.75
-        eps = np.finfo(np.float64).eps
-        K = np.zeros((7, self.dim))
+        control = controller.control_for(DOPRI5.error_order)
+        seed = np.array([s])
+        targets = np.full(self.seeds, t_target)
+        live = np.ones(1, dtype=np.uint8)
+        trial = Trial.empty(self.seeds)
+        K = np.zeros((DOPRI5.stages, self.dim))
         while st.status[s] == RUNNING and st.t[s] < t_target:
             if self.stop_check is not None and self.stop_check():
                 self.stopped_early = True
                 return
             theta = self.theta[s]
-            proposal = st.h[s]
-            landing = st.t[s] + 1.01 * proposal >= t_target
-            h = t_target - st.t[s] if landing else proposal
+            controller.propose_steps(seed, targets, st, trial)
+            h = trial.h[s]
             K[0] = self.derivative[s]
-            for i in range(1, 7):
+            for i in range(1, DOPRI5.stages):
                 K[i], loss_new = self._field(s, theta + h * (A[i, :i] @ K[:i]))
             theta_new = theta + h * (B @ K)  # B[6] = 0; stage 6 is f(theta_new) (FSAL)
             err = self._error_norm(h * (E @ K), theta, theta_new)
-            st.steps[s] += 1
-            st.nfev[s] += 6
-            if err <= 1.0:
-                fac = err ** expo1 / st.facold[s] ** BETA
-                fac = max(1.0 / FAC_MAX, min(1.0 / FAC_MIN, fac / SAFETY))
-                h_new = h / fac
-                st.facold[s] = max(err, 1e-4)
-                if st.rejected[s]:
-                    h_new = min(h_new, h)
-                st.rejected[s] = 0
-                if landing:
-                    st.t[s] = t_target
-                    h_new = max(h_new, proposal)
-                else:
-                    st.t[s] += h
-                st.h[s] = h_new
-                st.accepted[s] += 1
+            controller.control_steps(seed, live, np.array([err]), np.array([loss_new]), targets, st,
+                                     trial, control, DOPRI5.stages - 1, self.loss_tol, self.max_steps)
+            if trial.accepted[s]:
                 self.theta[s] = theta_new
-                self.derivative[s] = K[6]
-                st.loss[s] = loss_new
-                if loss_new < self.loss_tol:
-                    st.status[s], st.t_stop[s] = LOSS_TOL, st.t[s]
-            else:
-                fac11 = err ** expo1 if np.isfinite(err) else np.inf
-                st.h[s] = h / min(1.0 / FAC_MIN, fac11 / SAFETY)
-                st.rejected[s] = 1
-            if st.status[s] == RUNNING:
-                if not np.all(np.isfinite(self.theta[s])):
+                self.derivative[s] = K[-1]
+                # a step that overflows theta ends the seed (after the controller's own stops)
+                if st.status[s] == RUNNING and not np.all(np.isfinite(theta_new)):
                     st.status[s], st.t_stop[s] = DIVERGED, st.t[s]
-                elif st.steps[s] >= self.max_steps:
-                    st.status[s], st.t_stop[s] = MAX_STEPS, st.t[s]
-                elif not st.h[s] > 16.0 * eps * max(abs(st.t[s]), 1e-280):
-                    st.status[s], st.t_stop[s] = STALLED, st.t[s]

@@ -36,7 +36,6 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import fields
 from pathlib import Path
 
 import h5py
@@ -612,9 +611,8 @@ def state_shapes(seeds: int, depth: int, dim: int, dtype, adaptive: bool) -> dic
         shapes["fsal"] = ((seeds, depth, dim), dtype)
         shapes["fsal_ready"] = ((1,), np.int8)
     template = SeedState.fresh(seeds, 0.0)
-    for f in fields(SeedState):
-        value = getattr(template, f.name)
-        shapes[f.name] = (value.shape, value.dtype)
+    for name, value in template.as_dict().items():
+        shapes[name] = (value.shape, value.dtype)
     return shapes
 
 
