@@ -10,3 +10,7 @@ class InputError(ValueError):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+class AlreadyComplete(Exception):
+    """Resume asked for a run that already finished (nothing to do; not an error for a sweep)."""

@@ -1,79 +1,28 @@
-"""Batched integrators of the layer flow du^j/dt = -g(theta) * prod_{k != j} u^k.
+"""The batched integrator of the layer flow du^j/dt = -g(theta) * prod_{k != j} u^k.
 
-A method is its Butcher tableau (as in scipy.integrate._ivp): ``euler``, ``rk4`` and the
-adaptive Dormand–Prince 5(4) pair ``dopri5`` drive the same fused stage kernel. All seeds are
-advanced together so that the products with X stay matrix-matrix products; ``dopri5`` keeps one
-step size per seed (Hairer's PI controller, accept/reject per seed, FSAL).
-
-The state of every seed lives in :class:`SeedState`; :class:`Integrator` owns the buffers and
-advances all running seeds to a target time (a checkpoint), landing on it exactly.
+A method is its Butcher tableau (:mod:`ddln_fast.tableaus`): ``euler``, ``rk4`` and the
+adaptive Dormand–Prince 5(4) pair ``dopri5`` drive the same fused stage kernel, and the
+adaptive loop reads from the tableau its stages, whether the last stage is the next first one
+(FSAL), its evaluations per step and its error order. All seeds are advanced together so that
+the products with X stay matrix-matrix products; an embedded pair keeps one step size per seed
+(:mod:`ddln_fast.controller`: accept or reject per seed, landing exactly on each checkpoint).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import numba
 from numba import njit
 
 from . import controller, kernels
-from .controller import (DIVERGED, LOSS_TOL, MAX_STEPS, RUNNING, STALLED, STATUS_NAMES, T_END,
-                         SeedState, Trial)
+from .controller import MAX_STEPS, RUNNING, STATUS_NAMES, SeedState, Trial
 from .kernels import JIT_OPTIONS
 from .problem import Problem
+from .solver import Solver
+from .tableaus import DOPRI5, TABLEAUS
 
+__all__ = ["Integrator", "Products", "STATUS_NAMES", "SeedState", "DOPRI5", "TABLEAUS"]
 
-@dataclass(frozen=True)
-class Tableau:
-    """Explicit Runge–Kutta coefficients: ``A`` (stages, stages), ``B`` (stages,), ``C``,
-    and for embedded pairs the error weights ``E`` (stages,) = b - b_hat and the order ``q``
-    of the error estimate."""
-
-    A: np.ndarray
-    B: np.ndarray
-    C: np.ndarray
-    E: np.ndarray | None = None
-    error_order: int = 0
-
-    @property
-    def stages(self) -> int:
-        return len(self.B)
-
-    @property
-    def adaptive(self) -> bool:
-        return self.E is not None
-
-
-def _tableau(A, B, C, E=None, error_order=0) -> Tableau:
-    return Tableau(np.array(A, dtype=np.float64), np.array(B, dtype=np.float64),
-                   np.array(C, dtype=np.float64),
-                   None if E is None else np.array(E, dtype=np.float64), error_order)
-
-
-EULER = _tableau([[0.0]], [1.0], [0.0])
-RK4 = _tableau(
-    [[0, 0, 0, 0], [0.5, 0, 0, 0], [0, 0.5, 0, 0], [0, 0, 1, 0]],
-    [1 / 6, 1 / 3, 1 / 3, 1 / 6],
-    [0, 0.5, 0.5, 1],
-)
-# Dormand & Prince (1980); HNW I, Table 5.2. The 7th stage is f(y_{n+1}) (FSAL).
-DOPRI5 = _tableau(
-    [
-        [0, 0, 0, 0, 0, 0, 0],
-        [1 / 5, 0, 0, 0, 0, 0, 0],
-        [3 / 40, 9 / 40, 0, 0, 0, 0, 0],
-        [44 / 45, -56 / 15, 32 / 9, 0, 0, 0, 0],
-        [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729, 0, 0, 0],
-        [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656, 0, 0],
-        [35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0],
-    ],
-    [35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0],
-    [0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1, 1],
-    [-71 / 57600, 0, 71 / 16695, -71 / 1920, 17253 / 339200, -22 / 525, 1 / 40],
-    error_order=4,
-)
-TABLEAUS = {"euler": EULER, "rk4": RK4, "dopri5": DOPRI5}
 
 class Products:
     """The two products with X of one gradient evaluation, for the active seeds.
@@ -98,14 +47,14 @@ class Products:
         with ``gradient=False``: a loss alone needs only the first product)."""
         m = len(active)
         if self.per_seed:
-            kernels._per_seed_products(self.X, self.y, theta, active, R, G, self.inv_2n, loss,
-                                       1 if gradient else 0)
+            kernels.per_seed_products(self.X, self.y, theta, active, R, G, self.inv_2n, loss,
+                                      1 if gradient else 0)
         elif m * self.X.size <= kernels.SERIAL_PRODUCT_WORK:
-            kernels._shared_products_serial(self.X, self.y, theta, m, R, G, self.inv_2n, loss,
-                                            1 if gradient else 0)
+            kernels.shared_products_serial(self.X, self.y, theta, m, R, G, self.inv_2n, loss,
+                                           1 if gradient else 0)
         else:
             np.matmul(theta[:m], self.X.T, out=R[:m])
-            kernels._residual_and_loss(R, self.y, self.shared_rows, m, self.inv_2n, loss)
+            kernels.residual_and_loss(R, self.y, self.shared_rows, m, self.inv_2n, loss)
             if gradient:
                 np.matmul(R[:m], self.X, out=G[:m])
 
@@ -113,8 +62,7 @@ class Products:
 # Per-step bookkeeping of the fixed-step loop, compiled: as Python loops over 64 seeds it cost
 # about 0.3 ms per step (measured), as much as a whole stage kernel at moderate d.
 @njit(**JIT_OPTIONS)
-def _finish_fixed(active, live, dt, stages, max_steps, steps, accepted, nfev, t, loss, status,
-                  t_stop):
+def _finish_fixed(active, live, dt, stages, max_steps, st):
     """After a fixed step: count it for the seeds that moved (their loss is now unknown) and stop
     those at ``max_steps``. Returns whether every active seed moved."""
     all_live = True
@@ -123,30 +71,32 @@ def _finish_fixed(active, live, dt, stages, max_steps, steps, accepted, nfev, t,
             all_live = False
             continue
         s = active[a]
-        steps[s] += 1
-        accepted[s] += 1
-        nfev[s] += stages
-        t[s] = steps[s] * dt
-        loss[s] = np.nan
-        if steps[s] >= max_steps and status[s] == RUNNING:
-            status[s] = MAX_STEPS
-            t_stop[s] = t[s]
+        st.steps[s] += 1
+        st.accepted[s] += 1
+        st.nfev[s] += stages
+        st.t[s] = st.steps[s] * dt
+        st.loss[s] = np.nan
+        if st.steps[s] >= max_steps and st.status[s] == RUNNING:
+            st.status[s] = MAX_STEPS
+            st.t_stop[s] = st.t[s]
     return all_live
 
 
-class Integrator:
+class Integrator(Solver):
     """Advances a batch of seeds of the layer flow, one method, preallocated buffers.
 
     Parameters
     ----------
-    method : {"euler", "rk4", "dopri5"}
+    method : str
+        A key of :data:`ddln_fast.tableaus.TABLEAUS` ("euler", "rk4", "dopri5", ...).
     problem : Problem
     u0 : ndarray of shape (S, L, d)
         Initial layers (copied, cast to ``dtype``).
     dt : float
-        Step (fixed-step methods); upper bound of the first step (dopri5).
+        Step (fixed-step methods); upper bound of the first step (embedded pairs).
     rtol, atol : float
-        Tolerances of dopri5's error control (per seed RMS norm over all L*d components).
+        Tolerances of an embedded pair's error control (per seed RMS norm over all L*d
+        components).
     loss_tol : float
         A seed stops once its loss is below this (0: never).
     max_steps : int
@@ -155,6 +105,7 @@ class Integrator:
 
     def __init__(self, method, problem: Problem, u0, dt=0.01, rtol=1e-8, atol=1e-12,
                  loss_tol=0.0, max_steps=10_000_000, dtype=np.float64):
+        super().__init__()
         self.method = method
         self.tableau = TABLEAUS[method]
         self.dtype = np.dtype(dtype).type
@@ -177,7 +128,7 @@ class Integrator:
         self.R = np.zeros((S, self.products.n), dtype=self.dtype)
         self.stage_loss = np.zeros(S)
         self.err = np.zeros(S)
-        self.err_partial = np.zeros((S, kernels._n_blocks(d)))
+        self.err_partial = np.zeros((S, kernels.n_blocks(d)))
         self.live = np.ones(S, dtype=np.uint8)
         # the step of each seed in the kernels' dtype (fixed-step methods: always dt)
         self.h_work = np.full(S, self.dt, dtype=self.dtype)
@@ -187,63 +138,42 @@ class Integrator:
         self.B = self.tableau.B.astype(self.dtype)
         self.E = None if self.tableau.E is None else self.tableau.E.astype(self.dtype)
         self.state = SeedState.fresh(S, self.dt)
-        self.fsal_ready = False
+        #: an embedded pair has chosen its starting steps (and, FSAL, holds f(U) in K[0])
+        self.started = False
         self._theta_rows = None
-        #: callable -> bool, asked before every step: True stops advance_to early (a safe point
-        #: for SIGINT/SIGTERM: the state then is a step boundary, resumable bit-identically)
-        self.stop_check = None
-        self.stopped_early = False
 
-    # -- state ----------------------------------------------------------------------------------
-    def restore(self, U, state: SeedState, fsal=None, theta_cache=None):
-        """Continue from a saved state (resume): layers, per-seed state and FSAL stage.
-
-        ``theta_cache`` is :meth:`theta_cache` of the saved integrator: between two checkpoints
-        the fixed-step loop reuses the theta its last step computed, whose bits may differ from
-        theta recomputed from U, so a resume there restores it to stay bit-identical."""
-        self.U[...] = U
-        self.state = state
-        if fsal is not None and self.tableau.adaptive:
-            self.K[0][...] = fsal
-            self.fsal_ready = True
-        self._theta_rows = None
-        if theta_cache is not None:
-            rows, theta = theta_cache
-            rows = np.asarray(rows)[np.asarray(rows) >= 0]
-            if rows.size:
-                self.theta[: rows.size] = theta[: rows.size]
-                self._theta_rows = rows.astype(np.int64)
-
-    def theta_cache(self):
-        """(rows, theta): the seeds (``active`` order, padded with -1 to S) whose theta the next
-        fixed step reuses, and the (S, d) theta buffer; rows all -1 when nothing is reused."""
+    # -- the state of a resumable run -----------------------------------------------------------
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """``U`` (S, L, d); ``theta_rows`` (S,) and ``theta_cache`` (S, d): between two
+        checkpoints the fixed-step loop reuses the theta its last step computed (the seeds in
+        ``active`` order, padded with -1), whose bits may differ from theta recomputed from U;
+        for embedded pairs ``fsal`` (S, L, d), the first stage of the next step, and
+        ``fsal_ready`` (1,), whether the starting steps are chosen; then the SeedState arrays."""
         rows = np.full(self.seeds, -1, dtype=np.int64)
         if self._theta_rows is not None:
             rows[: len(self._theta_rows)] = self._theta_rows
-        return rows, self.theta
+        arrays = {"U": self.U, "theta_rows": rows, "theta_cache": self.theta}
+        if self.tableau.adaptive:
+            arrays["fsal"] = self.K[0]
+            arrays["fsal_ready"] = np.array([self.started], dtype=np.int8)
+        return {**arrays, **self.state.as_dict()}
 
-    @property
-    def fsal(self):
-        """The stage that dopri5 reuses as the first stage of its next step, shape (S, L, d)."""
-        return self.K[0]
+    def restore_state(self, arrays) -> None:
+        self.U[...] = arrays["U"]
+        self.state = SeedState.from_dict(arrays)
+        # files written before fsal_ready existed always held a started state
+        if self.tableau.adaptive and "fsal" in arrays and bool(arrays.get("fsal_ready", np.ones(1))[0]):
+            self.K[0][...] = arrays["fsal"]
+            self.started = True
+        self._theta_rows = None
+        if "theta_rows" in arrays:
+            rows = np.asarray(arrays["theta_rows"])
+            rows = rows[rows >= 0]
+            if rows.size:
+                self.theta[: rows.size] = arrays["theta_cache"][: rows.size]
+                self._theta_rows = rows.astype(np.int64)
 
-    @property
-    def running(self) -> np.ndarray:
-        return self.state.status == RUNNING
-
-    def _evaluate(self, active, Y, stage, mode, coeffs=None, n_terms=0, Y_out=None):
-        """Products for the rows in ``self.theta`` (theta of ``Y``), then the fused stage."""
-        self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss)
-        kernels._rk_stage(self.U, Y, self.G, self.K, stage, 1, self.products.inv_n, self.h_work,
-                          active, self.live, mode, coeffs if coeffs is not None else self.B,
-                          n_terms, Y_out if Y_out is not None else Y, self.theta,
-                          self.rtol, self.atol, self.err_partial, self.scratch)
-
-    def _theta_of_U(self, active):
-        kernels._stage_input(self.U, self.K, self.B, 0, self.h_work, active, self.U, self.theta,
-                             self.scratch)
-        self._theta_rows = active
-
+    # -- checkpoint values ----------------------------------------------------------------------
     def current_losses(self, theta=None) -> np.ndarray:
         """Loss of every seed at its current layers (one exact residual evaluation).
 
@@ -258,31 +188,31 @@ class Integrator:
         return self.stage_loss[: self.seeds].copy()
 
     def invariant_drift(self) -> np.ndarray:
-        partial = np.zeros((self.seeds, kernels._n_blocks(self.dim)))
-        kernels._invariant_drift(self.U, self.u0, partial)
+        partial = np.zeros((self.seeds, kernels.n_blocks(self.dim)))
+        kernels.invariant_drift_blocks(self.U, self.u0, partial)
         return partial.max(axis=1)
 
     def theta_of_all(self) -> np.ndarray:
         out = np.empty((self.seeds, self.dim), dtype=self.dtype)
-        kernels._stage_input(self.U, self.K, self.B, 0, self.h_work, np.arange(self.seeds), self.U, out,
-                             self.scratch)
+        kernels.layer_products(self.U, np.arange(self.seeds), out)
         return out
 
+    def layers(self) -> np.ndarray:
+        return self.U
+
     # -- time stepping --------------------------------------------------------------------------
-    def advance_to(self, t_target: float) -> None:
-        """Advance every running seed to flow time ``t_target`` (exactly), or until it stops,
-        or until ``stop_check`` asks to stop (then ``stopped_early`` is True)."""
-        self.stopped_early = False
+    def advance_to(self, t_target: float) -> bool:
         threads = self._threads_wanted = numba.get_num_threads()
         try:
             if self.tableau.adaptive:
-                self._advance_adaptive(float(t_target))
+                done = self._advance_adaptive(float(t_target))
             else:
-                self._advance_fixed(int(round(t_target / self.dt)))
+                done = self._advance_fixed(int(round(t_target / self.dt)))
         finally:
             numba.set_num_threads(threads)
-        if not self.stopped_early:  # (a stop keeps the cache: it is saved, see theta_cache)
+        if done:  # (a stop keeps the cache: it is saved, see state_arrays)
             self._theta_rows = None  # the next interval starts from a clean slate (exact resume)
+        return done
 
     def _pick_threads(self, m: int) -> None:
         """One thread for the parallel kernels while the active state is small (see
@@ -291,16 +221,26 @@ class Integrator:
         small = m * self.depth * self.dim <= kernels.SERIAL_STATE_WORK
         numba.set_num_threads(1 if small else self._threads_wanted)
 
-    def _advance_fixed(self, target_step: int) -> None:
+    def _evaluate(self, active, Y, stage, mode, coeffs, n_terms, Y_out=None, keep=1):
+        """Products for the rows in ``self.theta`` (theta of ``Y``), then the fused stage."""
+        self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss)
+        kernels.rk_stage(self.U, Y, self.G, self.K, stage, keep, self.products.inv_n, self.h_work,
+                         active, self.live, mode, coeffs, n_terms, Y if Y_out is None else Y_out,
+                         self.theta, self.rtol, self.atol, self.err_partial, self.scratch)
+
+    def _theta_of_U(self, active):
+        kernels.layer_products(self.U, active, self.theta)
+        self._theta_rows = active
+
+    def _advance_fixed(self, target_step: int) -> bool:
         st = self.state
         tab = self.tableau
         while True:
-            if self.stop_check is not None and self.stop_check():
-                self.stopped_early = True
-                return
             active = np.flatnonzero((st.status == RUNNING) & (st.steps < target_step))
             if active.size == 0:
-                return
+                return True
+            if self.stop_requested():
+                return False
             self._pick_threads(active.size)
             if self._theta_rows is None or not np.array_equal(self._theta_rows, active):
                 self._theta_of_U(active)
@@ -308,35 +248,33 @@ class Integrator:
             self.live[: active.size] = 1
             controller.screen_losses(active, self.live, self.stage_loss, self.loss_tol, st)
             if tab.stages == 1:
-                kernels._euler_step(self.U, self.G, self.products.inv_n, self.h_work, active,
-                                    self.live, self.theta, self.scratch)
+                kernels.euler_step(self.U, self.G, self.products.inv_n, self.h_work, active,
+                                   self.live, self.theta, self.scratch)
             for i in range(tab.stages if tab.stages > 1 else 0):
                 last = i == tab.stages - 1
-                coeffs = self.B if last else self.A[i + 1]
-                Y_in = self.U if i == 0 else self.Y
-                Y_out = self.U if last else self.Y
                 if i > 0:
                     self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss)
                 # the last stage's derivative is only needed inside its own call (no FSAL)
-                kernels._rk_stage(self.U, Y_in, self.G, self.K, i, 0 if last else 1,
-                                  self.products.inv_n, self.h_work, active, self.live,
-                                  kernels.MODE_NEXT_INPUT, coeffs, i + 1, Y_out,
-                                  self.theta, self.rtol, self.atol, self.err_partial, self.scratch)
-            all_live = _finish_fixed(active, self.live, self.dt, tab.stages, self.max_steps,
-                                     st.steps, st.accepted, st.nfev, st.t, st.loss, st.status,
-                                     st.t_stop)
+                kernels.rk_stage(self.U, self.U if i == 0 else self.Y, self.G, self.K, i,
+                                 0 if last else 1, self.products.inv_n, self.h_work, active,
+                                 self.live, kernels.MODE_NEXT_INPUT,
+                                 self.B if last else self.A[i + 1], i + 1,
+                                 self.U if last else self.Y, self.theta, self.rtol, self.atol,
+                                 self.err_partial, self.scratch)
+            all_live = _finish_fixed(active, self.live, self.dt, tab.stages, self.max_steps, st)
             # theta rows now hold theta of the new layers, for the live seeds
             self._theta_rows = active if all_live else None
 
     def _start_adaptive(self, active) -> None:
-        """f(u0) (FSAL stage and initial loss), then Hairer's starting step per seed."""
+        """f(u0) (the first stage and the initial loss), then Hairer's starting step per seed."""
         st = self.state
         m = active.size
         self.live[:m] = 1
         self._theta_of_U(active)
-        self._evaluate(active, self.U, 0, kernels.MODE_DERIVATIVE)
+        self._evaluate(active, self.U, 0, kernels.MODE_DERIVATIVE, self.B, 0)
         st.nfev[active] += 1
         controller.screen_losses(active, self.live, self.stage_loss, 0.0, st)  # diverged only
+        # norms in numpy: once per seed, and their bits decide every later step
         U, f0 = self.U[active].astype(np.float64), self.K[0][active].astype(np.float64)
         scale = self.atol + self.rtol * np.abs(U)
         scale = np.maximum(scale, np.finfo(np.float64).tiny)
@@ -344,42 +282,56 @@ class Integrator:
         d1 = rms(f0)
         h0 = controller.first_trial_step(rms(U), d1, self.dt)
         self.h_work[active] = h0
-        kernels._stage_input(self.U, self.K, self.one, 1, self.h_work, active, self.Y, self.theta,
-                             self.scratch)
-        self._evaluate(active, self.Y, 1, kernels.MODE_DERIVATIVE)
+        kernels.stage_input(self.U, self.K, self.one, 1, self.h_work, active, self.Y, self.theta,
+                            self.scratch)
+        self._evaluate(active, self.Y, 1, kernels.MODE_DERIVATIVE, self.B, 0)
         st.nfev[active] += 1
         d2 = rms(self.K[1][active].astype(np.float64) - f0) / h0
         st.h[active] = controller.starting_step(h0, d1, d2, self.tableau.error_order, self.dt)
-        self.fsal_ready = True
+        self.started = True
 
-    def _advance_adaptive(self, t_target: float) -> None:
-        st = self.state
-        A, E = self.A, self.E
-        if not self.fsal_ready:
+    def _advance_adaptive(self, t_target: float) -> bool:
+        """Steps of the embedded pair, all active seeds together, until every running seed is
+        at ``t_target``. FSAL: the first stage is the last one of the previous accepted step;
+        otherwise it is evaluated at the start of each step, where the loss of the current
+        layers is then screened (loss_tol, divergence) before the step."""
+        st, tab = self.state, self.tableau
+        last = tab.stages - 1
+        if not self.started:
             self._start_adaptive(np.flatnonzero(st.status == RUNNING))
         trial = Trial.empty(self.seeds)
         targets = np.full(self.seeds, t_target)
-        expo1 = controller.control_for(self.tableau.error_order).expo1
+        expo1 = controller.control_for(tab.error_order).expo1
         while True:
-            if self.stop_check is not None and self.stop_check():
-                self.stopped_early = True
-                return
             active = np.flatnonzero((st.status == RUNNING) & (st.t < t_target))
             if active.size == 0:
-                return
+                return True
+            if self.stop_requested():
+                return False
             m = active.size
             self.live[:m] = 1
             self._pick_threads(m)
-            # land on the checkpoint (Hairer: stretch by up to 1% rather than take a tiny step)
             controller.propose_steps_fastmath(active, targets, st, trial, self.h_work)
-            kernels._stage_input(self.U, self.K, A[1], 1, self.h_work, active, self.Y, self.theta,
-                                 self.scratch)
-            for i in range(1, 6):
-                self._evaluate(active, self.Y, i, kernels.MODE_NEXT_INPUT, A[i + 1], i + 1)
-            self._evaluate(active, self.Y, 6, kernels.MODE_ERROR, E, 7)
-            kernels._sum_blocks(self.err_partial, m, float(self.depth * self.dim), self.err)
+            if tab.fsal:
+                kernels.stage_input(self.U, self.K, self.A[1], 1, self.h_work, active, self.Y,
+                                    self.theta, self.scratch)
+            else:
+                self._theta_of_U(active)
+                self._evaluate(active, self.U, 0, kernels.MODE_NEXT_INPUT, self.A[1], 1, self.Y)
+                controller.screen_losses(active, self.live, self.stage_loss, self.loss_tol, st)
+            for i in range(1, last):
+                self._evaluate(active, self.Y, i, kernels.MODE_NEXT_INPUT, self.A[i + 1], i + 1)
+            if tab.fsal:  # the last stage input is the new state: its loss is known
+                self._evaluate(active, self.Y, last, kernels.MODE_ERROR, self.E, tab.stages)
+            else:
+                self._evaluate(active, self.Y, last, kernels.MODE_NEXT_INPUT, self.B, tab.stages)
+                kernels.error_blocks(self.U, self.Y, self.K, self.E, tab.stages, self.h_work, active,
+                                     self.live, self.rtol, self.atol, self.err_partial, self.scratch)
+                self.stage_loss[:m] = np.nan
+            kernels.rms_of_blocks(self.err_partial, m, float(self.depth * self.dim), self.err)
             controller.control_steps_fastmath(active, self.live, self.err, self.stage_loss, targets,
-                                              st, trial, expo1, 6, self.loss_tol, self.max_steps)
+                                              st, trial, expo1, tab.evaluations, self.loss_tol,
+                                              self.max_steps)
             accepted = active[trial.accepted[active] == 1]
             if accepted.size:
-                kernels._accept_steps(self.U, self.Y, self.K, 6, 0, accepted)
+                kernels.accept_steps(self.U, self.Y, self.K, last if tab.fsal else -1, 0, accepted)

@@ -43,89 +43,166 @@ MODE_ERROR = 2  # ... then the embedded error norm (adaptive methods)
 
 
 @njit(**JIT_OPTIONS)
-def _n_blocks(d):
+def n_blocks(d):
+    """Blocks of ``BLOCK`` coordinates covering d (the last one may be partial)."""
     return (d + BLOCK - 1) // BLOCK
 
 
 def stage_scratch(depth, dtype):
-    """Per-thread scratch for the stage kernels, shape (threads, L + 1, BLOCK): a stage
-    derivative that is not kept (rows 0..L-1) and the stage combination (row L). Each thread
-    reuses its own rows, so they stay in the L1 cache and are never written back to memory."""
+    """Per-thread scratch for the stage kernels, shape (threads, L + 1, BLOCK): the current
+    stage derivative (rows 0..L-1) and a stage combination (row L). Each thread reuses its own
+    rows, so they stay in the L1 cache and are never written back to memory."""
     import numba
 
     return np.zeros((numba.config.NUMBA_NUM_THREADS, depth + 1, BLOCK), dtype=dtype)
 
 
+# -- per-block helpers (compiled into the kernels below) ------------------------------------------
+# They work on 1-D contiguous row views (one layer, one block) indexed from 0 with the
+# coordinate innermost: that is what lets LLVM vectorize them (2-D indexing with a variable
+# depth did not, measured 3-4x slower).
 @njit(**JIT_OPTIONS)
-def _k_row(K, scr, k, stage, keep, s, j, start, w):
-    """Row j of stage derivative k over one block: in K, or in the thread's scratch for the
-    current stage when it is not kept."""
-    if k == stage and keep == 0:
+def _k_row(K, scr, k, stage, s, j, start, w):
+    """Row j of stage derivative k over one block: the thread's scratch holds the current
+    stage's (``k == stage``), K the earlier ones."""
+    if k == stage:
         return scr[j, :w]
     return K[k, s, j, start:start + w]
 
 
-# The kernels work on 1-D contiguous row views (one layer, one block) indexed from 0 with the
-# coordinate innermost: that is what lets LLVM vectorize them (2-D indexing with a variable
-# depth did not, measured 3-4x slower).
+@njit(**JIT_OPTIONS)
+def _suffix_rows(Y, s, start, w, rows):
+    """rows[j, :w] = prod_{k > j} Y[s, k] over one block (the suffix products of the
+    all-but-one products; no division: layers may be exactly zero)."""
+    L = Y.shape[1]
+    nxt = rows[L - 1, :w]
+    for c in range(w):
+        nxt[c] = 1.0
+    for j in range(L - 2, -1, -1):
+        cur = rows[j, :w]
+        yr = Y[s, j + 1, start:start + w]
+        for c in range(w):
+            cur[c] = nxt[c] * yr[c]
+        nxt = cur
+
+
+@njit(**JIT_OPTIONS)
+def _derivative_rows(Y, G, inv_n, a, s, start, w, rows):
+    """rows[j, :w] = -(G[a] / n) * prod_{k != j} Y[s, k] over one block: the suffix products,
+    then a prefix sweep with -g/n folded in. The block of G[a] is the carry and is destroyed."""
+    _suffix_rows(Y, s, start, w, rows)
+    carry = G[a, start:start + w]
+    for c in range(w):
+        carry[c] = -inv_n * carry[c]
+    for j in range(Y.shape[1]):
+        kr = rows[j, :w]
+        yr = Y[s, j, start:start + w]
+        for c in range(w):
+            kr[c] *= carry[c]
+            carry[c] *= yr[c]
+
+
+@njit(**JIT_OPTIONS)
+def _combination(acc, K, scr, stage, coeffs, n_terms, s, j, start, w):
+    """acc[:w] = sum_{k < n_terms} coeffs[k] K[k, s, j] over one block (row ``stage`` from the
+    thread's scratch)."""
+    kr = _k_row(K, scr, 0, stage, s, j, start, w)
+    c0 = coeffs[0]
+    for c in range(w):
+        acc[c] = c0 * kr[c]
+    for k in range(1, n_terms):
+        kr = _k_row(K, scr, k, stage, s, j, start, w)
+        ck = coeffs[k]
+        for c in range(w):
+            acc[c] += ck * kr[c]
+
+
+@njit(**JIT_OPTIONS)
+def _next_input_row(U, Y_out, th, acc, hs, s, j, start, w):
+    """Y_out[s, j] = U[s, j] + h acc over one block, and theta *= it."""
+    ur = U[s, j, start:start + w]
+    yo = Y_out[s, j, start:start + w]
+    for c in range(w):
+        y = ur[c] + hs * acc[c]
+        yo[c] = y
+        th[c] *= y
+
+
+@njit(**JIT_OPTIONS)
+def _error_row(total, U, Y, acc, hs, rtol, atol, tiny, s, j, start, w):
+    """total + sum over one block of (h acc / (atol + rtol max(|U|, |Y|)))^2 (row j)."""
+    ur = U[s, j, start:start + w]
+    yr = Y[s, j, start:start + w]
+    for c in range(w):
+        scale = atol + rtol * max(abs(ur[c]), abs(yr[c]))
+        ratio = hs * acc[c] / max(scale, tiny)
+        total += ratio * ratio
+    return total
+
+
+@njit(**JIT_OPTIONS)
+def _ones(th, w):
+    for c in range(w):
+        th[c] = 1.0
+
+
+# -- kernels (parallel entry points) ---------------------------------------------------------------
 @njit(**PARALLEL_OPTIONS)
-def _stage_input(U, K, coeffs, n_terms, h, active, Y, theta, scratch):
-    """Y[s] = U[s] + h[s] * sum_k coeffs[k] K[k, s] and theta[a] = prod_j Y[s, j] for the active
-    seeds ``s = active[a]``. With ``n_terms = 0`` it computes theta of U (then ``Y`` may be ``U``).
-    ``scratch`` is :func:`stage_scratch`.
-    """
+def layer_products(U, active, theta):
+    """theta[a] = prod_j U[s, j] for the active seeds ``s = active[a]``."""
     L, d = U.shape[1], U.shape[2]
-    nb = _n_blocks(d)
+    nb = n_blocks(d)
     for item in prange(active.shape[0] * nb):
         a = item // nb
         s = active[a]
         start = (item % nb) * BLOCK
         w = min(BLOCK, d - start)
-        hs = h[s]
-        acc = scratch[get_thread_id(), L, :w]
         th = theta[a, start:start + w]
-        for c in range(w):
-            th[c] = 1.0
+        _ones(th, w)
         for j in range(L):
             ur = U[s, j, start:start + w]
-            if n_terms > 0:
-                kr = K[0, s, j, start:start + w]
-                c0 = coeffs[0]
-                for c in range(w):
-                    acc[c] = c0 * kr[c]
-                for k in range(1, n_terms):
-                    kr = K[k, s, j, start:start + w]
-                    ck = coeffs[k]
-                    for c in range(w):
-                        acc[c] += ck * kr[c]
-                yo = Y[s, j, start:start + w]
-                for c in range(w):
-                    y = ur[c] + hs * acc[c]
-                    yo[c] = y
-                    th[c] *= y
-            else:
-                for c in range(w):
-                    th[c] *= ur[c]
+            for c in range(w):
+                th[c] *= ur[c]
 
 
 @njit(**PARALLEL_OPTIONS)
-def _rk_stage(U, Y_in, G, K, stage, keep, inv_n, h, active, live, mode,
-              coeffs, n_terms, Y_out, theta, rtol, atol, err_partial, scratch):
+def stage_input(U, K, coeffs, n_terms, h, active, Y, theta, scratch):
+    """Y[s] = U[s] + h[s] * sum_{k < n_terms} coeffs[k] K[k, s] and theta[a] = prod_j Y[s, j]
+    for the active seeds ``s = active[a]`` (n_terms >= 1). ``scratch``: :func:`stage_scratch`.
+    """
+    L, d = U.shape[1], U.shape[2]
+    nb = n_blocks(d)
+    for item in prange(active.shape[0] * nb):
+        a = item // nb
+        s = active[a]
+        start = (item % nb) * BLOCK
+        w = min(BLOCK, d - start)
+        scr = scratch[get_thread_id()]
+        acc = scr[L, :w]
+        th = theta[a, start:start + w]
+        _ones(th, w)
+        for j in range(L):
+            _combination(acc, K, scr, -1, coeffs, n_terms, s, j, start, w)
+            _next_input_row(U, Y, th, acc, h[s], s, j, start, w)
+
+
+@njit(**PARALLEL_OPTIONS)
+def rk_stage(U, Y_in, G, K, stage, keep, inv_n, h, active, live, mode,
+             coeffs, n_terms, Y_out, theta, rtol, atol, err_partial, scratch):
     """One fused Runge–Kutta stage for the live active seeds.
 
-    K[stage, s, j] = -(G[a] / n) * prod_{k != j} Y_in[s, k]   (prefix/suffix products, no
-    division: layers may be exactly zero). ``G`` rows are used as scratch and destroyed.
-    With ``keep = 0`` the stage derivative is only used inside this call (Euler; the last stage
-    of a method without FSAL) and lives in the thread's ``scratch`` rows instead of K, which
-    saves writing a state-sized array back to memory. Then, by ``mode``:
+    K[stage, s, j] = -(G[a] / n) * prod_{k != j} Y_in[s, k] (see :func:`_derivative_rows`;
+    ``G`` rows are destroyed). It is computed in the thread's ``scratch`` rows and copied to K
+    only with ``keep = 1``: a derivative used only inside this call (Euler; the last stage of a
+    method without FSAL) is never written back to memory. Then, by ``mode``:
 
-    - ``MODE_NEXT_INPUT``: Y_out[s] = U[s] + h[s] * sum_k coeffs[k] K[k, s] and its theta row
-      (``Y_out`` may be ``Y_in`` or ``U``: each coordinate is read before it is written);
+    - ``MODE_NEXT_INPUT``: Y_out[s] = U[s] + h[s] * sum_{k < n_terms} coeffs[k] K[k, s] and its
+      theta row (``Y_out`` may be ``Y_in`` or ``U``: each block is read before it is written);
     - ``MODE_ERROR``: err_partial[a, block] = sum over the block of
       (h[s] * sum_k coeffs[k] K[k, s] / (atol + rtol * max(|U|, |Y_in|)))^2.
     """
     L, d = U.shape[1], U.shape[2]
-    nb = _n_blocks(d)
+    nb = n_blocks(d)
     tiny = np.finfo(U.dtype).tiny
     for item in prange(active.shape[0] * nb):
         a = item // nb
@@ -136,74 +213,67 @@ def _rk_stage(U, Y_in, G, K, stage, keep, inv_n, h, active, live, mode,
         start = block * BLOCK
         w = min(BLOCK, d - start)
         scr = scratch[get_thread_id()]
-        # suffix products prod_{k > j} into the stage rows, then sweep the prefix (with -g/n
-        # folded in).
-        nxt = _k_row(K, scr, stage, stage, keep, s, L - 1, start, w)
-        for c in range(w):
-            nxt[c] = 1.0
-        for j in range(L - 2, -1, -1):
-            cur = _k_row(K, scr, stage, stage, keep, s, j, start, w)
-            yr = Y_in[s, j + 1, start:start + w]
-            for c in range(w):
-                cur[c] = nxt[c] * yr[c]
-            nxt = cur
-        carry = G[a, start:start + w]
-        for c in range(w):
-            carry[c] = -inv_n * carry[c]
-        for j in range(L):
-            kr = _k_row(K, scr, stage, stage, keep, s, j, start, w)
-            yr = Y_in[s, j, start:start + w]
-            for c in range(w):
-                kr[c] *= carry[c]
-                carry[c] *= yr[c]
+        _derivative_rows(Y_in, G, inv_n, a, s, start, w, scr)
+        if keep:
+            for j in range(L):
+                kr = K[stage, s, j, start:start + w]
+                sr = scr[j, :w]
+                for c in range(w):
+                    kr[c] = sr[c]
         if mode == MODE_DERIVATIVE:
             continue
         hs = h[s]
         acc = scr[L, :w]
         th = theta[a, start:start + w]
         if mode == MODE_NEXT_INPUT:
-            for c in range(w):
-                th[c] = 1.0
+            _ones(th, w)
         total = 0.0
         for j in range(L):
-            kr = _k_row(K, scr, 0, stage, keep, s, j, start, w)
-            c0 = coeffs[0]
-            for c in range(w):
-                acc[c] = c0 * kr[c]
-            for k in range(1, n_terms):
-                kr = _k_row(K, scr, k, stage, keep, s, j, start, w)
-                ck = coeffs[k]
-                for c in range(w):
-                    acc[c] += ck * kr[c]
-            ur = U[s, j, start:start + w]
+            _combination(acc, K, scr, stage, coeffs, n_terms, s, j, start, w)
             if mode == MODE_NEXT_INPUT:
-                yo = Y_out[s, j, start:start + w]
-                for c in range(w):
-                    y = ur[c] + hs * acc[c]
-                    yo[c] = y
-                    th[c] *= y
+                _next_input_row(U, Y_out, th, acc, hs, s, j, start, w)
             else:
-                yr = Y_in[s, j, start:start + w]
-                for c in range(w):
-                    scale = atol + rtol * max(abs(ur[c]), abs(yr[c]))
-                    ratio = hs * acc[c] / max(scale, tiny)
-                    total += ratio * ratio
+                total = _error_row(total, U, Y_in, acc, hs, rtol, atol, tiny, s, j, start, w)
         if mode == MODE_ERROR:
             err_partial[a, block] = total
 
 
 @njit(**PARALLEL_OPTIONS)
-def _euler_step(U, G, inv_n, h, active, live, theta, scratch):
+def error_blocks(U, Y, K, coeffs, n_terms, h, active, live, rtol, atol, err_partial, scratch):
+    """err_partial[a, block] = sum over the block of
+    (h[s] * sum_{k < n_terms} coeffs[k] K[k, s] / (atol + rtol * max(|U|, |Y|)))^2 for the live
+    active seeds: the error of an embedded pair whose last stage is not at the new state."""
+    L, d = U.shape[1], U.shape[2]
+    nb = n_blocks(d)
+    tiny = np.finfo(U.dtype).tiny
+    for item in prange(active.shape[0] * nb):
+        a = item // nb
+        if live[a] == 0:
+            continue
+        s = active[a]
+        block = item % nb
+        start = block * BLOCK
+        w = min(BLOCK, d - start)
+        scr = scratch[get_thread_id()]
+        acc = scr[L, :w]
+        total = 0.0
+        for j in range(L):
+            _combination(acc, K, scr, -1, coeffs, n_terms, s, j, start, w)
+            total = _error_row(total, U, Y, acc, h[s], rtol, atol, tiny, s, j, start, w)
+        err_partial[a, block] = total
+
+
+@njit(**PARALLEL_OPTIONS)
+def euler_step(U, G, inv_n, h, active, live, theta, scratch):
     """One explicit Euler step in place for the live active seeds, and theta of the new layers:
     U[s, j] += h[s] * (-(G[a] / n) * prod_{k != j} U[s, k]); theta[a] = prod_j U[s, j].
 
-    The same arithmetic as :func:`_rk_stage` with one stage and ``keep = 0`` (suffix products,
-    then the prefix sweep with -g/n folded in), but for depths 1-4 each coordinate's layers stay
-    in registers: the state is read and written once. Deeper networks take the
-    ``scratch`` rows. ``G`` rows are destroyed.
+    The same arithmetic as :func:`rk_stage` with one stage, but for depths 1-4 each
+    coordinate's layers stay in registers: the state is read and written once. Deeper networks
+    keep the suffix products in the ``scratch`` rows. ``G`` rows are destroyed.
     """
     L, d = U.shape[1], U.shape[2]
-    nb = _n_blocks(d)
+    nb = n_blocks(d)
     for item in prange(active.shape[0] * nb):
         a = item // nb
         if live[a] == 0:
@@ -261,19 +331,12 @@ def _euler_step(U, G, inv_n, h, active, live, theta, scratch):
                 u0[c], u1[c], u2[c], u3[c] = y0, y1, y2, y3
                 th[c] = ((y0 * y1) * y2) * y3
         else:
+            # the prefix sweep fused with the update: the state is read and written once
             suffix = scratch[get_thread_id()]
-            nxt = suffix[L - 1, :w]
-            for c in range(w):
-                nxt[c] = 1.0
-            for j in range(L - 2, -1, -1):
-                cur = suffix[j, :w]
-                ur = U[s, j + 1, start:start + w]
-                for c in range(w):
-                    cur[c] = nxt[c] * ur[c]
-                nxt = cur
+            _suffix_rows(U, s, start, w, suffix)
             for c in range(w):
                 g[c] = -inv_n * g[c]
-                th[c] = 1.0
+            _ones(th, w)
             for j in range(L):
                 ur = U[s, j, start:start + w]
                 sr = suffix[j, :w]
@@ -286,7 +349,7 @@ def _euler_step(U, G, inv_n, h, active, live, theta, scratch):
 
 # Serial: S x n values are far too few to pay for waking the thread team (tens of us).
 @njit(**JIT_OPTIONS)
-def _residual_and_loss(R, y, y_rows, m, inv_2n, loss):
+def residual_and_loss(R, y, y_rows, m, inv_2n, loss):
     """R[a] -= y[y_rows[a]] in place and loss[a] = ||R[a]||^2 / (2n), for a < m (float64 sums
     in a fixed order)."""
     n = R.shape[1]
@@ -327,7 +390,7 @@ def _one_seed_products(X, y, theta, r, g, inv_2n, gradient):
 
 
 @njit(**PARALLEL_OPTIONS)
-def _per_seed_products(X, y, theta, active, R, G, inv_2n, loss, gradient):
+def per_seed_products(X, y, theta, active, R, G, inv_2n, loss, gradient):
     """Both products with per-seed data, one seed per work item: R[a] = X[s] theta[a] - y[s],
     loss[a] = ||R[a]||^2 / (2n), G[a] = X[s]^T R[a] (not yet divided by n; only if
     ``gradient``), ``s = active[a]``.
@@ -342,7 +405,7 @@ def _per_seed_products(X, y, theta, active, R, G, inv_2n, loss, gradient):
 
 
 @njit(**JIT_OPTIONS)
-def _shared_products_serial(X, y, theta, m, R, G, inv_2n, loss, gradient):
+def shared_products_serial(X, y, theta, m, R, G, inv_2n, loss, gradient):
     """Both products with a shared X for the first ``m`` rows of ``theta``, in the calling
     thread (see :func:`_one_seed_products`). For a few seeds there is too little work to pay
     for waking a thread team (Numba's or the BLAS's), which on a busy machine can cost more
@@ -352,7 +415,7 @@ def _shared_products_serial(X, y, theta, m, R, G, inv_2n, loss, gradient):
 
 
 @njit(**JIT_OPTIONS)
-def _sum_blocks(err_partial, m, size, out):
+def rms_of_blocks(err_partial, m, size, out):
     """out[a] = sqrt(sum_block err_partial[a, block] / size): the RMS error norm of each seed."""
     for a in range(m):
         total = 0.0
@@ -362,26 +425,28 @@ def _sum_blocks(err_partial, m, size, out):
 
 
 @njit(**PARALLEL_OPTIONS)
-def _accept_steps(U, Y, K, src, dst, seeds):
-    """U[s] = Y[s] and K[dst, s] = K[src, s] for the accepted seeds (FSAL)."""
+def accept_steps(U, Y, K, src, dst, seeds):
+    """U[s] = Y[s] for the accepted seeds, and K[dst, s] = K[src, s] unless ``src < 0`` (FSAL:
+    the last stage is the next step's first)."""
     L, d = U.shape[1], U.shape[2]
-    nb = _n_blocks(d)
+    nb = n_blocks(d)
     for item in prange(seeds.shape[0] * nb):
         s = seeds[item // nb]
         start = (item % nb) * BLOCK
         stop = min(start + BLOCK, d)
         for j in range(L):
             U[s, j, start:stop] = Y[s, j, start:stop]
-            K[dst, s, j, start:stop] = K[src, s, j, start:stop]
+            if src >= 0:
+                K[dst, s, j, start:stop] = K[src, s, j, start:stop]
 
 
 @njit(**PARALLEL_OPTIONS)
-def _invariant_drift(U, u0, partial):
+def invariant_drift_blocks(U, u0, partial):
     """partial[s, block] = max over the block's coordinates i of
     max_j D_ij - min_j D_ij, with D_ij = (u^j_i)^2 - (u0^j_i)^2: the largest change of any
     (u^j_i)^2 - (u^k_i)^2. Exact flows keep it at 0."""
     S, L, d = U.shape
-    nb = _n_blocks(d)
+    nb = n_blocks(d)
     for item in prange(S * nb):
         s = item // nb
         block = item % nb
