@@ -94,9 +94,11 @@ class MirrorIntegrator(Solver):
                 "fsal_ready": np.array([ready], dtype=np.int8), **self.state.as_dict()}
 
     def restore_state(self, arrays) -> None:
-        self.theta = np.prod(np.asarray(arrays["U"], dtype=np.float64), axis=1)
+        # theta itself: the product of the rebuilt layers differs from it in the last bits
+        self.theta = np.array(arrays["theta_cache"], dtype=np.float64)
         self.state = SeedState.from_dict(arrays)
-        self._ready[:] = bool(arrays["fsal_ready"][0])
+        # a seed has its derivative once its start evaluated it (its first evaluation)
+        self._ready = self.state.nfev > 0
         self.derivative = np.array(arrays["fsal"])[:, 0]
 
     def current_losses(self, theta=None) -> np.ndarray:

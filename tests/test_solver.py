@@ -137,3 +137,47 @@ def test_state_shapes_are_those_of_state_arrays(make_config):
             assert np.shape(arrays[name]) == shape and np.asarray(arrays[name]).dtype == dtype
         assert shapes["U"] == (u0.shape, np.dtype(np.float64))
         assert ("fsal" in shapes) == (method != "euler")
+
+
+@pytest.mark.parametrize("interval", [0, 1])
+def test_mirror_stopped_between_checkpoints_resumes_bit_identically(make_config, tmp_path, interval):
+    """The mirror method saves its state at the step where a stop request found it; resuming
+    continues every seed from there and gives the bytes of a run never stopped: theta is
+    restored itself (not the product of the layers rebuilt from it), and in the first interval,
+    where the stop comes before the second seed has started, the first one is not started
+    again."""
+    from ddln_fast.simulate import run_simulation
+    from faults_support import assert_same_run_file
+
+    cfg = make_config({"integrator.method": "mirror", "model.init": "first_layer_zero",
+                       "integrator.t_end": 3.0, "run.checkpoints": 4, "run.spacing": "linear"})
+    reference = tmp_path / "reference.h5"
+    run_simulation(cfg, reference, threads=1).run.close()
+
+    def stop_after_some_steps(index, t, integrator):
+        if index != interval:
+            return
+        asked = [0]
+        pending = integrator.stop_check
+
+        def check():
+            asked[0] += 1
+            if asked[0] == 5:
+                os.kill(os.getpid(), signal.SIGINT)
+            return pending()
+
+        integrator.stop_check = check
+
+    stopped = tmp_path / "stopped.h5"
+    report = run_simulation(cfg, stopped, threads=1, on_checkpoint=stop_after_some_steps)
+    report.run.close()
+    assert report.interrupted == "SIGINT" and report.checkpoints_written == interval + 1
+    from ddln_fast import open_run
+
+    with open_run(stopped) as run:
+        index, state = run.state()
+    assert index == interval and np.any((state["t"] > interval) & (state["t"] < interval + 1)), state["t"]
+    if interval == 0:
+        assert state["nfev"][0] > 0 and state["nfev"][1] == 0, state["nfev"]
+    run_simulation(cfg, stopped, resume=True, threads=1).run.close()
+    assert_same_run_file(reference, stopped)
