@@ -22,7 +22,8 @@ Parameters
 :func:`control_for` ``(error_order, beta=0.04, predictive=False)`` gives a :class:`Control`:
 error exponent 1/(q + 1) of an embedded estimate of order q (dopri5: q = 4, 0.2; a Radau IIA
 estimate: q = 3, 1/4), PI exponent ``expo1 = 1/(q + 1) - 0.75 beta``, safety 0.9, step ratio
-h_new/h in [0.2, 10]. ``beta = 0`` is the plain (I) controller.
+h_new/h in [0.2, 10]. ``beta = 0`` is the plain (I) controller; ``predictive=True``
+Gustafsson's (``facold`` then holds h_acc / max(err_acc, 1e-2)^(1/(q+1))).
 
 Calls (all loops run over ``active``, an int64 array of seed indices; ``err``, ``loss_new`` and
 ``live`` are indexed by position in ``active``, everything else by seed)
@@ -39,8 +40,6 @@ Calls (all loops run over ``active``, an int64 array of seed indices; ``err``, `
    ``evaluations`` to ``nfev`` and stops seeds: ``loss_tol`` (accepted ``loss_new`` below it),
    ``max_steps`` (attempts), ``stalled`` (h <= 16 eps |t|). The integrator then moves the
    accepted seeds to their new state.
-   ``control_steps_predictive(..., h_accepted)`` is the same with Gustafsson's predictive
-   ratio (``h_accepted``: per seed, the last accepted step, 0 before the first).
 4. ``reject_steps(active, reject, factor, state, trial, max_steps)``: reject the marked seeds'
    attempts with h_new = factor * h (an implicit solver's Newton failure), no error norm.
 5. ``screen_losses(active, live, losses, loss_tol, state)``: record the loss at the current
@@ -162,18 +161,23 @@ class Control(NamedTuple):
     safety: float
     ratio_min: float  # smallest h_new / h
     ratio_max: float  # largest h_new / h
+    predictive: bool  # Gustafsson's predictive control instead of PI
 
 
-def control_for(error_order: int, beta: float = BETA, safety: float = SAFETY,
-                ratio_min: float = RATIO_MIN, ratio_max: float = RATIO_MAX) -> Control:
+def control_for(error_order: int, beta: float = BETA, predictive: bool = False,
+                safety: float = SAFETY, ratio_min: float = RATIO_MIN,
+                ratio_max: float = RATIO_MAX) -> Control:
     """The controller of an error estimate of order ``error_order`` (q): exponent 1/(q + 1).
 
-    ``beta`` = 0 gives the I controller (also what Gustafsson's predictive control uses)."""
+    ``beta = 0`` gives the I controller. ``predictive``: Gustafsson's control (radau5.f), the
+    larger of the I control's ratio and one predicted from the last accepted step (``beta`` is
+    then not used); ``SeedState.facold`` then holds h_acc / max(err_acc, 1e-2)^(1/(q+1)) of
+    the last accepted step."""
     if error_order < 1:
         raise ValueError(f"error_order {error_order}: an adaptive method needs an error estimate of order >= 1")
     exponent = 1.0 / (error_order + 1)
     return Control(exponent, exponent - beta * 0.75, float(beta), float(safety), float(ratio_min),
-                   float(ratio_max))
+                   float(ratio_max), bool(predictive))
 
 
 # -- the scalar arithmetic (inlined: it takes the arithmetic flags of each caller) ---------------
@@ -191,12 +195,13 @@ def _pi_ratio(err, facold, c):
 
 
 @njit(inline="always")
-def _predictive_ratio(err, err_accepted, h, h_accepted, c):
+def _predictive_ratio(err, memory, h, has_memory, c):
     """h / h_new after an accepted step with Gustafsson's prediction (radau5.f): the larger of
-    the I control's ratio and (h_acc / h) (err^2 / err_acc)^(1/(q+1)) / safety."""
+    the I control's ratio and (h_acc / h) (err^2 / err_acc)^(1/(q+1)) / safety, where
+    ``memory`` = h_acc / err_acc^(1/(q+1)) of the last accepted step (if ``has_memory``)."""
     ratio = _clamp_ratio(err ** c.exponent / c.safety, c)
-    if h_accepted > 0.0:
-        predicted = (h_accepted / h) * (err * err / err_accepted) ** c.exponent / c.safety
+    if has_memory:
+        predicted = (memory / h) * (err * err) ** c.exponent / c.safety
         ratio = max(ratio, _clamp_ratio(predicted, c))
     return ratio
 
@@ -271,8 +276,13 @@ def _control_all(active, live, err, loss_new, targets, st, trial, c, evaluations
         st.steps[s] += 1
         st.nfev[s] += evaluations
         if e <= 1.0:  # NaN and inf fail this test: reject
-            ratio = _pi_ratio(e, st.facold[s], c)
-            st.facold[s] = max(e, FACOLD_FLOOR)
+            if c.predictive:
+                hs = trial.h[s]
+                ratio = _predictive_ratio(e, st.facold[s], hs, st.accepted[s] > 0, c)
+                st.facold[s] = hs / max(e, PREDICTIVE_FLOOR) ** c.exponent
+            else:
+                ratio = _pi_ratio(e, st.facold[s], c)
+                st.facold[s] = max(e, FACOLD_FLOOR)
             _accept(s, ratio, loss_new[a], targets[s], st, trial, loss_tol)
         else:
             _reject(s, trial.h[s] / _reject_ratio(e, c), st)
@@ -291,36 +301,12 @@ def propose_steps(active, targets, state, trial):
 @njit(**STRICT_JIT_OPTIONS)
 def control_steps(active, live, err, loss_new, targets, state, trial, control, evaluations,
                   loss_tol, max_steps):
-    """Accept or reject each live active seed's attempt by its error norm ``err[a]`` (PI
-    control), move its time, propose the next step and stop it if it is done (see the module
-    docstring). ``trial.accepted[s]`` tells the caller which seeds to move."""
+    """Accept or reject each live active seed's attempt by its error norm ``err[a]`` (PI or
+    predictive control, by ``control``), move its time, propose the next step and stop it if it
+    is done (see the module docstring). ``trial.accepted[s]`` tells the caller which seeds to
+    move."""
     _control_all(active, live, err, loss_new, targets, state, trial, control, evaluations,
                  loss_tol, max_steps)
-
-
-@njit(**STRICT_JIT_OPTIONS)
-def control_steps_predictive(active, live, err, loss_new, targets, state, trial, control,
-                             evaluations, loss_tol, max_steps, h_accepted):
-    """:func:`control_steps` with Gustafsson's predictive ratio (radau5.f): ``h_accepted[s]``
-    is the last accepted step (0 before the first) and ``state.facold`` the last accepted
-    error floored at 1e-2; both are updated here. ``control.beta`` is not used."""
-    for a in range(active.shape[0]):
-        s = active[a]
-        trial.accepted[s] = 0
-        if live[a] == 0:
-            continue
-        e = err[a]
-        state.steps[s] += 1
-        state.nfev[s] += evaluations
-        if e <= 1.0:
-            hs = trial.h[s]
-            ratio = _predictive_ratio(e, state.facold[s], hs, h_accepted[s], control)
-            h_accepted[s] = hs
-            state.facold[s] = max(e, PREDICTIVE_FLOOR)
-            _accept(s, ratio, loss_new[a], targets[s], state, trial, loss_tol)
-        else:
-            _reject(s, trial.h[s] / _reject_ratio(e, control), state)
-        _stop_checks(s, state, max_steps)
 
 
 @njit(**STRICT_JIT_OPTIONS)
@@ -375,7 +361,7 @@ def control_steps_fastmath(active, live, err, loss_new, targets, state, trial, e
                            evaluations, loss_tol, max_steps):
     """:func:`control_steps` under the kernels' fast-math flags with Hairer's constants
     (``expo1`` = 1/(q + 1) - 0.75 beta from :func:`control_for`)."""
-    control = Control(0.0, expo1, BETA, SAFETY, RATIO_MIN, RATIO_MAX)
+    control = Control(0.0, expo1, BETA, SAFETY, RATIO_MIN, RATIO_MAX, False)
     _control_all(active, live, err, loss_new, targets, state, trial, control, evaluations,
                  loss_tol, max_steps)
 

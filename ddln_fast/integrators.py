@@ -325,8 +325,10 @@ class Integrator(Solver):
                 self._evaluate(active, self.Y, last, kernels.MODE_ERROR, self.E, tab.stages)
             else:
                 self._evaluate(active, self.Y, last, kernels.MODE_NEXT_INPUT, self.B, tab.stages)
-                kernels.error_blocks(self.U, self.Y, self.K, self.E, tab.stages, self.h_work, active,
-                                     self.live, self.rtol, self.atol, self.err_partial, self.scratch)
+                kernels.rk_stage(self.U, self.Y, self.G, self.K, -1, 0, self.products.inv_n,
+                                 self.h_work, active, self.live, kernels.MODE_ERROR, self.E,
+                                 tab.stages, self.Y, self.theta, self.rtol, self.atol,
+                                 self.err_partial, self.scratch)
                 self.stage_loss[:m] = np.nan
             kernels.rms_of_blocks(self.err_partial, m, float(self.depth * self.dim), self.err)
             controller.control_steps_fastmath(active, self.live, self.err, self.stage_loss, targets,

@@ -141,6 +141,15 @@ def _error_row(total, U, Y, acc, hs, rtol, atol, tiny, s, j, start, w):
 
 
 @njit(**JIT_OPTIONS)
+def _work_item(item, nb, active, d):
+    """Work item ``item`` of a kernel over (active seed, block): (a, s, block, start, width)."""
+    a = item // nb
+    block = item % nb
+    start = block * BLOCK
+    return a, active[a], block, start, min(BLOCK, d - start)
+
+
+@njit(**JIT_OPTIONS)
 def _ones(th, w):
     for c in range(w):
         th[c] = 1.0
@@ -153,10 +162,7 @@ def layer_products(U, active, theta):
     L, d = U.shape[1], U.shape[2]
     nb = n_blocks(d)
     for item in prange(active.shape[0] * nb):
-        a = item // nb
-        s = active[a]
-        start = (item % nb) * BLOCK
-        w = min(BLOCK, d - start)
+        a, s, _, start, w = _work_item(item, nb, active, d)
         th = theta[a, start:start + w]
         _ones(th, w)
         for j in range(L):
@@ -173,10 +179,7 @@ def stage_input(U, K, coeffs, n_terms, h, active, Y, theta, scratch):
     L, d = U.shape[1], U.shape[2]
     nb = n_blocks(d)
     for item in prange(active.shape[0] * nb):
-        a = item // nb
-        s = active[a]
-        start = (item % nb) * BLOCK
-        w = min(BLOCK, d - start)
+        a, s, _, start, w = _work_item(item, nb, active, d)
         scr = scratch[get_thread_id()]
         acc = scr[L, :w]
         th = theta[a, start:start + w]
@@ -194,7 +197,9 @@ def rk_stage(U, Y_in, G, K, stage, keep, inv_n, h, active, live, mode,
     K[stage, s, j] = -(G[a] / n) * prod_{k != j} Y_in[s, k] (see :func:`_derivative_rows`;
     ``G`` rows are destroyed). It is computed in the thread's ``scratch`` rows and copied to K
     only with ``keep = 1``: a derivative used only inside this call (Euler; the last stage of a
-    method without FSAL) is never written back to memory. Then, by ``mode``:
+    method without FSAL) is never written back to memory. ``stage = -1`` computes no
+    derivative (``G`` is not read): every term of the combination is in K already (the error
+    of an embedded pair whose last stage is not at the new state). Then, by ``mode``:
 
     - ``MODE_NEXT_INPUT``: Y_out[s] = U[s] + h[s] * sum_{k < n_terms} coeffs[k] K[k, s] and its
       theta row (``Y_out`` may be ``Y_in`` or ``U``: each block is read before it is written);
@@ -205,15 +210,12 @@ def rk_stage(U, Y_in, G, K, stage, keep, inv_n, h, active, live, mode,
     nb = n_blocks(d)
     tiny = np.finfo(U.dtype).tiny
     for item in prange(active.shape[0] * nb):
-        a = item // nb
+        a, s, block, start, w = _work_item(item, nb, active, d)
         if live[a] == 0:
             continue
-        s = active[a]
-        block = item % nb
-        start = block * BLOCK
-        w = min(BLOCK, d - start)
         scr = scratch[get_thread_id()]
-        _derivative_rows(Y_in, G, inv_n, a, s, start, w, scr)
+        if stage >= 0:
+            _derivative_rows(Y_in, G, inv_n, a, s, start, w, scr)
         if keep:
             for j in range(L):
                 kr = K[stage, s, j, start:start + w]
@@ -239,31 +241,6 @@ def rk_stage(U, Y_in, G, K, stage, keep, inv_n, h, active, live, mode,
 
 
 @njit(**PARALLEL_OPTIONS)
-def error_blocks(U, Y, K, coeffs, n_terms, h, active, live, rtol, atol, err_partial, scratch):
-    """err_partial[a, block] = sum over the block of
-    (h[s] * sum_{k < n_terms} coeffs[k] K[k, s] / (atol + rtol * max(|U|, |Y|)))^2 for the live
-    active seeds: the error of an embedded pair whose last stage is not at the new state."""
-    L, d = U.shape[1], U.shape[2]
-    nb = n_blocks(d)
-    tiny = np.finfo(U.dtype).tiny
-    for item in prange(active.shape[0] * nb):
-        a = item // nb
-        if live[a] == 0:
-            continue
-        s = active[a]
-        block = item % nb
-        start = block * BLOCK
-        w = min(BLOCK, d - start)
-        scr = scratch[get_thread_id()]
-        acc = scr[L, :w]
-        total = 0.0
-        for j in range(L):
-            _combination(acc, K, scr, -1, coeffs, n_terms, s, j, start, w)
-            total = _error_row(total, U, Y, acc, h[s], rtol, atol, tiny, s, j, start, w)
-        err_partial[a, block] = total
-
-
-@njit(**PARALLEL_OPTIONS)
 def euler_step(U, G, inv_n, h, active, live, theta, scratch):
     """One explicit Euler step in place for the live active seeds, and theta of the new layers:
     U[s, j] += h[s] * (-(G[a] / n) * prod_{k != j} U[s, k]); theta[a] = prod_j U[s, j].
@@ -275,12 +252,9 @@ def euler_step(U, G, inv_n, h, active, live, theta, scratch):
     L, d = U.shape[1], U.shape[2]
     nb = n_blocks(d)
     for item in prange(active.shape[0] * nb):
-        a = item // nb
+        a, s, _, start, w = _work_item(item, nb, active, d)
         if live[a] == 0:
             continue
-        s = active[a]
-        start = (item % nb) * BLOCK
-        w = min(BLOCK, d - start)
         hs = h[s]
         g = G[a, start:start + w]
         th = theta[a, start:start + w]

@@ -130,7 +130,8 @@ def test_rejecting_with_a_factor_and_no_growth_after():
 
 def test_predictive_control_is_radau5_f():
     """Gustafsson's ratio (radau5.f, PRED = true), q = 3: after the first accepted step (no
-    history) the I control alone; then the larger of the I and predicted ratios."""
+    history) the I control alone; then the larger of the I and predicted ratios. A rejection
+    in between does not change the history (1e-14: the history is kept as one number)."""
     safe, facl, facr = 0.9, 1 / 0.2, 1 / 10.0
 
     def radau5(h, err, hacc, erracc, naccpt):
@@ -142,17 +143,23 @@ def test_predictive_control_is_radau5_f():
 
     st = SeedState.fresh(1, 0.2)
     trial = Trial.empty(1)
-    h_accepted = np.zeros(1)
     active, live, targets = np.array([0]), np.ones(1, np.uint8), np.full(1, 1e9)
-    c = control_for(3, beta=0.0)
+    c = control_for(3, beta=0.0, predictive=True)
     hacc = erracc = 0.0
-    for n, err in enumerate([0.3, 0.02, 0.7, 0.001]):
+    accepted = 0
+    for err in [0.3, 0.02, 3.0, 0.7, 0.001]:
         h = st.h[0]
         controller.propose_steps(active, targets, st, trial)
-        controller.control_steps_predictive(active, live, np.array([err]), np.array([1.0]), targets,
-                                            st, trial, c, 4, 0.0, 100, h_accepted)
-        expected, hacc, erracc = radau5(h, err, hacc, erracc, n)
-        assert st.h[0] == expected and h_accepted[0] == hacc and st.facold[0] == erracc
+        controller.control_steps(active, live, np.array([err]), np.array([1.0]), targets, st, trial,
+                                 c, 4, 0.0, 100)
+        if err > 1:
+            assert trial.accepted[0] == 0
+            np.testing.assert_allclose(st.h[0], h / min(facl, err ** 0.25 / safe), rtol=1e-15)
+            continue
+        expected, hacc, erracc = radau5(h, err, hacc, erracc, accepted)
+        accepted += 1
+        np.testing.assert_allclose(st.h[0], min(expected, h) if err == 0.7 else expected, rtol=1e-14)
+    assert st.accepted[0] == 4
 
 
 def test_screen_losses():
