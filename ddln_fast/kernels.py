@@ -61,63 +61,64 @@ def stage_scratch(depth, dtype):
 # They work on 1-D contiguous row views (one layer, one block) indexed from 0 with the
 # coordinate innermost: that is what lets LLVM vectorize them (2-D indexing with a variable
 # depth did not, measured 3-4x slower).
-@njit(**JIT_OPTIONS)
-def _k_row(K, scr, k, stage, s, j, start, w):
-    """Row j of stage derivative k over one block: the thread's scratch holds the current
-    stage's (``k == stage``), K the earlier ones."""
-    if k == stage:
+@njit(inline="always")
+def _k_row(K, scr, k, stage, keep, s, j, start, w):
+    """Row j of stage derivative k over one block: in K, or in the thread's scratch for the
+    current stage when it is not kept."""
+    if k == stage and keep == 0:
         return scr[j, :w]
     return K[k, s, j, start:start + w]
 
 
-@njit(**JIT_OPTIONS)
-def _suffix_rows(Y, s, start, w, rows):
-    """rows[j, :w] = prod_{k > j} Y[s, k] over one block (the suffix products of the
+@njit(inline="always")
+def _suffix_rows(Y, s, start, w, rows, col):
+    """rows[j, col:col + w] = prod_{k > j} Y[s, k] over one block (the suffix products of the
     all-but-one products; no division: layers may be exactly zero)."""
     L = Y.shape[1]
-    nxt = rows[L - 1, :w]
+    nxt = rows[L - 1, col:col + w]
     for c in range(w):
         nxt[c] = 1.0
     for j in range(L - 2, -1, -1):
-        cur = rows[j, :w]
+        cur = rows[j, col:col + w]
         yr = Y[s, j + 1, start:start + w]
         for c in range(w):
             cur[c] = nxt[c] * yr[c]
         nxt = cur
 
 
-@njit(**JIT_OPTIONS)
-def _derivative_rows(Y, G, inv_n, a, s, start, w, rows):
-    """rows[j, :w] = -(G[a] / n) * prod_{k != j} Y[s, k] over one block: the suffix products,
-    then a prefix sweep with -g/n folded in. The block of G[a] is the carry and is destroyed."""
-    _suffix_rows(Y, s, start, w, rows)
+@njit(inline="always")
+def _derivative_rows(Y, G, inv_n, a, s, start, w, rows, col):
+    """rows[j, col:col + w] = -(G[a] / n) * prod_{k != j} Y[s, k] over one block: the suffix
+    products, then a prefix sweep with -g/n folded in. The block of G[a] is the carry and is
+    destroyed. ``rows``: K[stage, s] (col = start) or the thread's scratch (col = 0)."""
+    _suffix_rows(Y, s, start, w, rows, col)
     carry = G[a, start:start + w]
     for c in range(w):
         carry[c] = -inv_n * carry[c]
     for j in range(Y.shape[1]):
-        kr = rows[j, :w]
+        kr = rows[j, col:col + w]
         yr = Y[s, j, start:start + w]
         for c in range(w):
             kr[c] *= carry[c]
             carry[c] *= yr[c]
 
 
-@njit(**JIT_OPTIONS)
-def _combination(acc, K, scr, stage, coeffs, n_terms, s, j, start, w):
-    """acc[:w] = sum_{k < n_terms} coeffs[k] K[k, s, j] over one block (row ``stage`` from the
-    thread's scratch)."""
-    kr = _k_row(K, scr, 0, stage, s, j, start, w)
+@njit(inline="always")
+def _combination(acc, K, scr, stage, keep, coeffs, n_terms, s, j, start, w):
+    """acc[:w] = sum_{k < n_terms} coeffs[k] K[k, s, j] over one block (the current stage's
+    row from the thread's scratch when it is not kept)."""
+    kr = _k_row(K, scr, 0, stage, keep, s, j, start, w)
     c0 = coeffs[0]
     for c in range(w):
         acc[c] = c0 * kr[c]
     for k in range(1, n_terms):
-        kr = _k_row(K, scr, k, stage, s, j, start, w)
+        kr = _k_row(K, scr, k, stage, keep, s, j, start, w)
         ck = coeffs[k]
         for c in range(w):
             acc[c] += ck * kr[c]
 
 
-@njit(**JIT_OPTIONS)
+@njit(inline="always")
 def _next_input_row(U, Y_out, th, acc, hs, s, j, start, w):
     """Y_out[s, j] = U[s, j] + h acc over one block, and theta *= it."""
     ur = U[s, j, start:start + w]
@@ -128,7 +129,7 @@ def _next_input_row(U, Y_out, th, acc, hs, s, j, start, w):
         th[c] *= y
 
 
-@njit(**JIT_OPTIONS)
+@njit(inline="always")
 def _error_row(total, U, Y, acc, hs, rtol, atol, tiny, s, j, start, w):
     """total + sum over one block of (h acc / (atol + rtol max(|U|, |Y|)))^2 (row j)."""
     ur = U[s, j, start:start + w]
@@ -140,7 +141,7 @@ def _error_row(total, U, Y, acc, hs, rtol, atol, tiny, s, j, start, w):
     return total
 
 
-@njit(**JIT_OPTIONS)
+@njit(inline="always")
 def _work_item(item, nb, active, d):
     """Work item ``item`` of a kernel over (active seed, block): (a, s, block, start, width)."""
     a = item // nb
@@ -149,7 +150,7 @@ def _work_item(item, nb, active, d):
     return a, active[a], block, start, min(BLOCK, d - start)
 
 
-@njit(**JIT_OPTIONS)
+@njit(inline="always")
 def _ones(th, w):
     for c in range(w):
         th[c] = 1.0
@@ -185,7 +186,7 @@ def stage_input(U, K, coeffs, n_terms, h, active, Y, theta, scratch):
         th = theta[a, start:start + w]
         _ones(th, w)
         for j in range(L):
-            _combination(acc, K, scr, -1, coeffs, n_terms, s, j, start, w)
+            _combination(acc, K, scr, -1, 1, coeffs, n_terms, s, j, start, w)
             _next_input_row(U, Y, th, acc, h[s], s, j, start, w)
 
 
@@ -195,9 +196,9 @@ def rk_stage(U, Y_in, G, K, stage, keep, inv_n, h, active, live, mode,
     """One fused Runge–Kutta stage for the live active seeds.
 
     K[stage, s, j] = -(G[a] / n) * prod_{k != j} Y_in[s, k] (see :func:`_derivative_rows`;
-    ``G`` rows are destroyed). It is computed in the thread's ``scratch`` rows and copied to K
-    only with ``keep = 1``: a derivative used only inside this call (Euler; the last stage of a
-    method without FSAL) is never written back to memory. ``stage = -1`` computes no
+    ``G`` rows are destroyed). With ``keep = 0`` the derivative is only used inside this call
+    (Euler; the last stage of a method without FSAL) and lives in the thread's ``scratch``
+    rows instead of K, never written back to memory. ``stage = -1`` computes no
     derivative (``G`` is not read): every term of the combination is in K already (the error
     of an embedded pair whose last stage is not at the new state). Then, by ``mode``:
 
@@ -214,14 +215,10 @@ def rk_stage(U, Y_in, G, K, stage, keep, inv_n, h, active, live, mode,
         if live[a] == 0:
             continue
         scr = scratch[get_thread_id()]
-        if stage >= 0:
-            _derivative_rows(Y_in, G, inv_n, a, s, start, w, scr)
-        if keep:
-            for j in range(L):
-                kr = K[stage, s, j, start:start + w]
-                sr = scr[j, :w]
-                for c in range(w):
-                    kr[c] = sr[c]
+        if stage >= 0 and keep:
+            _derivative_rows(Y_in, G, inv_n, a, s, start, w, K[stage, s], start)
+        elif stage >= 0:
+            _derivative_rows(Y_in, G, inv_n, a, s, start, w, scr, 0)
         if mode == MODE_DERIVATIVE:
             continue
         hs = h[s]
@@ -231,7 +228,7 @@ def rk_stage(U, Y_in, G, K, stage, keep, inv_n, h, active, live, mode,
             _ones(th, w)
         total = 0.0
         for j in range(L):
-            _combination(acc, K, scr, stage, coeffs, n_terms, s, j, start, w)
+            _combination(acc, K, scr, stage, keep, coeffs, n_terms, s, j, start, w)
             if mode == MODE_NEXT_INPUT:
                 _next_input_row(U, Y_out, th, acc, hs, s, j, start, w)
             else:
@@ -307,7 +304,7 @@ def euler_step(U, G, inv_n, h, active, live, theta, scratch):
         else:
             # the prefix sweep fused with the update: the state is read and written once
             suffix = scratch[get_thread_id()]
-            _suffix_rows(U, s, start, w, suffix)
+            _suffix_rows(U, s, start, w, suffix, 0)
             for c in range(w):
                 g[c] = -inv_n * g[c]
             _ones(th, w)
