@@ -19,7 +19,8 @@ import pytest
 from scipy.integrate import solve_ivp
 
 from conftest import problem_and_layers, record
-from ddln_fast.integrators import LOSS_TOL, Integrator
+from ddln_fast.controller import LOSS_TOL
+from ddln_fast.integrators import Integrator
 from peers import Floor, scipy_rhs
 
 RTOL, ATOL, LOSS_TOLERANCE, T_END = 1e-8, 1e-12, 1e-8, 1e7

@@ -19,9 +19,10 @@ from .controller import MAX_STEPS, RUNNING, STATUS_NAMES, SeedState, Trial
 from .kernels import JIT_OPTIONS
 from .problem import Problem
 from .solver import Solver
-from .tableaus import DOPRI5, TABLEAUS
+from .tableaus import TABLEAUS
 
-__all__ = ["Integrator", "Products", "STATUS_NAMES", "SeedState", "DOPRI5", "TABLEAUS"]
+# STATUS_NAMES and SeedState live in controller; importing them from here keeps working.
+__all__ = ["Integrator", "Products", "STATUS_NAMES", "SeedState"]
 
 
 class Products:

@@ -476,7 +476,7 @@ def clock_flow(u0: np.ndarray, tau: np.ndarray, rtol: float = 1e-11, atol: float
     blown_up : ndarray of shape (d,), bool
     """
     from . import controller
-    from .integrators import DOPRI5
+    from .tableaus import DOPRI5
 
     A, B, E = DOPRI5.A, DOPRI5.B, DOPRI5.E
     u = np.array(u0, dtype=np.float64)

@@ -18,7 +18,7 @@ import pytest
 from ddln_fast import controller
 from ddln_fast.controller import (LOSS_TOL, MAX_STEPS, RUNNING, STALLED, SeedState, Trial,
                                   control_for)
-from ddln_fast.integrators import DOPRI5
+from ddln_fast.tableaus import DOPRI5
 
 SAFE, FAC1, FAC2, BETA = 0.9, 0.2, 10.0, 0.04
 
