@@ -10,6 +10,8 @@ the products with X stay matrix-matrix products; an embedded pair keeps one step
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import numba
 from numba import njit
@@ -83,6 +85,34 @@ def _finish_fixed(active, live, dt, stages, max_steps, st):
     return all_live
 
 
+class StagePlan(NamedTuple):
+    """The stage calls of one step of an embedded pair, read from its tableau: call p computes
+    stage ``stage[p]`` (-1: none) then, by ``mode[p]``, the combination of the first
+    ``terms[p]`` stages with ``coeffs[p]`` (the next stage input, or the error). FSAL pairs
+    start from stage 1 (stage 0 is the last stage of the previous step)."""
+
+    stage: np.ndarray
+    mode: np.ndarray
+    coeffs: np.ndarray
+    terms: np.ndarray
+
+
+def stage_plan(tableau, dtype) -> StagePlan:
+    """The :class:`StagePlan` of an embedded pair: stages 1 (FSAL) or 0 up to the last, each
+    forming the next stage input; the last one forms the error (FSAL: its input is the new
+    state) or the new state, whose error is then a combination of its own."""
+    A, last = tableau.A, tableau.stages - 1
+    calls = [(i, kernels.MODE_NEXT_INPUT, A[i + 1], i + 1) for i in range(1 if tableau.fsal else 0, last)]
+    if tableau.fsal:
+        calls.append((last, kernels.MODE_ERROR, tableau.E, tableau.stages))
+    else:
+        calls += [(last, kernels.MODE_NEXT_INPUT, tableau.B, tableau.stages),
+                  (-1, kernels.MODE_ERROR, tableau.E, tableau.stages)]
+    stage, mode, coeffs, terms = zip(*calls)
+    return StagePlan(np.array(stage, dtype=np.int64), np.array(mode, dtype=np.int64),
+                     np.array(coeffs, dtype=dtype), np.array(terms, dtype=np.int64))
+
+
 class Integrator(Solver):
     """Advances a batch of seeds of the layer flow, one method, preallocated buffers.
 
@@ -137,7 +167,8 @@ class Integrator(Solver):
         self.A = [row.astype(self.dtype) for row in self.tableau.A]
         self.one = np.ones(1, dtype=self.dtype)
         self.B = self.tableau.B.astype(self.dtype)
-        self.E = None if self.tableau.E is None else self.tableau.E.astype(self.dtype)
+        #: the stage calls of one adaptive step (None for fixed-step methods)
+        self.plan = stage_plan(self.tableau, self.dtype) if self.tableau.adaptive else None
         self.state = SeedState.fresh(S, self.dt)
         #: an embedded pair has chosen its starting steps (and, FSAL, holds f(U) in K[0])
         self.started = False
@@ -293,11 +324,8 @@ class Integrator(Solver):
 
     def _advance_adaptive(self, t_target: float) -> bool:
         """Steps of the embedded pair, all active seeds together, until every running seed is
-        at ``t_target``. FSAL: the first stage is the last one of the previous accepted step;
-        otherwise it is evaluated at the start of each step, where the loss of the current
-        layers is then screened (loss_tol, divergence) before the step."""
+        at ``t_target``."""
         st, tab = self.state, self.tableau
-        last = tab.stages - 1
         if not self.started:
             self._start_adaptive(np.flatnonzero(st.status == RUNNING))
         trial = Trial.empty(self.seeds)
@@ -309,32 +337,40 @@ class Integrator(Solver):
                 return True
             if self.stop_requested():
                 return False
-            m = active.size
-            self.live[:m] = 1
-            self._pick_threads(m)
-            controller.propose_steps_fastmath(active, targets, st, trial, self.h_work)
-            if tab.fsal:
-                kernels.stage_input(self.U, self.K, self.A[1], 1, self.h_work, active, self.Y,
-                                    self.theta, self.scratch)
-            else:
-                self._theta_of_U(active)
-                self._evaluate(active, self.U, 0, kernels.MODE_NEXT_INPUT, self.A[1], 1, self.Y)
+            self._pick_threads(active.size)
+            self._adaptive_step(active, targets, trial, expo1)
+
+    def _adaptive_step(self, active, targets, trial, expo1) -> None:
+        """One step of every active seed: FSAL, the first stage is the last one of the
+        previous accepted step; otherwise it is evaluated first, and the loss of the current
+        layers is screened there (loss_tol, divergence) before the step. Then the stages of
+        :attr:`plan`, the error norms and the controller."""
+        st, tab, plan = self.state, self.tableau, self.plan
+        m = active.size
+        self.live[:m] = 1
+        controller.propose_steps_fastmath(active, targets, st, trial, self.h_work)
+        if tab.fsal:
+            kernels.stage_input(self.U, self.K, self.A[1], 1, self.h_work, active, self.Y,
+                                self.theta, self.scratch)
+        else:
+            kernels.layer_products(self.U, active, self.theta)
+        for p, stage in enumerate(plan.stage):
+            if stage >= 0:
+                self.products.residual_and_gradient(self.theta, active, self.R, self.G,
+                                                    self.stage_loss)
+            kernels.rk_stage(self.U, self.U if stage == 0 else self.Y, self.G, self.K, stage,
+                             1 if stage >= 0 else 0, self.products.inv_n, self.h_work, active,
+                             self.live, plan.mode[p], plan.coeffs[p], plan.terms[p], self.Y,
+                             self.theta, self.rtol, self.atol, self.err_partial, self.scratch)
+            if stage == 0:
                 controller.screen_losses(active, self.live, self.stage_loss, self.loss_tol, st)
-            for i in range(1, last):
-                self._evaluate(active, self.Y, i, kernels.MODE_NEXT_INPUT, self.A[i + 1], i + 1)
-            if tab.fsal:  # the last stage input is the new state: its loss is known
-                self._evaluate(active, self.Y, last, kernels.MODE_ERROR, self.E, tab.stages)
-            else:
-                self._evaluate(active, self.Y, last, kernels.MODE_NEXT_INPUT, self.B, tab.stages)
-                kernels.rk_stage(self.U, self.Y, self.G, self.K, -1, 0, self.products.inv_n,
-                                 self.h_work, active, self.live, kernels.MODE_ERROR, self.E,
-                                 tab.stages, self.Y, self.theta, self.rtol, self.atol,
-                                 self.err_partial, self.scratch)
-                self.stage_loss[:m] = np.nan
-            kernels.rms_of_blocks(self.err_partial, m, float(self.depth * self.dim), self.err)
-            controller.control_steps_fastmath(active, self.live, self.err, self.stage_loss, targets,
-                                              st, trial, expo1, tab.evaluations, self.loss_tol,
-                                              self.max_steps)
-            accepted = active[trial.accepted[active] == 1]
-            if accepted.size:
-                kernels.accept_steps(self.U, self.Y, self.K, last if tab.fsal else -1, 0, accepted)
+        if not tab.fsal:  # the loss of the new state is known at the next step's first stage
+            self.stage_loss[:m] = np.nan
+        kernels.rms_of_blocks(self.err_partial, m, float(self.depth * self.dim), self.err)
+        controller.control_steps_fastmath(active, self.live, self.err, self.stage_loss, targets,
+                                          st, trial, expo1, tab.evaluations, self.loss_tol,
+                                          self.max_steps)
+        accepted = active[trial.accepted[active] == 1]
+        if accepted.size:
+            kernels.accept_steps(self.U, self.Y, self.K, plan.stage[-1] if tab.fsal else -1, 0,
+                                 accepted)
