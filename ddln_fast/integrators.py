@@ -6,6 +6,8 @@ adaptive loop reads from the tableau its stages, whether the last stage is the n
 (FSAL), its evaluations per step and its error order. All seeds are advanced together so that
 the products with X stay matrix-matrix products; an embedded pair keeps one step size per seed
 (:mod:`ddln_fast.controller`: accept or reject per seed, landing exactly on each checkpoint).
+Once the active state is small (few seeds left at small d: the stragglers of an adaptive run),
+runs of adaptive steps are one compiled call, with the same kernels in the same order.
 """
 
 from __future__ import annotations
@@ -38,12 +40,19 @@ class Products:
     def __init__(self, problem: Problem, dtype, seeds: int):
         self.X = np.ascontiguousarray(problem.X, dtype=dtype)
         self.per_seed = problem.per_seed
+        #: X of every seed, (S, n, d), or the shared X as (1, n, d): for compiled loops
+        self.X_by_seed = self.X if self.per_seed else self.X[None]
         y = np.asarray(problem.y, dtype=dtype)
         self.y = np.ascontiguousarray(y if self.per_seed else y[None, :])
         self.n = problem.n
         self.inv_n = dtype(1.0 / self.n)
         self.inv_2n = 0.5 / self.n
         self.shared_rows = np.zeros(seeds, dtype=np.int64)
+
+    def serial(self, m: int) -> bool:
+        """Whether the products of ``m`` seeds run seed by seed in the calling thread (no
+        GEMM): per-seed data always, a shared X when it is small (see SERIAL_PRODUCT_WORK)."""
+        return self.per_seed or m * self.X.size <= kernels.SERIAL_PRODUCT_WORK
 
     def residual_and_gradient(self, theta, active, R, G, loss, gradient=True):
         """R[a] = X theta[a] - y, loss[a] = f, G[a] = X^T R[a] (not yet divided by n; skipped
@@ -52,7 +61,7 @@ class Products:
         if self.per_seed:
             kernels.per_seed_products(self.X, self.y, theta, active, R, G, self.inv_2n, loss,
                                       1 if gradient else 0)
-        elif m * self.X.size <= kernels.SERIAL_PRODUCT_WORK:
+        elif self.serial(m):
             kernels.shared_products_serial(self.X, self.y, theta, m, R, G, self.inv_2n, loss,
                                            1 if gradient else 0)
         else:
@@ -113,6 +122,65 @@ def stage_plan(tableau, dtype) -> StagePlan:
                      np.array(coeffs, dtype=dtype), np.array(terms, dtype=np.int64))
 
 
+#: Steps per call of the compiled loop: a stop request (a signal) waits for the call's end, a
+#: few milliseconds at the state sizes that take the loop (SERIAL_STATE_WORK elements).
+STEPS_PER_CALL = 32
+
+
+@njit(**JIT_OPTIONS)
+def _adaptive_steps_serial(U, Y, K, theta, G, R, X, y, per_seed, inv_n, inv_2n, h_work, live,
+                           stage_loss, err, err_partial, scratch, first_input, plan, fsal,
+                           evaluations, expo1, t_target, targets, st, trial, loss_tol, max_steps,
+                           rtol, atol, seeds_buffer, accepted_buffer):
+    """Up to STEPS_PER_CALL steps of an embedded pair for the seeds running short of
+    ``t_target``, all in the calling thread: the same calls, in the same order, as
+    :meth:`Integrator._adaptive_step` (its serial twins, products seed by seed), for states
+    small enough that calling them from Python would cost more than they do. Returns whether
+    every running seed is at ``t_target``."""
+    size = float(U.shape[1] * U.shape[2])
+    for _ in range(STEPS_PER_CALL):
+        m = 0
+        for s in range(U.shape[0]):
+            if st.status[s] == RUNNING and st.t[s] < t_target:
+                seeds_buffer[m] = s
+                m += 1
+        if m == 0:
+            return True
+        active = seeds_buffer[:m]
+        live[:m] = 1
+        controller.propose_steps_fastmath(active, targets, st, trial, h_work)
+        if fsal:
+            kernels.stage_input_serial(U, K, first_input, 1, h_work, active, Y, theta, scratch)
+        else:
+            kernels.layer_products_serial(U, active, theta)
+        for p in range(plan.stage.shape[0]):
+            stage = plan.stage[p]
+            if stage >= 0:
+                for a in range(m):
+                    k = active[a] if per_seed else 0
+                    stage_loss[a] = kernels.one_seed_products(X[k], y[k], theta[a], R[a], G[a],
+                                                              inv_2n, 1)
+            kernels.rk_stage_serial(U, U if stage == 0 else Y, G, K, stage, 1 if stage >= 0 else 0,
+                                    inv_n, h_work, active, live, plan.mode[p], plan.coeffs[p],
+                                    plan.terms[p], Y, theta, rtol, atol, err_partial, scratch)
+            if stage == 0:
+                controller.screen_losses(active, live, stage_loss, loss_tol, st)
+        if not fsal:
+            stage_loss[:m] = np.nan
+        kernels.rms_of_blocks(err_partial, m, size, err)
+        controller.control_steps_fastmath(active, live, err, stage_loss, targets, st, trial, expo1,
+                                          evaluations, loss_tol, max_steps)
+        n_accepted = 0
+        for a in range(m):
+            if trial.accepted[active[a]]:
+                accepted_buffer[n_accepted] = active[a]
+                n_accepted += 1
+        if n_accepted:
+            kernels.accept_steps_serial(U, Y, K, plan.stage[-1] if fsal else -1, 0,
+                                        accepted_buffer[:n_accepted])
+    return False
+
+
 class Integrator(Solver):
     """Advances a batch of seeds of the layer flow, one method, preallocated buffers.
 
@@ -169,6 +237,9 @@ class Integrator(Solver):
         self.B = self.tableau.B.astype(self.dtype)
         #: the stage calls of one adaptive step (None for fixed-step methods)
         self.plan = stage_plan(self.tableau, self.dtype) if self.tableau.adaptive else None
+        #: largest active state (m L d elements) whose adaptive steps run as one compiled loop
+        #: (results are the same either way; the loop saves the calls from Python per step)
+        self.compiled_loop_work = kernels.SERIAL_STATE_WORK
         self.state = SeedState.fresh(S, self.dt)
         #: an embedded pair has chosen its starting steps (and, FSAL, holds f(U) in K[0])
         self.started = False
@@ -324,21 +395,34 @@ class Integrator(Solver):
 
     def _advance_adaptive(self, t_target: float) -> bool:
         """Steps of the embedded pair, all active seeds together, until every running seed is
-        at ``t_target``."""
+        at ``t_target``. While the active state is small (the products seed by seed, the state
+        within SERIAL_STATE_WORK) whole runs of steps are one compiled call."""
         st, tab = self.state, self.tableau
         if not self.started:
             self._start_adaptive(np.flatnonzero(st.status == RUNNING))
         trial = Trial.empty(self.seeds)
         targets = np.full(self.seeds, t_target)
         expo1 = controller.control_for(tab.error_order).expo1
+        buffers = (np.zeros(self.seeds, dtype=np.int64), np.zeros(self.seeds, dtype=np.int64))
         while True:
             active = np.flatnonzero((st.status == RUNNING) & (st.t < t_target))
             if active.size == 0:
                 return True
             if self.stop_requested():
                 return False
-            self._pick_threads(active.size)
-            self._adaptive_step(active, targets, trial, expo1)
+            m = active.size
+            if self.products.serial(m) and m * self.depth * self.dim <= self.compiled_loop_work:
+                p = self.products
+                _adaptive_steps_serial(self.U, self.Y, self.K, self.theta, self.G, self.R,
+                                       p.X_by_seed, p.y, p.per_seed, p.inv_n, p.inv_2n, self.h_work,
+                                       self.live, self.stage_loss, self.err, self.err_partial,
+                                       self.scratch, self.A[1], self.plan, tab.fsal,
+                                       tab.evaluations, expo1, t_target, targets, st, trial,
+                                       self.loss_tol, self.max_steps, self.rtol, self.atol,
+                                       *buffers)
+            else:
+                self._pick_threads(m)
+                self._adaptive_step(active, targets, trial, expo1)
 
     def _adaptive_step(self, active, targets, trial, expo1) -> None:
         """One step of every active seed: FSAL, the first stage is the last one of the

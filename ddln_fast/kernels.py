@@ -156,20 +156,86 @@ def _ones(th, w):
         th[c] = 1.0
 
 
-# -- kernels (parallel entry points) ---------------------------------------------------------------
+# -- one work item of each kernel (the parallel kernels and their serial twins share them) --------
+@njit(inline="always")
+def _layer_products_item(item, nb, U, active, theta):
+    a, s, _, start, w = _work_item(item, nb, active, U.shape[2])
+    th = theta[a, start:start + w]
+    _ones(th, w)
+    for j in range(U.shape[1]):
+        ur = U[s, j, start:start + w]
+        for c in range(w):
+            th[c] *= ur[c]
+
+
+@njit(inline="always")
+def _stage_input_item(item, nb, U, K, coeffs, n_terms, h, active, Y, theta, scr):
+    L = U.shape[1]
+    a, s, _, start, w = _work_item(item, nb, active, U.shape[2])
+    acc = scr[L, :w]
+    th = theta[a, start:start + w]
+    _ones(th, w)
+    for j in range(L):
+        _combination(acc, K, scr, -1, 1, coeffs, n_terms, s, j, start, w)
+        _next_input_row(U, Y, th, acc, h[s], s, j, start, w)
+
+
+@njit(inline="always")
+def _rk_stage_item(item, nb, U, Y_in, G, K, stage, keep, inv_n, h, active, live, mode,
+                   coeffs, n_terms, Y_out, theta, rtol, atol, err_partial, scr):
+    L = U.shape[1]
+    a, s, block, start, w = _work_item(item, nb, active, U.shape[2])
+    if live[a] == 0:
+        return
+    if stage >= 0 and keep:
+        _derivative_rows(Y_in, G, inv_n, a, s, start, w, K[stage, s], start)
+    elif stage >= 0:
+        _derivative_rows(Y_in, G, inv_n, a, s, start, w, scr, 0)
+    if mode == MODE_DERIVATIVE:
+        return
+    hs = h[s]
+    acc = scr[L, :w]
+    th = theta[a, start:start + w]
+    if mode == MODE_NEXT_INPUT:
+        _ones(th, w)
+    tiny = np.finfo(U.dtype).tiny
+    total = 0.0
+    for j in range(L):
+        _combination(acc, K, scr, stage, keep, coeffs, n_terms, s, j, start, w)
+        if mode == MODE_NEXT_INPUT:
+            _next_input_row(U, Y_out, th, acc, hs, s, j, start, w)
+        else:
+            total = _error_row(total, U, Y_in, acc, hs, rtol, atol, tiny, s, j, start, w)
+    if mode == MODE_ERROR:
+        err_partial[a, block] = total
+
+
+@njit(inline="always")
+def _accept_item(item, nb, U, Y, K, src, dst, seeds):
+    _, s, _, start, w = _work_item(item, nb, seeds, U.shape[2])
+    stop = start + w
+    for j in range(U.shape[1]):
+        U[s, j, start:stop] = Y[s, j, start:stop]
+        if src >= 0:
+            K[dst, s, j, start:stop] = K[src, s, j, start:stop]
+
+
+# -- kernels: parallel entry points, and serial twins for compiled loops (a cached serial function
+# must not call a parallel one) ----------------------------------------------------------------
 @njit(**PARALLEL_OPTIONS)
 def layer_products(U, active, theta):
     """theta[a] = prod_j U[s, j] for the active seeds ``s = active[a]``."""
-    L, d = U.shape[1], U.shape[2]
-    nb = n_blocks(d)
+    nb = n_blocks(U.shape[2])
     for item in prange(active.shape[0] * nb):
-        a, s, _, start, w = _work_item(item, nb, active, d)
-        th = theta[a, start:start + w]
-        _ones(th, w)
-        for j in range(L):
-            ur = U[s, j, start:start + w]
-            for c in range(w):
-                th[c] *= ur[c]
+        _layer_products_item(item, nb, U, active, theta)
+
+
+@njit(**JIT_OPTIONS)
+def layer_products_serial(U, active, theta):
+    """:func:`layer_products` in the calling thread."""
+    nb = n_blocks(U.shape[2])
+    for item in range(active.shape[0] * nb):
+        _layer_products_item(item, nb, U, active, theta)
 
 
 @njit(**PARALLEL_OPTIONS)
@@ -177,17 +243,18 @@ def stage_input(U, K, coeffs, n_terms, h, active, Y, theta, scratch):
     """Y[s] = U[s] + h[s] * sum_{k < n_terms} coeffs[k] K[k, s] and theta[a] = prod_j Y[s, j]
     for the active seeds ``s = active[a]`` (n_terms >= 1). ``scratch``: :func:`stage_scratch`.
     """
-    L, d = U.shape[1], U.shape[2]
-    nb = n_blocks(d)
+    nb = n_blocks(U.shape[2])
     for item in prange(active.shape[0] * nb):
-        a, s, _, start, w = _work_item(item, nb, active, d)
-        scr = scratch[get_thread_id()]
-        acc = scr[L, :w]
-        th = theta[a, start:start + w]
-        _ones(th, w)
-        for j in range(L):
-            _combination(acc, K, scr, -1, 1, coeffs, n_terms, s, j, start, w)
-            _next_input_row(U, Y, th, acc, h[s], s, j, start, w)
+        _stage_input_item(item, nb, U, K, coeffs, n_terms, h, active, Y, theta,
+                          scratch[get_thread_id()])
+
+
+@njit(**JIT_OPTIONS)
+def stage_input_serial(U, K, coeffs, n_terms, h, active, Y, theta, scratch):
+    """:func:`stage_input` in the calling thread (scratch rows of thread 0)."""
+    nb = n_blocks(U.shape[2])
+    for item in range(active.shape[0] * nb):
+        _stage_input_item(item, nb, U, K, coeffs, n_terms, h, active, Y, theta, scratch[0])
 
 
 @njit(**PARALLEL_OPTIONS)
@@ -207,34 +274,21 @@ def rk_stage(U, Y_in, G, K, stage, keep, inv_n, h, active, live, mode,
     - ``MODE_ERROR``: err_partial[a, block] = sum over the block of
       (h[s] * sum_k coeffs[k] K[k, s] / (atol + rtol * max(|U|, |Y_in|)))^2.
     """
-    L, d = U.shape[1], U.shape[2]
-    nb = n_blocks(d)
-    tiny = np.finfo(U.dtype).tiny
+    nb = n_blocks(U.shape[2])
     for item in prange(active.shape[0] * nb):
-        a, s, block, start, w = _work_item(item, nb, active, d)
-        if live[a] == 0:
-            continue
-        scr = scratch[get_thread_id()]
-        if stage >= 0 and keep:
-            _derivative_rows(Y_in, G, inv_n, a, s, start, w, K[stage, s], start)
-        elif stage >= 0:
-            _derivative_rows(Y_in, G, inv_n, a, s, start, w, scr, 0)
-        if mode == MODE_DERIVATIVE:
-            continue
-        hs = h[s]
-        acc = scr[L, :w]
-        th = theta[a, start:start + w]
-        if mode == MODE_NEXT_INPUT:
-            _ones(th, w)
-        total = 0.0
-        for j in range(L):
-            _combination(acc, K, scr, stage, keep, coeffs, n_terms, s, j, start, w)
-            if mode == MODE_NEXT_INPUT:
-                _next_input_row(U, Y_out, th, acc, hs, s, j, start, w)
-            else:
-                total = _error_row(total, U, Y_in, acc, hs, rtol, atol, tiny, s, j, start, w)
-        if mode == MODE_ERROR:
-            err_partial[a, block] = total
+        _rk_stage_item(item, nb, U, Y_in, G, K, stage, keep, inv_n, h, active, live, mode,
+                       coeffs, n_terms, Y_out, theta, rtol, atol, err_partial,
+                       scratch[get_thread_id()])
+
+
+@njit(**JIT_OPTIONS)
+def rk_stage_serial(U, Y_in, G, K, stage, keep, inv_n, h, active, live, mode,
+                    coeffs, n_terms, Y_out, theta, rtol, atol, err_partial, scratch):
+    """:func:`rk_stage` in the calling thread (scratch rows of thread 0)."""
+    nb = n_blocks(U.shape[2])
+    for item in range(active.shape[0] * nb):
+        _rk_stage_item(item, nb, U, Y_in, G, K, stage, keep, inv_n, h, active, live, mode,
+                       coeffs, n_terms, Y_out, theta, rtol, atol, err_partial, scratch[0])
 
 
 @njit(**PARALLEL_OPTIONS)
@@ -335,7 +389,7 @@ def residual_and_loss(R, y, y_rows, m, inv_2n, loss):
 
 
 @njit(**JIT_OPTIONS)
-def _one_seed_products(X, y, theta, r, g, inv_2n, gradient):
+def one_seed_products(X, y, theta, r, g, inv_2n, gradient):
     """Both products of one seed, in the calling thread, sums in a fixed order:
     r = X theta - y, g = X^T r (not yet divided by n; only if ``gradient``); returns
     ||r||^2 / (2n). ``X`` (n, d), ``y`` (n,), ``theta`` and ``g`` (d,), ``r`` (n,)."""
@@ -372,17 +426,17 @@ def per_seed_products(X, y, theta, active, R, G, inv_2n, loss, gradient):
     """
     for a in prange(active.shape[0]):
         s = active[a]
-        loss[a] = _one_seed_products(X[s], y[s], theta[a], R[a], G[a], inv_2n, gradient)
+        loss[a] = one_seed_products(X[s], y[s], theta[a], R[a], G[a], inv_2n, gradient)
 
 
 @njit(**JIT_OPTIONS)
 def shared_products_serial(X, y, theta, m, R, G, inv_2n, loss, gradient):
     """Both products with a shared X for the first ``m`` rows of ``theta``, in the calling
-    thread (see :func:`_one_seed_products`). For a few seeds there is too little work to pay
+    thread (see :func:`one_seed_products`). For a few seeds there is too little work to pay
     for waking a thread team (Numba's or the BLAS's), which on a busy machine can cost more
     than the products."""
     for a in range(m):
-        loss[a] = _one_seed_products(X, y[0], theta[a], R[a], G[a], inv_2n, gradient)
+        loss[a] = one_seed_products(X, y[0], theta[a], R[a], G[a], inv_2n, gradient)
 
 
 @njit(**JIT_OPTIONS)
@@ -399,16 +453,17 @@ def rms_of_blocks(err_partial, m, size, out):
 def accept_steps(U, Y, K, src, dst, seeds):
     """U[s] = Y[s] for the accepted seeds, and K[dst, s] = K[src, s] unless ``src < 0`` (FSAL:
     the last stage is the next step's first)."""
-    L, d = U.shape[1], U.shape[2]
-    nb = n_blocks(d)
+    nb = n_blocks(U.shape[2])
     for item in prange(seeds.shape[0] * nb):
-        s = seeds[item // nb]
-        start = (item % nb) * BLOCK
-        stop = min(start + BLOCK, d)
-        for j in range(L):
-            U[s, j, start:stop] = Y[s, j, start:stop]
-            if src >= 0:
-                K[dst, s, j, start:stop] = K[src, s, j, start:stop]
+        _accept_item(item, nb, U, Y, K, src, dst, seeds)
+
+
+@njit(**JIT_OPTIONS)
+def accept_steps_serial(U, Y, K, src, dst, seeds):
+    """:func:`accept_steps` in the calling thread."""
+    nb = n_blocks(U.shape[2])
+    for item in range(seeds.shape[0] * nb):
+        _accept_item(item, nb, U, Y, K, src, dst, seeds)
 
 
 @njit(**PARALLEL_OPTIONS)

@@ -277,8 +277,9 @@ def _drive(config, integrator: Solver, writer: RunWriter, times, first_index, pr
            on_checkpoint, stops, resumed_from=None) -> RunReport:
     """Advance checkpoint by checkpoint, appending each one (rows, state, then the counter).
 
-    A stop request (SIGINT/SIGTERM) is honoured at the next step boundary, not only at the next
-    checkpoint: the integrator checks it before every step, and the state where it stopped is
+    A stop request (SIGINT/SIGTERM) is honoured at a step boundary, not only at the next
+    checkpoint: the integrator checks it between steps (see Solver.stop_check), and the state
+    where it stopped is
     saved (a long interval between checkpoints would otherwise outlast a scheduler's grace time).
     """
     from tqdm import tqdm

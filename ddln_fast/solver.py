@@ -8,7 +8,7 @@ it never writes the state, never re-derives step targets and never knows a solve
 Subclasses set ``method`` (the ``integrator.method`` name), ``seeds``, ``depth``, ``dim``,
 ``dtype`` and ``state`` (a SeedState of S seeds), call ``Solver.__init__`` and implement:
 
-- :meth:`advance_to` (time stepping, with ``stop_check`` asked before every step);
+- :meth:`advance_to` (time stepping, with ``stop_check`` asked between steps);
 - :meth:`theta_of_all`, :meth:`current_losses`, :meth:`invariant_drift`, :meth:`layers`
   (what a checkpoint stores; :meth:`checkpoint_values` calls them in that order);
 - :meth:`state_arrays` and :meth:`restore_state` (exact resume; the run file's ``/state``
@@ -36,8 +36,10 @@ class Solver(ABC):
     state: SeedState
 
     def __init__(self):
-        #: callable -> bool, asked before every step; True stops :meth:`advance_to` at that step
-        #: boundary (a safe point for SIGINT/SIGTERM: the state there resumes bit-identically)
+        #: callable -> bool, asked between steps (before each one, or before each run of steps
+        #: a compiled loop takes in one call: a few milliseconds of work); True stops
+        #: :meth:`advance_to` at that step boundary (a safe point for SIGINT/SIGTERM: the state
+        #: there resumes bit-identically)
         self.stop_check: Callable[[], bool] | None = None
 
     # -- time stepping ----------------------------------------------------------------------------

@@ -59,6 +59,7 @@ def stop_request(at_checkpoint: int, after_evaluations: int):
         if after_evaluations == 0:
             os.kill(os.getpid(), signal.SIGINT)
             return
+        integrator.compiled_loop_work = -1  # every step from Python, through the products below
         products = integrator.products
         original = products.residual_and_gradient
         calls = [0]

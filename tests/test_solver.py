@@ -91,6 +91,27 @@ def sigint_at_checkpoint(k):
     return hook
 
 
+def sigint_at_stop_check(k, nth):
+    """An on_checkpoint hook: after checkpoint ``k``, the ``nth`` time the solver asks whether
+    to stop (a step boundary), SIGINT arrives, as from a user or a scheduler."""
+
+    def hook(index, t, integrator):
+        if index != k:
+            return
+        asked = [0]
+        pending = integrator.stop_check
+
+        def check():
+            asked[0] += 1
+            if asked[0] == nth:
+                os.kill(os.getpid(), signal.SIGINT)
+            return pending()
+
+        integrator.stop_check = check
+
+    return hook
+
+
 def test_the_driver_runs_any_solver_through_the_interface(make_config, exact_dopri5, tmp_path):
     from ddln_fast.simulate import run_simulation
     from faults_support import assert_same_run_file
@@ -154,22 +175,8 @@ def test_mirror_stopped_between_checkpoints_resumes_bit_identically(make_config,
     reference = tmp_path / "reference.h5"
     run_simulation(cfg, reference, threads=1).run.close()
 
-    def stop_after_some_steps(index, t, integrator):
-        if index != interval:
-            return
-        asked = [0]
-        pending = integrator.stop_check
-
-        def check():
-            asked[0] += 1
-            if asked[0] == 5:
-                os.kill(os.getpid(), signal.SIGINT)
-            return pending()
-
-        integrator.stop_check = check
-
     stopped = tmp_path / "stopped.h5"
-    report = run_simulation(cfg, stopped, threads=1, on_checkpoint=stop_after_some_steps)
+    report = run_simulation(cfg, stopped, threads=1, on_checkpoint=sigint_at_stop_check(interval, 5))
     report.run.close()
     assert report.interrupted == "SIGINT" and report.checkpoints_written == interval + 1
     from ddln_fast import open_run
@@ -179,5 +186,32 @@ def test_mirror_stopped_between_checkpoints_resumes_bit_identically(make_config,
     assert index == interval and np.any((state["t"] > interval) & (state["t"] < interval + 1)), state["t"]
     if interval == 0:
         assert state["nfev"][0] > 0 and state["nfev"][1] == 0, state["nfev"]
+    run_simulation(cfg, stopped, resume=True, threads=1).run.close()
+    assert_same_run_file(reference, stopped)
+
+
+def test_a_stop_inside_the_compiled_loop_lands_between_its_calls_and_resumes(make_config, tmp_path):
+    """Small states take up to STEPS_PER_CALL adaptive steps per compiled call; a stop request
+    is seen between two calls (a step boundary inside the interval) and resuming from there
+    gives the bytes of a run never stopped."""
+    from ddln_fast import open_run
+    from ddln_fast.integrators import STEPS_PER_CALL
+    from ddln_fast.simulate import run_simulation
+    from faults_support import assert_same_run_file
+
+    cfg = make_config({"integrator.t_end": 400.0, "run.checkpoints": 3, "run.spacing": "linear",
+                       "integrator.rtol": 1e-10})
+    reference = tmp_path / "reference.h5"
+    run_simulation(cfg, reference, threads=1).run.close()
+
+    stopped = tmp_path / "stopped.h5"
+    report = run_simulation(cfg, stopped, threads=1, on_checkpoint=sigint_at_stop_check(1, 2))
+    report.run.close()
+    assert report.interrupted == "SIGINT" and report.checkpoints_written == 2
+    with open_run(stopped) as run:
+        index, state = run.state()
+        evaluations = state["nfev"] - run.nfev[1]
+    assert index == 1 and np.all((state["t"] > 200.0) & (state["t"] < 400.0)), state["t"]
+    np.testing.assert_array_equal(evaluations, 6 * STEPS_PER_CALL)  # one call: 32 dopri5 steps
     run_simulation(cfg, stopped, resume=True, threads=1).run.close()
     assert_same_run_file(reference, stopped)

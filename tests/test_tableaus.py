@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
 
-from ddln_fast.controller import LOSS_TOL, RUNNING
+from ddln_fast.controller import LOSS_TOL, RUNNING, SeedState
 from ddln_fast.integrators import Integrator
 from ddln_fast.problem import Problem
 from ddln_fast.tableaus import BOGACKI_SHAMPINE, CASH_KARP, DOPRI5, TABLEAUS, Tableau
@@ -108,3 +108,30 @@ def test_loss_tol_stops_a_pair_with_or_without_fsal(method):
     for s in range(2):
         assert loss(problem.X, problem.y, theta[s]) < 1e-6
         assert it.state.t_stop[s] == it.state.t[s] < 500.0
+
+
+@pytest.mark.parametrize("method", ["dopri5", "cash_karp"])
+@pytest.mark.parametrize("per_seed,dtype", [(True, np.float64), (False, np.float64), (False, np.float32)])
+def test_the_compiled_loop_and_the_python_loop_give_the_same_bits(method, per_seed, dtype):
+    """Small active states take whole runs of steps in one compiled call, larger ones one step
+    per call from Python; both make the same kernel calls in the same order (products seed by
+    seed at this size), so forcing every step through Python changes no bit: layers, times,
+    counters, with seeds stopping (loss_tol) along the way."""
+    problem, u0 = small_problem(depth=2, n=5, d=12, seeds=3)
+    if per_seed:
+        rng = np.random.default_rng(1)
+        X = problem.X[None] * (1 + 0.2 * rng.standard_normal((3, 1, 12)))
+        problem = Problem(X, np.einsum("snd,d->sn", X, np.ones(12)))
+    runs = []
+    for compiled in (True, False):
+        it = Integrator(method, problem, u0, dt=0.1, rtol=1e-8, atol=1e-12, loss_tol=1e-7, dtype=dtype)
+        if not compiled:
+            it.compiled_loop_work = -1
+        for t in (0.5, 7.0, 300.0):
+            assert it.advance_to(t)
+        runs.append(it)
+    assert np.all(runs[0].state.status == LOSS_TOL)
+    assert len(set(runs[0].state.t_stop)) == 3  # the seeds stopped at different times
+    np.testing.assert_array_equal(runs[0].U, runs[1].U)
+    for name in SeedState._fields:
+        np.testing.assert_array_equal(getattr(runs[0].state, name), getattr(runs[1].state, name), err_msg=name)
