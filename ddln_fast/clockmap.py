@@ -57,7 +57,7 @@ from numba import njit
 from . import clock_families as fam
 from .clock_kernels import (clock_of_parallel, clock_of_serial, evaluate_parallel,
                             evaluate_serial, layers_parallel, layers_serial)
-from .clock_series import STRICT_OPTIONS, two_sum
+from .clock_series import STRICT_OPTIONS
 from .clock_tables import TIE, UNIQUE, TableSet, build_tables, table_clock
 from .errors import InputError
 
@@ -79,6 +79,13 @@ class _Half:
     lzero: np.ndarray   # (N, Lh)
     lower: np.ndarray   # (N,) blow-up clocks of this half in its own clock
     upper: np.ndarray
+    lower_lo: np.ndarray = None  # their low-order parts (double-double)
+    upper_lo: np.ndarray = None
+
+    def __post_init__(self):
+        if self.lower_lo is None:
+            self.lower_lo = np.zeros_like(self.lower)
+            self.upper_lo = np.zeros_like(self.upper)
 
 
 def _signs(x):
@@ -177,32 +184,14 @@ def _power_blow_up(fp, idx, sigma, k, p, lower, upper):
     """POWER halves: blow-up clock B = -sigma / (k (p - 2)) (normalized, double-double)."""
     if p == 2.0:
         return
-    denom = k * (p - 2.0)
-    hi = -sigma / denom
-    lo = -sigma * (1.0 - (1.0 / denom) * denom) / denom  # the rounding of 1 / denom, to first order
-    lo = np.where(np.isfinite(lo), lo, 0.0)
+    denom = np.full(idx.size, k * (p - 2.0))
+    hi, lo = _dd_divide(-sigma * np.ones(idx.size), np.zeros(idx.size), denom)
     fp[idx, fam.P_BP_HI] = hi
-    fp[idx, fam.P_BP_LO] = lo * 0.0 + _division_residual(sigma, denom)
+    fp[idx, fam.P_BP_LO] = lo
     clock = hi / fp[idx, fam.P_KAPPA]
     # rem = sigma (s - B) >= 0: sigma = +1 blows up below B, sigma = -1 above it
     lower[idx] = np.where(sigma > 0, clock, -np.inf)
     upper[idx] = np.where(sigma > 0, np.inf, clock)
-
-
-def _division_residual(sigma, denom):
-    """lo with hi + lo = -sigma / denom to double-double precision (hi the rounded quotient)."""
-    hi = -sigma / denom
-    # exact residual of the division: -sigma - hi * denom, divided by denom
-    prod_hi = hi * denom
-    split = 134217729.0
-    t = split * hi
-    a_hi = t - (t - hi)
-    a_lo = hi - a_hi
-    t = split * denom
-    b_hi = t - (t - denom)
-    b_lo = denom - b_hi
-    prod_lo = ((a_hi * b_hi - prod_hi) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
-    return ((-sigma - prod_hi) - prod_lo) / denom
 
 
 def _pack_smallest_layer(u, absu, shift, idx, count_min, ip, fp, lsign, lgap, what, requests):
@@ -259,21 +248,25 @@ def _pack_smallest_layer(u, absu, shift, idx, count_min, ip, fp, lsign, lgap, wh
         if sel.size:
             cc = c[sel]
             a = np.abs(r0[sel])
+            g = cc * cc
             if code == fam.EQ3:
-                b = np.pi / (2 * cc)
+                # b = pi / (2c) to double-double (pi itself to 2^-106)
+                b, b_lo = _dd_divide(PI_HI, PI_LO, 2.0 * cc)
                 w = np.arctan(a / cc) / cc
                 with np.errstate(divide="ignore"):
                     rem = np.where(a > 0, np.arctan(cc / np.where(a > 0, a, 1.0)) / cc, b)
             else:
-                b = 1.0 / cc ** 2
-                q = np.sqrt(a * a + cc * cc)
-                w = a / (cc * cc * q)
+                b, b_lo = _dd_divide(np.ones_like(g), np.zeros_like(g), g)
+                q = np.sqrt(a * a + g)
+                w = a / (g * q)
                 rem = 1.0 / (q * (q + a))
-            _set_unique_clocks(fp, idx[sel], r0[sel], w, rem, b)
+            rem_lo = np.where(a > 0, 0.0, b_lo)
+            _set_unique_clocks(fp, idx[sel], r0[sel], w, rem, b, rem_lo, b_lo)
 
 
-def _set_unique_clocks(fp, idx, r0, w_abs, rem, b):
-    """psi0, b and the two double-double blow-up clocks of a unique smallest layer."""
+def _set_unique_clocks(fp, idx, r0, w_abs, rem, b, rem_lo=0.0, b_lo=0.0):
+    """psi0, b and the two double-double blow-up clocks of a unique smallest layer (rem = b - |psi0|
+    and b given as double-doubles where known that precisely)."""
     sigma = fp[idx, fam.P_SIGMA]
     positive = r0 >= 0
     # psi0 from |w| where it is the precise one (w small), else from b - rem
@@ -281,11 +274,35 @@ def _set_unique_clocks(fp, idx, r0, w_abs, rem, b):
     fp[idx, fam.P_W0] = np.where(positive, psi_abs, -psi_abs)
     fp[idx, fam.P_B] = b
     far_hi, far_lo = _two_sum_array(2.0 * b, -rem)
+    far_hi, far_lo = _two_sum_array(far_hi, far_lo + 2.0 * b_lo - rem_lo)
     # r0 >= 0: B+ = -sigma rem0, B- = sigma (2b - rem0); r0 < 0: B+ = -sigma (2b - rem0), B- = sigma rem0
     fp[idx, fam.P_BP_HI] = np.where(positive, -sigma * rem, -sigma * far_hi)
-    fp[idx, fam.P_BP_LO] = np.where(positive, 0.0, -sigma * far_lo)
+    fp[idx, fam.P_BP_LO] = np.where(positive, -sigma * rem_lo, -sigma * far_lo)
     fp[idx, fam.P_BM_HI] = np.where(positive, sigma * far_hi, sigma * rem)
-    fp[idx, fam.P_BM_LO] = np.where(positive, sigma * far_lo, 0.0)
+    fp[idx, fam.P_BM_LO] = np.where(positive, sigma * far_lo, sigma * rem_lo)
+
+
+PI_HI = 3.141592653589793
+PI_LO = 1.2246467991473532e-16
+
+
+def _dd_divide(x_hi, x_lo, y):
+    """(x_hi + x_lo) / y to double-double (y a float array)."""
+    q = x_hi / y
+    p, e = _two_product_array(q, y)
+    return q, ((x_hi - p) - e + x_lo) / y
+
+
+def _two_product_array(a, b):
+    p = a * b
+    split = 134217729.0
+    t = split * a
+    a_hi = t - (t - a)
+    a_lo = a - a_hi
+    t = split * b
+    b_hi = t - (t - b)
+    b_lo = b - b_hi
+    return p, ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
 
 
 def _two_sum_array(a, b):
@@ -342,10 +359,18 @@ def _unique_blow_up(half: _Half):
     bm = half.fp[:, fam.P_BM_HI] / kappa
     half.lower[unique] = np.minimum(bp, bm)[unique]
     half.upper[unique] = np.maximum(bp, bm)[unique]
+    bp_lo = half.fp[:, fam.P_BP_LO] / kappa
+    bm_lo = half.fp[:, fam.P_BM_LO] / kappa
+    half.lower_lo[unique] = np.where(bp <= bm, bp_lo, bm_lo)[unique]
+    half.upper_lo[unique] = np.where(bp <= bm, bm_lo, bp_lo)[unique]
     tie = family == fam.TIE
     sigma = half.fp[:, fam.P_SIGMA]
     half.lower[tie] = np.where(sigma > 0, bp, -np.inf)[tie]
     half.upper[tie] = np.where(sigma > 0, np.inf, bp)[tie]
+    power = (family == fam.POWER) & (half.fp[:, fam.P_P] > 2)
+    bp_lo = half.fp[:, fam.P_BP_LO] / kappa
+    half.lower_lo[tie | power] = np.where(sigma > 0, bp_lo, 0.0)[tie | power]
+    half.upper_lo[tie | power] = np.where(sigma > 0, 0.0, bp_lo)[tie | power]
 
 
 class ClockMap:
@@ -385,13 +410,20 @@ class ClockMap:
         self.family = self.packed.ip[..., fam.I_FAMILY]
         lower = np.full((S, d), -np.inf)
         upper = np.full((S, d), np.inf)
+        lower_lo = np.zeros((S, d))
+        upper_lo = np.zeros((S, d))
         for k, hf in enumerate(halves):
             lo, hi = hf.lower.reshape(S, d), hf.upper.reshape(S, d)
+            lo_lo, hi_lo = hf.lower_lo.reshape(S, d), hf.upper_lo.reshape(S, d)
             if half_sign[k] < 0:
-                lo, hi = -hi, -lo
-            lower = np.maximum(lower, lo)
-            upper = np.minimum(upper, hi)
+                lo, hi, lo_lo, hi_lo = -hi, -lo, -hi_lo, -lo_lo
+            take = lo > lower
+            lower, lower_lo = np.where(take, lo, lower), np.where(take, lo_lo, lower_lo)
+            take = hi < upper
+            upper, upper_lo = np.where(take, hi, upper), np.where(take, hi_lo, upper_lo)
         self._blow_up = (lower, upper)
+        #: low-order parts of the blow-up clocks (double-double), (S, d) each
+        self.blow_up_lo = (lower_lo, upper_lo)
         self.layer_count = u0.shape[1]
         self.theta0 = self._theta_from_layers(u0)
 
@@ -449,6 +481,8 @@ class ClockMap:
                              f"then v half), got {n_layers}")
         if parametrization == "power":
             halves = [cls._pack_power_half(u0[:, j], float(power), log_scale, what) for j in range(2)]
+            for hf in halves:
+                _unique_blow_up(hf)
             layers0 = np.stack([hf.lzero.reshape(S, d) for hf in halves], axis=1)
             return cls(parametrization, 1, float(power), halves, build_tables(
                 np.zeros(0), np.zeros(0), np.zeros(0), np.zeros((0, 2))), layers0)
