@@ -7,11 +7,11 @@ nothing. Arguments (H halves per coordinate, Lh layers per half, S seeds, d coor
 
 - ``s``, ``s_lo`` : (m, d) clocks and their low-order parts (double-double; zeros if unused);
 - ``rows`` : (m,) int64, the seed of each row;
-- ``ip`` : (S, H, d, N_INT) int64 and ``fp`` : (S, H, d, N_FLOAT) float64, per-half parameters
-  (:mod:`ddln_fast.clock_families`);
-- ``lsign``, ``lgap``, ``lzero`` : (S, H, d, Lh) per-layer sign, normalized gap, initial value;
+- ``ip`` : (S H d, N_INT) int64 and ``fp`` : (S H d, N_FLOAT) float64, per-half parameters
+  (:mod:`ddln_fast.clock_families`), row (seed H + half) d + coordinate;
+- ``lsign``, ``lgap``, ``lzero`` : (S H d, Lh) per-layer sign, normalized gap, initial value;
 - ``half_sign`` : (H,) +1 for a u half (clock s), -1 for a v half (clock -s, theta subtracted);
-- ``tab`` : :class:`ddln_fast.clock_tables.TableArrays`.
+- ``ti, ts, tb, tp`` : the four arrays of :class:`ddln_fast.clock_tables.TableArrays`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .clock_families import half_clock_of, half_evaluate, half_layers
 from .clock_series import STRICT_OPTIONS
 
 
-def _evaluate(s, s_lo, rows, ip, fp, lsign, lgap, tab, half_sign, want_g, theta, h, G):
+def _evaluate(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, want_g, theta, h, G):
     """theta, h (and G if ``want_g``) at the clocks s of the given rows, into (m, d) arrays."""
     m, d = s.shape
     n_halves = half_sign.shape[0]
@@ -38,8 +38,9 @@ def _evaluate(s, s_lo, rows, ip, fp, lsign, lgap, tab, half_sign, want_g, theta,
         gg = 0.0
         for k in range(n_halves):
             sg = half_sign[k]
-            t_k, h_k, g_k = half_evaluate(ip[seed, k, i], fp[seed, k, i], lgap[seed, k, i], tab,
-                                          sg * s[a, i], sg * s_lo[a, i], want_g)
+            row = (seed * n_halves + k) * d + i
+            t_k, h_k, g_k = half_evaluate(ip, fp, lgap, row, ti, ts, tb, tp, sg * s[a, i], sg * s_lo[a, i],
+                                          want_g)
             th += sg * t_k
             hh += h_k
             gg += g_k
@@ -49,23 +50,23 @@ def _evaluate(s, s_lo, rows, ip, fp, lsign, lgap, tab, half_sign, want_g, theta,
             G[a, i] = gg
 
 
-def _layers(s, s_lo, rows, ip, fp, lsign, lgap, lzero, tab, half_sign, out):
+def _layers(s, s_lo, rows, ip, fp, lsign, lgap, lzero, ti, ts, tb, tp, half_sign, out):
     """Layers (m, H * Lh, d) at the clocks s: half k fills rows k * Lh .. k * Lh + depth - 1."""
     m, d = s.shape
     n_halves = half_sign.shape[0]
-    lh = lsign.shape[3]
+    lh = lsign.shape[1]
     for item in prange(m * d):
         a = item // d
         i = item - a * d
         seed = rows[a]
         for k in range(n_halves):
             sg = half_sign[k]
-            view = out[a, k * lh:(k + 1) * lh, i]
-            half_layers(ip[seed, k, i], fp[seed, k, i], lsign[seed, k, i], lgap[seed, k, i],
-                        lzero[seed, k, i], tab, sg * s[a, i], sg * s_lo[a, i], view)
+            row = (seed * n_halves + k) * d + i
+            half_layers(ip, fp, lsign, lgap, lzero, row, ti, ts, tb, tp, sg * s[a, i], sg * s_lo[a, i],
+                        out[a], k * lh, i)
 
 
-def _clock_of(theta, rows, ip, fp, lsign, lgap, tab, half_sign, lower, upper, out):
+def _clock_of(theta, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, lower, upper, out):
     """s with F(s) = theta (nan where theta is out of reach): closed forms for one half, a
     safeguarded Newton iteration on the monotone F for two halves."""
     m, d = theta.shape
@@ -76,32 +77,32 @@ def _clock_of(theta, rows, ip, fp, lsign, lgap, tab, half_sign, lower, upper, ou
         seed = rows[a]
         target = theta[a, i]
         if n_halves == 1:
-            out[a, i] = half_clock_of(ip[seed, 0, i], fp[seed, 0, i], lgap[seed, 0, i], tab, target)
+            out[a, i] = half_clock_of(ip, fp, lgap, seed * d + i, ti, ts, tb, tp, target)
             continue
-        out[a, i] = _sum_clock_of(ip[seed, :, i], fp[seed, :, i], lgap[seed, :, i], tab, half_sign,
+        out[a, i] = _sum_clock_of(ip, fp, lgap, seed * n_halves * d + i, d, ti, ts, tb, tp, half_sign,
                                   lower[seed, i], upper[seed, i], target)
 
 
 @njit(**STRICT_OPTIONS)
-def _sum_value(ip, fp, lgap, tab, half_sign, s):
+def _sum_value(ip, fp, lgap, first_row, stride, ti, ts, tb, tp, half_sign, s):
     th = 0.0
     hh = 0.0
     for k in range(half_sign.shape[0]):
         sg = half_sign[k]
-        t_k, h_k, _ = half_evaluate(ip[k], fp[k], lgap[k], tab, sg * s, 0.0, False)
+        t_k, h_k, _ = half_evaluate(ip, fp, lgap, first_row + k * stride, ti, ts, tb, tp, sg * s, 0.0, False)
         th += sg * t_k
         hh += h_k
     return th, hh
 
 
 @njit(**STRICT_OPTIONS)
-def _sum_clock_of(ip, fp, lgap, tab, half_sign, lower, upper, target):
+def _sum_clock_of(ip, fp, lgap, first_row, stride, ti, ts, tb, tp, half_sign, lower, upper, target):
     """Root of F(s) = target for F = sum of halves (decreasing; h = -F' > 0 unless frozen)."""
     if math.isnan(target):
         return np.nan
     lo, hi = lower, upper
     s = 0.0
-    value, slope = _sum_value(ip, fp, lgap, tab, half_sign, s)
+    value, slope = _sum_value(ip, fp, lgap, first_row, stride, ti, ts, tb, tp, half_sign, s)
     if value == target:
         return 0.0
     # bracket: F decreasing, so the root lies above s when F(s) > target
@@ -128,7 +129,7 @@ def _sum_clock_of(ip, fp, lgap, tab, half_sign, lower, upper, target):
         if s_new == s or (math.isfinite(lo) and math.isfinite(hi) and hi - lo <= 4e-16 * max(abs(lo), abs(hi))):
             return s_new
         s = s_new
-        value, slope = _sum_value(ip, fp, lgap, tab, half_sign, s)
+        value, slope = _sum_value(ip, fp, lgap, first_row, stride, ti, ts, tb, tp, half_sign, s)
         if value == target:
             return s
         if math.isfinite(value) and abs(value - target) <= 1e-16 * abs(target) and slope > 0.0 \

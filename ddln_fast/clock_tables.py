@@ -42,7 +42,8 @@ import numpy as np
 from numba import njit, prange
 
 from .clock_series import (STRICT_OPTIONS, antiderivative, chebyshev_matrix, chebyshev_nodes,
-                           clenshaw, horner, series_power, to_coefficients)
+                           clenshaw, clenshaw_row, horner, horner_row, series_power,
+                           to_coefficients)
 
 UNIQUE = 0
 TIE = 1
@@ -108,13 +109,13 @@ def _series_coefficients(gaps, L, work, e_out, k_out):
         k_out[n] = power[n] / (n + 1)
 
 
-@njit(**STRICT_OPTIONS)
+@njit(**dict(STRICT_OPTIONS, inline="always"))
 def series_rem(e_coef, L, z):
     """rem(z) = z^((L-2)/2) A(z) / (L - 2) on the series side (z = 1 / r^2)."""
     return z ** (0.5 * (L - 2)) * horner(e_coef, z) / (L - 2)
 
 
-@njit(**STRICT_OPTIONS)
+@njit(**dict(STRICT_OPTIONS, inline="always"))
 def series_z(k_coef, L, rem):
     """z = 1 / r^2 from rem on the series side: v = ((L-2) rem)^(2/(L-2)), z = v K(v)."""
     v = ((L - 2) * rem) ** (2.0 / (L - 2))
@@ -185,14 +186,57 @@ class TableSet:
     worst_error: np.ndarray
 
     def packed(self) -> "TableArrays":
-        """The arrays the kernels take (a namedtuple Numba passes as one argument)."""
-        return TableArrays(*(getattr(self, name) for name in TableArrays._fields))
+        """The tables as four arrays (Numba increments a reference count per array passed to
+        a function; with 23 separate arrays that cost 250 ns per coordinate)."""
+        n = self.kind.size
+        lmax1 = self.gaps.shape[1] if self.gaps.ndim == 2 else 0
+        ints = np.column_stack([self.kind, self.depth, self.mult, self.panel_start,
+                                self.panel_count]).astype(np.int64).reshape(n, 5)
+        scalars = np.zeros((n, SCALAR_COLUMNS + lmax1))
+        scalars[:, T_C] = self.c
+        scalars[:, T_B] = self.b
+        scalars[:, T_FIRST_W] = self.first_w
+        scalars[:, T_FIRST_P0] = self.first_p0
+        scalars[:, T_LEFT_C] = self.left_c
+        scalars[:, T_LEFT_P0] = self.left_p0
+        scalars[:, T_LEFT_Y] = self.left_y
+        scalars[:, T_SERIES_E:T_SERIES_E + SERIES_TERMS] = self.series_e
+        scalars[:, T_SERIES_K:T_SERIES_K + SERIES_TERMS] = self.series_k
+        scalars[:, T_FIRST_COEF:T_FIRST_COEF + INVERSE_NODES] = self.first_coef
+        scalars[:, T_GAPS:] = self.gaps
+        panels = np.zeros((self.coef.shape[0], PANEL_COEF + INVERSE_NODES))
+        panels[:, PANEL_INV_REF] = self.inv_ref
+        panels[:, PANEL_SPAN] = self.span
+        panels[:, PANEL_Y_REF] = self.y_ref
+        panels[:, PANEL_SINH] = self.sinh_ref
+        panels[:, PANEL_COSH] = self.cosh_ref
+        panels[:, PANEL_COEF:] = self.coef
+        bounds = np.column_stack([self.rem_bounds, self.y_bounds]).reshape(-1, 2)
+        # Numba wants at least one row to type the arrays of an empty table set
+        return TableArrays(np.ascontiguousarray(ints) if n else np.zeros((1, 5), dtype=np.int64),
+                           scalars if n else np.zeros((1, SCALAR_COLUMNS + 1)),
+                           np.ascontiguousarray(bounds) if bounds.size else np.zeros((1, 2)),
+                           panels if panels.size else np.zeros((1, PANEL_COEF + INVERSE_NODES)))
 
 
-TableArrays = namedtuple("TableArrays", [
-    "kind", "depth", "mult", "c", "b", "first_w", "first_p0", "first_coef", "panel_start", "panel_count",
-    "rem_bounds", "y_bounds", "inv_ref", "span", "y_ref", "sinh_ref", "cosh_ref", "coef",
-    "series_e", "series_k", "left_c", "left_p0", "left_y", "gaps"])
+#: ints (T, 5): kind, depth, mult, first panel, panel count
+T_KIND, T_DEPTH, T_MULT, T_START, T_COUNT = range(5)
+#: scalars (T, SCALAR_COLUMNS + Lmax - 1)
+T_C, T_B, T_FIRST_W, T_FIRST_P0, T_LEFT_C, T_LEFT_P0, T_LEFT_Y = range(7)
+T_SERIES_E = 7
+T_SERIES_K = T_SERIES_E + SERIES_TERMS
+T_FIRST_COEF = T_SERIES_K + SERIES_TERMS
+T_GAPS = T_FIRST_COEF + INVERSE_NODES
+SCALAR_COLUMNS = T_GAPS
+#: panels (P, PANEL_COEF + n): 1 / rem at the start, log-span, y_ref, sinh/exp y_ref, cosh y_ref
+PANEL_INV_REF, PANEL_SPAN, PANEL_Y_REF, PANEL_SINH, PANEL_COSH = range(5)
+PANEL_COEF = 5
+
+#: The tables as the kernels take them: ints, scalars, bounds (rem, y per boundary), panels.
+#: Kernels unpack them once and pass the four arrays on: Numba's reference-count pruning
+#: handles arrays but not tuples of arrays (a tuple passed into the per-coordinate code cost
+#: 30 ns per coordinate, measured).
+TableArrays = namedtuple("TableArrays", ["ints", "scalars", "bounds", "panels"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,7 +568,10 @@ def build_tables(kinds: np.ndarray, depths: np.ndarray, mults: np.ndarray, gaps:
 # ---------------------------------------------------------------------------------------------
 # Evaluation (scalar, for the kernels)
 # ---------------------------------------------------------------------------------------------
-@njit(**STRICT_OPTIONS)
+INLINE = dict(STRICT_OPTIONS, inline="always")
+
+
+@njit(**INLINE)
 def _sinh_cosh_small(delta):
     """(sinh, cosh) of a small delta with full relative precision (one expm1)."""
     em = math.expm1(delta)
@@ -532,80 +579,92 @@ def _sinh_cosh_small(delta):
     return 0.5 * (em + ratio), 1.0 + 0.5 * em * ratio
 
 
-@njit(**STRICT_OPTIONS)
-def _find_panel(rem_bounds, base, count, rem):
-    """p in [0, count) with rem_bounds[base + p] >= rem >= rem_bounds[base + p + 1] (clamped)."""
+@njit(**INLINE)
+def _find_panel(bounds, base, count, rem):
+    """p in [0, count) with bounds[base + p, 0] >= rem >= bounds[base + p + 1, 0] (clamped)."""
     lo, hi = 0, count - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if rem_bounds[base + mid] >= rem:
+        if bounds[base + mid, 0] >= rem:
             lo = mid
         else:
             hi = mid - 1
     return lo
 
 
-@njit(**STRICT_OPTIONS)
-def table_magnitude(tab, t, w_abs, rem):
+@njit(**INLINE)
+def table_magnitude(ti, ts, tb, tp, t, w_abs, rem):
     """|r| (kind UNIQUE, from |w| or rem = b - |w|) or m (kind TIE, rem = T), normalized units.
 
-    inf when rem <= 0 (blown up)."""
+    inf when rem <= 0 (blown up). Indexes the tables in place (no views: see
+    :mod:`ddln_fast.clock_families`)."""
     if rem <= 0.0:
         return np.inf
-    c = tab.c[t]
-    if tab.kind[t] == UNIQUE and w_abs <= tab.first_w[t]:
-        w1 = tab.first_w[t]
-        x = w_abs * (tab.first_p0[t] + clenshaw(tab.first_coef[t], 2.0 * (w_abs / w1) * (w_abs / w1) - 1.0))
-        return c * math.sinh(x)
-    count = tab.panel_count[t]
-    start = tab.panel_start[t]
+    ints = ti
+    sc = ts
+    kind = ints[t, T_KIND]
+    c = sc[t, T_C]
+    if kind == UNIQUE and w_abs <= sc[t, T_FIRST_W]:
+        u = w_abs / sc[t, T_FIRST_W]
+        q = clenshaw_row(sc, t, T_FIRST_COEF, INVERSE_NODES, 2.0 * u * u - 1.0)
+        return c * math.sinh(w_abs * (sc[t, T_FIRST_P0] + q))
+    count = ints[t, T_COUNT]
+    start = ints[t, T_START]
     base = start + t
-    if rem < tab.rem_bounds[base + count]:
-        depth = tab.depth[t]
-        z = series_z(tab.series_k[t], depth, rem)
+    if rem < tb[base + count, 0]:
+        depth = ints[t, T_DEPTH]
+        v = ((depth - 2) * rem) ** (2.0 / (depth - 2))
+        z = v * horner_row(sc, t, T_SERIES_K, SERIES_TERMS, v)
         return 1.0 / math.sqrt(z)
-    if tab.kind[t] == TIE and rem > tab.rem_bounds[base]:
-        p0 = tab.left_p0[t]
-        mult = tab.mult[t]
+    if kind == TIE and rem > tb[base, 0]:
+        p0 = sc[t, T_LEFT_P0]
+        mult = ints[t, T_MULT]
         if mult == 2:
-            return math.exp((tab.left_c[t] - rem) / p0)
-        return ((mult - 2) * (rem - tab.left_c[t]) / p0) ** (-1.0 / (mult - 2))
-    p = _find_panel(tab.rem_bounds, base, count, rem)
-    q = start + p
-    eta = math.log(rem * tab.inv_ref[q])
-    delta = clenshaw(tab.coef[q], 2.0 * eta / tab.span[q] - 1.0)
-    if tab.kind[t] == UNIQUE:
+            return math.exp((sc[t, T_LEFT_C] - rem) / p0)
+        return ((mult - 2) * (rem - sc[t, T_LEFT_C]) / p0) ** (-1.0 / (mult - 2))
+    q = start + _find_panel(tb, base, count, rem)
+    panels = tp
+    eta = math.log(rem * panels[q, PANEL_INV_REF])
+    delta = clenshaw_row(panels, q, PANEL_COEF, INVERSE_NODES, 2.0 * eta / panels[q, PANEL_SPAN] - 1.0)
+    if kind == UNIQUE:
         sh, ch = _sinh_cosh_small(delta)
-        return c * (tab.sinh_ref[q] * ch + tab.cosh_ref[q] * sh)
-    return tab.sinh_ref[q] * math.exp(delta)
+        return c * (panels[q, PANEL_SINH] * ch + panels[q, PANEL_COSH] * sh)
+    return panels[q, PANEL_SINH] * math.exp(delta)
 
 
 @njit(**STRICT_OPTIONS)
-def table_integrand(tab, t, y):
+def table_integrand(ti, ts, tb, tp, t, y):
     """f(y) of table t (d rem / dy = -f)."""
-    return _integrand(tab.kind[t], y, tab.gaps[t], tab.depth[t], tab.mult[t], tab.c[t])
+    ints = ti[t]
+    sc = ts[t]
+    return _integrand(ints[T_KIND], y, sc[T_GAPS:], ints[T_DEPTH], ints[T_MULT], sc[T_C])
 
 
 @njit(**STRICT_OPTIONS)
-def table_clock(tab, t, magnitude):
+def table_clock(ti, ts, tb, tp, t, magnitude):
     """(|w|, rem) at |r| = magnitude (kind UNIQUE) or rem = T at m = magnitude (kind TIE; |w| is
     then nan): the forward map, by Newton on the inverse interpolants."""
-    c = tab.c[t]
-    kind = tab.kind[t]
-    count = tab.panel_count[t]
-    start = tab.panel_start[t]
+    ints = ti[t]
+    sc = ts[t]
+    c = sc[T_C]
+    kind = ints[T_KIND]
+    count = ints[T_COUNT]
+    start = ints[T_START]
     base = start + t
+    b = sc[T_B]
     if kind == UNIQUE:
         if magnitude == 0.0:
-            return 0.0, tab.b[t]
+            return 0.0, b
         y = math.asinh(magnitude / c)
-        if y <= tab.y_bounds[base]:
+        if y <= tb[base, 1]:
             # first panel: x = w (p0 + q(w^2)), dx/dw = 1 / f(x)
-            w1 = tab.first_w[t]
-            w = min(y / tab.first_p0[t], w1)
+            w1 = sc[T_FIRST_W]
+            p0 = sc[T_FIRST_P0]
+            coef = sc[T_FIRST_COEF:T_FIRST_COEF + INVERSE_NODES]
+            w = min(y / p0, w1)
             lo, hi = 0.0, w1
             for _ in range(60):
-                x = w * (tab.first_p0[t] + clenshaw(tab.first_coef[t], 2.0 * (w / w1) * (w / w1) - 1.0))
+                x = w * (p0 + clenshaw(coef, 2.0 * (w / w1) * (w / w1) - 1.0))
                 res = x - y
                 if res > 0.0:
                     hi = w
@@ -613,42 +672,43 @@ def table_clock(tab, t, magnitude):
                     lo = w
                 else:
                     break
-                w_new = w - res * table_integrand(tab, t, x)
+                w_new = w - res * table_integrand(ti, ts, tb, tp, t, x)
                 if not (w_new > lo and w_new < hi):
                     w_new = 0.5 * (lo + hi)
                 done = abs(w_new - w) <= 1e-16 * w
                 w = w_new
                 if done:
                     break
-            return w, tab.b[t] - w
+            return w, b - w
     else:
         if magnitude == 0.0:
             return np.nan, np.inf
         y = math.log(magnitude)
-        if y < tab.left_y[t]:
-            mult = tab.mult[t]
+        if y < sc[T_LEFT_Y]:
+            mult = ints[T_MULT]
             if mult == 2:
-                return np.nan, tab.left_c[t] - tab.left_p0[t] * y
-            return np.nan, tab.left_c[t] + tab.left_p0[t] * magnitude ** (2 - mult) / (mult - 2)
-    if y >= tab.y_bounds[base + count]:
+                return np.nan, sc[T_LEFT_C] - sc[T_LEFT_P0] * y
+            return np.nan, sc[T_LEFT_C] + sc[T_LEFT_P0] * magnitude ** (2 - mult) / (mult - 2)
+    if y >= tb[base + count, 1]:
         z = (1.0 / magnitude) / magnitude
-        rem = series_rem(tab.series_e[t], tab.depth[t], z)
-        return (tab.b[t] - rem if kind == UNIQUE else np.nan), rem
-    # panel p with y_bounds[base + p] <= y <= y_bounds[base + p + 1]
+        rem = series_rem(sc[T_SERIES_E:T_SERIES_E + SERIES_TERMS], ints[T_DEPTH], z)
+        return (b - rem if kind == UNIQUE else np.nan), rem
+    # panel p with bounds[base + p, 1] <= y <= bounds[base + p + 1, 1]
     lo_p, hi_p = 0, count - 1
     while lo_p < hi_p:
         mid = (lo_p + hi_p + 1) // 2
-        if tab.y_bounds[base + mid] <= y:
+        if tb[base + mid, 1] <= y:
             lo_p = mid
         else:
             hi_p = mid - 1
-    q = start + lo_p
-    target = y - tab.y_ref[q]
-    span = tab.span[q]
+    panel = tp[start + lo_p]
+    coef = panel[PANEL_COEF:]
+    target = y - panel[PANEL_Y_REF]
+    span = panel[PANEL_SPAN]
     eta_lo, eta_hi = span, 0.0
     eta = span * 0.5
     for _ in range(60):
-        delta = clenshaw(tab.coef[q], 2.0 * eta / span - 1.0)
+        delta = clenshaw(coef, 2.0 * eta / span - 1.0)
         res = delta - target  # delta decreases with eta
         if res > 0.0:
             eta_lo = eta
@@ -656,8 +716,8 @@ def table_clock(tab, t, magnitude):
             eta_hi = eta
         else:
             break
-        rem = math.exp(eta) / tab.inv_ref[q]
-        slope = -rem / table_integrand(tab, t, tab.y_ref[q] + delta)
+        rem = math.exp(eta) / panel[PANEL_INV_REF]
+        slope = -rem / table_integrand(ti, ts, tb, tp, t, panel[PANEL_Y_REF] + delta)
         eta_new = eta - res / slope
         if not (eta_new > eta_lo and eta_new < eta_hi):
             eta_new = 0.5 * (eta_lo + eta_hi)
@@ -665,5 +725,5 @@ def table_clock(tab, t, magnitude):
         eta = eta_new
         if done:
             break
-    rem = math.exp(eta) / tab.inv_ref[q]
-    return (tab.b[t] - rem if kind == UNIQUE else np.nan), rem
+    rem = math.exp(eta) / panel[PANEL_INV_REF]
+    return (b - rem if kind == UNIQUE else np.nan), rem

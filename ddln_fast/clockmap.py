@@ -36,8 +36,13 @@ s + s_lo. Near a blow-up the distance to it is formed exactly from (s, s_lo) and
 double-double blow-up clock, so theta stays smooth at resolutions far below eps |s| (needed at
 depth >= 3 with small scales, where clocks ~ alpha^(2-L) must be resolved to << 1).
 
-Inside compiled code: ``cm.packed`` holds the arrays and ``clock_kernels.evaluate_serial`` (no
-threads; call it from another compiled per-seed loop) or ``evaluate_parallel`` the loop.
+Inside compiled code: ``cm.packed`` holds the arrays (``packed.tab`` is the four table arrays,
+passed on unpacked) and ``clock_kernels.evaluate_serial`` (no threads; call it from another
+compiled per-seed loop) or ``evaluate_parallel`` the loop::
+
+    p = cm.packed
+    evaluate_serial(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, want_g,
+                    theta, h, G)
 
 Accuracy (measured in the tests against DOP853 at rtol 1e-13, scipy quad, and closed forms):
 theta and h to about 1e-14 relative, G to about 1e-14 relative (to eps (r0^2 + r^2) absolute
@@ -93,9 +98,9 @@ def _signs(x):
 
 
 @njit(**STRICT_OPTIONS)
-def _table_clocks(tab, ids, magnitudes, w_out, rem_out):
+def _table_clocks(ti, ts, tb, tp, ids, magnitudes, w_out, rem_out):
     for i in range(ids.shape[0]):
-        w_out[i], rem_out[i] = table_clock(tab, ids[i], magnitudes[i])
+        w_out[i], rem_out[i] = table_clock(ti, ts, tb, tp, ids[i], magnitudes[i])
 
 
 def _check_clock_scale(exponent_log2, depth, what):
@@ -339,7 +344,7 @@ def _build_requested_tables(requests, what) -> TableSet:
         r0 = fp[idx, fam.P_R0]
         w_abs = np.empty(idx.size)
         rem = np.empty(idx.size)
-        _table_clocks(tab, ids, np.ascontiguousarray(np.abs(r0)), w_abs, rem)
+        _table_clocks(*tab, ids, np.ascontiguousarray(np.abs(r0)), w_abs, rem)
         if kind == UNIQUE:
             _set_unique_clocks(fp, idx, r0, w_abs, rem, tables.b[ids])
         else:
@@ -384,7 +389,8 @@ class ClockMap:
     power : float or None
     seeds, dim : int
     packed : PackedClockMap
-        The arrays the kernels of :mod:`ddln_fast.clock_kernels` take.
+        The arrays the kernels of :mod:`ddln_fast.clock_kernels` take (per-half rows
+        (seed H + half) d + coordinate).
     tables : TableSet
     family : ndarray of shape (S, H, d), int
         The family code of every half (names in ``clock_families.FAMILY_NAMES``).
@@ -400,14 +406,16 @@ class ClockMap:
         S, d = self.seeds, self.dim
 
         def stack(name):
+            # rows (seed, half, coordinate) in that order: row = (seed H + half) d + coordinate
             arrays = [getattr(hf, name).reshape((S, d) + getattr(hf, name).shape[1:]) for hf in halves]
-            return np.ascontiguousarray(np.stack(arrays, axis=1))
+            stacked = np.stack(arrays, axis=1)
+            return np.ascontiguousarray(stacked.reshape((S * n_halves * d,) + stacked.shape[3:]))
 
         half_sign = np.array([1.0, -1.0][:n_halves])
         self.packed = PackedClockMap(stack("ip"), stack("fp"), stack("lsign"), stack("lgap"),
                                      stack("lzero"), half_sign, tables.packed())
         self.tables = tables
-        self.family = self.packed.ip[..., fam.I_FAMILY]
+        self.family = self.packed.ip[:, fam.I_FAMILY].reshape(S, n_halves, d)
         lower = np.full((S, d), -np.inf)
         upper = np.full((S, d), np.inf)
         lower_lo = np.zeros((S, d))
@@ -594,7 +602,7 @@ class ClockMap:
         G_out = self._out(G, s.shape) if want_g else theta
         p = self.packed
         kernel = evaluate_serial if s.size < SERIAL_ITEMS else evaluate_parallel
-        kernel(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, p.tab, p.half_sign, want_g, theta, h, G_out)
+        kernel(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, want_g, theta, h, G_out)
         return (theta, h, G_out) if want_g else (theta, h)
 
     def layers(self, s, rows=None, s_lo=None, out=None) -> np.ndarray:
@@ -602,12 +610,12 @@ class ClockMap:
         u half first) or 2 (power: u, v)."""
         s, rows, s_lo = self._rows_and_clock(s, rows, s_lo)
         p = self.packed
-        lh = p.lsign.shape[3]
+        lh = p.lsign.shape[1]
         n_halves = p.half_sign.shape[0]
         shape = (s.shape[0], n_halves * lh, self.dim)
         out = self._out(out, shape)
         kernel = layers_serial if s.size < SERIAL_ITEMS else layers_parallel
-        kernel(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, p.lzero, p.tab, p.half_sign, out)
+        kernel(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, p.lzero, *p.tab, p.half_sign, out)
         return out
 
     def clock_of(self, theta, rows=None) -> np.ndarray:
@@ -618,7 +626,7 @@ class ClockMap:
         out = np.empty(theta.shape)
         lower, upper = self._blow_up
         kernel = clock_of_serial if theta.size < SERIAL_ITEMS else clock_of_parallel
-        kernel(theta, rows, p.ip, p.fp, p.lsign, p.lgap, p.tab, p.half_sign,
+        kernel(theta, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign,
                np.ascontiguousarray(lower), np.ascontiguousarray(upper), out)
         return out
 

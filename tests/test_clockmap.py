@@ -29,6 +29,8 @@ from ddln_fast.clockmap import ClockMap
 from ddln_fast.errors import InputError
 
 EPS = np.finfo(float).eps
+# quad reports "roundoff" when asked for 1.2e-14 on integrals it gets right to rounding
+pytestmark = pytest.mark.filterwarnings("ignore::scipy.integrate.IntegrationWarning")
 
 
 # ---------------------------------------------------------------------------------------------
