@@ -649,3 +649,61 @@ def test_evaluate_checks_shapes_and_fills_outputs():
     h = np.empty((1, 4))
     out = cm.evaluate(np.full((1, 4), 0.1), theta=theta, h=h)
     assert out[0] is theta and out[1] is h
+
+
+CONTRACT_SCRIPT = """
+import json
+import numpy as np
+from numba.core.runtime import rtsys
+from ddln_fast import clock_kernels as ck
+from ddln_fast.clockmap import ClockMap
+
+rng = np.random.default_rng(0)
+u0 = 0.3 * (1 + 0.2 * rng.standard_normal((3, 4, 50)))
+u0[0, :, :3] = 0.3  # balanced
+u0[1, 0, :5] = 0.0  # first layer zero (jittered others: tables)
+results = {}
+for name, cm in [("product", ClockMap.from_layers(u0)),
+                 ("difference", ClockMap.from_layers(np.concatenate([u0, u0[:, ::-1]], axis=1),
+                                                     parametrization="difference"))]:
+    p = cm.packed
+    s = 0.3 * np.minimum(cm.blow_up[1], 2.0)
+    z = np.zeros_like(s)
+    rows = np.arange(3)
+    theta, h, G = np.empty_like(s), np.empty_like(s), np.empty_like(s)
+    layers = np.empty((3, p.lsign.shape[1] * p.half_sign.size, 50))
+    calls = [
+        (ck.evaluate_serial, (s, z, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, True, theta, h, G)),
+        (ck.evaluate_parallel, (s, z, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, True, theta, h, G)),
+        (ck.layers_serial, (s, z, rows, p.ip, p.fp, p.lsign, p.lgap, p.lzero, *p.tab, p.half_sign, layers)),
+    ]
+    for fn, args in calls:
+        fn(*args)  # compile
+        before = rtsys.get_allocation_stats().alloc
+        for _ in range(5):
+            fn(*args)
+        inside = (rtsys.get_allocation_stats().alloc - before) / 5
+        arrays = sum(isinstance(a, np.ndarray) for a in args)
+        results[name + ":" + fn.__name__ + str(id(fn) % 7)] = inside - arrays
+sigs = {n: len(getattr(ck, n).signatures) for n in ("evaluate_serial", "evaluate_parallel", "layers_serial")}
+print(json.dumps(dict(excess=results, signatures=sigs)))
+"""
+
+
+def test_kernels_allocate_nothing_and_compile_once():
+    """Numba's allocation counter (NUMBA_NRT_STATS=1, in a fresh interpreter): a call allocates
+    nothing beyond the MemInfo of each array argument; one signature per kernel for product and
+    difference maps alike."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", CONTRACT_SCRIPT], capture_output=True, text=True,
+                          env=dict(os.environ, NUMBA_NRT_STATS="1"), timeout=500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, extra in result["excess"].items():
+        assert extra == 0, f"{name} allocates {extra} array(s) per call"
+    for name, count in result["signatures"].items():
+        assert count == 1, f"{name} compiled {count} times"
