@@ -22,7 +22,14 @@ import numpy as np
 from numba import njit, prange
 
 from .clock_families import half_clock_of, half_evaluate, half_layers
-from .clock_series import STRICT_OPTIONS
+from .clock_series import INLINE_OPTIONS, STRICT_OPTIONS
+
+
+@njit(**INLINE_OPTIONS)
+def _item(item, d, rows):
+    """(row a, coordinate i, seed) of a flattened row x coordinate index."""
+    a = item // d
+    return a, item - a * d, rows[a]
 
 
 def _evaluate(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, want_g, theta, h, G):
@@ -30,9 +37,7 @@ def _evaluate(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, wan
     m, d = s.shape
     n_halves = half_sign.shape[0]
     for item in prange(m * d):
-        a = item // d
-        i = item - a * d
-        seed = rows[a]
+        a, i, seed = _item(item, d, rows)
         th = 0.0
         hh = 0.0
         gg = 0.0
@@ -56,9 +61,7 @@ def _layers(s, s_lo, rows, ip, fp, lsign, lgap, lzero, ti, ts, tb, tp, half_sign
     n_halves = half_sign.shape[0]
     lh = lsign.shape[1]
     for item in prange(m * d):
-        a = item // d
-        i = item - a * d
-        seed = rows[a]
+        a, i, seed = _item(item, d, rows)
         for k in range(n_halves):
             sg = half_sign[k]
             row = (seed * n_halves + k) * d + i
@@ -72,9 +75,7 @@ def _clock_of(theta, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, lower
     m, d = theta.shape
     n_halves = half_sign.shape[0]
     for item in prange(m * d):
-        a = item // d
-        i = item - a * d
-        seed = rows[a]
+        a, i, seed = _item(item, d, rows)
         target = theta[a, i]
         if n_halves == 1:
             out[a, i] = half_clock_of(ip, fp, lgap, seed * d + i, ti, ts, tb, tp, target)

@@ -62,7 +62,7 @@ from numba import njit
 from . import clock_families as fam
 from .clock_kernels import (clock_of_parallel, clock_of_serial, evaluate_parallel,
                             evaluate_serial, layers_parallel, layers_serial)
-from .clock_series import STRICT_OPTIONS
+from .clock_series import STRICT_OPTIONS, two_product, two_sum
 from .clock_tables import TIE, UNIQUE, TableSet, build_tables, table_clock
 from .errors import InputError
 
@@ -278,8 +278,8 @@ def _set_unique_clocks(fp, idx, r0, w_abs, rem, b, rem_lo=0.0, b_lo=0.0):
     psi_abs = np.where(w_abs <= 0.5 * b, w_abs, b - rem)
     fp[idx, fam.P_W0] = np.where(positive, psi_abs, -psi_abs)
     fp[idx, fam.P_B] = b
-    far_hi, far_lo = _two_sum_array(2.0 * b, -rem)
-    far_hi, far_lo = _two_sum_array(far_hi, far_lo + 2.0 * b_lo - rem_lo)
+    far_hi, far_lo = two_sum.py_func(2.0 * b, -rem)
+    far_hi, far_lo = two_sum.py_func(far_hi, far_lo + 2.0 * b_lo - rem_lo)
     # r0 >= 0: B+ = -sigma rem0, B- = sigma (2b - rem0); r0 < 0: B+ = -sigma (2b - rem0), B- = sigma rem0
     fp[idx, fam.P_BP_HI] = np.where(positive, -sigma * rem, -sigma * far_hi)
     fp[idx, fam.P_BP_LO] = np.where(positive, -sigma * rem_lo, -sigma * far_lo)
@@ -294,26 +294,8 @@ PI_LO = 1.2246467991473532e-16
 def _dd_divide(x_hi, x_lo, y):
     """(x_hi + x_lo) / y to double-double (y a float array)."""
     q = x_hi / y
-    p, e = _two_product_array(q, y)
+    p, e = two_product.py_func(q, y)  # the scalar code works elementwise
     return q, ((x_hi - p) - e + x_lo) / y
-
-
-def _two_product_array(a, b):
-    p = a * b
-    split = 134217729.0
-    t = split * a
-    a_hi = t - (t - a)
-    a_lo = a - a_hi
-    t = split * b
-    b_hi = t - (t - b)
-    b_lo = b - b_hi
-    return p, ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
-
-
-def _two_sum_array(a, b):
-    s = a + b
-    bb = s - a
-    return s, (a - (s - bb)) + (b - bb)
 
 
 def _build_requested_tables(requests, what) -> TableSet:
