@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import InputError
 from .theory import (MirrorGeometry, bregman_projection, c_a, constraints, pl_constant,
-                     require_assumption_a, serial_blas)
+                     require_assumption_a, serial_blas, warn_if_not_converged)
 
 # Relative loss at which the "time to epsilon" is read off.
 EPSILON = 1e-6
@@ -25,6 +25,8 @@ EPSILON = 1e-6
 # resolved below rounding of f itself.
 BOUND_RTOL = 1e-6
 BOUND_ATOL = 1e-13
+# Relative residual of the dual Newton iteration for the predicted limit (as ``ddln predict``).
+PREDICTION_TOL = 1e-12
 
 
 @dataclass
@@ -36,7 +38,7 @@ class SeedAnalysis:
     t_final: float
     final_loss: float
     f_star: float
-    invariant_drift: float
+    max_invariant_drift: float       # largest drift of the invariants over the checkpoints
     gap_to_prediction: float          # ||theta_K - theta_inf|| / ||theta_inf||
     kkt_residual: float               # ||P_null(X) (phi(theta_K) - phi(theta_0))||
     fitted_rate: float                # slope of -log(f - f*) over its last decades
@@ -122,7 +124,8 @@ def analyze_seed(s, t, loss, theta, u0, X, y, drift, status, cons=None, mu=None)
     geo = MirrorGeometry.from_layers(u0)
     cons = constraints(X, y) if cons is None else cons
     mu = pl_constant(X) if mu is None else mu
-    limit = bregman_projection(geo, cons)
+    limit = bregman_projection(geo, cons, PREDICTION_TOL)
+    warn_if_not_converged(limit, s, PREDICTION_TOL)
     f_star = cons.f_star
     rows = _distinct_rows(t)
     # a diverged seed's last rows are not finite: the theory speaks about the rows before
@@ -154,7 +157,7 @@ def analyze_seed(s, t, loss, theta, u0, X, y, drift, status, cons=None, mu=None)
     rel = gap / gap0 if gap0 > 0 else np.zeros_like(gap)
     return SeedAnalysis(
         seed=s, status=status, t_final=float(t[-1]), final_loss=float(loss[-1]), f_star=f_star,
-        invariant_drift=float(drift), gap_to_prediction=float(gaps_t[-1]), kkt_residual=kkt,
+        max_invariant_drift=float(drift), gap_to_prediction=float(gaps_t[-1]), kkt_residual=kkt,
         fitted_rate=_fitted_rate(t, gap, gap0), pl_rate=float(2 * mu * cA),
         pl_rate_at_limit=float(2 * mu * np.min(geo.h(limit.theta))),
         time_to_epsilon=_time_to(t, rel, EPSILON) if gap0 > 0 else 0.0,
@@ -179,7 +182,7 @@ def analyze_run(run) -> RunAnalysis:
         require_assumption_a(u0[s], what=f"the analysis of seed {s}")
     X, y = run.X, run.y
     t_seed, loss, theta = run.t_seed, run.loss, run.theta
-    drift, status = run.invariant_drift, run.status
+    drift, status = run.max_invariant_drift(), run.status
     per_seed = X.ndim == 3
     shared = None if per_seed else (constraints(X, y), pl_constant(X))
     seeds, mus = [], []
@@ -190,7 +193,7 @@ def analyze_run(run) -> RunAnalysis:
         projected |= cons.projected
         mus.append(mu)
         seeds.append(analyze_seed(s, t_seed[:, s], loss[:, s], theta[:, s].astype(np.float64), u0[s], Xs, ys,
-                                  float(np.nanmax(drift[:, s])), STATUS_NAMES[int(status[-1, s])], cons, mu))
+                                  float(drift[s]), STATUS_NAMES[int(status[-1, s])], cons, mu))
     return RunAnalysis(str(run.path), run.complete, k, L, mus if per_seed else mus[:1], projected, seeds)
 
 

@@ -111,6 +111,17 @@ def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
                    f"checkpoints and the state where it stopped (incomplete, resumable); resume "
                    f"with: {shlex.join(again)}", err=True)
         sys.exit(128 + getattr(signal, report.interrupted, signal.SIGINT))
+    if report.run.committed and not _any_seed_finished(report.run):
+        click.echo(f"no seed finished normally (every seed diverged or stalled; see the status in {out})",
+                   err=True)
+        sys.exit(1)
+
+
+def _any_seed_finished(run) -> bool:
+    """Whether some seed ended by t_end, loss_tol or max_steps (not diverged or stalled)."""
+    from .integrators import STATUS_NAMES
+
+    return any(STATUS_NAMES[int(v)] not in ("diverged", "stalled") for v in run.status[-1])
 
 
 def _print_summary(report, out):
@@ -118,12 +129,12 @@ def _print_summary(report, out):
 
     run = report.run
     loss, t_seed, nfev = run.loss[-1], run.t_seed[-1], run.nfev[-1]
-    drift, status = run.invariant_drift[-1], run.status[-1]
+    drift, status = run.max_invariant_drift(), run.status[-1]
     star = run.theta_star
     theta = run.theta[-1]
     S = loss.shape[0]
     if S <= 8:
-        header = f"{'seed':>4} {'status':>9} {'t':>9} {'loss':>9} {'grad evals':>10} {'drift':>9}"
+        header = f"{'seed':>4} {'status':>9} {'t':>9} {'loss':>9} {'grad evals':>10} {'max drift':>9}"
         header += f" {'|theta-theta*|/|theta*|':>24}" if star is not None else ""
         click.echo(header)
         for s in range(S):
@@ -347,13 +358,13 @@ def analyze(run_path, as_json, plots):
     state = "complete" if result.complete else "still being written / incomplete"
     click.echo(f"{run_path}: {state}, {result.committed} committed checkpoints, depth {result.depth}"
                + ("; X rank deficient: limit = projection onto argmin f" if result.projected else ""))
-    click.echo(f"{'seed':>4} {'status':>9} {'t':>8} {'f - f*':>9} {'drift':>8} {'gap':>9} {'kkt':>8} "
+    click.echo(f"{'seed':>4} {'status':>9} {'t':>8} {'f - f*':>9} {'max drift':>9} {'gap':>9} {'kkt':>8} "
                f"{'rate':>9} {'PL rate':>9} {'PL@lim':>9} {'t(1e-6)':>9} bounds(PL cA, PL int h, D/t)")
     for sa in result.seeds:
         held = " ".join("ok" if b else "VIOLATED" for b in
                         (sa.bound_pl_c_a_held, sa.bound_pl_trajectory_held, sa.bound_sublinear_held))
         click.echo(f"{sa.seed:>4} {sa.status:>9} {sa.t_final:>8.4g} {_format_value(sa.final_loss - sa.f_star):>9} "
-                   f"{_format_value(sa.invariant_drift):>8} {_format_value(sa.gap_to_prediction):>9} "
+                   f"{_format_value(sa.max_invariant_drift):>9} {_format_value(sa.gap_to_prediction):>9} "
                    f"{_format_value(sa.kkt_residual):>8} {_format_value(sa.fitted_rate):>9} "
                    f"{_format_value(sa.pl_rate):>9} {_format_value(sa.pl_rate_at_limit):>9} "
                    f"{_format_value(sa.time_to_epsilon):>9} {held}")
@@ -368,7 +379,7 @@ def main(argv=None) -> None:
     try:
         code = cli.main(args=argv, prog_name="ddln", standalone_mode=False)
     except (InputError, BadInput) as err:
-        click.echo(f"Error: {err if isinstance(err, InputError) else err.format_message()}", err=True)
+        click.echo(f"Error: {err.for_cli() if isinstance(err, InputError) else err.format_message()}", err=True)
         sys.exit(2)
     except click.UsageError as err:
         hint = f" (see ddln {err.ctx.command_path.split(' ', 1)[-1]} --help)" if err.ctx else ""

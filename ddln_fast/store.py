@@ -313,7 +313,7 @@ class RunWriter:
         self._fence()
         return OutputError(f"cannot write {what} to {self.path or 'memory'}: {_reason(err)}; the "
                            f"{self.committed} committed checkpoints are intact (fix that, e.g. free "
-                           f"space, then resume with --resume)")
+                           f"space, then resume the run)")
 
     def _fence(self) -> None:
         if self.path is None:
@@ -540,6 +540,16 @@ class Run:
         except (tomllib.TOMLDecodeError, KeyError, TypeError) as err:
             raise InputError(f"run file {self.path}: its stored config cannot be read ({err})") from None
 
+    def __repr__(self) -> str:
+        where = self.path or "in memory"
+        if not self.file.id.valid:
+            return f"<Run {where} (closed)>"
+        config = self.config
+        state = "complete" if self.complete else "incomplete"
+        return (f"<Run {where}: {state}, {self._committed} committed checkpoints, "
+                f"{config.run.seeds} seeds, depth {config.model.depth}, "
+                f"{config.integrator.method}>")
+
     def checkpoint(self, name: str) -> np.ndarray:
         """Committed rows of ``/checkpoints/name``."""
         return np.asarray(self.file["checkpoints"][name][: self._committed])
@@ -555,6 +565,15 @@ class Run:
         if name == "u0":
             return np.asarray(self.file["init/u"])
         raise AttributeError(name)
+
+    def max_invariant_drift(self) -> np.ndarray:
+        """Per seed, the largest invariant drift over the committed checkpoints (NaN rows, e.g.
+        of a diverged seed, are skipped), shape (S,): what ``ddln run`` and ``ddln analyze``
+        print as "max drift"."""
+        drift = self.checkpoint("invariant_drift")
+        finite_or_inf = np.where(np.isnan(drift), -np.inf, drift)
+        out = finite_or_inf.max(axis=0) if drift.shape[0] else np.full(drift.shape[1:], np.nan)
+        return np.where(np.isneginf(out), np.nan, out)
 
     def state(self) -> tuple[int, dict[str, np.ndarray]]:
         """The integrator state to resume from: (index of the last committed checkpoint, arrays).

@@ -158,7 +158,7 @@ def load_sweep(path: str | Path) -> Sweep:
     for name, table in (("grid", grid), ("zip", zipped)):
         if "run.threads" in table:
             raise InputError(f"{where}: [{name}] run.threads cannot be swept: the sweep gives every task "
-                             f"cores // workers threads (use --workers)")
+                             f"cores // workers threads (choose the number of workers instead)")
         for key, values in table.items():
             if not isinstance(values, list):
                 raise InputError(f"{where}: [{name}] {key} = {values!r}: expected a list of values")
@@ -532,13 +532,16 @@ def _check_outdir(sweep: Sweep, outdir: Path, resume: bool) -> None:
         previous = copy.read_text(encoding="utf-8")
         if previous != sweep.text and not resume:
             raise InputError(f"{outdir} holds a different sweep (its sweep.toml differs from {sweep.path}); "
+                             f"pass resume=True to continue it with the new sweep file, or use another OUTDIR",
+                             f"{outdir} holds a different sweep (its sweep.toml differs from {sweep.path}); "
                              f"pass --resume to continue it with the new sweep file, or use another OUTDIR")
     elif outdir.exists() and any(p.name != ".lock" and not (p.name == "runs" and not any(p.iterdir()))
                                  for p in outdir.iterdir()):
         raise InputError(f"{outdir} is not empty and holds no sweep.toml: expected a new or empty "
                          f"directory, or the OUTDIR of an earlier ddln sweep")
     elif resume:
-        raise InputError(f"--resume: {outdir} holds no sweep to resume (no sweep.toml)")
+        raise InputError(f"resume: {outdir} holds no sweep to resume (no sweep.toml)",
+                         f"--resume: {outdir} holds no sweep to resume (no sweep.toml)")
 
 
 def _claim_outdir(sweep: Sweep, outdir: Path):
@@ -578,7 +581,9 @@ def _connect(scheduler: str | None, workers: int | None, cores: int):
         try:
             return Client(scheduler, timeout="10s"), None
         except (OSError, TimeoutError, ValueError) as err:
-            raise InputError(f"--scheduler {scheduler}: cannot connect ({' '.join(str(err).split())})") from None
+            reason = " ".join(str(err).split())
+            raise InputError(f"scheduler {scheduler}: cannot connect ({reason})",
+                             f"--scheduler {scheduler}: cannot connect ({reason})") from None
     # Workers are spawned processes (numba's omp layer is not fork-safe), one thread each; the
     # task itself sets Numba and BLAS to cores // workers threads.
     cluster = LocalCluster(n_workers=workers or cores, threads_per_worker=1, processes=True,
@@ -615,9 +620,11 @@ def run_sweep(sweep: Sweep | str | Path, outdir: str | Path, *, scheduler: str |
     if not isinstance(sweep, Sweep):
         sweep = load_sweep(sweep)
     if workers is not None and workers < 1:
-        raise InputError(f"--workers {workers}: expected an integer >= 1")
+        raise InputError(f"workers = {workers}: expected an integer >= 1",
+                         f"--workers {workers}: expected an integer >= 1")
     if scheduler and workers:
-        raise InputError("--scheduler and --workers exclude each other (the cluster has its workers)")
+        raise InputError("scheduler and workers exclude each other (the cluster has its workers)",
+                         "--scheduler and --workers exclude each other (the cluster has its workers)")
     outdir = Path(outdir)
     _check_outdir(sweep, outdir, resume)
     own_client = client is None

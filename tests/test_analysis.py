@@ -36,7 +36,7 @@ def c_a_reference(u0):
 
 
 def random_config(L, seed, **extra):
-    tables = {"problem": {"n": 6, "d": 14, "sparsity": 3, "seed": seed},
+    tables = {"problem": {"n": 6, "d": 14, "sparsity": 3, "seed": seed, "per_seed_data": False},
               "model": {"depth": L, "alpha": 0.6, "init": "gaussian", "jitter": 0.4, "signs": "random"},
               "integrator": {"rtol": 1e-10, "atol": 1e-14, "t_end": 400.0},
               "run": {"seeds": 2, "checkpoints": 60, "seed": seed}}
