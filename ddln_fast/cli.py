@@ -169,6 +169,7 @@ def inspect(run_path):
     from .integrators import STATUS_NAMES
     from .store import open_run
 
+    _recover_crashed(run_path)
     with open_run(run_path) as run:
         f = run.file
         k = run.committed
@@ -195,6 +196,36 @@ def inspect(run_path):
                 click.echo(f"{key}: {f.attrs[key]}")
         click.echo("config:")
         click.echo("  " + f.attrs["config"].strip().replace("\n", "\n  "))
+
+
+def _recover_crashed(run_path) -> None:
+    """A file left by a killed writer is recovered in place (said on stderr) before it is read;
+    a file that a running ddln process writes is read as it is."""
+    from .store import recover_for_reading
+
+    reason = recover_for_reading(run_path)
+    if reason:
+        click.echo(f"recovered {run_path} ({reason}): it now holds its committed checkpoints only "
+                   f"and opens in any HDF5 reader", err=True)
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN.h5")
+def recover(run_path):
+    """Make a run file left by a killed writer open in any HDF5 reader (h5py, h5dump, xarray).
+
+    Its committed checkpoints are copied into a fresh file that replaces it; the run stays
+    resumable. A file that needs nothing is left alone; one being written is refused."""
+    from .store import open_run, recover as recover_file
+
+    with open_run(run_path) as run:  # one line for a missing, foreign or broken file
+        committed = run.committed
+    reason = recover_file(run_path)
+    if reason is None:
+        click.echo(f"{run_path} needs no recovery: it opens in any HDF5 reader ({committed} committed checkpoints)")
+    else:
+        click.echo(f"recovered {run_path} ({reason}): {committed} committed checkpoints; it opens in "
+                   f"any HDF5 reader and can be resumed")
 
 
 @cli.command()
@@ -348,6 +379,7 @@ def analyze(run_path, as_json, plots):
             raise InputError("--plots needs matplotlib: pip install 'ddln_fast[plot]'") from None
         if Path(plots).exists() and not Path(plots).is_dir():
             raise InputError(f"--plots {plots}: exists and is not a folder")
+    _recover_crashed(run_path)
     result = analyze_path(run_path)
     written = plot(result, plots) if plots else []
     if as_json:

@@ -50,6 +50,9 @@ from .problem import Problem
 SCHEMA_VERSION = 1
 CHUNK_BYTES = 2 * 1024 * 1024
 STATE_SLOTS = 2
+#: File format of SWMR run files: 1.10 is the oldest that has SWMR, and Debian 12's h5dump
+#: (HDF5 1.10.8) cannot read the attributes HDF5 2.0 writes with "latest" (measured).
+SWMR_LIBVER = ("v110", "v110")
 #: Byte offset of the writer lock: far beyond any real file size, so it covers no data.
 _LOCK_OFFSET = 1 << 62
 
@@ -77,7 +80,7 @@ def _swmr_write_open(path: str) -> h5py.File:
     would open it in plain mode first, a window in which a kill leaves it unopenable)."""
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
     fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
-    fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_V110, h5py.h5f.LIBVER_V110)
     fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE, fapl=fapl)
     return h5py.File(fid)
 
@@ -157,7 +160,7 @@ class RunWriter:
         swmr = config.run.swmr
         lock = None
         try:
-            f = h5py.File(tmp, "w", libver="latest" if swmr else "earliest", track_order=True)
+            f = h5py.File(tmp, "w", libver=SWMR_LIBVER if swmr else "earliest", track_order=True)
         except OSError as err:
             raise OutputError(f"cannot create the output file {tmp}: {_reason(err)}") from None
         try:
@@ -240,19 +243,14 @@ class RunWriter:
     def reopen(cls, path: str, swmr: bool) -> "RunWriter":
         """Open an interrupted run to append to it.
 
-        Rows past the commit counter are left in place (SWMR allows no shrinking) and are
-        overwritten by the next checkpoints; readers never see them. A SWMR writer killed mid-run
-        leaves the file flagged as open for writing: then the file is copied (read with SWMR)
-        into a fresh one that replaces it.
+        A file left by a killed writer (flagged as open for writing, or with rows past the
+        commit counter) is first copied into a fresh one that replaces it (:func:`recover`).
         """
-        check_not_being_written(path)
+        recover(path)  # a killed writer's file: its committed content in a fresh file
         try:
             f = _swmr_write_open(path) if swmr else h5py.File(path, "r+")
         except OSError as err:
-            if not swmr_writer_flag(path):
-                raise InputError(f"run file {path} cannot be opened to resume ({_reason(err)})") from None
-            _rebuild(path)
-            f = _swmr_write_open(path) if swmr else h5py.File(path, "r+")
+            raise InputError(f"run file {path} cannot be opened to resume ({_reason(err)})") from None
         try:
             lock = _WriterLock(path)
         except BaseException:
@@ -415,20 +413,84 @@ def _close_quietly(f: h5py.File) -> None:
 
 
 def _rebuild(path: str) -> None:
-    """Copy a run file that cannot be opened for writing (crashed SWMR writer) into a new one,
-    then rename it over the original (a kill during the copy leaves the original untouched)."""
+    """Copy the committed content of a run file into a new file and rename it over the original
+    (a kill during the copy leaves the original untouched). The copy is closed cleanly, so it
+    carries no "open for writing" flag, and its checkpoint datasets end at the commit counter."""
     tmp = f"{path}.rebuild"
+    kwargs = {"swmr": True, "libver": "latest"} if swmr_writer_flag(path) else {}
     try:
-        src = h5py.File(path, "r", swmr=True, libver="latest")
+        src = h5py.File(path, "r", **kwargs)
     except OSError as err:
-        raise InputError(f"run file {path} cannot be opened to resume ({_reason(err)})") from None
-    with src, h5py.File(tmp, "w", libver="latest", track_order=True) as dst:
+        raise InputError(f"run file {path} cannot be opened to recover it ({_reason(err)})") from None
+    # the same format as the original: a file of a run without SWMR stays in the oldest
+    # format, whose superblock has no "open for writing" flag that a killed writer leaves set
+    libver = SWMR_LIBVER if _superblock_version(path) >= 2 else "earliest"
+    with src, h5py.File(tmp, "w", libver=libver, track_order=True) as dst:
         for key, value in src.attrs.items():
             dst.attrs[key] = value
         for name in src:
             src.copy(src[name], dst, name=name)
+        committed = int(src["checkpoints/committed"][0])
+        for name, ds in dst["checkpoints"].items():
+            if name != "committed" and ds.shape[0] > committed:
+                ds.resize(committed, axis=0)
         dst.flush()
     os.replace(tmp, path)
+
+
+def recovery_needed(path: str | Path) -> str | None:
+    """Why a run file no writer holds needs :func:`recover` (None: it does not): its superblock
+    still says a writer has it open (a killed SWMR writer: plain HDF5 readers refuse it), or its
+    checkpoint datasets hold rows past the commit counter (a writer killed mid-checkpoint)."""
+    if swmr_writer_flag(path):
+        return "a writer was killed while it had the file open"
+    try:
+        with h5py.File(path, "r") as f:
+            committed = int(f["checkpoints/committed"][0])
+            longest = max((ds.shape[0] for name, ds in f["checkpoints"].items() if name != "committed"),
+                          default=committed)
+    except (OSError, KeyError, ValueError):
+        return None  # not a readable run file: the readers name the problem
+    if longest > committed:
+        return f"{longest - committed} uncommitted rows after the last committed checkpoint"
+    return None
+
+
+def recover(path: str | Path) -> str | None:
+    """Make a crashed run file open in any HDF5 reader (h5py's defaults, h5dump, xarray): copy its
+    committed content into a fresh file that replaces it. Returns what was wrong (None: nothing,
+    the file is left alone). Refuses (InputError) a file that a running ddln process writes."""
+    path = str(path)
+    lock = _WriterLock(path)
+    try:
+        reason = recovery_needed(path)
+        if reason is not None:
+            _rebuild(path)
+        return reason
+    finally:
+        lock.release()
+
+
+def recover_for_reading(path: str | Path) -> str | None:
+    """:func:`recover` for the read-only commands: a file that a running writer holds, that
+    cannot be written here, or that is not a run file is left as it is (read through SWMR, or
+    refused by :func:`open_h5` with its own message). Returns what was recovered, or None."""
+    if not Path(path).is_file():
+        return None
+    try:
+        return recover(path)
+    except (InputError, OSError):
+        return None
+
+
+def _superblock_version(path: str | Path) -> int:
+    """The superblock version of an HDF5 file without a user block (-1 if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return -1
+    return head[8] if len(head) == 9 and head[:8] == b"\x89HDF\r\n\x1a\n" else -1
 
 
 def swmr_writer_flag(path: str | Path) -> bool:

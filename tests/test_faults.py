@@ -65,9 +65,10 @@ def test_sigkill_at_random_instants_then_resume_is_bit_identical(reference, tmp_
         launches += 1
         assert launches < 3 * KILLS, "the run keeps finishing before it can be killed"
         before = (out.stat().st_mtime_ns, out.stat().st_size) if out.exists() else None
-        proc = start_ddln("run", config_path, "-o", out, "--resume", "--threads", 1, "--quiet")
+        resume = ["--resume"] if out.exists() else []
+        proc = start_ddln("run", config_path, "-o", out, *resume, "--threads", 1, "--quiet")
         if kills < EARLY_KILLS:
-            time.sleep(rng.uniform(0.5, 5.0))
+            time.sleep(rng.uniform(0.0, 2.0))
         elif wait_for_writing(out, proc, before):
             time.sleep(rng.uniform(0.0, 0.4))
         if proc.poll() is not None:  # finished (or failed) before the kill
@@ -111,7 +112,8 @@ def test_sigkill_without_swmr_keeps_committed_checkpoints_too(reference, tmp_pat
     kills = 0
     while kills < 3:
         before = (out.stat().st_mtime_ns, out.stat().st_size) if out.exists() else None
-        proc = start_ddln("run", config_path, "-o", out, "--resume", "--threads", 1, "--quiet")
+        resume = ["--resume"] if out.exists() else []
+        proc = start_ddln("run", config_path, "-o", out, *resume, "--threads", 1, "--quiet")
         if wait_for_writing(out, proc, before):
             time.sleep(rng.uniform(0.0, 0.3))
         if proc.poll() is not None:
