@@ -73,7 +73,7 @@ def _kernels_cached() -> bool:
 @click.option("--quiet", is_flag=True, help="Print only the output path.")
 def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
     """Simulate the layer flow of every seed and stream checkpoints to HDF5."""
-    from .simulate import _AlreadyComplete, run_simulation
+    from .simulate import AlreadyComplete, run_simulation
 
     if threads is not None and threads < 0:
         raise InputError(f"--threads {threads}: expected an integer >= 0 (0: all cores)")
@@ -93,8 +93,8 @@ def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
     try:
         report = run_simulation(config, out, progress=progress, overwrite=overwrite, resume=resume,
                                 threads=threads)
-    except _AlreadyComplete:
-        click.echo(f"{out} is already complete: nothing to resume")
+    except AlreadyComplete as done:
+        click.echo(str(done))
         return
     if quiet:
         click.echo(str(out))

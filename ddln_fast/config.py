@@ -22,6 +22,7 @@ from .errors import InputError
 PROBLEM_KINDS = ("gaussian", "file")
 INITS = ("first_layer_zero", "balanced", "gaussian", "shape", "file")
 SIGNS = ("positive", "random")
+INIT_FROM = ("initial", "last")
 METHODS = ("euler", "rk4", "dopri5", "mirror")
 #: Methods that take steps of exactly integrator.dt (checkpoints fall on whole steps).
 FIXED_STEP_METHODS = ("euler", "rk4")
@@ -70,6 +71,7 @@ class ModelConfig:
     jitter: float = _key(float, 0.0, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
     layer_scales: list = _key(list, (), None, "a list of numbers")
     init_path: str = _key(str, "")
+    init_from: str = _key(str, "initial", *_choice(INIT_FROM))
     signs: str = _key(str, "positive", *_choice(SIGNS))
 
 
@@ -276,6 +278,9 @@ def _check_consistency(config: Config) -> None:
     if i.method in FIXED_STEP_METHODS and i.t_end < i.dt:
         raise InputError(f"integrator.t_end = {i.t_end:g} is shorter than one step of {i.method} "
                          f"(integrator.dt = {i.dt:g}): nothing to integrate; lower dt or raise t_end")
+    if m.init_from == "last" and m.init != "file":
+        raise InputError(f'model.init_from = "last" (warm start from the last layers of a run file) needs '
+                         f'model.init = "file", got "{m.init}"')
     if m.init == "file" and not m.init_path:
         raise InputError('model.init = "file" needs model.init_path (.npy, .npz or .h5 with u0)')
 

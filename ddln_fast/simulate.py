@@ -21,7 +21,7 @@ from .errors import InputError
 from .init import initial_layers, sign_trap_coordinates
 from .integrators import DIVERGED, RUNNING, T_END, Integrator, SeedState
 from .problem import make_problem
-from .store import Run, RunWriter, open_h5, provenance, state_shapes
+from .store import Run, RunWriter, extend_run, open_h5, provenance, state_shapes
 from .threads import limit_threads
 
 
@@ -315,32 +315,88 @@ def _make_integrator(config: Config, problem, u0) -> Integrator:
                       dtype=np.dtype(config.run.dtype).type)
 
 
+#: Keys a finished or interrupted run may be resumed with, when they relax the limit (the
+#: direction each may move in): the run then continues in the same file.
+EXTENSION_KEYS = {"integrator.t_end": "larger", "integrator.max_steps": "larger",
+                  "integrator.loss_tol": "smaller"}
+
+
+def _extension(stored: Config, config: Config, path: Path) -> dict:
+    """The limits ``config`` relaxes with respect to the run's ``stored`` config,
+    ``{key: [old, new]}``; InputError if anything else differs or a limit is tightened."""
+    # threads change only the last bits (warned about on resume), not what is computed
+    differing = stored.differing_keys(config, ignore=("run.threads",))
+    others = [k for k in differing if k not in EXTENSION_KEYS]
+    if others:
+        hint = "integrator.t_end, max_steps and loss_tol may be relaxed to extend a run"
+        raise InputError(f"cannot resume {path}: the config differs in {', '.join(others)} ({hint}; "
+                         f"use the config of the run, or overwrite=True to start a new one)",
+                         f"cannot resume {path}: the config differs in {', '.join(others)} ({hint}; "
+                         f"use the config of the run, or --overwrite to start a new one)")
+    old, new = stored.flat(), config.flat()
+    for key in differing:
+        larger = new[key] > old[key]
+        if larger != (EXTENSION_KEYS[key] == "larger"):
+            raise InputError(f"cannot resume {path} with {key} = {new[key]:g}: a resume may only make "
+                             f"it {EXTENSION_KEYS[key]} than the run's {old[key]:g}")
+    return {key: [old[key], new[key]] for key in differing}
+
+
+def _revivable(config: Config, state: dict, last_loss: np.ndarray, t_end: float) -> np.ndarray:
+    """Seeds stopped by a limit that ``config`` no longer imposes, shape (S,) bool: t_end (before
+    the new end ``t_end``), max_steps (fewer steps than the new maximum) or loss_tol (a loss at
+    the last checkpoint not below the new tolerance)."""
+    from .integrators import LOSS_TOL, MAX_STEPS
+
+    status, t = state["status"], state["t"]
+    before_end = t < t_end
+    return before_end & ((status == T_END)
+                         | ((status == MAX_STEPS) & (state["steps"] < config.integrator.max_steps))
+                         | ((status == LOSS_TOL) & (last_loss >= config.integrator.loss_tol)))
+
+
 def _resume(config: Config, path: Path, progress, threads, on_checkpoint, stops) -> RunReport:
     """Continue ``path`` from its last committed checkpoint (bit-identical at equal threads and
-    BLAS); ``None`` if the file has no committed checkpoint yet (the caller starts afresh)."""
+    BLAS); ``None`` if the file has no committed checkpoint yet (the caller starts afresh).
+
+    A config that relaxes t_end, max_steps or loss_tol extends the run in the same file: the
+    seeds those limits stopped continue, new checkpoints follow the old ones (the new schedule's
+    times after the last stored one; one more row at t_end when t_end did not grow), and the root
+    attribute ``extensions`` records the change."""
     from .problem import Problem
 
+    schedule = checkpoint_times(config)
     with open_h5(path) as f:
         run = Run(f, str(path))
-        stored = run.config
-        # threads change only the last bits (warned about below), not what is computed
-        differing = stored.differing_keys(config, ignore=("run.threads",))
-        if differing:
-            raise InputError(f"cannot resume {path}: the config differs in {', '.join(differing)} "
-                             f"(use the config of the run, or overwrite=True to start a new one)",
-                             f"cannot resume {path}: the config differs in {', '.join(differing)} "
-                             f"(use the config of the run, or --overwrite to start a new one)")
-        if run.complete:
-            raise _AlreadyComplete(str(path))
+        changed = _extension(run.config, config, path)
         if run.committed == 0:
             return None
+        if changed:
+            index, state = run.state()
+            revive = _revivable(config, state, run.loss[-1], schedule[-1])
+            if run.complete and not revive.any():
+                raise AlreadyComplete(f"{path} is complete and no seed was stopped by a limit that "
+                                      f"{', '.join(changed)} relaxes: nothing to extend")
+            record = {"at_checkpoint": run.committed, "t": float(run.t[-1]), "changed": changed,
+                      "continued_seeds": np.flatnonzero(revive).tolist(),
+                      "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        elif run.complete:
+            raise AlreadyComplete(f"{path} is already complete: nothing to resume")
+    if changed:
+        extend_run(path, config, record, revive)
+    with open_h5(path) as f:
+        run = Run(f, str(path))
         index, state = run.state()
+        stored_times = run.t
         problem = Problem(run.X, run.y, run.theta_star)
         u0 = run.u0
         stored_threads = int(f.attrs.get("threads", -1))
         stored_blas = str(f.attrs.get("blas", ""))
+    rest = schedule[schedule > stored_times[-1]]
+    if rest.size == 0 and np.any(state["status"] == RUNNING):  # continued seeds, same t_end
+        rest = schedule[-1:]
+    times = np.concatenate([stored_times, rest])
     n_threads = config.run.threads if threads is None else threads
-    times = checkpoint_times(config)
     with limit_threads(n_threads) as used_threads:
         now = provenance(used_threads)
         mismatch = [f"threads {stored_threads} -> {used_threads}"] if stored_threads != used_threads else []
@@ -373,8 +429,8 @@ def _blas_identity(blas_json: str) -> str:
                      for i in infos) or "none"
 
 
-class _AlreadyComplete(Exception):
-    """Resume asked for a run that already finished."""
+class AlreadyComplete(Exception):
+    """Resume asked for a run that already finished (the message says so)."""
 
 
 def _checkpoint_row(integrator: Integrator, t: float, save_layers: bool) -> dict:

@@ -412,10 +412,12 @@ def _close_quietly(f: h5py.File) -> None:
         pass
 
 
-def _rebuild(path: str) -> None:
+def _rebuild(path: str, change=None) -> None:
     """Copy the committed content of a run file into a new file and rename it over the original
     (a kill during the copy leaves the original untouched). The copy is closed cleanly, so it
-    carries no "open for writing" flag, and its checkpoint datasets end at the commit counter."""
+    carries no "open for writing" flag, and its checkpoint datasets end at the commit counter.
+    ``change(copy)``, if given, edits the open copy before the rename (a new file is not in SWMR
+    mode, so attributes may be added there)."""
     tmp = f"{path}.rebuild"
     kwargs = {"swmr": True, "libver": "latest"} if swmr_writer_flag(path) else {}
     try:
@@ -434,8 +436,37 @@ def _rebuild(path: str) -> None:
         for name, ds in dst["checkpoints"].items():
             if name != "committed" and ds.shape[0] > committed:
                 ds.resize(committed, axis=0)
+        if change is not None:
+            change(dst)
         dst.flush()
     os.replace(tmp, path)
+
+
+def extend_run(path: str | Path, config: Config, record: dict, revive: np.ndarray) -> None:
+    """Prepare a run file to continue under relaxed limits (a larger t_end or max_steps, a
+    smaller loss_tol), atomically (a copy renamed over it, see :func:`_rebuild`): the config
+    becomes ``config``, ``complete`` false, ``record`` is appended to the JSON list in the root
+    attribute ``extensions``, and the seeds in ``revive`` (shape (S,), bool) are set running in
+    the state the run resumes from."""
+    path = str(path)
+    lock = _WriterLock(path)
+
+    def change(f):
+        f.attrs["config"] = config.to_toml()
+        f.attrs["complete"] = False
+        history = json.loads(f.attrs.get("extensions", "[]"))
+        f.attrs["extensions"] = json.dumps([*history, record])
+        slot = _resume_slot(f, int(f["checkpoints/committed"][0]))
+        status, t_stop = slot["status"][()], slot["t_stop"][()]
+        status[revive] = STATUS_NAMES.index("running")
+        t_stop[revive] = np.nan
+        slot["status"][...] = status
+        slot["t_stop"][...] = t_stop
+
+    try:
+        _rebuild(path, change)
+    finally:
+        lock.release()
 
 
 def recovery_needed(path: str | Path) -> str | None:
@@ -646,16 +677,10 @@ class Run:
         k = self._committed
         if k == 0:
             raise InputError(f"run file {self.path} has no committed checkpoint to resume from")
-        best = None
-        for slot in range(STATE_SLOTS):
-            g = self.file[f"state/slot{slot}"]
-            seq = int(g["sequence"][0]) if "sequence" in g else -1
-            if seq >= 0 and int(g["checkpoint_index"][0]) == k - 1 and (best is None or seq > best[0]):
-                best = (seq, g)
-        if best is None:
+        g = _resume_slot(self.file, k)
+        if g is None:
             raise InputError(f"run file {self.path}: no saved integrator state matches its last "
                              f"committed checkpoint {k - 1}")
-        g = best[1]
         skip = ("checkpoint_index", "sequence")
         return k - 1, {name: np.asarray(ds) for name, ds in g.items() if name not in skip}
 
@@ -671,6 +696,18 @@ class Run:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _resume_slot(f: h5py.File, committed: int):
+    """The state slot a resume continues from: the valid slot with the highest sequence number
+    that follows checkpoint ``committed - 1`` (None if there is none)."""
+    best = None
+    for slot in range(STATE_SLOTS):
+        g = f[f"state/slot{slot}"]
+        seq = int(g["sequence"][0]) if "sequence" in g else -1
+        if seq >= 0 and int(g["checkpoint_index"][0]) == committed - 1 and (best is None or seq > best[0]):
+            best = (seq, g)
+    return None if best is None else best[1]
 
 
 def open_run(path: str | Path) -> Run:

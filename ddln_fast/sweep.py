@@ -246,7 +246,7 @@ def run_task(tid: str, config: Config, outdir: str, threads: int | None = None,
     be resumed. Bad input (e.g. an unreadable data file) is returned as a failed row; any other
     exception propagates so that Dask retries the task.
     """
-    from .simulate import _AlreadyComplete, run_simulation
+    from .simulate import AlreadyComplete, run_simulation
     from .threads import limit_threads
 
     runs = Path(outdir) / "runs"
@@ -271,7 +271,7 @@ def run_task(tid: str, config: Config, outdir: str, threads: int | None = None,
                     else:
                         notes.append(f"resumed from checkpoint {report.resumed_from}")
                         _log(log_path, "resume", tid, f"threads={used} from={report.resumed_from}")
-                except _AlreadyComplete:  # killed between the run's end and the rename
+                except AlreadyComplete:  # killed between the run's end and the rename
                     report = None
                     notes.append("found complete .part")
                     _log(log_path, "resume", tid, "complete .part: summary and rename only")
