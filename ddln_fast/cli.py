@@ -365,12 +365,19 @@ def predict(config_path, sets, as_json):
 @cli.command()
 @click.argument("run_path", metavar="RUN.h5")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-@click.option("--plots", "plots", metavar="DIR", help="Write loss.png, theta.png and gap.png to DIR.")
-def analyze(run_path, as_json, plots):
+@click.option("--plots", "plots", metavar="DIR",
+              help="Write loss.png, theta_seedS.png (one per plotted seed) and gap.png to DIR.")
+@click.option("--seeds", "seeds", metavar="LIST", default=None,
+              help="Seeds to plot, e.g. 0,3,5 or all (default: the first four).")
+def analyze(run_path, as_json, plots, seeds):
     """Put the theory next to a run: predicted limit, KKT residual, rates and bounds per seed."""
     import json
 
-    from .analysis import EPSILON, analyze as analyze_path, plot
+    from .analysis import EPSILON, analyze as analyze_path, plot, plotted_seeds
+
+    if seeds is not None and not plots:
+        raise InputError("--seeds chooses the plotted seeds: give --plots DIR too")
+    chosen = _seed_list(seeds)
 
     if plots:
         try:
@@ -381,7 +388,10 @@ def analyze(run_path, as_json, plots):
             raise InputError(f"--plots {plots}: exists and is not a folder")
     _recover_crashed(run_path)
     result = analyze_path(run_path)
-    written = plot(result, plots) if plots else []
+    if chosen == "all":
+        chosen = list(range(len(result.seeds)))
+    shown = plotted_seeds(result, chosen) if plots else []
+    written = plot(result, plots, shown) if plots else []
     if as_json:
         out = result.as_dict()
         out["plots"] = written
@@ -393,7 +403,7 @@ def analyze(run_path, as_json, plots):
     click.echo(f"{'seed':>4} {'status':>9} {'t':>8} {'f - f*':>9} {'max drift':>9} {'gap':>9} {'kkt':>8} "
                f"{'rate':>9} {'PL rate':>9} {'PL@lim':>9} {'t(1e-6)':>9} bounds(PL cA, PL int h, D/t)")
     for sa in result.seeds:
-        held = " ".join("ok" if b else "VIOLATED" for b in
+        held = " ".join("n/a" if b is None else "ok" if b else "VIOLATED" for b in
                         (sa.bound_pl_c_a_held, sa.bound_pl_trajectory_held, sa.bound_sublinear_held))
         click.echo(f"{sa.seed:>4} {sa.status:>9} {sa.t_final:>8.4g} {_format_value(sa.final_loss - sa.f_star):>9} "
                    f"{_format_value(sa.max_invariant_drift):>9} {_format_value(sa.gap_to_prediction):>9} "
@@ -401,9 +411,25 @@ def analyze(run_path, as_json, plots):
                    f"{_format_value(sa.pl_rate):>9} {_format_value(sa.pl_rate_at_limit):>9} "
                    f"{_format_value(sa.time_to_epsilon):>9} {held}")
     click.echo(f"gap: |theta_K - theta_inf| / |theta_inf|; rate: fitted -d log(f - f*)/dt; t(1e-6): first "
-               f"time with (f - f*) / (f0 - f*) <= {EPSILON:g}")
+               f"time with (f - f*) / (f0 - f*) <= {EPSILON:g}; max drift: over the checkpoints")
+    for sa in result.seeds:
+        if sa.note:
+            click.echo(f"seed {sa.seed}: {sa.note}")
+    if plots:
+        others = "" if len(shown) == len(result.seeds) else " (--seeds to choose others)"
+        click.echo(f"plots of seeds {', '.join(map(str, shown))} of {len(result.seeds)}{others}")
     for path in written:
         click.echo(f"wrote {path}")
+
+
+def _seed_list(text):
+    """``--seeds 0,3,5`` -> [0, 3, 5]; ``all`` stays "all"; None stays None."""
+    if text is None or text.strip() == "all":
+        return None if text is None else "all"
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InputError(f"--seeds {text}: expected seed numbers separated by commas, e.g. 0,3,5, or all") from None
 
 
 def main(argv=None) -> None:

@@ -663,7 +663,8 @@ def _run_tasks(sweep: Sweep, outdir: Path, workers, client, progress, echo, star
          f"{f', {parts} of them to resume' if parts else ''}) -> {outdir}")
 
     def finish(interrupted=False, engine=""):
-        ordered = [{"task": t.id, **t.point, **rows.get(t.id, {"status": "not run"})} for t in sweep.tasks]
+        ordered = [{"task": t.id, **t.point, **(rows.get(t.id) or _unreported_row(runs, t.id))}
+                   for t in sweep.tasks]
         write_summary(outdir, ordered, swept)
         failed = sum(r["status"] == "failed" for r in ordered)
         return SweepResult(ordered, swept, len(todo), skipped, failed, time.perf_counter() - start,
@@ -728,6 +729,20 @@ def _run_tasks(sweep: Sweep, outdir: Path, workers, client, progress, echo, star
     return finish(interrupted, engine)
 
 
+def _unreported_row(runs: Path, tid: str) -> dict:
+    """The summary row of a task whose result never reached the client (an interrupted sweep):
+    read from its file, which a worker may have completed or left partly written."""
+    final, part = runs / f"{tid}.h5", runs / f"{tid}.h5.part"
+    if final.exists():
+        try:
+            return summarize_run(final)
+        except InputError as err:
+            return {"status": "failed", "message": " ".join(str(err).split())}
+    if part.exists():
+        return {"status": "interrupted", "message": "partly run (.part file); rerun the sweep to resume it"}
+    return {"status": "not run"}
+
+
 # -- the report ------------------------------------------------------------------------------------
 def report_table(rows: list[dict], metric: str, x: str, by: str | None) -> tuple[list, list, np.ndarray]:
     """Pivot one metric: (x values, by values, array (len(x), len(by)) of medians over the
@@ -760,13 +775,13 @@ def plot_report(xs, bys, table, metric: str, x: str, by: str | None, out: Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    fig, ax = plt.subplots(figsize=(7.5, 4.0))
     numeric_x = all(isinstance(v, (int, float)) for v in xs)
     xpos = np.asarray(xs, dtype=float) if numeric_x else np.arange(len(xs))
     for j, bv in enumerate(bys):
         ax.plot(xpos, table[:, j], marker="o", label=f"{by} = {bv}" if by else None)
     finite = table[np.isfinite(table)]
-    if finite.size and np.all(finite > 0) and finite.max() / finite.min() > 100:
+    if finite.size and np.all(finite > 0) and finite.max() / finite.min() >= 10:  # a decade or more
         ax.set_yscale("log")
     if numeric_x and np.all(xpos > 0) and xpos.max() / xpos.min() >= 10:
         ax.set_xscale("log")
@@ -777,8 +792,9 @@ def plot_report(xs, bys, table, metric: str, x: str, by: str | None, out: Path) 
         ax.set_xticks(xpos, [str(v) for v in xs])
     ax.set_xlabel(x)
     ax.set_ylabel(metric)
-    if by:
-        ax.legend(fontsize="small")
+    ax.set_title(f"{metric} against {x}" + (f", one line per {by}" if by else "") + " (median over tasks)")
+    if by:  # outside the axes: the legend never hides a curve
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
