@@ -311,3 +311,69 @@ def test_unwritable_output_is_refused_with_one_line_and_no_file(reference, tmp_p
         if where == "read_only_folder":
             if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
                 folder.chmod(0o700)
+
+
+def _h5dump() -> str | None:
+    """h5dump of Debian's hdf5-tools; .ci/run installs it, so only a developer machine without
+    it skips the h5dump checks."""
+    import shutil
+
+    found = shutil.which("h5dump")
+    if found is None and os.environ.get("CI"):
+        pytest.fail("h5dump is missing in CI (.ci/run installs hdf5-tools)")
+    return found
+
+
+def test_killed_run_files_open_in_any_reader_after_ddln_recover(reference, tmp_path):
+    """SIGKILL at random instants (seed printed); then ``ddln recover`` on a copy, after which
+    plain h5py (no swmr), h5dump and xarray open it and see exactly the committed checkpoints,
+    equal to the reference's; ``ddln inspect`` on another copy recovers it the same way."""
+    import shutil
+
+    xarray = pytest.importorskip("xarray")
+    pytest.importorskip("h5netcdf")
+    h5dump = _h5dump()
+    config_path, ref, ref_arrays = reference
+    rng_seed = int(os.environ.get("DDLN_KILL_SEED", "20261129"))
+    rng = random.Random(rng_seed)
+    checked = 0
+    for attempt in range(12):
+        out = tmp_path / f"killed{attempt}.h5"
+        proc = start_ddln("run", config_path, "-o", out, "--threads", 1, "--quiet")
+        if wait_for_writing(out, proc, None):
+            time.sleep(rng.uniform(0.0, 0.4))
+        if proc.poll() is not None or not out.exists():
+            proc.communicate()
+            continue
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        copy, other = tmp_path / f"copy{attempt}.h5", tmp_path / f"other{attempt}.h5"
+        shutil.copy(out, copy)
+        shutil.copy(out, other)
+        done = ddln("recover", copy)
+        assert done.returncode == 0, done.stderr
+        with h5py_file(copy) as f:  # h5py's defaults: no swmr, no libver
+            k = int(f["checkpoints/committed"][0])
+            rows = {name: f["checkpoints"][name][()] for name in ref_arrays}
+        assert all(rows[name].shape[0] == k for name in rows), {n: r.shape for n, r in rows.items()}
+        assert_prefix_equal(ref_arrays, rows, k)
+        if h5dump:
+            dumped = subprocess.run([h5dump, "-d", "/checkpoints/t", str(copy)], capture_output=True, text=True)
+            assert dumped.returncode == 0, dumped.stderr
+        with xarray.open_dataset(copy, engine="h5netcdf", group="checkpoints", phony_dims="sort") as ds:
+            assert ds["loss"].values.tobytes() == ref_arrays["loss"][:k].tobytes()
+        inspected = ddln("inspect", other)
+        assert inspected.returncode == 0, inspected.stderr
+        with h5py_file(other) as f:
+            assert int(f["checkpoints/committed"][0]) == k
+        checked += 1
+        if checked == 5:
+            break
+    print(f"recover checked after {checked} kills (seed {rng_seed})")
+    assert checked == 5, "the runs kept finishing before the kill"
+
+
+def h5py_file(path):
+    import h5py
+
+    return h5py.File(path, "r")

@@ -587,3 +587,52 @@ def test_run_task_is_idempotent(tasks, references, tmp_path):
     row = run_task(other.id, other.config, str(tmp_path), threads=1)
     assert row["status"] == "complete" and "restarted (could not resume" in row["message"]
     assert_same_checkpoints(tmp_path / "runs" / f"{other.id}.h5", references[other.id])
+
+
+def test_summary_after_an_interrupt_reads_the_tasks_files(tmp_path, monkeypatch):
+    """Ctrl-C arrives after the workers finished their tasks but before the client collected
+    the results: the summary must report them from their files (complete), not as "not run"."""
+    import distributed
+
+    from ddln_fast.sweep import run_sweep
+
+    (tmp_path / "base.toml").write_text(BASE_TOML)
+    sweep = tmp_path / "two.toml"
+    sweep.write_text('base = "base.toml"\n[grid]\n"model.depth" = [2, 3]\n')
+
+    def interrupted(futures):
+        distributed.wait(futures)  # every task ran to its end on a worker
+        raise KeyboardInterrupt
+        yield  # a generator, like distributed.as_completed
+
+    monkeypatch.setattr(distributed, "as_completed", interrupted)
+    result = run_sweep(sweep, tmp_path / "out", workers=2, progress=False, echo=lambda line: None)
+    assert result.interrupted
+    rows = read_csv(tmp_path / "out" / "summary.csv")
+    assert [r["status"] for r in rows] == ["complete", "complete"]
+    for row in rows:
+        with h5py.File(tmp_path / "out" / "runs" / f"{row['task']}.h5", "r") as f:
+            assert float(row["final_loss_max"]) == f["checkpoints/loss"][-1].max()
+
+
+def test_report_plots_have_titles_log_axes_and_an_outside_legend(tmp_path, monkeypatch):
+    """Values over three decades: log y axis; the legend sits right of the axes (no curve under
+    it); a title names the metric and the keys."""
+    import matplotlib.pyplot as plt
+
+    from ddln_fast.sweep import plot_report
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    table = np.array([[1.0, 10.0], [30.0, 300.0], [900.0, 2000.0]])
+    plot_report([0.5, 1.0, 2.0], [2, 3], table, "time_to_eps", "model.alpha", "model.depth",
+                tmp_path / "p.png")
+    ax = figures[0].axes[0]
+    assert "time_to_eps" in ax.get_title() and "model.alpha" in ax.get_title() and "model.depth" in ax.get_title()
+    assert ax.get_yscale() == "log"
+    legend = ax.get_legend()
+    assert legend is not None and len(legend.get_texts()) == 2
+    figures[0].canvas.draw()
+    box = legend.get_window_extent().transformed(ax.transAxes.inverted())
+    assert box.x0 >= 1.0  # entirely right of the axes
