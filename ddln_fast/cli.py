@@ -191,7 +191,7 @@ def inspect(run_path):
                 click.echo(f"  /{name:<28} {str(obj.shape):<22} {obj.dtype}")
 
         f.visititems(show)
-        for key in ("created", "ddln_fast_version", "threads", "threading_layer", "hostname"):
+        for key in ("created", "ddln_fast_version", "threads", "threading_layer", "hostname", "extensions"):
             if key in f.attrs:
                 click.echo(f"{key}: {f.attrs[key]}")
         click.echo("config:")

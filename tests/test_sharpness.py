@@ -117,7 +117,7 @@ def test_a_step_above_the_stability_limit_is_warned_with_the_limit(method, bound
         simulate(above)
     message = str(caught[0].message)
     assert f"{min(limits):.4g}" in message and "2 of 2 seeds" in message
-    below = config.with_overrides({"integrator.dt": 0.9 * min(limits), "integrator.t_end": 30 * min(limits)})
+    below = config.with_overrides({"integrator.dt": 0.9 * min(limits), "integrator.t_end": 27 * min(limits)})
     with warnings.catch_warnings():
         warnings.simplefilter("error", StabilityWarning)
         simulate(below)
