@@ -430,16 +430,39 @@ def _rebuild(path: str, change=None) -> None:
     with src, h5py.File(tmp, "w", libver=libver, track_order=True) as dst:
         for key, value in src.attrs.items():
             dst.attrs[key] = value
-        for name in src:
-            src.copy(src[name], dst, name=name)
         committed = int(src["checkpoints/committed"][0])
-        for name, ds in dst["checkpoints"].items():
-            if name != "committed" and ds.shape[0] > committed:
-                ds.resize(committed, axis=0)
+        for name in src:
+            if name != "checkpoints":
+                src.copy(src[name], dst, name=name)
+        # the committed rows only, read row range by row range: a killed writer may have left
+        # the index of uncommitted chunks half-written, and a SWMR reader retries such metadata
+        # for minutes, so nothing past the commit counter is touched (H5Ocopy would touch it)
+        rows = dst.create_group("checkpoints", track_order=True)
+        for key, value in src["checkpoints"].attrs.items():
+            rows.attrs[key] = value
+        for name, ds in src["checkpoints"].items():
+            if name == "committed":
+                rows.create_dataset(name, data=ds[()])
+            else:
+                _copy_rows(ds, rows, name, committed)
         if change is not None:
             change(dst)
         dst.flush()
     os.replace(tmp, path)
+
+
+def _copy_rows(ds: h5py.Dataset, group: h5py.Group, name: str, count: int) -> None:
+    """A copy of the first ``count`` rows of the growing dataset ``ds`` into ``group`` (same dtype,
+    chunks, growth and attributes), in blocks of rows of about CHUNK_BYTES."""
+    out = group.create_dataset(name, shape=(count, *ds.shape[1:]), maxshape=ds.maxshape,
+                               chunks=ds.chunks, dtype=ds.dtype)
+    for key, value in ds.attrs.items():
+        out.attrs[key] = value
+    row_bytes = max(1, int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
+    block = max(1, CHUNK_BYTES // row_bytes)
+    for start in range(0, count, block):
+        stop = min(count, start + block)
+        out[start:stop] = ds[start:stop]
 
 
 def extend_run(path: str | Path, config: Config, record: dict, revive: np.ndarray) -> None:
@@ -494,6 +517,7 @@ def recover(path: str | Path) -> str | None:
     path = str(path)
     lock = _WriterLock(path)
     try:
+        Path(f"{path}.rebuild").unlink(missing_ok=True)  # left by a recovery that was killed
         reason = recovery_needed(path)
         if reason is not None:
             _rebuild(path)

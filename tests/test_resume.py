@@ -534,3 +534,19 @@ def test_warm_start_from_a_run_without_saved_layers_is_refused(tmp_path, capsys)
                            "--set", "model.init_from=last", "-o", tmp_path / "warm.h5"], capsys)
     assert code == 2 and "no saved layers" in stderr and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "warm.h5").exists()
+
+
+def test_a_recovery_copy_left_by_a_kill_is_removed_on_resume(tmp_path):
+    """A process killed while it copied a run file into RUN.h5.rebuild leaves that copy; the
+    next resume (which holds the writer lock) removes it and finishes the run exactly."""
+    from ddln_fast.simulate import run_simulation
+
+    cfg = config("euler")
+    ref = reference_run(cfg, tmp_path / "reference.h5")
+    out = tmp_path / "stopped.h5"
+    run_simulation(cfg, out, threads=1, on_checkpoint=stop_request(2, 0)).run.close()
+    stale = tmp_path / "stopped.h5.rebuild"
+    stale.write_bytes(b"half a copy")
+    run_simulation(cfg, out, resume=True, threads=1).run.close()
+    assert not stale.exists()
+    assert_same_run_file(ref, out)
