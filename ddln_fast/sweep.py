@@ -328,7 +328,8 @@ def _theory_metrics(run) -> dict:
         seeds = list(getattr(result, "seeds", []))
     except Exception as err:  # e.g. assumption (A) fails: the other metrics still count
         return {**nan, "analysis": True, "note": f"analysis: {' '.join(str(err).split())}"}
-    out = {"analysis": True, "note": ""}
+    notes = sorted({getattr(seed, "note", "") for seed in seeds} - {""})
+    out = {"analysis": True, "note": "; ".join(f"analysis: {note}" for note in notes)}
     for name in nan:
         values = np.array([getattr(seed, name, math.nan) for seed in seeds], dtype=float)
         out[name] = _median(values)

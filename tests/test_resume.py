@@ -187,17 +187,20 @@ def test_resume_with_another_config_is_refused_naming_the_keys(tmp_path, capsys,
 
 
 def test_resume_with_other_threads_warns(tmp_path):
-    import numba
+    """The resume runs as a ddln process with NUMBA_NUM_THREADS = 2, so that 2 threads exist
+    whatever the number of cores here."""
+    from faults_support import cli_env
+    from ddln_fast.simulate import run_simulation
 
-    from ddln_fast.simulate import ResumeMismatchWarning, run_simulation
-
-    if numba.config.NUMBA_NUM_THREADS < 2:
-        pytest.skip("one core: no other thread count to resume with")
     cfg = config("euler")
+    toml = write_toml(tmp_path / "c.toml", cfg)
     out = tmp_path / "stopped.h5"
     run_simulation(cfg, out, threads=1, on_checkpoint=stop_request(2, 0)).run.close()
-    with pytest.warns(ResumeMismatchWarning, match="threads 1 -> 2"):
-        run_simulation(cfg, out, resume=True, threads=2).run.close()
+    resumed = subprocess.run([sys.executable, "-m", "ddln_fast.cli", "run", str(toml), "-o", str(out),
+                              "--resume", "--threads", "2", "--quiet"], capture_output=True, text=True,
+                             timeout=300, env={**cli_env(), "NUMBA_NUM_THREADS": "2"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert "threads 1 -> 2" in resumed.stderr and "not be bit-identical" in resumed.stderr
 
 
 def _foreign_hdf5(path):
