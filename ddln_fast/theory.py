@@ -726,6 +726,22 @@ def bregman_projection(geometry: MirrorGeometry, cons: Constraints, tol: float =
     return Limit(theta, mu, residual, it, cons.projected, cons.rank)
 
 
+class PredictionWarning(UserWarning):
+    """The dual Newton iteration of the implicit-bias limit stopped above its tolerance."""
+
+
+def warn_if_not_converged(limit: Limit, seed: int, tol: float) -> None:
+    """Warn (one line, naming the seed) when ``limit.residual`` is above ``tol``: the predicted
+    theta_inf then satisfies the constraints only to that relative residual."""
+    if not limit.residual <= tol:
+        import warnings
+
+        warnings.warn(f"seed {seed}: the implicit-bias limit is not at tolerance: dual residual "
+                      f"{limit.residual:.2g} > {tol:.2g} after {limit.iterations} Newton iterations "
+                      f"(rounding near the edge of the dual range, e.g. at a tiny alpha); theta_inf "
+                      f"is accurate to about that relative residual", PredictionWarning, stacklevel=3)
+
+
 def _newton_step(A: np.ndarray, H: np.ndarray, grad: np.ndarray) -> np.ndarray:
     """Solve (A diag(H) A^T) step = -grad through a QR of diag(sqrt H) A^T: h spans up to 17
     decades for small alpha, and squaring that condition number in the normal matrix made the
@@ -797,6 +813,7 @@ def _predict_arrays(X, y, u0, tol, interpolators):
     for s in range(S):
         cons = constraints(X[s], y[s]) if per_seed else shared
         limit = bregman_projection(MirrorGeometry.from_layers(u0[s]), cons, tol)
+        warn_if_not_converged(limit, s, tol)
         thetas.append(limit.theta)
         residuals.append(limit.residual)
         iterations.append(limit.iterations)

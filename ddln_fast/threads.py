@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import numba
 import threadpoolctl
@@ -11,7 +12,14 @@ import threadpoolctl
 def resolve_threads(threads: int) -> int:
     """0 means every core Numba may use (respects CPU affinity, e.g. SLURM cgroups)."""
     available = numba.config.NUMBA_NUM_THREADS
+    if threads > available:
+        warnings.warn(f"threads = {threads} is more than the {available} cores available here "
+                      f"(NUMBA_NUM_THREADS): using {available}", ThreadsWarning, stacklevel=3)
     return available if threads <= 0 else min(threads, available)
+
+
+class ThreadsWarning(UserWarning):
+    """Fewer threads are used than were asked for."""
 
 
 @contextlib.contextmanager
