@@ -56,6 +56,7 @@ class Solver(ABC):
         """
 
     def stop_requested(self) -> bool:
+        """Whether ``stop_check`` asks to stop now (never without one)."""
         return self.stop_check is not None and self.stop_check()
 
     @property
