@@ -59,7 +59,7 @@ def _kernels_cached() -> bool:
 
     cache_dir = os.environ.get("NUMBA_CACHE_DIR")
     folder = Path(cache_dir) if cache_dir else Path(kernels.__file__).parent / "__pycache__"
-    return any(folder.rglob("kernels._rk_stage*.nbi")) if folder.exists() else False
+    return any(folder.rglob("kernels.rk_stage*.nbi")) if folder.exists() else False
 
 
 @cli.command()
@@ -73,7 +73,9 @@ def _kernels_cached() -> bool:
 @click.option("--quiet", is_flag=True, help="Print only the output path.")
 def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
     """Simulate the layer flow of every seed and stream checkpoints to HDF5."""
-    from .simulate import AlreadyComplete, run_simulation
+    from .errors import AlreadyComplete
+    from .methods import is_adaptive
+    from .simulate import run_simulation
 
     if threads is not None and threads < 0:
         raise InputError(f"--threads {threads}: expected an integer >= 0 (0: all cores)")
@@ -85,7 +87,7 @@ def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
     out = Path(output) if output else _default_output(config_path)
     if not quiet:
         m, p, i = config.model, config.problem, config.integrator
-        what = f"rtol {i.rtol:g}" if i.method == "dopri5" else f"dt {i.dt:g}"
+        what = f"rtol {i.rtol:g}" if is_adaptive(i.method) else f"dt {i.dt:g}"
         click.echo(f"ddln run: {config.run.seeds} seeds, depth {m.depth}, alpha {m.alpha:g}, "
                    f"init {m.init}, {i.method} ({what}), t_end {i.t_end:g}")
         if not _kernels_cached():

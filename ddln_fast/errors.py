@@ -19,3 +19,8 @@ class InputError(ValueError):
     def for_cli(self) -> str:
         """The message as ``ddln`` prints it."""
         return self.cli_message or str(self)
+
+
+class AlreadyComplete(Exception):
+    """Resume asked for a run that already finished (the message says so; nothing to do, not
+    an error for a sweep)."""

@@ -12,7 +12,7 @@ import numpy as np
 
 from .config import Config
 from .errors import InputError
-from .problem import _as_float_array, _read_arrays
+from .problem import as_float_array, read_arrays
 
 
 def seed_generator(master_seed: int, seed_index: int) -> np.random.Generator:
@@ -79,11 +79,11 @@ def load_initial_layers(path: str | Path, seeds: int, depth: int, d: int,
         except Exception as err:
             raise InputError(f"init file {path} cannot be read ({type(err).__name__}: {err})") from None
     else:
-        arrays = _read_arrays(path, ("u0", "u", "init/u"), "init")
+        arrays = read_arrays(path, ("u0", "u", "init/u"), "init")
         if not arrays:
             raise InputError(f"init file {path} has no array u0 (expected shape (L, d) or (S, L, d))")
         array = next(iter(arrays.values()))
-    u0 = _as_float_array(array, "u0", path)
+    u0 = as_float_array(array, "u0", path)
     if u0.shape == (depth, d):
         return np.repeat(u0[None], seeds, axis=0)
     if u0.shape == (seeds, depth, d):

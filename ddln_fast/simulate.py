@@ -16,12 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import FIXED_STEP_METHODS, Config
-from .errors import InputError
+from .config import Config
+from .controller import LOSS_TOL, MAX_STEPS, RUNNING, T_END
+from .errors import AlreadyComplete, InputError
 from .init import initial_layers, sign_trap_coordinates
-from .integrators import DIVERGED, RUNNING, T_END, Integrator, SeedState
+from .methods import METHODS, is_adaptive
 from .problem import make_problem
-from .store import Run, RunWriter, extend_run, open_h5, provenance, state_shapes
+from .solver import Solver
+from .store import Run, RunWriter, extend_run, open_h5, provenance
 from .threads import limit_threads
 
 
@@ -53,7 +55,7 @@ def checkpoint_times(config: Config) -> np.ndarray:
     """
     integ, run = config.integrator, config.run
     t_end, count = integ.t_end, run.checkpoints
-    if integ.method not in FIXED_STEP_METHODS:  # adaptive methods land on any time
+    if is_adaptive(integ.method):  # adaptive methods land on any time
         if run.spacing == "linear":
             return np.linspace(0.0, t_end, count)
         if count == 2:  # geomspace of one point would be its start, not t_end
@@ -158,7 +160,7 @@ def check_step_stability(config: Config, problem, u0: np.ndarray) -> None:
     from .sharpness import stability_limits
 
     method, dt = config.integrator.method, config.integrator.dt
-    if method not in FIXED_STEP_METHODS:
+    if is_adaptive(method):
         return
     limits = stability_limits(method, problem.X, problem.y, u0, rtol=1e-6, max_iter=100)
     above = np.flatnonzero(dt > limits)
@@ -295,24 +297,18 @@ def _start_or_resume(config, path, progress, resume, threads, on_checkpoint, sto
     with limit_threads(n_threads) as used_threads:
         check_step_stability(config, problem, u0)
         integrator = _make_integrator(config, problem, u0)
-        shapes = state_shapes(*u0.shape, integrator.dtype, integrator.tableau.adaptive)
+        shapes = integrator.state_shapes()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         writer = RunWriter.create(path, config, problem, u0, provenance(used_threads), shapes)
         return _drive(config, integrator, writer, times, 0, progress, on_checkpoint, stops)
 
 
-def _make_integrator(config: Config, problem, u0) -> Integrator:
+def _make_integrator(config: Config, problem, u0) -> Solver:
     integ = config.integrator
-    if integ.method == "mirror":  # dopri5 in theta space (theory-side reference method)
-        from .mirror import MirrorIntegrator
-
-        return MirrorIntegrator(problem, u0, dt=integ.dt, rtol=integ.rtol, atol=integ.atol,
-                                loss_tol=integ.loss_tol, max_steps=integ.max_steps,
-                                dtype=np.dtype(config.run.dtype).type)
-    return Integrator(integ.method, problem, u0, dt=integ.dt, rtol=integ.rtol, atol=integ.atol,
-                      loss_tol=integ.loss_tol, max_steps=integ.max_steps,
-                      dtype=np.dtype(config.run.dtype).type)
+    return METHODS[integ.method].build(problem, u0, dt=integ.dt, rtol=integ.rtol, atol=integ.atol,
+                                       loss_tol=integ.loss_tol, max_steps=integ.max_steps,
+                                       dtype=np.dtype(config.run.dtype).type)
 
 
 #: Keys a finished or interrupted run may be resumed with, when they relax the limit (the
@@ -346,8 +342,6 @@ def _revivable(config: Config, state: dict, last_loss: np.ndarray, t_end: float)
     """Seeds stopped by a limit that ``config`` no longer imposes, shape (S,) bool: t_end (before
     the new end ``t_end``), max_steps (fewer steps than the new maximum) or loss_tol (a loss at
     the last checkpoint not below the new tolerance)."""
-    from .integrators import LOSS_TOL, MAX_STEPS
-
     status, t = state["status"], state["t"]
     before_end = t < t_end
     return before_end & ((status == T_END)
@@ -406,10 +400,7 @@ def _resume(config: Config, path: Path, progress, threads, on_checkpoint, stops)
             warnings.warn(f"resuming {path} with {'; '.join(mismatch)}: the rest of the run will not be "
                           f"bit-identical to an uninterrupted run", ResumeMismatchWarning, stacklevel=2)
         integrator = _make_integrator(config, problem, u0)
-        ready = "fsal" in state and bool(state.get("fsal_ready", np.ones(1))[0])
-        cache = (state["theta_rows"], state["theta_cache"]) if "theta_rows" in state else None
-        integrator.restore(state["U"], SeedState.from_dict(state), state["fsal"] if ready else None,
-                           theta_cache=cache)
+        integrator.restore_state(state)
         writer = RunWriter.reopen(str(path), config.run.swmr)
         return _drive(config, integrator, writer, times, index + 1, progress, on_checkpoint, stops,
                       resumed_from=index)
@@ -429,50 +420,17 @@ def _blas_identity(blas_json: str) -> str:
                      for i in infos) or "none"
 
 
-class AlreadyComplete(Exception):
-    """Resume asked for a run that already finished (the message says so)."""
-
-
-def _checkpoint_row(integrator: Integrator, t: float, save_layers: bool) -> dict:
-    """The checkpoint's rows. A running seed whose loss is not finite here (its last step
-    overflowed) is marked diverged now, as its next step would: the same time, the same layers."""
+def _checkpoint_row(integrator: Solver, t: float, save_layers: bool) -> dict:
+    """The checkpoint's rows (the solver marks a running seed whose loss is not finite here as
+    diverged first: ``t_seed`` and ``status`` are read after it)."""
+    values = integrator.checkpoint_values(save_layers)
     st = integrator.state
-    theta = integrator.theta_of_all()
-    losses = integrator.current_losses(theta)
-    blown = (st.status == RUNNING) & ~np.isfinite(losses)
-    st.status[blown] = DIVERGED
-    st.t_stop[blown] = st.t[blown]
-    row = {
-        "t": t,
-        "t_seed": np.where(np.isnan(st.t_stop), st.t, st.t_stop),
-        "loss": losses,
-        "theta": theta,
-        "invariant_drift": integrator.invariant_drift(),
-        "nfev": st.nfev.copy(),
-        "status": st.status.copy(),
-    }
+    row = {"t": t, "t_seed": st.t_seed(), "loss": values["loss"], "theta": values["theta"],
+           "invariant_drift": values["invariant_drift"], "nfev": st.nfev.copy(),
+           "status": st.status.copy()}
     if save_layers:
-        row["u"] = integrator.U
+        row["u"] = values["u"]
     return row
-
-
-def _state_arrays(integrator: Integrator) -> dict:
-    arrays = {"U": integrator.U, **integrator.state.as_dict()}
-    arrays["theta_rows"], arrays["theta_cache"] = integrator.theta_cache()
-    if integrator.tableau.adaptive:
-        arrays["fsal"] = integrator.fsal
-        arrays["fsal_ready"] = np.array([integrator.fsal_ready], dtype=np.int8)
-    return arrays
-
-
-def _interval_done(integrator: Integrator, t: float) -> bool:
-    """Whether every running seed has reached checkpoint time ``t`` (else the integrator was
-    stopped between two steps by a stop request)."""
-    st = integrator.state
-    running = st.status == RUNNING
-    if integrator.tableau.adaptive:
-        return not np.any(running & (st.t < t))
-    return not np.any(running & (st.steps < int(round(t / integrator.dt))))
 
 
 #: A seed's overflow is detected and reported in its status (diverged, stalled), so numpy's
@@ -480,12 +438,13 @@ def _interval_done(integrator: Integrator, t: float) -> bool:
 _NON_FINITE_IS_A_STATUS = dict(over="ignore", invalid="ignore", divide="ignore")
 
 
-def _drive(config, integrator: Integrator, writer: RunWriter, times, first_index, progress,
+def _drive(config, integrator: Solver, writer: RunWriter, times, first_index, progress,
            on_checkpoint, stops, resumed_from=None) -> RunReport:
     """Advance checkpoint by checkpoint, appending each one (rows, state, then the counter).
 
-    A stop request (SIGINT/SIGTERM) is honoured at the next step boundary, not only at the next
-    checkpoint: the integrator checks it before every step, and the state where it stopped is
+    A stop request (SIGINT/SIGTERM) is honoured at a step boundary, not only at the next
+    checkpoint: the integrator checks it between steps (see Solver.stop_check), and the state
+    where it stopped is
     saved (a long interval between checkpoints would otherwise outlast a scheduler's grace time).
     """
     from tqdm import tqdm
@@ -503,19 +462,16 @@ def _drive(config, integrator: Integrator, writer: RunWriter, times, first_index
                 if not np.any(integrator.running):  # every seed stopped: no more rows
                     break
                 with np.errstate(**_NON_FINITE_IS_A_STATUS):
-                    integrator.advance_to(times[k])
-                if stops.requested and not _interval_done(integrator, times[k]):
-                    writer.save_state(_state_arrays(integrator))
+                    reached = integrator.advance_to(times[k])
+                if not reached:  # a stop request, between two steps
+                    writer.save_state(integrator.state_arrays())
                     interrupted = stops.requested
                     break
             if k == len(times) - 1:
-                st = integrator.state
-                done = st.status == RUNNING
-                st.status[done] = T_END
-                st.t_stop[done] = st.t[done]
+                integrator.finish()
             with np.errstate(**_NON_FINITE_IS_A_STATUS):
                 row = _checkpoint_row(integrator, times[k], save_layers)
-            writer.append(row, _state_arrays(integrator))
+            writer.append(row, integrator.state_arrays())
             written += 1
             bar.update(1)
             if on_checkpoint is not None:

@@ -36,7 +36,6 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import fields
 from pathlib import Path
 
 import h5py
@@ -44,7 +43,7 @@ import numpy as np
 
 from .config import Config
 from .errors import InputError
-from .integrators import STATUS_NAMES, SeedState
+from .controller import STATUS_NAMES
 from .problem import Problem
 
 SCHEMA_VERSION = 1
@@ -742,22 +741,6 @@ def open_run(path: str | Path) -> Run:
     except Exception as err:  # noqa: BLE001 - a counter that cannot be read: a broken file
         f.close()
         raise InputError(f"run file {path}: the commit counter cannot be read ({err})") from None
-
-
-def state_shapes(seeds: int, depth: int, dim: int, dtype, adaptive: bool) -> dict[str, tuple]:
-    """Shapes and dtypes of everything needed to resume bit-identically (``fsal_ready``: whether
-    the FSAL stage holds f(U) yet, before dopri5's first step it does not; ``theta_rows`` and
-    ``theta_cache``: the theta a fixed-step method reuses, see Integrator.theta_cache)."""
-    shapes = {"U": ((seeds, depth, dim), dtype), "theta_rows": ((seeds,), np.int64),
-              "theta_cache": ((seeds, dim), dtype)}
-    if adaptive:
-        shapes["fsal"] = ((seeds, depth, dim), dtype)
-        shapes["fsal_ready"] = ((1,), np.int8)
-    template = SeedState.fresh(seeds, 0.0)
-    for f in fields(SeedState):
-        value = getattr(template, f.name)
-        shapes[f.name] = (value.shape, value.dtype)
-    return shapes
 
 
 def provenance(threads: int) -> dict:

@@ -246,7 +246,8 @@ def run_task(tid: str, config: Config, outdir: str, threads: int | None = None,
     be resumed. Bad input (e.g. an unreadable data file) is returned as a failed row; any other
     exception propagates so that Dask retries the task.
     """
-    from .simulate import AlreadyComplete, run_simulation
+    from .errors import AlreadyComplete
+    from .simulate import run_simulation
     from .threads import limit_threads
 
     runs = Path(outdir) / "runs"

@@ -60,6 +60,7 @@ def stop_request(at_checkpoint: int, after_evaluations: int):
         if after_evaluations == 0:
             os.kill(os.getpid(), signal.SIGINT)
             return
+        integrator.compiled_loop_work = -1  # every step from Python, through the products below
         products = integrator.products
         original = products.residual_and_gradient
         calls = [0]
@@ -125,16 +126,18 @@ def test_dopri5_resume_from_its_first_checkpoint(tmp_path):
 def test_file_without_a_committed_checkpoint_is_started_again(tmp_path):
     """A run killed after creating its file but before committing checkpoint 0."""
     from ddln_fast.init import initial_layers
+    from ddln_fast.integrators import Integrator
     from ddln_fast.problem import make_problem
     from ddln_fast.simulate import run_simulation
-    from ddln_fast.store import RunWriter, provenance, state_shapes
+    from ddln_fast.store import RunWriter, provenance
 
     cfg = config("euler")
     ref = reference_run(cfg, tmp_path / "reference.h5")
     out = tmp_path / "empty.h5"
     problem = make_problem(cfg)
     u0 = initial_layers(cfg, problem.d)
-    writer = RunWriter.create(out, cfg, problem, u0, provenance(1), state_shapes(*u0.shape, np.float64, False))
+    shapes = Integrator("euler", problem, u0).state_shapes()
+    writer = RunWriter.create(out, cfg, problem, u0, provenance(1), shapes)
     writer.close()
     assert committed_arrays(out)[0] == 0
     run_simulation(cfg, out, resume=True, threads=1).run.close()
