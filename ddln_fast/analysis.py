@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .errors import InputError
-from .theory import (MirrorGeometry, bregman_projection, c_a, constraints, pl_constant,
-                     require_assumption_a, serial_blas)
+from .theory import (MirrorGeometry, assumption_a, bregman_projection, c_a, constraints, pl_constant,
+                     serial_blas, warn_if_not_converged)
 
 # Relative loss at which the "time to epsilon" is read off.
 EPSILON = 1e-6
@@ -25,6 +25,8 @@ EPSILON = 1e-6
 # resolved below rounding of f itself.
 BOUND_RTOL = 1e-6
 BOUND_ATOL = 1e-13
+# Relative residual of the dual Newton iteration for the predicted limit (as ``ddln predict``).
+PREDICTION_TOL = 1e-12
 
 
 @dataclass
@@ -36,18 +38,19 @@ class SeedAnalysis:
     t_final: float
     final_loss: float
     f_star: float
-    invariant_drift: float
+    max_invariant_drift: float       # largest drift of the invariants over the checkpoints
     gap_to_prediction: float          # ||theta_K - theta_inf|| / ||theta_inf||
     kkt_residual: float               # ||P_null(X) (phi(theta_K) - phi(theta_0))||
     fitted_rate: float                # slope of -log(f - f*) over its last decades
     pl_rate: float                    # 2 mu c_A
     pl_rate_at_limit: float           # 2 mu min_i h_i(theta_inf): the asymptotic PL rate
     time_to_epsilon: float            # first t with (f - f*) / (f0 - f*) <= EPSILON (nan: not reached)
-    bound_pl_c_a_held: bool
-    bound_pl_trajectory_held: bool
-    bound_sublinear_held: bool
+    bound_pl_c_a_held: bool | None   # None: not defined (assumption (A) fails)
+    bound_pl_trajectory_held: bool | None
+    bound_sublinear_held: bool | None
     l1_norm: float
     predicted_l1_norm: float
+    note: str = ""                    # what could not be analyzed, and why
     # curves for the plots, not in the JSON
     curves: dict = field(default_factory=dict, repr=False)
 
@@ -110,6 +113,10 @@ def _fitted_rate(t, gap, gap0):
 def analyze_seed(s, t, loss, theta, u0, X, y, drift, status, cons=None, mu=None) -> SeedAnalysis:
     """Analysis of one seed from its checkpoints.
 
+    Under assumption (A) everything is computed; without it (a sign trap, e.g. ``balanced``)
+    the mirror geometry is undefined, so only what the losses give (f - f*, drift, fitted rate,
+    time to epsilon) is, and the rest is NaN (bounds: None) with ``note`` saying why.
+
     Parameters
     ----------
     t : ndarray of shape (K,)
@@ -119,10 +126,8 @@ def analyze_seed(s, t, loss, theta, u0, X, y, drift, status, cons=None, mu=None)
     u0 : ndarray of shape (L, d)
     X, y : ndarray of shape (n, d), (n,)
     """
-    geo = MirrorGeometry.from_layers(u0)
     cons = constraints(X, y) if cons is None else cons
     mu = pl_constant(X) if mu is None else mu
-    limit = bregman_projection(geo, cons)
     f_star = cons.f_star
     rows = _distinct_rows(t)
     # a diverged seed's last rows are not finite: the theory speaks about the rows before
@@ -132,6 +137,24 @@ def analyze_seed(s, t, loss, theta, u0, X, y, drift, status, cons=None, mu=None)
     t, loss, theta = t[rows], loss[rows], theta[rows]
     gap = np.maximum(loss - f_star, 0.0)
     gap0 = gap[0]
+    rel = gap / gap0 if gap0 > 0 else np.zeros_like(gap)
+    common = dict(seed=s, status=status, t_final=float(t[-1]), final_loss=float(loss[-1]), f_star=f_star,
+                  max_invariant_drift=float(drift), fitted_rate=_fitted_rate(t, gap, gap0),
+                  time_to_epsilon=_time_to(t, rel, EPSILON) if gap0 > 0 else 0.0,
+                  l1_norm=float(np.abs(theta[-1]).sum()))
+    trap = assumption_a(u0)
+    if not trap.holds:
+        nan = float("nan")
+        return SeedAnalysis(
+            **common, gap_to_prediction=nan, kkt_residual=nan, pl_rate=nan, pl_rate_at_limit=nan,
+            bound_pl_c_a_held=None, bound_pl_trajectory_held=None, bound_sublinear_held=None,
+            predicted_l1_norm=nan,
+            note=f"assumption (A) fails at {int(trap.violating.sum())} of {trap.violating.size} coordinates "
+                 f"(sign trap): no predicted limit, KKT residual, PL rates or bounds",
+            curves={"t": t, "gap": gap, "theta": theta})
+    geo = MirrorGeometry.from_layers(u0)
+    limit = bregman_projection(geo, cons, PREDICTION_TOL)
+    warn_if_not_converged(limit, s, PREDICTION_TOL)
     # PL bounds: with c_A, and with the integral of min_i h_i(theta(s)) along the checkpoints
     # (left/right minimum on each interval: the checkpoints are dense where h changes)
     cA = c_a(geo)
@@ -151,16 +174,11 @@ def analyze_seed(s, t, loss, theta, u0, X, y, drift, status, cons=None, mu=None)
     kkt = float(np.linalg.norm(v - cons.A.T @ (cons.A @ v)))
     ref = max(float(np.linalg.norm(limit.theta)), 1e-300)
     gaps_t = np.linalg.norm(theta - limit.theta, axis=1) / ref
-    rel = gap / gap0 if gap0 > 0 else np.zeros_like(gap)
     return SeedAnalysis(
-        seed=s, status=status, t_final=float(t[-1]), final_loss=float(loss[-1]), f_star=f_star,
-        invariant_drift=float(drift), gap_to_prediction=float(gaps_t[-1]), kkt_residual=kkt,
-        fitted_rate=_fitted_rate(t, gap, gap0), pl_rate=float(2 * mu * cA),
-        pl_rate_at_limit=float(2 * mu * np.min(geo.h(limit.theta))),
-        time_to_epsilon=_time_to(t, rel, EPSILON) if gap0 > 0 else 0.0,
+        **common, gap_to_prediction=float(gaps_t[-1]), kkt_residual=kkt,
+        pl_rate=float(2 * mu * cA), pl_rate_at_limit=float(2 * mu * np.min(geo.h(limit.theta))),
         bound_pl_c_a_held=held(bound_ca), bound_pl_trajectory_held=held(bound_traj),
-        bound_sublinear_held=held(bound_sub), l1_norm=float(np.abs(theta[-1]).sum()),
-        predicted_l1_norm=float(np.abs(limit.theta).sum()),
+        bound_sublinear_held=held(bound_sub), predicted_l1_norm=float(np.abs(limit.theta).sum()),
         curves={"t": t, "gap": gap, "bound_pl_c_a": bound_ca, "bound_pl_trajectory": bound_traj,
                 "bound_sublinear": bound_sub, "theta": theta, "limit": limit.theta, "gap_t": gaps_t})
 
@@ -175,11 +193,9 @@ def analyze_run(run) -> RunAnalysis:
         raise InputError(f"run file {run.path} has no committed checkpoint yet")
     u0 = run.u0
     S, L, d = u0.shape
-    for s in range(S):
-        require_assumption_a(u0[s], what=f"the analysis of seed {s}")
     X, y = run.X, run.y
     t_seed, loss, theta = run.t_seed, run.loss, run.theta
-    drift, status = run.invariant_drift, run.status
+    drift, status = run.max_invariant_drift(), run.status
     per_seed = X.ndim == 3
     shared = None if per_seed else (constraints(X, y), pl_constant(X))
     seeds, mus = [], []
@@ -190,7 +206,7 @@ def analyze_run(run) -> RunAnalysis:
         projected |= cons.projected
         mus.append(mu)
         seeds.append(analyze_seed(s, t_seed[:, s], loss[:, s], theta[:, s].astype(np.float64), u0[s], Xs, ys,
-                                  float(np.nanmax(drift[:, s])), STATUS_NAMES[int(status[-1, s])], cons, mu))
+                                  float(drift[s]), STATUS_NAMES[int(status[-1, s])], cons, mu))
     return RunAnalysis(str(run.path), run.complete, k, L, mus if per_seed else mus[:1], projected, seeds)
 
 
@@ -245,9 +261,27 @@ def analyze(path) -> RunAnalysis:
         run.close()
 
 
-def plot(analysis: RunAnalysis, folder) -> list[str]:
-    """loss.png (f - f* with the PL and sublinear bounds, log axes), theta.png (coordinate paths
-    of seed 0 with the predicted limit), gap.png (distance to the prediction vs time)."""
+#: Seeds the plots show when none are chosen.
+DEFAULT_PLOTTED_SEEDS = 4
+
+
+def plotted_seeds(analysis: RunAnalysis, seeds=None) -> list[int]:
+    """The seeds the plots show: ``seeds`` (checked against the run), or the first
+    :data:`DEFAULT_PLOTTED_SEEDS`."""
+    count = len(analysis.seeds)
+    if seeds is None:
+        return list(range(min(DEFAULT_PLOTTED_SEEDS, count)))
+    bad = [s for s in seeds if not 0 <= s < count]
+    if bad:
+        raise InputError(f"seeds {', '.join(map(str, bad))}: the run has seeds 0 to {count - 1}")
+    return sorted(set(seeds))
+
+
+def plot(analysis: RunAnalysis, folder, seeds=None) -> list[str]:
+    """The plots of the chosen seeds (default: the first four, see :func:`plotted_seeds`):
+    loss.png (f - f* with the PL and sublinear bounds, log axes), theta_seed{S}.png for each
+    seed (its largest coordinates over time, with the predicted limit), gap.png (distance to the
+    prediction over time; left out when no shown seed has a prediction)."""
     from pathlib import Path
 
     import matplotlib
@@ -257,60 +291,65 @@ def plot(analysis: RunAnalysis, folder) -> list[str]:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    shown = analysis.seeds[: min(4, len(analysis.seeds))]
+    shown = [analysis.seeds[s] for s in plotted_seeds(analysis, seeds)]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     written = []
+    listed = ", ".join(str(sa.seed) for sa in shown)
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    def save(fig, ax, name):
+        if ax.get_legend_handles_labels()[0]:  # outside the axes: a legend never hides a curve
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+        fig.tight_layout()
+        written.append(str(folder / name))
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8.4, 4.4))
     for i, sa in enumerate(shown):
-        c = sa.curves
+        c, color = sa.curves, colors[i % len(colors)]
         pos = c["t"] > 0
-        ax.loglog(c["t"][pos], np.maximum(c["gap"][pos], 1e-300), color=colors[i], lw=2,
+        ax.loglog(c["t"][pos], np.maximum(c["gap"][pos], 1e-300), color=color, lw=2,
                   label=f"seed {sa.seed}: f - f*")
-        ax.loglog(c["t"][pos], c["bound_pl_trajectory"][pos], color=colors[i], ls="--", lw=1,
-                  label="PL bound, $\\int \\min_i h_i$" if i == 0 else None)
-        ax.loglog(c["t"][pos], c["bound_pl_c_a"][pos], color=colors[i], ls=":", lw=1,
-                  label="PL bound, $c_A t$" if i == 0 else None)
-        ax.loglog(c["t"][pos], c["bound_sublinear"][pos], color=colors[i], ls="-.", lw=1,
-                  label="$D_Q(\\theta^*, \\theta_0) / t$" if i == 0 else None)
+        for key, style, label in (("bound_pl_trajectory", "--", "PL bound, $\\int \\min_i h_i$"),
+                                  ("bound_pl_c_a", ":", "PL bound, $c_A t$"),
+                                  ("bound_sublinear", "-.", "$D_Q(\\theta^*, \\theta_0) / t$")):
+            if key in c:
+                ax.loglog(c["t"][pos], c[key][pos], color=color, ls=style, lw=1,
+                          label=f"seed {sa.seed}: {label}")
     floor = min(max(np.min(sa.curves["gap"][sa.curves["gap"] > 0], initial=1.0), 1e-30) for sa in shown)
     ax.set_ylim(bottom=max(floor / 10, 1e-32))
     ax.set_xlabel("flow time t")
     ax.set_ylabel("f(theta(t)) - f*")
-    ax.set_title(f"loss and convergence bounds (depth {analysis.depth})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(str(folder / "loss.png"))
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    ax.set_title(f"loss and convergence bounds (depth {analysis.depth}; seeds {listed})")
+    save(fig, ax, "loss.png")
 
-    sa = analysis.seeds[0]
-    c = sa.curves
-    order = np.argsort(-np.abs(c["limit"]))[:8]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    pos = c["t"] > 0
-    for i, j in enumerate(order):
-        ax.semilogx(c["t"][pos], c["theta"][pos, j], color=colors[i % len(colors)], lw=1.5)
-        ax.axhline(c["limit"][j], color=colors[i % len(colors)], ls="--", lw=0.8)
-    ax.set_xlabel("flow time t")
-    ax.set_ylabel("theta_i(t)")
-    ax.set_title(f"seed {sa.seed}: largest coordinates; dashed: predicted limit")
-    fig.tight_layout()
-    written.append(str(folder / "theta.png"))
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for i, sa in enumerate(shown):
+    for sa in shown:
         c = sa.curves
+        magnitude = np.abs(c["limit"]) if "limit" in c else np.abs(c["theta"][-1])
+        order = np.argsort(-magnitude)[:8]
+        fig, ax = plt.subplots(figsize=(8.4, 4.4))
         pos = c["t"] > 0
-        ax.loglog(c["t"][pos], np.maximum(c["gap_t"][pos], 1e-17), color=colors[i], label=f"seed {sa.seed}")
-    ax.set_xlabel("flow time t")
-    ax.set_ylabel("||theta(t) - theta_inf|| / ||theta_inf||")
-    ax.set_title("distance to the predicted limit")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(str(folder / "gap.png"))
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+        for i, j in enumerate(order):
+            color = colors[i % len(colors)]
+            ax.semilogx(c["t"][pos], c["theta"][pos, j], color=color, lw=1.5, label=f"theta_{j}")
+            if "limit" in c:
+                ax.axhline(c["limit"][j], color=color, ls="--", lw=0.8)
+        ax.set_xlabel("flow time t")
+        ax.set_ylabel("theta_i(t)")
+        what = "dashed: predicted limit" if "limit" in c else "no predicted limit: assumption (A) fails"
+        ax.set_title(f"seed {sa.seed}: the 8 largest coordinates; {what}")
+        save(fig, ax, f"theta_seed{sa.seed}.png")
+
+    predicted = [sa for sa in shown if "gap_t" in sa.curves]
+    if predicted:
+        fig, ax = plt.subplots(figsize=(8.4, 4.4))
+        for i, sa in enumerate(predicted):
+            c = sa.curves
+            pos = c["t"] > 0
+            ax.loglog(c["t"][pos], np.maximum(c["gap_t"][pos], 1e-17), color=colors[i % len(colors)],
+                      label=f"seed {sa.seed}")
+        ax.set_xlabel("flow time t")
+        ax.set_ylabel("||theta(t) - theta_inf|| / ||theta_inf||")
+        ax.set_title("distance to the predicted limit")
+        save(fig, ax, "gap.png")
     return written

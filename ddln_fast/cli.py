@@ -59,7 +59,7 @@ def _kernels_cached() -> bool:
 
     cache_dir = os.environ.get("NUMBA_CACHE_DIR")
     folder = Path(cache_dir) if cache_dir else Path(kernels.__file__).parent / "__pycache__"
-    return any(folder.rglob("kernels._rk_stage*.nbi")) if folder.exists() else False
+    return any(folder.rglob("kernels.rk_stage*.nbi")) if folder.exists() else False
 
 
 @cli.command()
@@ -73,7 +73,9 @@ def _kernels_cached() -> bool:
 @click.option("--quiet", is_flag=True, help="Print only the output path.")
 def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
     """Simulate the layer flow of every seed and stream checkpoints to HDF5."""
-    from .simulate import _AlreadyComplete, run_simulation
+    from .errors import AlreadyComplete
+    from .methods import is_adaptive
+    from .simulate import run_simulation
 
     if threads is not None and threads < 0:
         raise InputError(f"--threads {threads}: expected an integer >= 0 (0: all cores)")
@@ -85,7 +87,7 @@ def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
     out = Path(output) if output else _default_output(config_path)
     if not quiet:
         m, p, i = config.model, config.problem, config.integrator
-        what = f"rtol {i.rtol:g}" if i.method in ("dopri5", "dual") else f"dt {i.dt:g}"
+        what = f"rtol {i.rtol:g}" if is_adaptive(i.method) else f"dt {i.dt:g}"
         click.echo(f"ddln run: {config.run.seeds} seeds, depth {m.depth}, alpha {m.alpha:g}, "
                    f"init {m.init}, {i.method} ({what}), t_end {i.t_end:g}")
         if not _kernels_cached():
@@ -93,8 +95,8 @@ def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
     try:
         report = run_simulation(config, out, progress=progress, overwrite=overwrite, resume=resume,
                                 threads=threads)
-    except _AlreadyComplete:
-        click.echo(f"{out} is already complete: nothing to resume")
+    except AlreadyComplete as done:
+        click.echo(str(done))
         return
     if quiet:
         click.echo(str(out))
@@ -111,6 +113,17 @@ def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
                    f"checkpoints and the state where it stopped (incomplete, resumable); resume "
                    f"with: {shlex.join(again)}", err=True)
         sys.exit(128 + getattr(signal, report.interrupted, signal.SIGINT))
+    if report.run.committed and not _any_seed_finished(report.run):
+        click.echo(f"no seed finished normally (every seed diverged or stalled; see the status in {out})",
+                   err=True)
+        sys.exit(1)
+
+
+def _any_seed_finished(run) -> bool:
+    """Whether some seed ended by t_end, loss_tol or max_steps (not diverged or stalled)."""
+    from .integrators import STATUS_NAMES
+
+    return any(STATUS_NAMES[int(v)] not in ("diverged", "stalled") for v in run.status[-1])
 
 
 def _print_summary(report, out):
@@ -118,12 +131,12 @@ def _print_summary(report, out):
 
     run = report.run
     loss, t_seed, nfev = run.loss[-1], run.t_seed[-1], run.nfev[-1]
-    drift, status = run.invariant_drift[-1], run.status[-1]
+    drift, status = run.max_invariant_drift(), run.status[-1]
     star = run.theta_star
     theta = run.theta[-1]
     S = loss.shape[0]
     if S <= 8:
-        header = f"{'seed':>4} {'status':>9} {'t':>9} {'loss':>9} {'grad evals':>10} {'drift':>9}"
+        header = f"{'seed':>4} {'status':>9} {'t':>9} {'loss':>9} {'grad evals':>10} {'max drift':>9}"
         header += f" {'|theta-theta*|/|theta*|':>24}" if star is not None else ""
         click.echo(header)
         for s in range(S):
@@ -158,6 +171,7 @@ def inspect(run_path):
     from .integrators import STATUS_NAMES
     from .store import open_run
 
+    _recover_crashed(run_path)
     with open_run(run_path) as run:
         f = run.file
         k = run.committed
@@ -179,11 +193,41 @@ def inspect(run_path):
                 click.echo(f"  /{name:<28} {str(obj.shape):<22} {obj.dtype}")
 
         f.visititems(show)
-        for key in ("created", "ddln_fast_version", "threads", "threading_layer", "hostname"):
+        for key in ("created", "ddln_fast_version", "threads", "threading_layer", "hostname", "extensions"):
             if key in f.attrs:
                 click.echo(f"{key}: {f.attrs[key]}")
         click.echo("config:")
         click.echo("  " + f.attrs["config"].strip().replace("\n", "\n  "))
+
+
+def _recover_crashed(run_path) -> None:
+    """A file left by a killed writer is recovered in place (said on stderr) before it is read;
+    a file that a running ddln process writes is read as it is."""
+    from .store import recover_for_reading
+
+    reason = recover_for_reading(run_path)
+    if reason:
+        click.echo(f"recovered {run_path} ({reason}): it now holds its committed checkpoints only "
+                   f"and opens in any HDF5 reader", err=True)
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN.h5")
+def recover(run_path):
+    """Make a run file left by a killed writer open in any HDF5 reader (h5py, h5dump, xarray).
+
+    Its committed checkpoints are copied into a fresh file that replaces it; the run stays
+    resumable. A file that needs nothing is left alone; one being written is refused."""
+    from .store import open_run, recover as recover_file
+
+    with open_run(run_path) as run:  # one line for a missing, foreign or broken file
+        committed = run.committed
+    reason = recover_file(run_path)
+    if reason is None:
+        click.echo(f"{run_path} needs no recovery: it opens in any HDF5 reader ({committed} committed checkpoints)")
+    else:
+        click.echo(f"recovered {run_path} ({reason}): {committed} committed checkpoints; it opens in "
+                   f"any HDF5 reader and can be resumed")
 
 
 @cli.command()
@@ -323,12 +367,19 @@ def predict(config_path, sets, as_json):
 @cli.command()
 @click.argument("run_path", metavar="RUN.h5")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-@click.option("--plots", "plots", metavar="DIR", help="Write loss.png, theta.png and gap.png to DIR.")
-def analyze(run_path, as_json, plots):
+@click.option("--plots", "plots", metavar="DIR",
+              help="Write loss.png, theta_seedS.png (one per plotted seed) and gap.png to DIR.")
+@click.option("--seeds", "seeds", metavar="LIST", default=None,
+              help="Seeds to plot, e.g. 0,3,5 or all (default: the first four).")
+def analyze(run_path, as_json, plots, seeds):
     """Put the theory next to a run: predicted limit, KKT residual, rates and bounds per seed."""
     import json
 
-    from .analysis import EPSILON, analyze as analyze_path, plot
+    from .analysis import EPSILON, analyze as analyze_path, plot, plotted_seeds
+
+    if seeds is not None and not plots:
+        raise InputError("--seeds chooses the plotted seeds: give --plots DIR too")
+    chosen = _seed_list(seeds)
 
     if plots:
         try:
@@ -339,9 +390,13 @@ def analyze(run_path, as_json, plots):
             raise InputError(f"--plots {plots}: exists and is not a folder")
     from .events import events_of, format_events
 
+    _recover_crashed(run_path)
     result = analyze_path(run_path)
     events = events_of(run_path)
-    written = plot(result, plots) if plots else []
+    if chosen == "all":
+        chosen = list(range(len(result.seeds)))
+    shown = plotted_seeds(result, chosen) if plots else []
+    written = plot(result, plots, shown) if plots else []
     if as_json:
         out = result.as_dict()
         out["events"] = events.as_dict() if events is not None else None
@@ -351,22 +406,38 @@ def analyze(run_path, as_json, plots):
     state = "complete" if result.complete else "still being written / incomplete"
     click.echo(f"{run_path}: {state}, {result.committed} committed checkpoints, depth {result.depth}"
                + ("; X rank deficient: limit = projection onto argmin f" if result.projected else ""))
-    click.echo(f"{'seed':>4} {'status':>9} {'t':>8} {'f - f*':>9} {'drift':>8} {'gap':>9} {'kkt':>8} "
+    click.echo(f"{'seed':>4} {'status':>9} {'t':>8} {'f - f*':>9} {'max drift':>9} {'gap':>9} {'kkt':>8} "
                f"{'rate':>9} {'PL rate':>9} {'PL@lim':>9} {'t(1e-6)':>9} bounds(PL cA, PL int h, D/t)")
     for sa in result.seeds:
-        held = " ".join("ok" if b else "VIOLATED" for b in
+        held = " ".join("n/a" if b is None else "ok" if b else "VIOLATED" for b in
                         (sa.bound_pl_c_a_held, sa.bound_pl_trajectory_held, sa.bound_sublinear_held))
         click.echo(f"{sa.seed:>4} {sa.status:>9} {sa.t_final:>8.4g} {_format_value(sa.final_loss - sa.f_star):>9} "
-                   f"{_format_value(sa.invariant_drift):>8} {_format_value(sa.gap_to_prediction):>9} "
+                   f"{_format_value(sa.max_invariant_drift):>9} {_format_value(sa.gap_to_prediction):>9} "
                    f"{_format_value(sa.kkt_residual):>8} {_format_value(sa.fitted_rate):>9} "
                    f"{_format_value(sa.pl_rate):>9} {_format_value(sa.pl_rate_at_limit):>9} "
                    f"{_format_value(sa.time_to_epsilon):>9} {held}")
     click.echo(f"gap: |theta_K - theta_inf| / |theta_inf|; rate: fitted -d log(f - f*)/dt; t(1e-6): first "
-               f"time with (f - f*) / (f0 - f*) <= {EPSILON:g}")
+               f"time with (f - f*) / (f0 - f*) <= {EPSILON:g}; max drift: over the checkpoints")
+    for sa in result.seeds:
+        if sa.note:
+            click.echo(f"seed {sa.seed}: {sa.note}")
     for line in format_events(events) if events is not None else ():
         click.echo(line)
+    if plots:
+        others = "" if len(shown) == len(result.seeds) else " (--seeds to choose others)"
+        click.echo(f"plots of seeds {', '.join(map(str, shown))} of {len(result.seeds)}{others}")
     for path in written:
         click.echo(f"wrote {path}")
+
+
+def _seed_list(text):
+    """``--seeds 0,3,5`` -> [0, 3, 5]; ``all`` stays "all"; None stays None."""
+    if text is None or text.strip() == "all":
+        return None if text is None else "all"
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InputError(f"--seeds {text}: expected seed numbers separated by commas, e.g. 0,3,5, or all") from None
 
 
 def main(argv=None) -> None:
@@ -374,7 +445,7 @@ def main(argv=None) -> None:
     try:
         code = cli.main(args=argv, prog_name="ddln", standalone_mode=False)
     except (InputError, BadInput) as err:
-        click.echo(f"Error: {err if isinstance(err, InputError) else err.format_message()}", err=True)
+        click.echo(f"Error: {err.for_cli() if isinstance(err, InputError) else err.format_message()}", err=True)
         sys.exit(2)
     except click.UsageError as err:
         hint = f" (see ddln {err.ctx.command_path.split(' ', 1)[-1]} --help)" if err.ctx else ""

@@ -22,7 +22,10 @@ from .errors import InputError
 PROBLEM_KINDS = ("gaussian", "file")
 INITS = ("first_layer_zero", "balanced", "gaussian", "shape", "file")
 SIGNS = ("positive", "random")
+INIT_FROM = ("initial", "last")
 METHODS = ("euler", "rk4", "dopri5", "mirror", "dual")
+#: Methods that take steps of exactly integrator.dt (checkpoints fall on whole steps).
+FIXED_STEP_METHODS = ("euler", "rk4")
 SPACINGS = ("log", "linear")
 DTYPES = ("float64", "float32")
 
@@ -54,7 +57,7 @@ class ProblemConfig:
     sparsity: int = _key(int, 5, _non_negative, "an integer >= 0")
     noise: float = _key(float, 0.0, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
     seed: int = _key(int, 0, _non_negative, "an integer >= 0")
-    per_seed_data: bool = _key(bool, False)
+    per_seed_data: bool = _key(bool, True)
     path: str = _key(str, "")
 
 
@@ -68,6 +71,7 @@ class ModelConfig:
     jitter: float = _key(float, 0.0, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
     layer_scales: list = _key(list, (), None, "a list of numbers")
     init_path: str = _key(str, "")
+    init_from: str = _key(str, "initial", *_choice(INIT_FROM))
     signs: str = _key(str, "positive", *_choice(SIGNS))
 
 
@@ -114,8 +118,20 @@ def _suggest(name: str, options) -> str:
     return f' (did you mean "{close[0]}"?)' if close else ""
 
 
+def _plain(value: Any) -> Any:
+    """numpy scalars (np.int64(4), np.float64, np.bool_, np.str_) as the Python values they hold."""
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
 def _coerce(dotted: str, value: Any, kind: type) -> Any:
     """Check the TOML type of one value; ints are accepted where floats are expected."""
+    value = _plain(value)
     if kind is bool:
         ok = isinstance(value, bool)
         name = "true or false"
@@ -145,6 +161,8 @@ def _build_section(name: str, table: Any, base_dir: Path | None):
     if not isinstance(table, Mapping):
         raise InputError(f"[{name}] must be a table of keys, got {type(table).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name == "problem" and table.get("path") and "kind" not in table:
+        table = {**table, "kind": "file"}  # a data file given without a kind: the data is that file
     values = {}
     for key, value in table.items():
         dotted = f"{name}.{key}"
@@ -213,6 +231,8 @@ class Config:
                 raise InputError(f"unknown config table [{section}] in override {dotted}"
                                  f"{_suggest(section, SECTIONS)}")
             tables[section][key] = value
+        if "problem.path" in overrides and "problem.kind" not in overrides and not self.problem.path:
+            del tables["problem"]["kind"]  # a new data file without a kind: the data is that file
         return Config.from_dict(tables, base_dir if base_dir is not None else Path.cwd())
 
     # -- views ----------------------------------------------------------------------------------
@@ -245,6 +265,9 @@ def _check_consistency(config: Config) -> None:
     p, m = config.problem, config.model
     if p.kind == "gaussian" and p.sparsity > p.d:
         raise InputError(f"problem.sparsity = {p.sparsity} exceeds problem.d = {p.d}")
+    if p.kind == "gaussian" and p.path:
+        raise InputError(f'problem.path = "{p.path}" is set but problem.kind = "gaussian" (synthetic '
+                         f'data): leave out problem.kind (a path means kind = "file") or the path')
     if p.kind == "file" and not p.path:
         raise InputError('problem.kind = "file" needs problem.path (.npz with X, y or .h5 with /X, /y)')
     if m.init == "shape":
@@ -253,8 +276,15 @@ def _check_consistency(config: Config) -> None:
                              f"needs one per layer (model.depth = {m.depth})")
         if not all(math.isfinite(v) for v in m.layer_scales):
             raise InputError("model.layer_scales: expected finite numbers")
-    if config.integrator.method == "dual":
+    i = config.integrator
+    if i.method in FIXED_STEP_METHODS and i.t_end < i.dt:
+        raise InputError(f"integrator.t_end = {i.t_end:g} is shorter than one step of {i.method} "
+                         f"(integrator.dt = {i.dt:g}): nothing to integrate; lower dt or raise t_end")
+    if i.method == "dual":
         _check_dual(config)
+    if m.init_from == "last" and m.init != "file":
+        raise InputError(f'model.init_from = "last" (warm start from the last layers of a run file) needs '
+                         f'model.init = "file", got "{m.init}"')
     if m.init == "file" and not m.init_path:
         raise InputError('model.init = "file" needs model.init_path (.npy, .npz or .h5 with u0)')
 
@@ -287,8 +317,9 @@ def read_toml(path: str | Path) -> dict:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"model.depth=4"`` -> ``("model.depth", 4)``; the value is read as TOML, and a bare
-    word that is not TOML (``model.init=balanced``) is taken as a string."""
+    """``"model.depth=4"`` -> ``("model.depth", 4)``; the value is read as TOML, and anything that
+    is not TOML is taken as a string (``model.init=balanced``, ``problem.path=../data/x.npz``)
+    unless it is a malformed number (``1.5.2``) or a malformed TOML array, table or string."""
     key, sep, raw = text.partition("=")
     key, raw = key.strip(), raw.strip()
     if not sep or not key:
@@ -298,8 +329,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = tomllib.loads(f"value = {raw}")["value"]
     except tomllib.TOMLDecodeError:
-        if raw.replace("_", "").replace("-", "").isalnum() and not raw[0].isdigit():
-            value = raw
-        else:
+        malformed_number = any(c.isdigit() for c in raw) and all(c in "0123456789+-._eE" for c in raw)
+        if raw[0] in "[{\"'" or malformed_number:
             raise InputError(f'--set "{text}": the value {raw} is not a TOML value') from None
+        value = raw
     return key, value

@@ -6,7 +6,21 @@ propagate so that notebooks see the same message.
 
 
 class InputError(ValueError):
-    """Bad input: the message names what is wrong and what was expected, on one line."""
+    """Bad input: the message names what is wrong and what was expected, on one line.
 
-    def __init__(self, message: str):
+    ``cli_message``, when given, is the same message worded for the command line (naming its
+    options, e.g. ``--resume``); the Python message names the function arguments instead.
+    """
+
+    def __init__(self, message: str, cli_message: str | None = None):
         super().__init__(" ".join(str(message).split()))
+        self.cli_message = " ".join(cli_message.split()) if cli_message else None
+
+    def for_cli(self) -> str:
+        """The message as ``ddln`` prints it."""
+        return self.cli_message or str(self)
+
+
+class AlreadyComplete(Exception):
+    """Resume asked for a run that already finished (the message says so; nothing to do, not
+    an error for a sweep)."""

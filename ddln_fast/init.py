@@ -12,7 +12,7 @@ import numpy as np
 
 from .config import Config
 from .errors import InputError
-from .problem import _as_float_array, _read_arrays
+from .problem import as_float_array, read_arrays
 
 
 def seed_generator(master_seed: int, seed_index: int) -> np.random.Generator:
@@ -44,7 +44,7 @@ def initial_layers(config: Config, d: int) -> np.ndarray:
     m, r = config.model, config.run
     seeds, depth = r.seeds, m.depth
     if m.init == "file":
-        u0 = load_initial_layers(m.init_path, seeds, depth, d)
+        u0 = load_initial_layers(m.init_path, seeds, depth, d, m.init_from)
     else:
         scales = base_layer_scales(config)
         u0 = np.empty((seeds, depth, d))
@@ -60,13 +60,18 @@ def initial_layers(config: Config, d: int) -> np.ndarray:
     return u0
 
 
-def load_initial_layers(path: str | Path, seeds: int, depth: int, d: int) -> np.ndarray:
+def load_initial_layers(path: str | Path, seeds: int, depth: int, d: int,
+                        init_from: str = "initial") -> np.ndarray:
     """u0 of shape (L, d) (repeated for every seed) or (S, L, d) from .npy/.npz/.h5.
 
     Accepted names: ``u0`` or ``u`` (.npz), ``/u0`` or ``/init/u`` (.h5, e.g. another run file).
+    ``init_from = "last"`` (a warm start) takes a run file's layers at its last committed
+    checkpoint instead of its initial layers.
     """
     path = Path(path)
-    if path.suffix.lower() == ".npy":
+    if init_from == "last":
+        array = _last_layers_of_run(path)
+    elif path.suffix.lower() == ".npy":
         if not path.exists():
             raise InputError(f"init file {path} does not exist")
         try:
@@ -74,17 +79,36 @@ def load_initial_layers(path: str | Path, seeds: int, depth: int, d: int) -> np.
         except Exception as err:
             raise InputError(f"init file {path} cannot be read ({type(err).__name__}: {err})") from None
     else:
-        arrays = _read_arrays(path, ("u0", "u", "init/u"), "init")
+        arrays = read_arrays(path, ("u0", "u", "init/u"), "init")
         if not arrays:
             raise InputError(f"init file {path} has no array u0 (expected shape (L, d) or (S, L, d))")
         array = next(iter(arrays.values()))
-    u0 = _as_float_array(array, "u0", path)
+    u0 = as_float_array(array, "u0", path)
     if u0.shape == (depth, d):
         return np.repeat(u0[None], seeds, axis=0)
     if u0.shape == (seeds, depth, d):
         return u0.copy()
     raise InputError(f"u0 in {path} has shape {u0.shape}, expected ({depth}, {d}) or ({seeds}, {depth}, {d}) "
                      f"for depth {depth}, dimension {d}, {seeds} seeds")
+
+
+def _last_layers_of_run(path: Path) -> np.ndarray:
+    """/checkpoints/u at the last committed checkpoint of a run file, shape (S, L, d)."""
+    from .store import open_run
+
+    if path.suffix.lower() not in (".h5", ".hdf5"):
+        raise InputError(f'model.init_from = "last" needs a ddln run file (.h5) as model.init_path, got {path}')
+    try:
+        run = open_run(path)
+    except InputError as err:
+        raise InputError(f'model.init_from = "last": {err}') from None
+    with run:
+        if "u" not in run.file["checkpoints"]:
+            raise InputError(f'init file {path} has no saved layers (its run had run.save_layers = false): '
+                             f'model.init_from = "last" needs them; use "initial" or a run that saved layers')
+        if run.committed == 0:
+            raise InputError(f"init file {path} has no committed checkpoint to start from")
+        return np.asarray(run.file["checkpoints/u"][run.committed - 1])
 
 
 def sign_trap_coordinates(u0: np.ndarray) -> np.ndarray:

@@ -1,121 +1,32 @@
-"""Batched integrators of the layer flow du^j/dt = -g(theta) * prod_{k != j} u^k.
+"""The batched integrator of the layer flow du^j/dt = -g(theta) * prod_{k != j} u^k.
 
-A method is its Butcher tableau (as in scipy.integrate._ivp): ``euler``, ``rk4`` and the
-adaptive Dormand–Prince 5(4) pair ``dopri5`` drive the same fused stage kernel. All seeds are
-advanced together so that the products with X stay matrix-matrix products; ``dopri5`` keeps one
-step size per seed (Hairer's PI controller, accept/reject per seed, FSAL).
-
-The state of every seed lives in :class:`SeedState`; :class:`Integrator` owns the buffers and
-advances all running seeds to a target time (a checkpoint), landing on it exactly.
+A method is its Butcher tableau (:mod:`ddln_fast.tableaus`): ``euler``, ``rk4`` and the
+adaptive Dormand–Prince 5(4) pair ``dopri5`` drive the same fused stage kernel, and the
+adaptive loop reads from the tableau its stages, whether the last stage is the next first one
+(FSAL), its evaluations per step and its error order. All seeds are advanced together so that
+the products with X stay matrix-matrix products; an embedded pair keeps one step size per seed
+(:mod:`ddln_fast.controller`: accept or reject per seed, landing exactly on each checkpoint).
+Once the active state is small (few seeds left at small d: the stragglers of an adaptive run),
+runs of adaptive steps are one compiled call, with the same kernels in the same order.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 import numba
 from numba import njit
 
-from . import kernels
+from . import controller, kernels
+from .controller import MAX_STEPS, RUNNING, STATUS_NAMES, SeedState, Trial
 from .kernels import JIT_OPTIONS
 from .problem import Problem
+from .solver import Solver
+from .tableaus import TABLEAUS
 
-
-@dataclass(frozen=True)
-class Tableau:
-    """Explicit Runge–Kutta coefficients: ``A`` (stages, stages), ``B`` (stages,), ``C``,
-    and for embedded pairs the error weights ``E`` (stages,) = b - b_hat and the order ``q``
-    of the error estimate."""
-
-    A: np.ndarray
-    B: np.ndarray
-    C: np.ndarray
-    E: np.ndarray | None = None
-    error_order: int = 0
-
-    @property
-    def stages(self) -> int:
-        return len(self.B)
-
-    @property
-    def adaptive(self) -> bool:
-        return self.E is not None
-
-
-def _tableau(A, B, C, E=None, error_order=0) -> Tableau:
-    return Tableau(np.array(A, dtype=np.float64), np.array(B, dtype=np.float64),
-                   np.array(C, dtype=np.float64),
-                   None if E is None else np.array(E, dtype=np.float64), error_order)
-
-
-EULER = _tableau([[0.0]], [1.0], [0.0])
-RK4 = _tableau(
-    [[0, 0, 0, 0], [0.5, 0, 0, 0], [0, 0.5, 0, 0], [0, 0, 1, 0]],
-    [1 / 6, 1 / 3, 1 / 3, 1 / 6],
-    [0, 0.5, 0.5, 1],
-)
-# Dormand & Prince (1980); HNW I, Table 5.2. The 7th stage is f(y_{n+1}) (FSAL).
-DOPRI5 = _tableau(
-    [
-        [0, 0, 0, 0, 0, 0, 0],
-        [1 / 5, 0, 0, 0, 0, 0, 0],
-        [3 / 40, 9 / 40, 0, 0, 0, 0, 0],
-        [44 / 45, -56 / 15, 32 / 9, 0, 0, 0, 0],
-        [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729, 0, 0, 0],
-        [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656, 0, 0],
-        [35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0],
-    ],
-    [35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0],
-    [0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1, 1],
-    [-71 / 57600, 0, 71 / 16695, -71 / 1920, 17253 / 339200, -22 / 525, 1 / 40],
-    error_order=4,
-)
-TABLEAUS = {"euler": EULER, "rk4": RK4, "dopri5": DOPRI5}
-
-# Status of a seed (stored per checkpoint in the HDF5 file).
-RUNNING, T_END, LOSS_TOL, MAX_STEPS, DIVERGED, STALLED = range(6)
-STATUS_NAMES = ("running", "t_end", "loss_tol", "max_steps", "diverged", "stalled")
-
-# Hairer's dopri5.f controller constants.
-SAFETY, FAC_MIN, FAC_MAX, BETA = 0.9, 0.2, 10.0, 0.04
-
-
-@dataclass
-class SeedState:
-    """Everything that defines where each seed is (all arrays of shape (S,)).
-
-    ``t`` is flow time; ``h`` the proposed next step (dopri5) or dt; ``steps`` counts attempted
-    steps; ``nfev`` gradient evaluations; ``loss`` is f at the current layers (NaN if unknown).
-    """
-
-    t: np.ndarray
-    h: np.ndarray
-    facold: np.ndarray
-    rejected: np.ndarray
-    steps: np.ndarray
-    accepted: np.ndarray
-    nfev: np.ndarray
-    loss: np.ndarray
-    status: np.ndarray
-    t_stop: np.ndarray
-
-    @classmethod
-    def fresh(cls, seeds: int, h0: float) -> "SeedState":
-        return cls(
-            t=np.zeros(seeds), h=np.full(seeds, h0), facold=np.full(seeds, 1e-4),
-            rejected=np.zeros(seeds, dtype=np.int8), steps=np.zeros(seeds, dtype=np.int64),
-            accepted=np.zeros(seeds, dtype=np.int64), nfev=np.zeros(seeds, dtype=np.int64),
-            loss=np.full(seeds, np.nan), status=np.zeros(seeds, dtype=np.int8),
-            t_stop=np.full(seeds, np.nan),
-        )
-
-    def as_dict(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, arrays) -> "SeedState":
-        return cls(**{f.name: np.array(arrays[f.name]) for f in fields(cls)})
+# STATUS_NAMES and SeedState live in controller; importing them from here keeps working.
+__all__ = ["Integrator", "Products", "STATUS_NAMES", "SeedState"]
 
 
 class Products:
@@ -129,6 +40,8 @@ class Products:
     def __init__(self, problem: Problem, dtype, seeds: int):
         self.X = np.ascontiguousarray(problem.X, dtype=dtype)
         self.per_seed = problem.per_seed
+        #: X of every seed, (S, n, d), or the shared X as (1, n, d): for compiled loops
+        self.X_by_seed = self.X if self.per_seed else self.X[None]
         y = np.asarray(problem.y, dtype=dtype)
         self.y = np.ascontiguousarray(y if self.per_seed else y[None, :])
         self.n = problem.n
@@ -136,19 +49,24 @@ class Products:
         self.inv_2n = 0.5 / self.n
         self.shared_rows = np.zeros(seeds, dtype=np.int64)
 
+    def serial(self, m: int) -> bool:
+        """Whether the products of ``m`` seeds run seed by seed in the calling thread (no
+        GEMM): per-seed data always, a shared X when it is small (see SERIAL_PRODUCT_WORK)."""
+        return self.per_seed or m * self.X.size <= kernels.SERIAL_PRODUCT_WORK
+
     def residual_and_gradient(self, theta, active, R, G, loss, gradient=True):
         """R[a] = X theta[a] - y, loss[a] = f, G[a] = X^T R[a] (not yet divided by n; skipped
         with ``gradient=False``: a loss alone needs only the first product)."""
         m = len(active)
         if self.per_seed:
-            kernels._per_seed_products(self.X, self.y, theta, active, R, G, self.inv_2n, loss,
-                                       1 if gradient else 0)
-        elif m * self.X.size <= kernels.SERIAL_PRODUCT_WORK:
-            kernels._shared_products_serial(self.X, self.y, theta, m, R, G, self.inv_2n, loss,
-                                            1 if gradient else 0)
+            kernels.per_seed_products(self.X, self.y, theta, active, R, G, self.inv_2n, loss,
+                                      1 if gradient else 0)
+        elif self.serial(m):
+            kernels.shared_products_serial(self.X, self.y, theta, m, R, G, self.inv_2n, loss,
+                                           1 if gradient else 0)
         else:
             np.matmul(theta[:m], self.X.T, out=R[:m])
-            kernels._residual_and_loss(R, self.y, self.shared_rows, m, self.inv_2n, loss)
+            kernels.residual_and_loss(R, self.y, self.shared_rows, m, self.inv_2n, loss)
             if gradient:
                 np.matmul(R[:m], self.X, out=G[:m])
 
@@ -156,28 +74,7 @@ class Products:
 # Per-step bookkeeping of the fixed-step loop, compiled: as Python loops over 64 seeds it cost
 # about 0.3 ms per step (measured), as much as a whole stage kernel at moderate d.
 @njit(**JIT_OPTIONS)
-def _screen_fixed(active, live, stage_loss, loss_tol, dt, h, t, loss, status, t_stop):
-    """Before a fixed step: record each active seed's loss at its current layers; a seed whose
-    loss is not finite stops as diverged, one below ``loss_tol`` as converged (neither moves)."""
-    for a in range(active.shape[0]):
-        s = active[a]
-        f = stage_loss[a]
-        loss[s] = f
-        h[s] = dt
-        live[a] = 1
-        if not np.isfinite(f):
-            live[a] = 0
-            status[s] = DIVERGED
-            t_stop[s] = t[s]
-        elif f < loss_tol:
-            live[a] = 0
-            status[s] = LOSS_TOL
-            t_stop[s] = t[s]
-
-
-@njit(**JIT_OPTIONS)
-def _finish_fixed(active, live, dt, stages, max_steps, steps, accepted, nfev, t, loss, status,
-                  t_stop):
+def _finish_fixed(active, live, dt, stages, max_steps, st):
     """After a fixed step: count it for the seeds that moved (their loss is now unknown) and stop
     those at ``max_steps``. Returns whether every active seed moved."""
     all_live = True
@@ -186,98 +83,119 @@ def _finish_fixed(active, live, dt, stages, max_steps, steps, accepted, nfev, t,
             all_live = False
             continue
         s = active[a]
-        steps[s] += 1
-        accepted[s] += 1
-        nfev[s] += stages
-        t[s] = steps[s] * dt
-        loss[s] = np.nan
-        if steps[s] >= max_steps and status[s] == RUNNING:
-            status[s] = MAX_STEPS
-            t_stop[s] = t[s]
+        st.steps[s] += 1
+        st.accepted[s] += 1
+        st.nfev[s] += stages
+        st.t[s] = st.steps[s] * dt
+        st.loss[s] = np.nan
+        if st.steps[s] >= max_steps and st.status[s] == RUNNING:
+            st.status[s] = MAX_STEPS
+            st.t_stop[s] = st.t[s]
     return all_live
 
 
-@njit(**JIT_OPTIONS)
-def _prepare_adaptive_step(active, t_target, t, h, landing, h_unclipped, h_work, h_step):
-    """The step each active seed tries: its proposal, or exactly what is left to ``t_target``
-    when the proposal would reach it (Hairer: stretch by up to 1% rather than take a tiny
-    step). Compiled: as a dozen numpy calls it cost ~50 us per step, a third of a step of one
-    straggler seed at d = 1000."""
-    for a in range(active.shape[0]):
-        s = active[a]
-        proposal = h[s]
-        clip = t[s] + 1.01 * proposal >= t_target
-        h_used = t_target - t[s] if clip else proposal
-        landing[a] = clip
-        h_unclipped[s] = proposal
-        h_work[s] = h_used
-        h_step[s] = h_used
+class StagePlan(NamedTuple):
+    """The stage calls of one step of an embedded pair, read from its tableau: call p computes
+    stage ``stage[p]`` (-1: none) then, by ``mode[p]``, the combination of the first
+    ``terms[p]`` stages with ``coeffs[p]`` (the next stage input, or the error). FSAL pairs
+    start from stage 1 (stage 0 is the last stage of the previous step)."""
+
+    stage: np.ndarray
+    mode: np.ndarray
+    coeffs: np.ndarray
+    terms: np.ndarray
+
+
+def stage_plan(tableau, dtype) -> StagePlan:
+    """The :class:`StagePlan` of an embedded pair: stages 1 (FSAL) or 0 up to the last, each
+    forming the next stage input; the last one forms the error (FSAL: its input is the new
+    state) or the new state, whose error is then a combination of its own."""
+    A, last = tableau.A, tableau.stages - 1
+    calls = [(i, kernels.MODE_NEXT_INPUT, A[i + 1], i + 1) for i in range(1 if tableau.fsal else 0, last)]
+    if tableau.fsal:
+        calls.append((last, kernels.MODE_ERROR, tableau.E, tableau.stages))
+    else:
+        calls += [(last, kernels.MODE_NEXT_INPUT, tableau.B, tableau.stages),
+                  (-1, kernels.MODE_ERROR, tableau.E, tableau.stages)]
+    stage, mode, coeffs, terms = zip(*calls)
+    return StagePlan(np.array(stage, dtype=np.int64), np.array(mode, dtype=np.int64),
+                     np.array(coeffs, dtype=dtype), np.array(terms, dtype=np.int64))
+
+
+#: Steps per call of the compiled loop: a stop request (a signal) waits for the call's end, a
+#: few milliseconds at the state sizes that take the loop (SERIAL_STATE_WORK elements).
+STEPS_PER_CALL = 32
 
 
 @njit(**JIT_OPTIONS)
-def _dopri5_control(active, live, err, loss_new, t_target, landing, h_used, h_unclipped,
-                    t, h, facold, rejected, steps, accepted, nfev, loss, status, t_stop,
-                    loss_tol, max_steps, accept_mask):
-    """Hairer's PI step-size control (dopri5.f), one seed at a time; decides accept/reject,
-    updates time, proposal and counters, and stops seeds (loss_tol, max_steps, stalled)."""
-    expo1 = 0.2 - BETA * 0.75
-    eps = np.finfo(np.float64).eps
-    for a in range(active.shape[0]):
-        accept_mask[a] = 0
-        if live[a] == 0:
-            continue
-        s = active[a]
-        hs = h_used[s]
-        e = err[a]
-        steps[s] += 1
-        nfev[s] += 6
-        if e <= 1.0:  # NaN and inf fail this test: reject
-            fac11 = e ** expo1
-            fac = fac11 / facold[s] ** BETA
-            fac = max(1.0 / FAC_MAX, min(1.0 / FAC_MIN, fac / SAFETY))
-            h_new = hs / fac
-            facold[s] = max(e, 1e-4)
-            if rejected[s]:
-                h_new = min(h_new, hs)
-            rejected[s] = 0
-            if landing[a]:
-                t[s] = t_target
-                h_new = max(h_new, h_unclipped[s])
-            else:
-                t[s] = t[s] + hs
-            h[s] = h_new
-            accepted[s] += 1
-            loss[s] = loss_new[a]
-            accept_mask[a] = 1
-            if loss_new[a] < loss_tol:
-                status[s] = LOSS_TOL
-                t_stop[s] = t[s]
+def _adaptive_steps_serial(U, Y, K, theta, G, R, X, y, per_seed, inv_n, inv_2n, h_work, live,
+                           stage_loss, err, err_partial, scratch, first_input, plan, fsal,
+                           evaluations, expo1, t_target, targets, st, trial, loss_tol, max_steps,
+                           rtol, atol, seeds_buffer, accepted_buffer):
+    """Up to STEPS_PER_CALL steps of an embedded pair for the seeds running short of
+    ``t_target``, all in the calling thread: the same calls, in the same order, as
+    :meth:`Integrator._adaptive_step` (its serial twins, products seed by seed), for states
+    small enough that calling them from Python would cost more than they do. Returns whether
+    every running seed is at ``t_target``."""
+    size = float(U.shape[1] * U.shape[2])
+    for _ in range(STEPS_PER_CALL):
+        m = 0
+        for s in range(U.shape[0]):
+            if st.status[s] == RUNNING and st.t[s] < t_target:
+                seeds_buffer[m] = s
+                m += 1
+        if m == 0:
+            return True
+        active = seeds_buffer[:m]
+        live[:m] = 1
+        controller.propose_steps_fastmath(active, targets, st, trial, h_work)
+        if fsal:
+            kernels.stage_input_serial(U, K, first_input, 1, h_work, active, Y, theta, scratch)
         else:
-            fac11 = e ** expo1 if e == e and e < np.inf else np.inf
-            h[s] = hs / min(1.0 / FAC_MIN, fac11 / SAFETY)
-            rejected[s] = 1
-        if status[s] == RUNNING:
-            if steps[s] >= max_steps:
-                status[s] = MAX_STEPS
-                t_stop[s] = t[s]
-            elif not h[s] > 16.0 * eps * max(abs(t[s]), 1e-280):
-                status[s] = STALLED
-                t_stop[s] = t[s]
+            kernels.layer_products_serial(U, active, theta)
+        for p in range(plan.stage.shape[0]):
+            stage = plan.stage[p]
+            if stage >= 0:
+                for a in range(m):
+                    k = active[a] if per_seed else 0
+                    stage_loss[a] = kernels.one_seed_products(X[k], y[k], theta[a], R[a], G[a],
+                                                              inv_2n, 1)
+            kernels.rk_stage_serial(U, U if stage == 0 else Y, G, K, stage, 1 if stage >= 0 else 0,
+                                    inv_n, h_work, active, live, plan.mode[p], plan.coeffs[p],
+                                    plan.terms[p], Y, theta, rtol, atol, err_partial, scratch)
+            if stage == 0:
+                controller.screen_losses(active, live, stage_loss, loss_tol, st)
+        if not fsal:
+            stage_loss[:m] = np.nan
+        kernels.rms_of_blocks(err_partial, m, size, err)
+        controller.control_steps_fastmath(active, live, err, stage_loss, targets, st, trial, expo1,
+                                          evaluations, loss_tol, max_steps)
+        n_accepted = 0
+        for a in range(m):
+            if trial.accepted[active[a]]:
+                accepted_buffer[n_accepted] = active[a]
+                n_accepted += 1
+        if n_accepted:
+            kernels.accept_steps_serial(U, Y, K, plan.stage[-1] if fsal else -1, 0,
+                                        accepted_buffer[:n_accepted])
+    return False
 
 
-class Integrator:
+class Integrator(Solver):
     """Advances a batch of seeds of the layer flow, one method, preallocated buffers.
 
     Parameters
     ----------
-    method : {"euler", "rk4", "dopri5"}
+    method : str
+        A key of :data:`ddln_fast.tableaus.TABLEAUS` ("euler", "rk4", "dopri5", ...).
     problem : Problem
     u0 : ndarray of shape (S, L, d)
         Initial layers (copied, cast to ``dtype``).
     dt : float
-        Step (fixed-step methods); upper bound of the first step (dopri5).
+        Step (fixed-step methods); upper bound of the first step (embedded pairs).
     rtol, atol : float
-        Tolerances of dopri5's error control (per seed RMS norm over all L*d components).
+        Tolerances of an embedded pair's error control (per seed RMS norm over all L*d
+        components).
     loss_tol : float
         A seed stops once its loss is below this (0: never).
     max_steps : int
@@ -286,6 +204,7 @@ class Integrator:
 
     def __init__(self, method, problem: Problem, u0, dt=0.01, rtol=1e-8, atol=1e-12,
                  loss_tol=0.0, max_steps=10_000_000, dtype=np.float64):
+        super().__init__()
         self.method = method
         self.tableau = TABLEAUS[method]
         self.dtype = np.dtype(dtype).type
@@ -308,82 +227,56 @@ class Integrator:
         self.R = np.zeros((S, self.products.n), dtype=self.dtype)
         self.stage_loss = np.zeros(S)
         self.err = np.zeros(S)
-        self.err_partial = np.zeros((S, kernels._n_blocks(d)))
+        self.err_partial = np.zeros((S, kernels.n_blocks(d)))
         self.live = np.ones(S, dtype=np.uint8)
-        self.h_work = np.zeros(S, dtype=self.dtype)
+        # the step of each seed in the kernels' dtype (fixed-step methods: always dt)
+        self.h_work = np.full(S, self.dt, dtype=self.dtype)
         self.scratch = kernels.stage_scratch(L, self.dtype)
         self.A = [row.astype(self.dtype) for row in self.tableau.A]
         self.one = np.ones(1, dtype=self.dtype)
         self.B = self.tableau.B.astype(self.dtype)
-        self.E = None if self.tableau.E is None else self.tableau.E.astype(self.dtype)
+        #: the stage calls of one adaptive step (None for fixed-step methods)
+        self.plan = stage_plan(self.tableau, self.dtype) if self.tableau.adaptive else None
+        #: largest active state (m L d elements) whose adaptive steps run as one compiled loop
+        #: (results are the same either way; the loop saves the calls from Python per step)
+        self.compiled_loop_work = kernels.SERIAL_STATE_WORK
         self.state = SeedState.fresh(S, self.dt)
-        self.fsal_ready = False
+        #: an embedded pair has chosen its starting steps (and, FSAL, holds f(U) in K[0])
+        self.started = False
         self._theta_rows = None
-        #: callable -> bool, asked before every step: True stops advance_to early (a safe point
-        #: for SIGINT/SIGTERM: the state then is a step boundary, resumable bit-identically)
-        self.stop_check = None
-        self.stopped_early = False
 
-    # -- state ----------------------------------------------------------------------------------
-    def restore(self, U, state: SeedState, fsal=None, theta_cache=None):
-        """Continue from a saved state (resume): layers, per-seed state and FSAL stage.
-
-        ``theta_cache`` is :meth:`theta_cache` of the saved integrator: between two checkpoints
-        the fixed-step loop reuses the theta its last step computed, whose bits may differ from
-        theta recomputed from U, so a resume there restores it to stay bit-identical."""
-        self.U[...] = U
-        self.state = state
-        if fsal is not None and self.tableau.adaptive:
-            self.K[0][...] = fsal
-            self.fsal_ready = True
-        self._theta_rows = None
-        if theta_cache is not None:
-            rows, theta = theta_cache
-            rows = np.asarray(rows)[np.asarray(rows) >= 0]
-            if rows.size:
-                self.theta[: rows.size] = theta[: rows.size]
-                self._theta_rows = rows.astype(np.int64)
-
-    def theta_cache(self):
-        """(rows, theta): the seeds (``active`` order, padded with -1 to S) whose theta the next
-        fixed step reuses, and the (S, d) theta buffer; rows all -1 when nothing is reused."""
+    # -- the state of a resumable run -----------------------------------------------------------
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """``U`` (S, L, d); ``theta_rows`` (S,) and ``theta_cache`` (S, d): between two
+        checkpoints the fixed-step loop reuses the theta its last step computed (the seeds in
+        ``active`` order, padded with -1), whose bits may differ from theta recomputed from U;
+        for embedded pairs ``fsal`` (S, L, d), the first stage of the next step, and
+        ``fsal_ready`` (1,), whether the starting steps are chosen; then the SeedState arrays."""
         rows = np.full(self.seeds, -1, dtype=np.int64)
         if self._theta_rows is not None:
             rows[: len(self._theta_rows)] = self._theta_rows
-        return rows, self.theta
+        arrays = {"U": self.U, "theta_rows": rows, "theta_cache": self.theta}
+        if self.tableau.adaptive:
+            arrays["fsal"] = self.K[0]
+            arrays["fsal_ready"] = np.array([self.started], dtype=np.int8)
+        return {**arrays, **self.state.as_dict()}
 
-    @property
-    def fsal(self):
-        """The stage that dopri5 reuses as the first stage of its next step, shape (S, L, d)."""
-        return self.K[0]
+    def restore_state(self, arrays) -> None:
+        self.U[...] = arrays["U"]
+        self.state = SeedState.from_dict(arrays)
+        # files written before fsal_ready existed always held a started state
+        if self.tableau.adaptive and "fsal" in arrays and bool(arrays.get("fsal_ready", np.ones(1))[0]):
+            self.K[0][...] = arrays["fsal"]
+            self.started = True
+        self._theta_rows = None
+        if "theta_rows" in arrays:
+            rows = np.asarray(arrays["theta_rows"])
+            rows = rows[rows >= 0]
+            if rows.size:
+                self.theta[: rows.size] = arrays["theta_cache"][: rows.size]
+                self._theta_rows = rows.astype(np.int64)
 
-    @property
-    def running(self) -> np.ndarray:
-        return self.state.status == RUNNING
-
-    def _evaluate(self, active, Y, stage, mode, coeffs=None, n_terms=0, Y_out=None):
-        """Products for the rows in ``self.theta`` (theta of ``Y``), then the fused stage."""
-        self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss)
-        kernels._rk_stage(self.U, Y, self.G, self.K, stage, 1, self.products.inv_n, self.h_work,
-                          active, self.live, mode, coeffs if coeffs is not None else self.B,
-                          n_terms, Y_out if Y_out is not None else Y, self.theta,
-                          self.rtol, self.atol, self.err_partial, self.scratch)
-
-    def _theta_of_U(self, active):
-        kernels._stage_input(self.U, self.K, self.B, 0, self.h_work, active, self.U, self.theta,
-                             self.scratch)
-        self._theta_rows = active
-
-    def _stop_non_finite(self, active):
-        """Seeds whose loss at the current layers is not finite are frozen as diverged."""
-        st = self.state
-        for a, s in enumerate(active):
-            if self.live[a] and not np.isfinite(self.stage_loss[a]):
-                self.live[a] = 0
-                st.status[s] = DIVERGED
-                st.t_stop[s] = st.t[s]
-                st.loss[s] = self.stage_loss[a]
-
+    # -- checkpoint values ----------------------------------------------------------------------
     def current_losses(self, theta=None) -> np.ndarray:
         """Loss of every seed at its current layers (one exact residual evaluation).
 
@@ -398,31 +291,31 @@ class Integrator:
         return self.stage_loss[: self.seeds].copy()
 
     def invariant_drift(self) -> np.ndarray:
-        partial = np.zeros((self.seeds, kernels._n_blocks(self.dim)))
-        kernels._invariant_drift(self.U, self.u0, partial)
+        partial = np.zeros((self.seeds, kernels.n_blocks(self.dim)))
+        kernels.invariant_drift_blocks(self.U, self.u0, partial)
         return partial.max(axis=1)
 
     def theta_of_all(self) -> np.ndarray:
         out = np.empty((self.seeds, self.dim), dtype=self.dtype)
-        kernels._stage_input(self.U, self.K, self.B, 0, self.h_work, np.arange(self.seeds), self.U, out,
-                             self.scratch)
+        kernels.layer_products(self.U, np.arange(self.seeds), out)
         return out
 
+    def layers(self) -> np.ndarray:
+        return self.U
+
     # -- time stepping --------------------------------------------------------------------------
-    def advance_to(self, t_target: float) -> None:
-        """Advance every running seed to flow time ``t_target`` (exactly), or until it stops,
-        or until ``stop_check`` asks to stop (then ``stopped_early`` is True)."""
-        self.stopped_early = False
+    def advance_to(self, t_target: float) -> bool:
         threads = self._threads_wanted = numba.get_num_threads()
         try:
             if self.tableau.adaptive:
-                self._advance_adaptive(float(t_target))
+                done = self._advance_adaptive(float(t_target))
             else:
-                self._advance_fixed(int(round(t_target / self.dt)))
+                done = self._advance_fixed(int(round(t_target / self.dt)))
         finally:
             numba.set_num_threads(threads)
-        if not self.stopped_early:  # (a stop keeps the cache: it is saved, see theta_cache)
+        if done:  # (a stop keeps the cache: it is saved, see state_arrays)
             self._theta_rows = None  # the next interval starts from a clean slate (exact resume)
+        return done
 
     def _pick_threads(self, m: int) -> None:
         """One thread for the parallel kernels while the active state is small (see
@@ -431,104 +324,137 @@ class Integrator:
         small = m * self.depth * self.dim <= kernels.SERIAL_STATE_WORK
         numba.set_num_threads(1 if small else self._threads_wanted)
 
-    def _advance_fixed(self, target_step: int) -> None:
+    def _evaluate(self, active, Y, stage, mode, coeffs, n_terms, Y_out=None, keep=1):
+        """Products for the rows in ``self.theta`` (theta of ``Y``), then the fused stage."""
+        self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss)
+        kernels.rk_stage(self.U, Y, self.G, self.K, stage, keep, self.products.inv_n, self.h_work,
+                         active, self.live, mode, coeffs, n_terms, Y if Y_out is None else Y_out,
+                         self.theta, self.rtol, self.atol, self.err_partial, self.scratch)
+
+    def _theta_of_U(self, active):
+        kernels.layer_products(self.U, active, self.theta)
+        self._theta_rows = active
+
+    def _advance_fixed(self, target_step: int) -> bool:
         st = self.state
         tab = self.tableau
         while True:
-            if self.stop_check is not None and self.stop_check():
-                self.stopped_early = True
-                return
             active = np.flatnonzero((st.status == RUNNING) & (st.steps < target_step))
             if active.size == 0:
-                return
+                return True
+            if self.stop_requested():
+                return False
             self._pick_threads(active.size)
             if self._theta_rows is None or not np.array_equal(self._theta_rows, active):
                 self._theta_of_U(active)
             self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss)
-            _screen_fixed(active, self.live, self.stage_loss, self.loss_tol, self.dt, self.h_work,
-                          st.t, st.loss, st.status, st.t_stop)
+            self.live[: active.size] = 1
+            controller.screen_losses(active, self.live, self.stage_loss, self.loss_tol, st)
             if tab.stages == 1:
-                kernels._euler_step(self.U, self.G, self.products.inv_n, self.h_work, active,
-                                    self.live, self.theta, self.scratch)
+                kernels.euler_step(self.U, self.G, self.products.inv_n, self.h_work, active,
+                                   self.live, self.theta, self.scratch)
             for i in range(tab.stages if tab.stages > 1 else 0):
                 last = i == tab.stages - 1
-                coeffs = self.B if last else self.A[i + 1]
-                Y_in = self.U if i == 0 else self.Y
-                Y_out = self.U if last else self.Y
                 if i > 0:
                     self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss)
                 # the last stage's derivative is only needed inside its own call (no FSAL)
-                kernels._rk_stage(self.U, Y_in, self.G, self.K, i, 0 if last else 1,
-                                  self.products.inv_n, self.h_work, active, self.live,
-                                  kernels.MODE_NEXT_INPUT, coeffs, i + 1, Y_out,
-                                  self.theta, self.rtol, self.atol, self.err_partial, self.scratch)
-            all_live = _finish_fixed(active, self.live, self.dt, tab.stages, self.max_steps,
-                                     st.steps, st.accepted, st.nfev, st.t, st.loss, st.status,
-                                     st.t_stop)
+                kernels.rk_stage(self.U, self.U if i == 0 else self.Y, self.G, self.K, i,
+                                 0 if last else 1, self.products.inv_n, self.h_work, active,
+                                 self.live, kernels.MODE_NEXT_INPUT,
+                                 self.B if last else self.A[i + 1], i + 1,
+                                 self.U if last else self.Y, self.theta, self.rtol, self.atol,
+                                 self.err_partial, self.scratch)
+            all_live = _finish_fixed(active, self.live, self.dt, tab.stages, self.max_steps, st)
             # theta rows now hold theta of the new layers, for the live seeds
             self._theta_rows = active if all_live else None
 
     def _start_adaptive(self, active) -> None:
-        """f(u0) (FSAL stage and initial loss), then Hairer's starting step per seed."""
+        """f(u0) (the first stage and the initial loss), then Hairer's starting step per seed."""
         st = self.state
         m = active.size
         self.live[:m] = 1
         self._theta_of_U(active)
-        self._evaluate(active, self.U, 0, kernels.MODE_DERIVATIVE)
-        st.loss[active] = self.stage_loss[:m]
+        self._evaluate(active, self.U, 0, kernels.MODE_DERIVATIVE, self.B, 0)
         st.nfev[active] += 1
-        self._stop_non_finite(active)
-        # HNW I, II.4 "starting step size": h0 from ||y0||/||f0||, h1 from a 2nd-derivative estimate.
+        controller.screen_losses(active, self.live, self.stage_loss, 0.0, st)  # diverged only
+        # norms in numpy: once per seed, and their bits decide every later step
         U, f0 = self.U[active].astype(np.float64), self.K[0][active].astype(np.float64)
         scale = self.atol + self.rtol * np.abs(U)
         scale = np.maximum(scale, np.finfo(np.float64).tiny)
         rms = lambda v: np.sqrt(np.mean((v / scale) ** 2, axis=(1, 2)))  # noqa: E731
-        d0, d1 = rms(U), rms(f0)
-        h0 = np.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / np.maximum(d1, 1e-300))
-        h0 = np.minimum(h0, self.dt)
+        d1 = rms(f0)
+        h0 = controller.first_trial_step(rms(U), d1, self.dt)
         self.h_work[active] = h0
-        kernels._stage_input(self.U, self.K, self.one, 1, self.h_work, active, self.Y, self.theta,
-                             self.scratch)
-        self._evaluate(active, self.Y, 1, kernels.MODE_DERIVATIVE)
+        kernels.stage_input(self.U, self.K, self.one, 1, self.h_work, active, self.Y, self.theta,
+                            self.scratch)
+        self._evaluate(active, self.Y, 1, kernels.MODE_DERIVATIVE, self.B, 0)
         st.nfev[active] += 1
         d2 = rms(self.K[1][active].astype(np.float64) - f0) / h0
-        big = np.maximum(d1, d2)
-        h1 = np.where(big <= 1e-15, np.maximum(1e-6, h0 * 1e-3), (0.01 / np.maximum(big, 1e-300)) ** (1 / 5))
-        st.h[active] = np.minimum(np.minimum(100 * h0, h1), self.dt)
-        self.fsal_ready = True
+        st.h[active] = controller.starting_step(h0, d1, d2, self.tableau.error_order, self.dt)
+        self.started = True
 
-    def _advance_adaptive(self, t_target: float) -> None:
-        st = self.state
-        A, E = self.A, self.E
-        if not self.fsal_ready:
+    def _advance_adaptive(self, t_target: float) -> bool:
+        """Steps of the embedded pair, all active seeds together, until every running seed is
+        at ``t_target``. While the active state is small (the products seed by seed, the state
+        within SERIAL_STATE_WORK) whole runs of steps are one compiled call."""
+        st, tab = self.state, self.tableau
+        if not self.started:
             self._start_adaptive(np.flatnonzero(st.status == RUNNING))
-        h_unclipped = np.zeros(self.seeds)
-        accept_mask = np.zeros(self.seeds, dtype=np.uint8)
-        landing = np.zeros(self.seeds, dtype=np.uint8)
-        h_step = np.zeros(self.seeds)
+        trial = Trial.empty(self.seeds)
+        targets = np.full(self.seeds, t_target)
+        expo1 = controller.control_for(tab.error_order).expo1
+        buffers = (np.zeros(self.seeds, dtype=np.int64), np.zeros(self.seeds, dtype=np.int64))
         while True:
-            if self.stop_check is not None and self.stop_check():
-                self.stopped_early = True
-                return
             active = np.flatnonzero((st.status == RUNNING) & (st.t < t_target))
             if active.size == 0:
-                return
+                return True
+            if self.stop_requested():
+                return False
             m = active.size
-            self.live[:m] = 1
-            self._pick_threads(m)
-            # land on the checkpoint (Hairer: stretch by up to 1% rather than take a tiny step)
-            _prepare_adaptive_step(active, t_target, st.t, st.h, landing, h_unclipped, self.h_work,
-                                   h_step)
-            kernels._stage_input(self.U, self.K, A[1], 1, self.h_work, active, self.Y, self.theta,
-                                 self.scratch)
-            for i in range(1, 6):
-                self._evaluate(active, self.Y, i, kernels.MODE_NEXT_INPUT, A[i + 1], i + 1)
-            self._evaluate(active, self.Y, 6, kernels.MODE_ERROR, E, 7)
-            kernels._sum_blocks(self.err_partial, m, float(self.depth * self.dim), self.err)
-            _dopri5_control(active, self.live, self.err, self.stage_loss, t_target, landing, h_step,
-                            h_unclipped, st.t, st.h, st.facold, st.rejected, st.steps, st.accepted,
-                            st.nfev, st.loss, st.status, st.t_stop, self.loss_tol, self.max_steps,
-                            accept_mask)
-            accepted = active[accept_mask[:m] == 1]
-            if accepted.size:
-                kernels._accept_steps(self.U, self.Y, self.K, 6, 0, accepted)
+            if self.products.serial(m) and m * self.depth * self.dim <= self.compiled_loop_work:
+                p = self.products
+                _adaptive_steps_serial(self.U, self.Y, self.K, self.theta, self.G, self.R,
+                                       p.X_by_seed, p.y, p.per_seed, p.inv_n, p.inv_2n, self.h_work,
+                                       self.live, self.stage_loss, self.err, self.err_partial,
+                                       self.scratch, self.A[1], self.plan, tab.fsal,
+                                       tab.evaluations, expo1, t_target, targets, st, trial,
+                                       self.loss_tol, self.max_steps, self.rtol, self.atol,
+                                       *buffers)
+            else:
+                self._pick_threads(m)
+                self._adaptive_step(active, targets, trial, expo1)
+
+    def _adaptive_step(self, active, targets, trial, expo1) -> None:
+        """One step of every active seed: FSAL, the first stage is the last one of the
+        previous accepted step; otherwise it is evaluated first, and the loss of the current
+        layers is screened there (loss_tol, divergence) before the step. Then the stages of
+        :attr:`plan`, the error norms and the controller."""
+        st, tab, plan = self.state, self.tableau, self.plan
+        m = active.size
+        self.live[:m] = 1
+        controller.propose_steps_fastmath(active, targets, st, trial, self.h_work)
+        if tab.fsal:
+            kernels.stage_input(self.U, self.K, self.A[1], 1, self.h_work, active, self.Y,
+                                self.theta, self.scratch)
+        else:
+            kernels.layer_products(self.U, active, self.theta)
+        for p, stage in enumerate(plan.stage):
+            if stage >= 0:
+                self.products.residual_and_gradient(self.theta, active, self.R, self.G,
+                                                    self.stage_loss)
+            kernels.rk_stage(self.U, self.U if stage == 0 else self.Y, self.G, self.K, stage,
+                             1 if stage >= 0 else 0, self.products.inv_n, self.h_work, active,
+                             self.live, plan.mode[p], plan.coeffs[p], plan.terms[p], self.Y,
+                             self.theta, self.rtol, self.atol, self.err_partial, self.scratch)
+            if stage == 0:
+                controller.screen_losses(active, self.live, self.stage_loss, self.loss_tol, st)
+        if not tab.fsal:  # the loss of the new state is known at the next step's first stage
+            self.stage_loss[:m] = np.nan
+        kernels.rms_of_blocks(self.err_partial, m, float(self.depth * self.dim), self.err)
+        controller.control_steps_fastmath(active, self.live, self.err, self.stage_loss, targets,
+                                          st, trial, expo1, tab.evaluations, self.loss_tol,
+                                          self.max_steps)
+        accepted = active[trial.accepted[active] == 1]
+        if accepted.size:
+            kernels.accept_steps(self.U, self.Y, self.K, plan.stage[-1] if tab.fsal else -1, 0,
+                                 accepted)

@@ -25,6 +25,8 @@ from numba import get_thread_id, njit, prange
 FASTMATH_FLAGS = {"nsz", "arcp", "contract", "afn", "reassoc"}
 JIT_OPTIONS = dict(cache=True, fastmath=FASTMATH_FLAGS, error_model="numpy", nogil=True)
 PARALLEL_OPTIONS = dict(JIT_OPTIONS, parallel=True)
+#: IEEE arithmetic: for code whose results must equal a Python transcription (step control).
+STRICT_JIT_OPTIONS = dict(cache=True, error_model="numpy", nogil=True)
 
 #: Coordinates per work item; a stage's rows for one item stay in the L1/L2 cache.
 BLOCK = 512
@@ -41,20 +43,25 @@ MODE_ERROR = 2  # ... then the embedded error norm (adaptive methods)
 
 
 @njit(**JIT_OPTIONS)
-def _n_blocks(d):
+def n_blocks(d):
+    """Blocks of ``BLOCK`` coordinates covering d (the last one may be partial)."""
     return (d + BLOCK - 1) // BLOCK
 
 
 def stage_scratch(depth, dtype):
-    """Per-thread scratch for the stage kernels, shape (threads, L + 1, BLOCK): a stage
-    derivative that is not kept (rows 0..L-1) and the stage combination (row L). Each thread
-    reuses its own rows, so they stay in the L1 cache and are never written back to memory."""
+    """Per-thread scratch for the stage kernels, shape (threads, L + 1, BLOCK): the current
+    stage derivative (rows 0..L-1) and a stage combination (row L). Each thread reuses its own
+    rows, so they stay in the L1 cache and are never written back to memory."""
     import numba
 
     return np.zeros((numba.config.NUMBA_NUM_THREADS, depth + 1, BLOCK), dtype=dtype)
 
 
-@njit(**JIT_OPTIONS)
+# -- per-block helpers (compiled into the kernels below) ------------------------------------------
+# They work on 1-D contiguous row views (one layer, one block) indexed from 0 with the
+# coordinate innermost: that is what lets LLVM vectorize them (2-D indexing with a variable
+# depth did not, measured 3-4x slower).
+@njit(inline="always")
 def _k_row(K, scr, k, stage, keep, s, j, start, w):
     """Row j of stage derivative k over one block: in K, or in the thread's scratch for the
     current stage when it is not kept."""
@@ -63,152 +70,242 @@ def _k_row(K, scr, k, stage, keep, s, j, start, w):
     return K[k, s, j, start:start + w]
 
 
-# The kernels work on 1-D contiguous row views (one layer, one block) indexed from 0 with the
-# coordinate innermost: that is what lets LLVM vectorize them (2-D indexing with a variable
-# depth did not, measured 3-4x slower).
-@njit(**PARALLEL_OPTIONS)
-def _stage_input(U, K, coeffs, n_terms, h, active, Y, theta, scratch):
-    """Y[s] = U[s] + h[s] * sum_k coeffs[k] K[k, s] and theta[a] = prod_j Y[s, j] for the active
-    seeds ``s = active[a]``. With ``n_terms = 0`` it computes theta of U (then ``Y`` may be ``U``).
-    ``scratch`` is :func:`stage_scratch`.
-    """
-    L, d = U.shape[1], U.shape[2]
-    nb = _n_blocks(d)
-    for item in prange(active.shape[0] * nb):
-        a = item // nb
-        s = active[a]
-        start = (item % nb) * BLOCK
-        w = min(BLOCK, d - start)
-        hs = h[s]
-        acc = scratch[get_thread_id(), L, :w]
-        th = theta[a, start:start + w]
+@njit(inline="always")
+def _suffix_rows(Y, s, start, w, rows, col):
+    """rows[j, col:col + w] = prod_{k > j} Y[s, k] over one block (the suffix products of the
+    all-but-one products; no division: layers may be exactly zero)."""
+    L = Y.shape[1]
+    nxt = rows[L - 1, col:col + w]
+    for c in range(w):
+        nxt[c] = 1.0
+    for j in range(L - 2, -1, -1):
+        cur = rows[j, col:col + w]
+        yr = Y[s, j + 1, start:start + w]
         for c in range(w):
-            th[c] = 1.0
-        for j in range(L):
-            ur = U[s, j, start:start + w]
-            if n_terms > 0:
-                kr = K[0, s, j, start:start + w]
-                c0 = coeffs[0]
-                for c in range(w):
-                    acc[c] = c0 * kr[c]
-                for k in range(1, n_terms):
-                    kr = K[k, s, j, start:start + w]
-                    ck = coeffs[k]
-                    for c in range(w):
-                        acc[c] += ck * kr[c]
-                yo = Y[s, j, start:start + w]
-                for c in range(w):
-                    y = ur[c] + hs * acc[c]
-                    yo[c] = y
-                    th[c] *= y
-            else:
-                for c in range(w):
-                    th[c] *= ur[c]
+            cur[c] = nxt[c] * yr[c]
+        nxt = cur
+
+
+@njit(inline="always")
+def _derivative_rows(Y, G, inv_n, a, s, start, w, rows, col):
+    """rows[j, col:col + w] = -(G[a] / n) * prod_{k != j} Y[s, k] over one block: the suffix
+    products, then a prefix sweep with -g/n folded in. The block of G[a] is the carry and is
+    destroyed. ``rows``: K[stage, s] (col = start) or the thread's scratch (col = 0)."""
+    _suffix_rows(Y, s, start, w, rows, col)
+    carry = G[a, start:start + w]
+    for c in range(w):
+        carry[c] = -inv_n * carry[c]
+    for j in range(Y.shape[1]):
+        kr = rows[j, col:col + w]
+        yr = Y[s, j, start:start + w]
+        for c in range(w):
+            kr[c] *= carry[c]
+            carry[c] *= yr[c]
+
+
+@njit(inline="always")
+def _combination(acc, K, scr, stage, keep, coeffs, n_terms, s, j, start, w):
+    """acc[:w] = sum_{k < n_terms} coeffs[k] K[k, s, j] over one block (the current stage's
+    row from the thread's scratch when it is not kept)."""
+    kr = _k_row(K, scr, 0, stage, keep, s, j, start, w)
+    c0 = coeffs[0]
+    for c in range(w):
+        acc[c] = c0 * kr[c]
+    for k in range(1, n_terms):
+        kr = _k_row(K, scr, k, stage, keep, s, j, start, w)
+        ck = coeffs[k]
+        for c in range(w):
+            acc[c] += ck * kr[c]
+
+
+@njit(inline="always")
+def _next_input_row(U, Y_out, th, acc, hs, s, j, start, w):
+    """Y_out[s, j] = U[s, j] + h acc over one block, and theta *= it."""
+    ur = U[s, j, start:start + w]
+    yo = Y_out[s, j, start:start + w]
+    for c in range(w):
+        y = ur[c] + hs * acc[c]
+        yo[c] = y
+        th[c] *= y
+
+
+@njit(inline="always")
+def _error_row(total, U, Y, acc, hs, rtol, atol, tiny, s, j, start, w):
+    """total + sum over one block of (h acc / (atol + rtol max(|U|, |Y|)))^2 (row j)."""
+    ur = U[s, j, start:start + w]
+    yr = Y[s, j, start:start + w]
+    for c in range(w):
+        scale = atol + rtol * max(abs(ur[c]), abs(yr[c]))
+        ratio = hs * acc[c] / max(scale, tiny)
+        total += ratio * ratio
+    return total
+
+
+@njit(inline="always")
+def _work_item(item, nb, active, d):
+    """Work item ``item`` of a kernel over (active seed, block): (a, s, block, start, width)."""
+    a = item // nb
+    block = item % nb
+    start = block * BLOCK
+    return a, active[a], block, start, min(BLOCK, d - start)
+
+
+@njit(inline="always")
+def _ones(th, w):
+    for c in range(w):
+        th[c] = 1.0
+
+
+# -- one work item of each kernel (the parallel kernels and their serial twins share them) --------
+@njit(inline="always")
+def _layer_products_item(item, nb, U, active, theta):
+    a, s, _, start, w = _work_item(item, nb, active, U.shape[2])
+    th = theta[a, start:start + w]
+    _ones(th, w)
+    for j in range(U.shape[1]):
+        ur = U[s, j, start:start + w]
+        for c in range(w):
+            th[c] *= ur[c]
+
+
+@njit(inline="always")
+def _stage_input_item(item, nb, U, K, coeffs, n_terms, h, active, Y, theta, scr):
+    L = U.shape[1]
+    a, s, _, start, w = _work_item(item, nb, active, U.shape[2])
+    acc = scr[L, :w]
+    th = theta[a, start:start + w]
+    _ones(th, w)
+    for j in range(L):
+        _combination(acc, K, scr, -1, 1, coeffs, n_terms, s, j, start, w)
+        _next_input_row(U, Y, th, acc, h[s], s, j, start, w)
+
+
+@njit(inline="always")
+def _rk_stage_item(item, nb, U, Y_in, G, K, stage, keep, inv_n, h, active, live, mode,
+                   coeffs, n_terms, Y_out, theta, rtol, atol, err_partial, scr):
+    L = U.shape[1]
+    a, s, block, start, w = _work_item(item, nb, active, U.shape[2])
+    if live[a] == 0:
+        return
+    if stage >= 0 and keep:
+        _derivative_rows(Y_in, G, inv_n, a, s, start, w, K[stage, s], start)
+    elif stage >= 0:
+        _derivative_rows(Y_in, G, inv_n, a, s, start, w, scr, 0)
+    if mode == MODE_DERIVATIVE:
+        return
+    hs = h[s]
+    acc = scr[L, :w]
+    th = theta[a, start:start + w]
+    if mode == MODE_NEXT_INPUT:
+        _ones(th, w)
+    tiny = np.finfo(U.dtype).tiny
+    total = 0.0
+    for j in range(L):
+        _combination(acc, K, scr, stage, keep, coeffs, n_terms, s, j, start, w)
+        if mode == MODE_NEXT_INPUT:
+            _next_input_row(U, Y_out, th, acc, hs, s, j, start, w)
+        else:
+            total = _error_row(total, U, Y_in, acc, hs, rtol, atol, tiny, s, j, start, w)
+    if mode == MODE_ERROR:
+        err_partial[a, block] = total
+
+
+@njit(inline="always")
+def _accept_item(item, nb, U, Y, K, src, dst, seeds):
+    _, s, _, start, w = _work_item(item, nb, seeds, U.shape[2])
+    stop = start + w
+    for j in range(U.shape[1]):
+        U[s, j, start:stop] = Y[s, j, start:stop]
+        if src >= 0:
+            K[dst, s, j, start:stop] = K[src, s, j, start:stop]
+
+
+# -- kernels: parallel entry points, and serial twins for compiled loops (a cached serial function
+# must not call a parallel one) ----------------------------------------------------------------
+@njit(**PARALLEL_OPTIONS)
+def layer_products(U, active, theta):
+    """theta[a] = prod_j U[s, j] for the active seeds ``s = active[a]``."""
+    nb = n_blocks(U.shape[2])
+    for item in prange(active.shape[0] * nb):
+        _layer_products_item(item, nb, U, active, theta)
+
+
+@njit(**JIT_OPTIONS)
+def layer_products_serial(U, active, theta):
+    """:func:`layer_products` in the calling thread."""
+    nb = n_blocks(U.shape[2])
+    for item in range(active.shape[0] * nb):
+        _layer_products_item(item, nb, U, active, theta)
 
 
 @njit(**PARALLEL_OPTIONS)
-def _rk_stage(U, Y_in, G, K, stage, keep, inv_n, h, active, live, mode,
-              coeffs, n_terms, Y_out, theta, rtol, atol, err_partial, scratch):
+def stage_input(U, K, coeffs, n_terms, h, active, Y, theta, scratch):
+    """Y[s] = U[s] + h[s] * sum_{k < n_terms} coeffs[k] K[k, s] and theta[a] = prod_j Y[s, j]
+    for the active seeds ``s = active[a]`` (n_terms >= 1). ``scratch``: :func:`stage_scratch`.
+    """
+    nb = n_blocks(U.shape[2])
+    for item in prange(active.shape[0] * nb):
+        _stage_input_item(item, nb, U, K, coeffs, n_terms, h, active, Y, theta,
+                          scratch[get_thread_id()])
+
+
+@njit(**JIT_OPTIONS)
+def stage_input_serial(U, K, coeffs, n_terms, h, active, Y, theta, scratch):
+    """:func:`stage_input` in the calling thread (scratch rows of thread 0)."""
+    nb = n_blocks(U.shape[2])
+    for item in range(active.shape[0] * nb):
+        _stage_input_item(item, nb, U, K, coeffs, n_terms, h, active, Y, theta, scratch[0])
+
+
+@njit(**PARALLEL_OPTIONS)
+def rk_stage(U, Y_in, G, K, stage, keep, inv_n, h, active, live, mode,
+             coeffs, n_terms, Y_out, theta, rtol, atol, err_partial, scratch):
     """One fused Runge–Kutta stage for the live active seeds.
 
-    K[stage, s, j] = -(G[a] / n) * prod_{k != j} Y_in[s, k]   (prefix/suffix products, no
-    division: layers may be exactly zero). ``G`` rows are used as scratch and destroyed.
-    With ``keep = 0`` the stage derivative is only used inside this call (Euler; the last stage
-    of a method without FSAL) and lives in the thread's ``scratch`` rows instead of K, which
-    saves writing a state-sized array back to memory. Then, by ``mode``:
+    K[stage, s, j] = -(G[a] / n) * prod_{k != j} Y_in[s, k] (see :func:`_derivative_rows`;
+    ``G`` rows are destroyed). With ``keep = 0`` the derivative is only used inside this call
+    (Euler; the last stage of a method without FSAL) and lives in the thread's ``scratch``
+    rows instead of K, never written back to memory. ``stage = -1`` computes no
+    derivative (``G`` is not read): every term of the combination is in K already (the error
+    of an embedded pair whose last stage is not at the new state). Then, by ``mode``:
 
-    - ``MODE_NEXT_INPUT``: Y_out[s] = U[s] + h[s] * sum_k coeffs[k] K[k, s] and its theta row
-      (``Y_out`` may be ``Y_in`` or ``U``: each coordinate is read before it is written);
+    - ``MODE_NEXT_INPUT``: Y_out[s] = U[s] + h[s] * sum_{k < n_terms} coeffs[k] K[k, s] and its
+      theta row (``Y_out`` may be ``Y_in`` or ``U``: each block is read before it is written);
     - ``MODE_ERROR``: err_partial[a, block] = sum over the block of
       (h[s] * sum_k coeffs[k] K[k, s] / (atol + rtol * max(|U|, |Y_in|)))^2.
     """
-    L, d = U.shape[1], U.shape[2]
-    nb = _n_blocks(d)
-    tiny = np.finfo(U.dtype).tiny
+    nb = n_blocks(U.shape[2])
     for item in prange(active.shape[0] * nb):
-        a = item // nb
-        if live[a] == 0:
-            continue
-        s = active[a]
-        block = item % nb
-        start = block * BLOCK
-        w = min(BLOCK, d - start)
-        scr = scratch[get_thread_id()]
-        # suffix products prod_{k > j} into the stage rows, then sweep the prefix (with -g/n
-        # folded in).
-        nxt = _k_row(K, scr, stage, stage, keep, s, L - 1, start, w)
-        for c in range(w):
-            nxt[c] = 1.0
-        for j in range(L - 2, -1, -1):
-            cur = _k_row(K, scr, stage, stage, keep, s, j, start, w)
-            yr = Y_in[s, j + 1, start:start + w]
-            for c in range(w):
-                cur[c] = nxt[c] * yr[c]
-            nxt = cur
-        carry = G[a, start:start + w]
-        for c in range(w):
-            carry[c] = -inv_n * carry[c]
-        for j in range(L):
-            kr = _k_row(K, scr, stage, stage, keep, s, j, start, w)
-            yr = Y_in[s, j, start:start + w]
-            for c in range(w):
-                kr[c] *= carry[c]
-                carry[c] *= yr[c]
-        if mode == MODE_DERIVATIVE:
-            continue
-        hs = h[s]
-        acc = scr[L, :w]
-        th = theta[a, start:start + w]
-        if mode == MODE_NEXT_INPUT:
-            for c in range(w):
-                th[c] = 1.0
-        total = 0.0
-        for j in range(L):
-            kr = _k_row(K, scr, 0, stage, keep, s, j, start, w)
-            c0 = coeffs[0]
-            for c in range(w):
-                acc[c] = c0 * kr[c]
-            for k in range(1, n_terms):
-                kr = _k_row(K, scr, k, stage, keep, s, j, start, w)
-                ck = coeffs[k]
-                for c in range(w):
-                    acc[c] += ck * kr[c]
-            ur = U[s, j, start:start + w]
-            if mode == MODE_NEXT_INPUT:
-                yo = Y_out[s, j, start:start + w]
-                for c in range(w):
-                    y = ur[c] + hs * acc[c]
-                    yo[c] = y
-                    th[c] *= y
-            else:
-                yr = Y_in[s, j, start:start + w]
-                for c in range(w):
-                    scale = atol + rtol * max(abs(ur[c]), abs(yr[c]))
-                    ratio = hs * acc[c] / max(scale, tiny)
-                    total += ratio * ratio
-        if mode == MODE_ERROR:
-            err_partial[a, block] = total
+        _rk_stage_item(item, nb, U, Y_in, G, K, stage, keep, inv_n, h, active, live, mode,
+                       coeffs, n_terms, Y_out, theta, rtol, atol, err_partial,
+                       scratch[get_thread_id()])
+
+
+@njit(**JIT_OPTIONS)
+def rk_stage_serial(U, Y_in, G, K, stage, keep, inv_n, h, active, live, mode,
+                    coeffs, n_terms, Y_out, theta, rtol, atol, err_partial, scratch):
+    """:func:`rk_stage` in the calling thread (scratch rows of thread 0)."""
+    nb = n_blocks(U.shape[2])
+    for item in range(active.shape[0] * nb):
+        _rk_stage_item(item, nb, U, Y_in, G, K, stage, keep, inv_n, h, active, live, mode,
+                       coeffs, n_terms, Y_out, theta, rtol, atol, err_partial, scratch[0])
 
 
 @njit(**PARALLEL_OPTIONS)
-def _euler_step(U, G, inv_n, h, active, live, theta, scratch):
+def euler_step(U, G, inv_n, h, active, live, theta, scratch):
     """One explicit Euler step in place for the live active seeds, and theta of the new layers:
     U[s, j] += h[s] * (-(G[a] / n) * prod_{k != j} U[s, k]); theta[a] = prod_j U[s, j].
 
-    The same arithmetic as :func:`_rk_stage` with one stage and ``keep = 0`` (suffix products,
-    then the prefix sweep with -g/n folded in), but for depths 1-4 each coordinate's layers stay
-    in registers: the state is read and written once. Deeper networks take the
-    ``scratch`` rows. ``G`` rows are destroyed.
+    The same arithmetic as :func:`rk_stage` with one stage, but for depths 1-4 each
+    coordinate's layers stay in registers: the state is read and written once. Deeper networks
+    keep the suffix products in the ``scratch`` rows. ``G`` rows are destroyed.
     """
     L, d = U.shape[1], U.shape[2]
-    nb = _n_blocks(d)
+    nb = n_blocks(d)
     for item in prange(active.shape[0] * nb):
-        a = item // nb
+        a, s, _, start, w = _work_item(item, nb, active, d)
         if live[a] == 0:
             continue
-        s = active[a]
-        start = (item % nb) * BLOCK
-        w = min(BLOCK, d - start)
         hs = h[s]
         g = G[a, start:start + w]
         th = theta[a, start:start + w]
@@ -259,19 +356,12 @@ def _euler_step(U, G, inv_n, h, active, live, theta, scratch):
                 u0[c], u1[c], u2[c], u3[c] = y0, y1, y2, y3
                 th[c] = ((y0 * y1) * y2) * y3
         else:
+            # the prefix sweep fused with the update: the state is read and written once
             suffix = scratch[get_thread_id()]
-            nxt = suffix[L - 1, :w]
-            for c in range(w):
-                nxt[c] = 1.0
-            for j in range(L - 2, -1, -1):
-                cur = suffix[j, :w]
-                ur = U[s, j + 1, start:start + w]
-                for c in range(w):
-                    cur[c] = nxt[c] * ur[c]
-                nxt = cur
+            _suffix_rows(U, s, start, w, suffix, 0)
             for c in range(w):
                 g[c] = -inv_n * g[c]
-                th[c] = 1.0
+            _ones(th, w)
             for j in range(L):
                 ur = U[s, j, start:start + w]
                 sr = suffix[j, :w]
@@ -284,7 +374,7 @@ def _euler_step(U, G, inv_n, h, active, live, theta, scratch):
 
 # Serial: S x n values are far too few to pay for waking the thread team (tens of us).
 @njit(**JIT_OPTIONS)
-def _residual_and_loss(R, y, y_rows, m, inv_2n, loss):
+def residual_and_loss(R, y, y_rows, m, inv_2n, loss):
     """R[a] -= y[y_rows[a]] in place and loss[a] = ||R[a]||^2 / (2n), for a < m (float64 sums
     in a fixed order)."""
     n = R.shape[1]
@@ -299,7 +389,7 @@ def _residual_and_loss(R, y, y_rows, m, inv_2n, loss):
 
 
 @njit(**JIT_OPTIONS)
-def _one_seed_products(X, y, theta, r, g, inv_2n, gradient):
+def one_seed_products(X, y, theta, r, g, inv_2n, gradient):
     """Both products of one seed, in the calling thread, sums in a fixed order:
     r = X theta - y, g = X^T r (not yet divided by n; only if ``gradient``); returns
     ||r||^2 / (2n). ``X`` (n, d), ``y`` (n,), ``theta`` and ``g`` (d,), ``r`` (n,)."""
@@ -325,7 +415,7 @@ def _one_seed_products(X, y, theta, r, g, inv_2n, gradient):
 
 
 @njit(**PARALLEL_OPTIONS)
-def _per_seed_products(X, y, theta, active, R, G, inv_2n, loss, gradient):
+def per_seed_products(X, y, theta, active, R, G, inv_2n, loss, gradient):
     """Both products with per-seed data, one seed per work item: R[a] = X[s] theta[a] - y[s],
     loss[a] = ||R[a]||^2 / (2n), G[a] = X[s]^T R[a] (not yet divided by n; only if
     ``gradient``), ``s = active[a]``.
@@ -336,21 +426,21 @@ def _per_seed_products(X, y, theta, active, R, G, inv_2n, loss, gradient):
     """
     for a in prange(active.shape[0]):
         s = active[a]
-        loss[a] = _one_seed_products(X[s], y[s], theta[a], R[a], G[a], inv_2n, gradient)
+        loss[a] = one_seed_products(X[s], y[s], theta[a], R[a], G[a], inv_2n, gradient)
 
 
 @njit(**JIT_OPTIONS)
-def _shared_products_serial(X, y, theta, m, R, G, inv_2n, loss, gradient):
+def shared_products_serial(X, y, theta, m, R, G, inv_2n, loss, gradient):
     """Both products with a shared X for the first ``m`` rows of ``theta``, in the calling
-    thread (see :func:`_one_seed_products`). For a few seeds there is too little work to pay
+    thread (see :func:`one_seed_products`). For a few seeds there is too little work to pay
     for waking a thread team (Numba's or the BLAS's), which on a busy machine can cost more
     than the products."""
     for a in range(m):
-        loss[a] = _one_seed_products(X, y[0], theta[a], R[a], G[a], inv_2n, gradient)
+        loss[a] = one_seed_products(X, y[0], theta[a], R[a], G[a], inv_2n, gradient)
 
 
 @njit(**JIT_OPTIONS)
-def _sum_blocks(err_partial, m, size, out):
+def rms_of_blocks(err_partial, m, size, out):
     """out[a] = sqrt(sum_block err_partial[a, block] / size): the RMS error norm of each seed."""
     for a in range(m):
         total = 0.0
@@ -360,26 +450,29 @@ def _sum_blocks(err_partial, m, size, out):
 
 
 @njit(**PARALLEL_OPTIONS)
-def _accept_steps(U, Y, K, src, dst, seeds):
-    """U[s] = Y[s] and K[dst, s] = K[src, s] for the accepted seeds (FSAL)."""
-    L, d = U.shape[1], U.shape[2]
-    nb = _n_blocks(d)
+def accept_steps(U, Y, K, src, dst, seeds):
+    """U[s] = Y[s] for the accepted seeds, and K[dst, s] = K[src, s] unless ``src < 0`` (FSAL:
+    the last stage is the next step's first)."""
+    nb = n_blocks(U.shape[2])
     for item in prange(seeds.shape[0] * nb):
-        s = seeds[item // nb]
-        start = (item % nb) * BLOCK
-        stop = min(start + BLOCK, d)
-        for j in range(L):
-            U[s, j, start:stop] = Y[s, j, start:stop]
-            K[dst, s, j, start:stop] = K[src, s, j, start:stop]
+        _accept_item(item, nb, U, Y, K, src, dst, seeds)
+
+
+@njit(**JIT_OPTIONS)
+def accept_steps_serial(U, Y, K, src, dst, seeds):
+    """:func:`accept_steps` in the calling thread."""
+    nb = n_blocks(U.shape[2])
+    for item in range(seeds.shape[0] * nb):
+        _accept_item(item, nb, U, Y, K, src, dst, seeds)
 
 
 @njit(**PARALLEL_OPTIONS)
-def _invariant_drift(U, u0, partial):
+def invariant_drift_blocks(U, u0, partial):
     """partial[s, block] = max over the block's coordinates i of
     max_j D_ij - min_j D_ij, with D_ij = (u^j_i)^2 - (u0^j_i)^2: the largest change of any
     (u^j_i)^2 - (u^k_i)^2. Exact flows keep it at 0."""
     S, L, d = U.shape
-    nb = _n_blocks(d)
+    nb = n_blocks(d)
     for item in prange(S * nb):
         s = item // nb
         block = item % nb

@@ -1,25 +1,26 @@
 """The ``mirror`` method: dopri5 on the mirror flow d theta/dt = -h(theta) * g(theta) in theta space.
 
-An independent route to the trajectory of the layer flow (THEORY.md, check 4): under (A) the
-layers are a function of theta (the invariants), so the integrator advances theta (S, d) and
-rebuilds the layers (S, L, d) from it for the run file, which keeps its schema. It has the
-interface of :class:`ddln_fast.integrators.Integrator` (``advance_to``, ``U``, ``state``,
-``restore``, ``current_losses``, ``theta_of_all``, ``invariant_drift``, ``tableau``, ``fsal``,
-``running``, ``dtype``), in plain numpy, one seed at a time (a reference method, not a fast one).
+An independent route to the trajectory of the layer flow: under assumption (A) the layers are
+a function of theta (the invariants), so the integrator advances theta (S, d) and rebuilds the
+layers (S, L, d) from it for the run file, which keeps its schema. A
+:class:`ddln_fast.solver.Solver` in plain numpy, one seed at a time, with the package's step-size
+controller (a reference method, not a fast one).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from . import controller
+from .controller import DIVERGED, RUNNING, SeedState, Trial
 from .errors import InputError
-from .integrators import (BETA, DIVERGED, DOPRI5, FAC_MAX, FAC_MIN, LOSS_TOL, MAX_STEPS, RUNNING,
-                          SAFETY, STALLED, SeedState)
 from .problem import Problem
+from .solver import Solver
+from .tableaus import DOPRI5
 from .theory import MirrorGeometry, assumption_a
 
 
-class MirrorIntegrator:
+class MirrorIntegrator(Solver):
     """Dormand–Prince 5(4) on theta with Hairer's PI controller, one step size per seed.
 
     Parameters
@@ -31,7 +32,7 @@ class MirrorIntegrator:
         Upper bound of the first step.
     rtol, atol : float
         Error control on theta (RMS norm over the d coordinates).
-    loss_tol, max_steps : stopping rules, as for :class:`Integrator`.
+    loss_tol, max_steps : stopping rules, as for :class:`ddln_fast.integrators.Integrator`.
     """
 
     tableau = DOPRI5
@@ -39,6 +40,7 @@ class MirrorIntegrator:
 
     def __init__(self, problem: Problem, u0, dt=0.01, rtol=1e-8, atol=1e-12, loss_tol=0.0,
                  max_steps=10_000_000, dtype=np.float64):
+        super().__init__()
         self.dtype = np.dtype(dtype).type
         if self.dtype is not np.float64:
             raise InputError('integrator.method = "mirror" runs in float64 only (set run.dtype = "float64")')
@@ -58,8 +60,6 @@ class MirrorIntegrator:
         self.theta = np.prod(self.u0, axis=1)
         self.derivative = np.zeros((S, d))
         self._ready = np.zeros(S, dtype=bool)  # FSAL derivative computed, per seed
-        self.stop_check = None  # set by the driver (signals): checked between steps
-        self.stopped_early = False
         self.state = SeedState.fresh(S, self.dt)
 
     # -- the vector field --------------------------------------------------------------------------
@@ -76,37 +76,30 @@ class MirrorIntegrator:
         loss, g = self._loss_and_gradient(s, theta)
         return -self.geometry[s].h(theta) * g, loss
 
-    # -- the Integrator interface ----------------------------------------------------------------
-    @property
-    def U(self) -> np.ndarray:
+    # -- the Solver interface ------------------------------------------------------------------
+    def layers(self) -> np.ndarray:
         """Layers rebuilt from theta through the invariants, shape (S, L, d)."""
         return np.stack([self.geometry[s].layers(self.theta[s]) for s in range(self.seeds)])
 
-    @property
-    def fsal(self) -> np.ndarray:
-        """d theta/dt at the current theta in layer 0 (the FSAL stage), shape (S, L, d)."""
-        out = np.zeros((self.seeds, self.depth, self.dim))
-        out[:, 0] = self.derivative
-        return out
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """The layer integrator's names and shapes (one run-file layout for every method):
+        ``U`` the layers, ``theta_rows`` all -1 and ``theta_cache`` theta (nothing is reused
+        between steps), ``fsal`` d theta/dt in layer 0, ``fsal_ready`` whether every running
+        seed has it, then the SeedState arrays."""
+        fsal = np.zeros((self.seeds, self.depth, self.dim))
+        fsal[:, 0] = self.derivative
+        ready = bool(np.all(self._ready[self.running]))
+        return {"U": self.layers(), "theta_rows": np.full(self.seeds, -1, dtype=np.int64),
+                "theta_cache": self.theta.copy(), "fsal": fsal,
+                "fsal_ready": np.array([ready], dtype=np.int8), **self.state.as_dict()}
 
-    @property
-    def fsal_ready(self) -> bool:
-        return bool(np.all(self._ready))
-
-    @property
-    def running(self) -> np.ndarray:
-        return self.state.status == RUNNING
-
-    def theta_cache(self):
-        """(rows, theta) as for :class:`Integrator`: nothing is reused between steps here."""
-        return np.full(self.seeds, -1, dtype=np.int64), self.theta.copy()
-
-    def restore(self, U, state: SeedState, fsal=None, theta_cache=None):
-        self.theta = np.prod(np.asarray(U, dtype=np.float64), axis=1)
-        self.state = state
-        if fsal is not None:
-            self.derivative = np.array(fsal)[:, 0]
-            self._ready[:] = True
+    def restore_state(self, arrays) -> None:
+        # theta itself: the product of the rebuilt layers differs from it in the last bits
+        self.theta = np.array(arrays["theta_cache"], dtype=np.float64)
+        self.state = SeedState.from_dict(arrays)
+        # a seed has its derivative once its start evaluated it (its first evaluation)
+        self._ready = self.state.nfev > 0
+        self.derivative = np.array(arrays["fsal"])[:, 0]
 
     def current_losses(self, theta=None) -> np.ndarray:
         # theta (from theta_of_all) is self.theta already here: nothing to reuse
@@ -117,21 +110,19 @@ class MirrorIntegrator:
 
     def invariant_drift(self) -> np.ndarray:
         """Zero up to rounding by construction (the layers are rebuilt on the invariant manifold)."""
-        U = self.U
+        U = self.layers()
         drift = np.zeros(self.seeds)
         for s in range(self.seeds):
             sq, sq0 = U[s] ** 2, self.u0[s] ** 2
             drift[s] = np.max(np.abs((sq - sq[:1]) - (sq0 - sq0[:1])))
         return drift
 
-    def advance_to(self, t_target: float) -> None:
-        """Advance every running seed to ``t_target``, or until ``stop_check`` asks to stop."""
-        self.stopped_early = False
+    def advance_to(self, t_target: float) -> bool:
         for s in range(self.seeds):
             if self.state.status[s] == RUNNING and self.state.t[s] < t_target:
-                self._advance_seed(s, float(t_target))
-            if self.stopped_early:
-                return
+                if not self._advance_seed(s, float(t_target)):
+                    return False
+        return True
 
     # -- dopri5 per seed ---------------------------------------------------------------------------
     def _error_norm(self, err, theta, theta_new):
@@ -147,73 +138,47 @@ class MirrorIntegrator:
         if not np.isfinite(loss):
             st.status[s], st.t_stop[s] = DIVERGED, st.t[s]
             return
-        # HNW I, II.4 starting step, as the layer integrator does
         scale = self.atol + self.rtol * np.abs(theta)
         scale = np.maximum(scale, np.finfo(np.float64).tiny)
         d0, d1 = np.sqrt(np.mean((theta / scale) ** 2)), np.sqrt(np.mean((f0 / scale) ** 2))
-        h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
-        h0 = min(h0, self.dt)
+        h0 = controller.first_trial_step(d0, d1, self.dt)
         f1, _ = self._field(s, theta + h0 * f0)
         st.nfev[s] += 1
         d2 = np.sqrt(np.mean(((f1 - f0) / scale) ** 2)) / h0
-        big = max(d1, d2)
-        h1 = max(1e-6, h0 * 1e-3) if big <= 1e-15 else (0.01 / big) ** 0.2
-        st.h[s] = min(100 * h0, h1, self.dt)
+        st.h[s] = controller.starting_step(h0, d1, d2, DOPRI5.error_order, self.dt)
         self.derivative[s] = f0
         self._ready[s] = True
 
-    def _advance_seed(self, s, t_target):
+    def _advance_seed(self, s, t_target) -> bool:
+        """Steps of seed ``s`` until it is at ``t_target`` or stops; False if ``stop_check``
+        stopped it first."""
         st = self.state
-        A, B, C, E = DOPRI5.A, DOPRI5.B, DOPRI5.C, DOPRI5.E
-        del C
+        A, B, E = DOPRI5.A, DOPRI5.B, DOPRI5.E
         if not self._ready[s]:
             self._start(s)
-        expo1 = 0.2 - BETA * 0.75
-        eps = np.finfo(np.float64).eps
-        K = np.zeros((7, self.dim))
+        control = controller.control_for(DOPRI5.error_order)
+        seed = np.array([s])
+        targets = np.full(self.seeds, t_target)
+        live = np.ones(1, dtype=np.uint8)
+        trial = Trial.empty(self.seeds)
+        K = np.zeros((DOPRI5.stages, self.dim))
         while st.status[s] == RUNNING and st.t[s] < t_target:
-            if self.stop_check is not None and self.stop_check():
-                self.stopped_early = True
-                return
+            if self.stop_requested():
+                return False
             theta = self.theta[s]
-            proposal = st.h[s]
-            landing = st.t[s] + 1.01 * proposal >= t_target
-            h = t_target - st.t[s] if landing else proposal
+            controller.propose_steps(seed, targets, st, trial)
+            h = trial.h[s]
             K[0] = self.derivative[s]
-            for i in range(1, 7):
+            for i in range(1, DOPRI5.stages):
                 K[i], loss_new = self._field(s, theta + h * (A[i, :i] @ K[:i]))
             theta_new = theta + h * (B @ K)  # B[6] = 0; stage 6 is f(theta_new) (FSAL)
             err = self._error_norm(h * (E @ K), theta, theta_new)
-            st.steps[s] += 1
-            st.nfev[s] += 6
-            if err <= 1.0:
-                fac = err ** expo1 / st.facold[s] ** BETA
-                fac = max(1.0 / FAC_MAX, min(1.0 / FAC_MIN, fac / SAFETY))
-                h_new = h / fac
-                st.facold[s] = max(err, 1e-4)
-                if st.rejected[s]:
-                    h_new = min(h_new, h)
-                st.rejected[s] = 0
-                if landing:
-                    st.t[s] = t_target
-                    h_new = max(h_new, proposal)
-                else:
-                    st.t[s] += h
-                st.h[s] = h_new
-                st.accepted[s] += 1
+            controller.control_steps(seed, live, np.array([err]), np.array([loss_new]), targets, st,
+                                     trial, control, DOPRI5.stages - 1, self.loss_tol, self.max_steps)
+            if trial.accepted[s]:
                 self.theta[s] = theta_new
-                self.derivative[s] = K[6]
-                st.loss[s] = loss_new
-                if loss_new < self.loss_tol:
-                    st.status[s], st.t_stop[s] = LOSS_TOL, st.t[s]
-            else:
-                fac11 = err ** expo1 if np.isfinite(err) else np.inf
-                st.h[s] = h / min(1.0 / FAC_MIN, fac11 / SAFETY)
-                st.rejected[s] = 1
-            if st.status[s] == RUNNING:
-                if not np.all(np.isfinite(self.theta[s])):
+                self.derivative[s] = K[-1]
+                # a step that overflows theta ends the seed (after the controller's own stops)
+                if st.status[s] == RUNNING and not np.all(np.isfinite(theta_new)):
                     st.status[s], st.t_stop[s] = DIVERGED, st.t[s]
-                elif st.steps[s] >= self.max_steps:
-                    st.status[s], st.t_stop[s] = MAX_STEPS, st.t[s]
-                elif not st.h[s] > 16.0 * eps * max(abs(st.t[s]), 1e-280):
-                    st.status[s], st.t_stop[s] = STALLED, st.t[s]
+        return True

@@ -67,7 +67,7 @@ def implicit_bias(spec: dict, base_dir: Path, out: Path) -> dict:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, which="both")
     fig.suptitle(f"Implicit bias (predicted, no training): n = {problem.n}, d = {problem.d}, "
-                 f"{base.problem.sparsity}-sparse, first layer zero, {base.run.seeds} seeds")
+                 f"{base.problem.sparsity}-sparse, first layer zero")
     fig.tight_layout()
     fig.savefig(out / "implicit_bias.png", dpi=120)
     plt.close(fig)

@@ -90,7 +90,7 @@ def make_problem(config: Config) -> Problem:
     return Problem(X, y, star)
 
 
-def _read_arrays(path: Path, names: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
+def read_arrays(path: Path, names: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
     """Read named arrays from .npz (keys) or .h5 (datasets ``/name``); missing names are left out."""
     if not path.exists():
         raise InputError(f"{what} file {path} does not exist")
@@ -115,7 +115,9 @@ def _read_arrays(path: Path, names: tuple[str, ...], what: str) -> dict[str, np.
     raise InputError(f"{what} file {path}: expected a .npz or .h5 file, got '{suffix or 'no suffix'}'")
 
 
-def _as_float_array(array: np.ndarray, name: str, path: Path) -> np.ndarray:
+def as_float_array(array: np.ndarray, name: str, path: Path) -> np.ndarray:
+    """``array`` (named ``name`` in the file ``path``) as contiguous float64, or InputError if
+    it is not real or holds NaN or inf."""
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise InputError(f"{name} in {path} has dtype {array.dtype}, expected real numbers")
     out = np.ascontiguousarray(array, dtype=np.float64)
@@ -127,12 +129,12 @@ def _as_float_array(array: np.ndarray, name: str, path: Path) -> np.ndarray:
 def load_problem(path: str | Path, seeds: int) -> Problem:
     """Load X, y (and theta_star) from .npz or .h5; X may be (n, d) or (seeds, n, d)."""
     path = Path(path)
-    arrays = _read_arrays(path, ("X", "y", "theta_star"), "data")
+    arrays = read_arrays(path, ("X", "y", "theta_star"), "data")
     for name in ("X", "y"):
         if name not in arrays:
             raise InputError(f"data file {path} has no array '{name}' (expected X of shape (n, d) and y of shape (n,))")
-    X = _as_float_array(arrays["X"], "X", path)
-    y = _as_float_array(arrays["y"], "y", path)
+    X = as_float_array(arrays["X"], "X", path)
+    y = as_float_array(arrays["y"], "y", path)
     if X.ndim not in (2, 3) or X.size == 0:
         raise InputError(f"X in {path} has shape {X.shape}, expected (n, d) or (seeds, n, d)")
     if X.ndim == 3 and X.shape[0] != seeds:
@@ -141,7 +143,7 @@ def load_problem(path: str | Path, seeds: int) -> Problem:
         raise InputError(f"y in {path} has shape {y.shape}, expected {X.shape[:-1]} to match X of shape {X.shape}")
     star = arrays.get("theta_star")
     if star is not None:
-        star = _as_float_array(star, "theta_star", path)
+        star = as_float_array(star, "theta_star", path)
         expected = X.shape[:-2] + X.shape[-1:]
         if star.shape != expected:
             raise InputError(f"theta_star in {path} has shape {star.shape}, expected {expected}")

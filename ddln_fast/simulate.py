@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config
-from .errors import InputError
+from .controller import LOSS_TOL, MAX_STEPS, RUNNING, T_END
+from .errors import AlreadyComplete, InputError
 from .init import initial_layers, sign_trap_coordinates
-from .integrators import DIVERGED, RUNNING, T_END, Integrator, SeedState
+from .methods import METHODS, is_adaptive
 from .problem import make_problem
-from .store import Run, RunWriter, open_h5, provenance, state_shapes
+from .solver import Solver
+from .store import Run, RunWriter, extend_run, open_h5, provenance
 from .threads import limit_threads
 
 
@@ -33,21 +35,68 @@ class UnderflowWarning(UserWarning):
     """The initial effective parameter underflows the dtype."""
 
 
-def checkpoint_times(config: Config) -> np.ndarray:
-    """Checkpoint times, t = 0 first and t_end last; for fixed-step methods, whole steps.
+class CheckpointWarning(UserWarning):
+    """The checkpoint times differ from what the config asks (fixed-step methods)."""
 
-    ``log`` spacing starts at min(dt, t_end) and is geometric up to t_end.
+
+def checkpoint_times(config: Config) -> np.ndarray:
+    """Checkpoint times (flow time), t = 0 first and the end of the run last, strictly increasing.
+
+    ``log`` spacing is geometric from min(dt, t_end / (checkpoints - 1)) up to t_end. Fixed-step
+    methods store whole steps only: ``checkpoints`` distinct step indices (geometric in the step
+    index for ``log``), or every step when the run has fewer steps than that, and the run ends
+    at the last whole step that is not after t_end; both are warned about
+    (:class:`CheckpointWarning`).
+
+    Returns
+    -------
+    ndarray of shape (K,)
+        K = ``run.checkpoints``, or fewer for a fixed-step run of fewer steps.
     """
     integ, run = config.integrator, config.run
     t_end, count = integ.t_end, run.checkpoints
+    if is_adaptive(integ.method):  # adaptive methods land on any time
+        if run.spacing == "linear":
+            return np.linspace(0.0, t_end, count)
+        if count == 2:  # geomspace of one point would be its start, not t_end
+            return np.array([0.0, t_end])
+        start = min(integ.dt, t_end / (count - 1))
+        return np.concatenate([[0.0], np.geomspace(start, t_end, count - 1)])
+    steps = whole_steps(integ.t_end, integ.dt)
+    if abs(steps * integ.dt - t_end) > 1e-9 * t_end:
+        warnings.warn(f"integrator.t_end = {t_end:g} is not a whole number of steps of integrator.dt "
+                      f"= {integ.dt:g}: the run ends after {steps} steps, at t = {steps * integ.dt:.10g}",
+                      CheckpointWarning, stacklevel=2)
+    if steps < count - 1:
+        warnings.warn(f"run.checkpoints = {count} but the run has only {steps} steps of "
+                      f"integrator.dt = {integ.dt:g}: storing every step ({steps + 1} checkpoints)",
+                      CheckpointWarning, stacklevel=2)
+        return np.arange(steps + 1) * integ.dt
     if run.spacing == "linear":
-        times = np.linspace(0.0, t_end, count)
+        targets = np.linspace(0.0, steps, count)
     else:
-        times = np.concatenate([[0.0], np.geomspace(min(integ.dt, t_end), t_end, count - 1)])
-    if integ.method not in ("dopri5", "mirror", "dual"):  # adaptive methods land on any time
-        steps = np.unique(np.round(times / integ.dt).astype(np.int64))
-        times = steps * integ.dt
-    return times
+        targets = np.concatenate([[0.0], np.geomspace(1.0, steps, count - 1)])
+    return _strictly_increasing_steps(targets, steps) * integ.dt
+
+
+def whole_steps(t_end: float, dt: float) -> int:
+    """The number of fixed steps of size ``dt`` in [0, t_end] (t_end = k dt up to rounding
+    counts as k steps)."""
+    return int(np.floor(t_end / dt * (1 + 1e-9)))
+
+
+def _strictly_increasing_steps(targets: np.ndarray, last: int) -> np.ndarray:
+    """Distinct step indices near the increasing ``targets`` (0 first, ``last`` last): rounded,
+    pushed up where they collide, then down where they pass ``last``. Needs len(targets) - 1
+    <= last."""
+    steps = np.floor(targets + 0.5).astype(np.int64)
+    steps[0], steps[-1] = 0, last
+    for k in range(1, len(steps)):
+        steps[k] = max(steps[k], steps[k - 1] + 1)
+    steps[-1] = last
+    for k in range(len(steps) - 2, -1, -1):
+        steps[k] = min(steps[k], steps[k + 1] - 1)
+    return steps
 
 
 def check_initialization(config: Config, u0: np.ndarray) -> None:
@@ -72,6 +121,57 @@ def check_initialization(config: Config, u0: np.ndarray) -> None:
                 f"alpha^depth = {10 ** (exponent - whole):.3g}e{whole} (smallest |u0|^depth) is "
                 f"below the smallest normal {config.run.dtype} ({tiny:.3g}): theta underflows; "
                 f"raise model.alpha or use float64", UnderflowWarning, stacklevel=3)
+
+
+class IdenticalSeedsWarning(UserWarning):
+    """Every seed has the same data and the same initial layers: the seeds are one run repeated."""
+
+
+def check_seeds_differ(config: Config, problem, u0: np.ndarray) -> None:
+    """Warn when the S > 1 seeds are copies of one run (shared data and equal u0), naming the
+    keys that make them differ.
+
+    Parameters
+    ----------
+    problem : Problem
+        ``problem.per_seed`` tells whether each seed has its own X, y.
+    u0 : ndarray of shape (S, L, d)
+    """
+    seeds = u0.shape[0]
+    if seeds < 2 or problem.per_seed or not np.all(u0 == u0[:1]):
+        return
+    fixes = ["problem.per_seed_data = true"] if config.problem.kind == "gaussian" else [
+        "a data file with X of shape (S, n, d)"]
+    fixes += ["model.jitter > 0", 'model.signs = "random"']
+    warnings.warn(f"all {seeds} seeds are the same run (the same data and the same initial layers); "
+                  f"for seeds that differ set {', '.join(fixes[:-1])} or {fixes[-1]}, or run.seeds = 1",
+                  IdenticalSeedsWarning, stacklevel=3)
+
+
+class StabilityWarning(UserWarning):
+    """A fixed step is above the method's linear stability limit at the initialization."""
+
+
+def check_step_stability(config: Config, problem, u0: np.ndarray) -> None:
+    """Warn when a fixed-step method's dt exceeds its stability limit at the initialization,
+    bound / lambda_max (gradient descent: 2 / lambda_max, lambda_max the largest eigenvalue of
+    the loss Hessian in layer space), and print the limit. Large steps stay allowed (the edge
+    of stability is a regime worth simulating)."""
+    from .sharpness import stability_limits
+
+    method, dt = config.integrator.method, config.integrator.dt
+    if is_adaptive(method):
+        return
+    limits = stability_limits(method, problem.X, problem.y, u0, rtol=1e-6, max_iter=100)
+    above = np.flatnonzero(dt > limits)
+    if above.size:
+        worst = int(np.argmin(limits))
+        bound = "2" if method == "euler" else "2.785"
+        warnings.warn(f"integrator.dt = {dt:g} is above the stability limit of {method} at the "
+                      f"initialization, {bound}/lambda_max = {limits[worst]:.4g} (seed {worst}; "
+                      f"lambda_max: largest eigenvalue of the loss Hessian in the layers), for "
+                      f"{above.size} of {limits.size} seeds: expect oscillation or divergence",
+                      StabilityWarning, stacklevel=3)
 
 
 @dataclass
@@ -122,7 +222,11 @@ def _prepare_output(out, overwrite: bool, resume: bool) -> Path | None:
     if path.is_dir():
         raise InputError(f"output {path} is a directory, expected a file name like run.h5")
     if path.exists() and not (overwrite or resume):
-        raise InputError(f"output {path} exists; pass --resume to continue it or --overwrite to replace it")
+        raise InputError(f"output {path} exists: continue it with resume=True or replace it with overwrite=True",
+                         f"output {path} exists; pass --resume to continue it or --overwrite to replace it")
+    if resume and not path.exists():
+        raise InputError(f"cannot resume {path}: the file does not exist (start the run without resume)",
+                         f"cannot resume {path}: the file does not exist (run without --resume to start it)")
     if not path.parent.exists():
         # Created only once the data and init are known good: bad input leaves nothing behind.
         ancestor = next(p for p in path.parent.parents if p.exists())
@@ -137,14 +241,14 @@ def _prepare_output(out, overwrite: bool, resume: bool) -> Path | None:
     return path
 
 
-def simulate(config: Config, out: str | Path | None = None, *, progress: bool | None = False,
+def simulate(config: Config | str | Path, out: str | Path | None = None, *, progress: bool | None = False,
              overwrite: bool = False, resume: bool = False, threads: int | None = None) -> Run:
     """Integrate the layer flow of every seed and stream checkpoints to HDF5.
 
     Parameters
     ----------
-    config : Config
-        The resolved run configuration.
+    config : Config, or the path of a TOML config file
+        The run configuration.
     out : path, optional
         Output .h5 file; ``None`` keeps the run in memory.
     progress : bool or None
@@ -159,6 +263,10 @@ def simulate(config: Config, out: str | Path | None = None, *, progress: bool | 
     Run
         A handle on the file, for reading the checkpoints back.
     """
+    if isinstance(config, (str, os.PathLike)):
+        config = Config.from_toml(config)
+    elif not isinstance(config, Config):
+        raise InputError(f"config: expected a Config or the path of a TOML file, got {type(config).__name__}")
     return run_simulation(config, out, progress=progress, overwrite=overwrite, resume=resume,
                           threads=threads).run
 
@@ -183,14 +291,13 @@ def _start_or_resume(config, path, progress, resume, threads, on_checkpoint, sto
     problem = make_problem(config)
     u0 = initial_layers(config, problem.d)
     check_initialization(config, u0)
+    check_seeds_differ(config, problem, u0)
     n_threads = config.run.threads if threads is None else threads
     times = checkpoint_times(config)
     with limit_threads(n_threads) as used_threads:
+        check_step_stability(config, problem, u0)
         integrator = _make_integrator(config, problem, u0)
-        if hasattr(integrator, "state_shapes"):
-            shapes = integrator.state_shapes()
-        else:
-            shapes = state_shapes(*u0.shape, integrator.dtype, integrator.tableau.adaptive)
+        shapes = integrator.state_shapes()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         writer = RunWriter.create(path, config, problem, u0, provenance(used_threads), shapes,
@@ -198,50 +305,108 @@ def _start_or_resume(config, path, progress, resume, threads, on_checkpoint, sto
         return _drive(config, integrator, writer, times, 0, progress, on_checkpoint, stops)
 
 
-def _make_integrator(config: Config, problem, u0) -> Integrator:
+def _make_integrator(config: Config, problem, u0) -> Solver:
     integ = config.integrator
-    if integ.method == "dual":  # Radau IIA(5) in dual coordinates
-        from .dual import DualIntegrator
+    options = dict(dt=integ.dt, rtol=integ.rtol, atol=integ.atol, loss_tol=integ.loss_tol,
+                   max_steps=integ.max_steps, dtype=np.dtype(config.run.dtype).type)
+    if integ.method == "dual":  # it records activation events, at a level set from the config
         from .events import activation_levels
 
-        return DualIntegrator(problem, u0, dt=integ.dt, rtol=integ.rtol, atol=integ.atol,
-                              loss_tol=integ.loss_tol, max_steps=integ.max_steps,
-                              activation_level=activation_levels(config, problem, u0))
-    if integ.method == "mirror":  # dopri5 in theta space (theory-side reference method)
-        from .mirror import MirrorIntegrator
+        options["activation_level"] = activation_levels(config, problem, u0)
+    return METHODS[integ.method].build(problem, u0, **options)
 
-        return MirrorIntegrator(problem, u0, dt=integ.dt, rtol=integ.rtol, atol=integ.atol,
-                                loss_tol=integ.loss_tol, max_steps=integ.max_steps,
-                                dtype=np.dtype(config.run.dtype).type)
-    return Integrator(integ.method, problem, u0, dt=integ.dt, rtol=integ.rtol, atol=integ.atol,
-                      loss_tol=integ.loss_tol, max_steps=integ.max_steps,
-                      dtype=np.dtype(config.run.dtype).type)
+
+def _fixed_shapes(integrator: Solver) -> dict:
+    """Datasets rewritten in place at every checkpoint: the dual method's events."""
+    events = getattr(integrator, "events", None)
+    return {} if events is None else events.file_shapes(integrator.seeds, integrator.dim)
+
+
+def _fixed_rows(integrator: Solver) -> dict:
+    events = getattr(integrator, "events", None)
+    return {} if events is None else events.file_rows()
+
+
+#: Keys a finished or interrupted run may be resumed with, when they relax the limit (the
+#: direction each may move in): the run then continues in the same file.
+EXTENSION_KEYS = {"integrator.t_end": "larger", "integrator.max_steps": "larger",
+                  "integrator.loss_tol": "smaller"}
+
+
+def _extension(stored: Config, config: Config, path: Path) -> dict:
+    """The limits ``config`` relaxes with respect to the run's ``stored`` config,
+    ``{key: [old, new]}``; InputError if anything else differs or a limit is tightened."""
+    # threads change only the last bits (warned about on resume), not what is computed
+    differing = stored.differing_keys(config, ignore=("run.threads",))
+    others = [k for k in differing if k not in EXTENSION_KEYS]
+    if others:
+        hint = "integrator.t_end, max_steps and loss_tol may be relaxed to extend a run"
+        raise InputError(f"cannot resume {path}: the config differs in {', '.join(others)} ({hint}; "
+                         f"use the config of the run, or overwrite=True to start a new one)",
+                         f"cannot resume {path}: the config differs in {', '.join(others)} ({hint}; "
+                         f"use the config of the run, or --overwrite to start a new one)")
+    old, new = stored.flat(), config.flat()
+    for key in differing:
+        larger = new[key] > old[key]
+        if larger != (EXTENSION_KEYS[key] == "larger"):
+            raise InputError(f"cannot resume {path} with {key} = {new[key]:g}: a resume may only make "
+                             f"it {EXTENSION_KEYS[key]} than the run's {old[key]:g}")
+    return {key: [old[key], new[key]] for key in differing}
+
+
+def _revivable(config: Config, state: dict, last_loss: np.ndarray, t_end: float) -> np.ndarray:
+    """Seeds stopped by a limit that ``config`` no longer imposes, shape (S,) bool: t_end (before
+    the new end ``t_end``), max_steps (fewer steps than the new maximum) or loss_tol (a loss at
+    the last checkpoint not below the new tolerance)."""
+    status, t = state["status"], state["t"]
+    before_end = t < t_end
+    return before_end & ((status == T_END)
+                         | ((status == MAX_STEPS) & (state["steps"] < config.integrator.max_steps))
+                         | ((status == LOSS_TOL) & (last_loss >= config.integrator.loss_tol)))
 
 
 def _resume(config: Config, path: Path, progress, threads, on_checkpoint, stops) -> RunReport:
     """Continue ``path`` from its last committed checkpoint (bit-identical at equal threads and
-    BLAS); ``None`` if the file has no committed checkpoint yet (the caller starts afresh)."""
+    BLAS); ``None`` if the file has no committed checkpoint yet (the caller starts afresh).
+
+    A config that relaxes t_end, max_steps or loss_tol extends the run in the same file: the
+    seeds those limits stopped continue, new checkpoints follow the old ones (the new schedule's
+    times after the last stored one; one more row at t_end when t_end did not grow), and the root
+    attribute ``extensions`` records the change."""
     from .problem import Problem
 
+    schedule = checkpoint_times(config)
     with open_h5(path) as f:
         run = Run(f, str(path))
-        stored = run.config
-        # threads change only the last bits (warned about below), not what is computed
-        differing = stored.differing_keys(config, ignore=("run.threads",))
-        if differing:
-            raise InputError(f"cannot resume {path}: the config differs in {', '.join(differing)} "
-                             f"(use the config of the run, or --overwrite to start a new one)")
-        if run.complete:
-            raise _AlreadyComplete(str(path))
+        changed = _extension(run.config, config, path)
         if run.committed == 0:
             return None
+        if changed:
+            index, state = run.state()
+            revive = _revivable(config, state, run.loss[-1], schedule[-1])
+            if run.complete and not revive.any():
+                raise AlreadyComplete(f"{path} is complete and no seed was stopped by a limit that "
+                                      f"{', '.join(changed)} relaxes: nothing to extend")
+            record = {"at_checkpoint": run.committed, "t": float(run.t[-1]), "changed": changed,
+                      "continued_seeds": np.flatnonzero(revive).tolist(),
+                      "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        elif run.complete:
+            raise AlreadyComplete(f"{path} is already complete: nothing to resume")
+    if changed:
+        extend_run(path, config, record, revive)
+    with open_h5(path) as f:
+        run = Run(f, str(path))
         index, state = run.state()
+        stored_times = run.t
         problem = Problem(run.X, run.y, run.theta_star)
         u0 = run.u0
         stored_threads = int(f.attrs.get("threads", -1))
         stored_blas = str(f.attrs.get("blas", ""))
+    rest = schedule[schedule > stored_times[-1]]
+    if rest.size == 0 and np.any(state["status"] == RUNNING):  # continued seeds, same t_end
+        rest = schedule[-1:]
+    times = np.concatenate([stored_times, rest])
     n_threads = config.run.threads if threads is None else threads
-    times = checkpoint_times(config)
     with limit_threads(n_threads) as used_threads:
         now = provenance(used_threads)
         mismatch = [f"threads {stored_threads} -> {used_threads}"] if stored_threads != used_threads else []
@@ -251,13 +416,7 @@ def _resume(config: Config, path: Path, progress, threads, on_checkpoint, stops)
             warnings.warn(f"resuming {path} with {'; '.join(mismatch)}: the rest of the run will not be "
                           f"bit-identical to an uninterrupted run", ResumeMismatchWarning, stacklevel=2)
         integrator = _make_integrator(config, problem, u0)
-        if hasattr(integrator, "restore_state"):
-            integrator.restore_state(state)
-        else:
-            ready = "fsal" in state and bool(state.get("fsal_ready", np.ones(1))[0])
-            cache = (state["theta_rows"], state["theta_cache"]) if "theta_rows" in state else None
-            integrator.restore(state["U"], SeedState.from_dict(state), state["fsal"] if ready else None,
-                               theta_cache=cache)
+        integrator.restore_state(state)
         writer = RunWriter.reopen(str(path), config.run.swmr)
         return _drive(config, integrator, writer, times, index + 1, progress, on_checkpoint, stops,
                       resumed_from=index)
@@ -277,63 +436,17 @@ def _blas_identity(blas_json: str) -> str:
                      for i in infos) or "none"
 
 
-class _AlreadyComplete(Exception):
-    """Resume asked for a run that already finished."""
-
-
-def _fixed_shapes(integrator) -> dict:
-    """Datasets rewritten in place at every checkpoint (the dual method's events)."""
-    events = getattr(integrator, "events", None)
-    return {} if events is None else events.file_shapes(integrator.seeds, integrator.dim)
-
-
-def _fixed_rows(integrator) -> dict:
-    events = getattr(integrator, "events", None)
-    return {} if events is None else events.file_rows()
-
-
-def _checkpoint_row(integrator: Integrator, t: float, save_layers: bool) -> dict:
-    """The checkpoint's rows. A running seed whose loss is not finite here (its last step
-    overflowed) is marked diverged now, as its next step would: the same time, the same layers."""
+def _checkpoint_row(integrator: Solver, t: float, save_layers: bool) -> dict:
+    """The checkpoint's rows (the solver marks a running seed whose loss is not finite here as
+    diverged first: ``t_seed`` and ``status`` are read after it)."""
+    values = integrator.checkpoint_values(save_layers)
     st = integrator.state
-    theta = integrator.theta_of_all()
-    losses = integrator.current_losses(theta)
-    blown = (st.status == RUNNING) & ~np.isfinite(losses)
-    st.status[blown] = DIVERGED
-    st.t_stop[blown] = st.t[blown]
-    row = {
-        "t": t,
-        "t_seed": np.where(np.isnan(st.t_stop), st.t, st.t_stop),
-        "loss": losses,
-        "theta": theta,
-        "invariant_drift": integrator.invariant_drift(),
-        "nfev": st.nfev.copy(),
-        "status": st.status.copy(),
-    }
+    row = {"t": t, "t_seed": st.t_seed(), "loss": values["loss"], "theta": values["theta"],
+           "invariant_drift": values["invariant_drift"], "nfev": st.nfev.copy(),
+           "status": st.status.copy()}
     if save_layers:
-        row["u"] = integrator.U
+        row["u"] = values["u"]
     return row
-
-
-def _state_arrays(integrator: Integrator) -> dict:
-    if hasattr(integrator, "state_arrays"):
-        return integrator.state_arrays()
-    arrays = {"U": integrator.U, **integrator.state.as_dict()}
-    arrays["theta_rows"], arrays["theta_cache"] = integrator.theta_cache()
-    if integrator.tableau.adaptive:
-        arrays["fsal"] = integrator.fsal
-        arrays["fsal_ready"] = np.array([integrator.fsal_ready], dtype=np.int8)
-    return arrays
-
-
-def _interval_done(integrator: Integrator, t: float) -> bool:
-    """Whether every running seed has reached checkpoint time ``t`` (else the integrator was
-    stopped between two steps by a stop request)."""
-    st = integrator.state
-    running = st.status == RUNNING
-    if integrator.tableau.adaptive:
-        return not np.any(running & (st.t < t))
-    return not np.any(running & (st.steps < int(round(t / integrator.dt))))
 
 
 #: A seed's overflow is detected and reported in its status (diverged, stalled), so numpy's
@@ -341,12 +454,13 @@ def _interval_done(integrator: Integrator, t: float) -> bool:
 _NON_FINITE_IS_A_STATUS = dict(over="ignore", invalid="ignore", divide="ignore")
 
 
-def _drive(config, integrator: Integrator, writer: RunWriter, times, first_index, progress,
+def _drive(config, integrator: Solver, writer: RunWriter, times, first_index, progress,
            on_checkpoint, stops, resumed_from=None) -> RunReport:
     """Advance checkpoint by checkpoint, appending each one (rows, state, then the counter).
 
-    A stop request (SIGINT/SIGTERM) is honoured at the next step boundary, not only at the next
-    checkpoint: the integrator checks it before every step, and the state where it stopped is
+    A stop request (SIGINT/SIGTERM) is honoured at a step boundary, not only at the next
+    checkpoint: the integrator checks it between steps (see Solver.stop_check), and the state
+    where it stopped is
     saved (a long interval between checkpoints would otherwise outlast a scheduler's grace time).
     """
     from tqdm import tqdm
@@ -364,19 +478,16 @@ def _drive(config, integrator: Integrator, writer: RunWriter, times, first_index
                 if not np.any(integrator.running):  # every seed stopped: no more rows
                     break
                 with np.errstate(**_NON_FINITE_IS_A_STATUS):
-                    integrator.advance_to(times[k])
-                if stops.requested and not _interval_done(integrator, times[k]):
-                    writer.save_state(_state_arrays(integrator))
+                    reached = integrator.advance_to(times[k])
+                if not reached:  # a stop request, between two steps
+                    writer.save_state(integrator.state_arrays())
                     interrupted = stops.requested
                     break
             if k == len(times) - 1:
-                st = integrator.state
-                done = st.status == RUNNING
-                st.status[done] = T_END
-                st.t_stop[done] = st.t[done]
+                integrator.finish()
             with np.errstate(**_NON_FINITE_IS_A_STATUS):
                 row = _checkpoint_row(integrator, times[k], save_layers)
-            writer.append(row, _state_arrays(integrator), _fixed_rows(integrator))
+            writer.append(row, integrator.state_arrays(), _fixed_rows(integrator))
             written += 1
             bar.update(1)
             if on_checkpoint is not None:

@@ -36,7 +36,6 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import fields
 from pathlib import Path
 
 import h5py
@@ -44,12 +43,15 @@ import numpy as np
 
 from .config import Config
 from .errors import InputError
-from .integrators import STATUS_NAMES, SeedState
+from .controller import STATUS_NAMES
 from .problem import Problem
 
 SCHEMA_VERSION = 1
 CHUNK_BYTES = 2 * 1024 * 1024
 STATE_SLOTS = 2
+#: File format of SWMR run files: 1.10 is the oldest that has SWMR, and Debian 12's h5dump
+#: (HDF5 1.10.8) cannot read the attributes HDF5 2.0 writes with "latest" (measured).
+SWMR_LIBVER = ("v110", "v110")
 #: Byte offset of the writer lock: far beyond any real file size, so it covers no data.
 _LOCK_OFFSET = 1 << 62
 
@@ -77,7 +79,7 @@ def _swmr_write_open(path: str) -> h5py.File:
     would open it in plain mode first, a window in which a kill leaves it unopenable)."""
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
     fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
-    fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_V110, h5py.h5f.LIBVER_V110)
     fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE, fapl=fapl)
     return h5py.File(fid)
 
@@ -162,7 +164,7 @@ class RunWriter:
         swmr = config.run.swmr
         lock = None
         try:
-            f = h5py.File(tmp, "w", libver="latest" if swmr else "earliest", track_order=True)
+            f = h5py.File(tmp, "w", libver=SWMR_LIBVER if swmr else "earliest", track_order=True)
         except OSError as err:
             raise OutputError(f"cannot create the output file {tmp}: {_reason(err)}") from None
         try:
@@ -250,19 +252,14 @@ class RunWriter:
     def reopen(cls, path: str, swmr: bool) -> "RunWriter":
         """Open an interrupted run to append to it.
 
-        Rows past the commit counter are left in place (SWMR allows no shrinking) and are
-        overwritten by the next checkpoints; readers never see them. A SWMR writer killed mid-run
-        leaves the file flagged as open for writing: then the file is copied (read with SWMR)
-        into a fresh one that replaces it.
+        A file left by a killed writer (flagged as open for writing, or with rows past the
+        commit counter) is first copied into a fresh one that replaces it (:func:`recover`).
         """
-        check_not_being_written(path)
+        recover(path)  # a killed writer's file: its committed content in a fresh file
         try:
             f = _swmr_write_open(path) if swmr else h5py.File(path, "r+")
         except OSError as err:
-            if not swmr_writer_flag(path):
-                raise InputError(f"run file {path} cannot be opened to resume ({_reason(err)})") from None
-            _rebuild(path)
-            f = _swmr_write_open(path) if swmr else h5py.File(path, "r+")
+            raise InputError(f"run file {path} cannot be opened to resume ({_reason(err)})") from None
         try:
             lock = _WriterLock(path)
         except BaseException:
@@ -327,7 +324,7 @@ class RunWriter:
         self._fence()
         return OutputError(f"cannot write {what} to {self.path or 'memory'}: {_reason(err)}; the "
                            f"{self.committed} committed checkpoints are intact (fix that, e.g. free "
-                           f"space, then resume with --resume)")
+                           f"space, then resume the run)")
 
     def _fence(self) -> None:
         if self.path is None:
@@ -428,21 +425,140 @@ def _close_quietly(f: h5py.File) -> None:
         pass
 
 
-def _rebuild(path: str) -> None:
-    """Copy a run file that cannot be opened for writing (crashed SWMR writer) into a new one,
-    then rename it over the original (a kill during the copy leaves the original untouched)."""
+def _rebuild(path: str, change=None) -> None:
+    """Copy the committed content of a run file into a new file and rename it over the original
+    (a kill during the copy leaves the original untouched). The copy is closed cleanly, so it
+    carries no "open for writing" flag, and its checkpoint datasets end at the commit counter.
+    ``change(copy)``, if given, edits the open copy before the rename (a new file is not in SWMR
+    mode, so attributes may be added there)."""
     tmp = f"{path}.rebuild"
+    kwargs = {"swmr": True, "libver": "latest"} if swmr_writer_flag(path) else {}
     try:
-        src = h5py.File(path, "r", swmr=True, libver="latest")
+        src = h5py.File(path, "r", **kwargs)
     except OSError as err:
-        raise InputError(f"run file {path} cannot be opened to resume ({_reason(err)})") from None
-    with src, h5py.File(tmp, "w", libver="latest", track_order=True) as dst:
+        raise InputError(f"run file {path} cannot be opened to recover it ({_reason(err)})") from None
+    # the same format as the original: a file of a run without SWMR stays in the oldest
+    # format, whose superblock has no "open for writing" flag that a killed writer leaves set
+    libver = SWMR_LIBVER if _superblock_version(path) >= 2 else "earliest"
+    with src, h5py.File(tmp, "w", libver=libver, track_order=True) as dst:
         for key, value in src.attrs.items():
             dst.attrs[key] = value
+        committed = int(src["checkpoints/committed"][0])
         for name in src:
-            src.copy(src[name], dst, name=name)
+            if name != "checkpoints":
+                src.copy(src[name], dst, name=name)
+        # the committed rows only, read row range by row range: a killed writer may have left
+        # the index of uncommitted chunks half-written, and a SWMR reader retries such metadata
+        # for minutes, so nothing past the commit counter is touched (H5Ocopy would touch it)
+        rows = dst.create_group("checkpoints", track_order=True)
+        for key, value in src["checkpoints"].attrs.items():
+            rows.attrs[key] = value
+        for name, ds in src["checkpoints"].items():
+            if name == "committed":
+                rows.create_dataset(name, data=ds[()])
+            else:
+                _copy_rows(ds, rows, name, committed)
+        if change is not None:
+            change(dst)
         dst.flush()
     os.replace(tmp, path)
+
+
+def _copy_rows(ds: h5py.Dataset, group: h5py.Group, name: str, count: int) -> None:
+    """A copy of the first ``count`` rows of the growing dataset ``ds`` into ``group`` (same dtype,
+    chunks, growth and attributes), in blocks of rows of about CHUNK_BYTES."""
+    out = group.create_dataset(name, shape=(count, *ds.shape[1:]), maxshape=ds.maxshape,
+                               chunks=ds.chunks, dtype=ds.dtype)
+    for key, value in ds.attrs.items():
+        out.attrs[key] = value
+    row_bytes = max(1, int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
+    block = max(1, CHUNK_BYTES // row_bytes)
+    for start in range(0, count, block):
+        stop = min(count, start + block)
+        out[start:stop] = ds[start:stop]
+
+
+def extend_run(path: str | Path, config: Config, record: dict, revive: np.ndarray) -> None:
+    """Prepare a run file to continue under relaxed limits (a larger t_end or max_steps, a
+    smaller loss_tol), atomically (a copy renamed over it, see :func:`_rebuild`): the config
+    becomes ``config``, ``complete`` false, ``record`` is appended to the JSON list in the root
+    attribute ``extensions``, and the seeds in ``revive`` (shape (S,), bool) are set running in
+    the state the run resumes from."""
+    path = str(path)
+    lock = _WriterLock(path)
+
+    def change(f):
+        f.attrs["config"] = config.to_toml()
+        f.attrs["complete"] = False
+        history = json.loads(f.attrs.get("extensions", "[]"))
+        f.attrs["extensions"] = json.dumps([*history, record])
+        slot = _resume_slot(f, int(f["checkpoints/committed"][0]))
+        status, t_stop = slot["status"][()], slot["t_stop"][()]
+        status[revive] = STATUS_NAMES.index("running")
+        t_stop[revive] = np.nan
+        slot["status"][...] = status
+        slot["t_stop"][...] = t_stop
+
+    try:
+        _rebuild(path, change)
+    finally:
+        lock.release()
+
+
+def recovery_needed(path: str | Path) -> str | None:
+    """Why a run file no writer holds needs :func:`recover` (None: it does not): its superblock
+    still says a writer has it open (a killed SWMR writer: plain HDF5 readers refuse it), or its
+    checkpoint datasets hold rows past the commit counter (a writer killed mid-checkpoint)."""
+    if swmr_writer_flag(path):
+        return "a writer was killed while it had the file open"
+    try:
+        with h5py.File(path, "r") as f:
+            committed = int(f["checkpoints/committed"][0])
+            longest = max((ds.shape[0] for name, ds in f["checkpoints"].items() if name != "committed"),
+                          default=committed)
+    except (OSError, KeyError, ValueError):
+        return None  # not a readable run file: the readers name the problem
+    if longest > committed:
+        return f"{longest - committed} uncommitted rows after the last committed checkpoint"
+    return None
+
+
+def recover(path: str | Path) -> str | None:
+    """Make a crashed run file open in any HDF5 reader (h5py's defaults, h5dump, xarray): copy its
+    committed content into a fresh file that replaces it. Returns what was wrong (None: nothing,
+    the file is left alone). Refuses (InputError) a file that a running ddln process writes."""
+    path = str(path)
+    lock = _WriterLock(path)
+    try:
+        Path(f"{path}.rebuild").unlink(missing_ok=True)  # left by a recovery that was killed
+        reason = recovery_needed(path)
+        if reason is not None:
+            _rebuild(path)
+        return reason
+    finally:
+        lock.release()
+
+
+def recover_for_reading(path: str | Path) -> str | None:
+    """:func:`recover` for the read-only commands: a file that a running writer holds, that
+    cannot be written here, or that is not a run file is left as it is (read through SWMR, or
+    refused by :func:`open_h5` with its own message). Returns what was recovered, or None."""
+    if not Path(path).is_file():
+        return None
+    try:
+        return recover(path)
+    except (InputError, OSError):
+        return None
+
+
+def _superblock_version(path: str | Path) -> int:
+    """The superblock version of an HDF5 file without a user block (-1 if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return -1
+    return head[8] if len(head) == 9 and head[:8] == b"\x89HDF\r\n\x1a\n" else -1
 
 
 def swmr_writer_flag(path: str | Path) -> bool:
@@ -554,6 +670,16 @@ class Run:
         except (tomllib.TOMLDecodeError, KeyError, TypeError) as err:
             raise InputError(f"run file {self.path}: its stored config cannot be read ({err})") from None
 
+    def __repr__(self) -> str:
+        where = self.path or "in memory"
+        if not self.file.id.valid:
+            return f"<Run {where} (closed)>"
+        config = self.config
+        state = "complete" if self.complete else "incomplete"
+        return (f"<Run {where}: {state}, {self._committed} committed checkpoints, "
+                f"{config.run.seeds} seeds, depth {config.model.depth}, "
+                f"{config.integrator.method}>")
+
     def checkpoint(self, name: str) -> np.ndarray:
         """Committed rows of ``/checkpoints/name``."""
         return np.asarray(self.file["checkpoints"][name][: self._committed])
@@ -570,6 +696,15 @@ class Run:
             return np.asarray(self.file["init/u"])
         raise AttributeError(name)
 
+    def max_invariant_drift(self) -> np.ndarray:
+        """Per seed, the largest invariant drift over the committed checkpoints (NaN rows, e.g.
+        of a diverged seed, are skipped), shape (S,): what ``ddln run`` and ``ddln analyze``
+        print as "max drift"."""
+        drift = self.checkpoint("invariant_drift")
+        finite_or_inf = np.where(np.isnan(drift), -np.inf, drift)
+        out = finite_or_inf.max(axis=0) if drift.shape[0] else np.full(drift.shape[1:], np.nan)
+        return np.where(np.isneginf(out), np.nan, out)
+
     def state(self) -> tuple[int, dict[str, np.ndarray]]:
         """The integrator state to resume from: (index of the last committed checkpoint, arrays).
 
@@ -579,16 +714,10 @@ class Run:
         k = self._committed
         if k == 0:
             raise InputError(f"run file {self.path} has no committed checkpoint to resume from")
-        best = None
-        for slot in range(STATE_SLOTS):
-            g = self.file[f"state/slot{slot}"]
-            seq = int(g["sequence"][0]) if "sequence" in g else -1
-            if seq >= 0 and int(g["checkpoint_index"][0]) == k - 1 and (best is None or seq > best[0]):
-                best = (seq, g)
-        if best is None:
+        g = _resume_slot(self.file, k)
+        if g is None:
             raise InputError(f"run file {self.path}: no saved integrator state matches its last "
                              f"committed checkpoint {k - 1}")
-        g = best[1]
         skip = ("checkpoint_index", "sequence")
         return k - 1, {name: np.asarray(ds) for name, ds in g.items() if name not in skip}
 
@@ -606,6 +735,18 @@ class Run:
         self.close()
 
 
+def _resume_slot(f: h5py.File, committed: int):
+    """The state slot a resume continues from: the valid slot with the highest sequence number
+    that follows checkpoint ``committed - 1`` (None if there is none)."""
+    best = None
+    for slot in range(STATE_SLOTS):
+        g = f[f"state/slot{slot}"]
+        seq = int(g["sequence"][0]) if "sequence" in g else -1
+        if seq >= 0 and int(g["checkpoint_index"][0]) == committed - 1 and (best is None or seq > best[0]):
+            best = (seq, g)
+    return None if best is None else best[1]
+
+
 def open_run(path: str | Path) -> Run:
     """Open a run file (complete, still being written, or killed) for reading."""
     f = open_h5(path)
@@ -614,22 +755,6 @@ def open_run(path: str | Path) -> Run:
     except Exception as err:  # noqa: BLE001 - a counter that cannot be read: a broken file
         f.close()
         raise InputError(f"run file {path}: the commit counter cannot be read ({err})") from None
-
-
-def state_shapes(seeds: int, depth: int, dim: int, dtype, adaptive: bool) -> dict[str, tuple]:
-    """Shapes and dtypes of everything needed to resume bit-identically (``fsal_ready``: whether
-    the FSAL stage holds f(U) yet, before dopri5's first step it does not; ``theta_rows`` and
-    ``theta_cache``: the theta a fixed-step method reuses, see Integrator.theta_cache)."""
-    shapes = {"U": ((seeds, depth, dim), dtype), "theta_rows": ((seeds,), np.int64),
-              "theta_cache": ((seeds, dim), dtype)}
-    if adaptive:
-        shapes["fsal"] = ((seeds, depth, dim), dtype)
-        shapes["fsal_ready"] = ((1,), np.int8)
-    template = SeedState.fresh(seeds, 0.0)
-    for f in fields(SeedState):
-        value = getattr(template, f.name)
-        shapes[f.name] = (value.shape, value.dtype)
-    return shapes
 
 
 def provenance(threads: int) -> dict:

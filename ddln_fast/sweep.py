@@ -158,7 +158,7 @@ def load_sweep(path: str | Path) -> Sweep:
     for name, table in (("grid", grid), ("zip", zipped)):
         if "run.threads" in table:
             raise InputError(f"{where}: [{name}] run.threads cannot be swept: the sweep gives every task "
-                             f"cores // workers threads (use --workers)")
+                             f"cores // workers threads (choose the number of workers instead)")
         for key, values in table.items():
             if not isinstance(values, list):
                 raise InputError(f"{where}: [{name}] {key} = {values!r}: expected a list of values")
@@ -246,7 +246,8 @@ def run_task(tid: str, config: Config, outdir: str, threads: int | None = None,
     be resumed. Bad input (e.g. an unreadable data file) is returned as a failed row; any other
     exception propagates so that Dask retries the task.
     """
-    from .simulate import _AlreadyComplete, run_simulation
+    from .errors import AlreadyComplete
+    from .simulate import run_simulation
     from .threads import limit_threads
 
     runs = Path(outdir) / "runs"
@@ -271,7 +272,7 @@ def run_task(tid: str, config: Config, outdir: str, threads: int | None = None,
                     else:
                         notes.append(f"resumed from checkpoint {report.resumed_from}")
                         _log(log_path, "resume", tid, f"threads={used} from={report.resumed_from}")
-                except _AlreadyComplete:  # killed between the run's end and the rename
+                except AlreadyComplete:  # killed between the run's end and the rename
                     report = None
                     notes.append("found complete .part")
                     _log(log_path, "resume", tid, "complete .part: summary and rename only")
@@ -328,7 +329,8 @@ def _theory_metrics(run) -> dict:
         seeds = list(getattr(result, "seeds", []))
     except Exception as err:  # e.g. assumption (A) fails: the other metrics still count
         return {**nan, "analysis": True, "note": f"analysis: {' '.join(str(err).split())}"}
-    out = {"analysis": True, "note": ""}
+    notes = sorted({getattr(seed, "note", "") for seed in seeds} - {""})
+    out = {"analysis": True, "note": "; ".join(f"analysis: {note}" for note in notes)}
     for name in nan:
         values = np.array([getattr(seed, name, math.nan) for seed in seeds], dtype=float)
         out[name] = _median(values)
@@ -532,13 +534,16 @@ def _check_outdir(sweep: Sweep, outdir: Path, resume: bool) -> None:
         previous = copy.read_text(encoding="utf-8")
         if previous != sweep.text and not resume:
             raise InputError(f"{outdir} holds a different sweep (its sweep.toml differs from {sweep.path}); "
+                             f"pass resume=True to continue it with the new sweep file, or use another OUTDIR",
+                             f"{outdir} holds a different sweep (its sweep.toml differs from {sweep.path}); "
                              f"pass --resume to continue it with the new sweep file, or use another OUTDIR")
     elif outdir.exists() and any(p.name != ".lock" and not (p.name == "runs" and not any(p.iterdir()))
                                  for p in outdir.iterdir()):
         raise InputError(f"{outdir} is not empty and holds no sweep.toml: expected a new or empty "
                          f"directory, or the OUTDIR of an earlier ddln sweep")
     elif resume:
-        raise InputError(f"--resume: {outdir} holds no sweep to resume (no sweep.toml)")
+        raise InputError(f"resume: {outdir} holds no sweep to resume (no sweep.toml)",
+                         f"--resume: {outdir} holds no sweep to resume (no sweep.toml)")
 
 
 def _claim_outdir(sweep: Sweep, outdir: Path):
@@ -578,7 +583,9 @@ def _connect(scheduler: str | None, workers: int | None, cores: int):
         try:
             return Client(scheduler, timeout="10s"), None
         except (OSError, TimeoutError, ValueError) as err:
-            raise InputError(f"--scheduler {scheduler}: cannot connect ({' '.join(str(err).split())})") from None
+            reason = " ".join(str(err).split())
+            raise InputError(f"scheduler {scheduler}: cannot connect ({reason})",
+                             f"--scheduler {scheduler}: cannot connect ({reason})") from None
     # Workers are spawned processes (numba's omp layer is not fork-safe), one thread each; the
     # task itself sets Numba and BLAS to cores // workers threads.
     cluster = LocalCluster(n_workers=workers or cores, threads_per_worker=1, processes=True,
@@ -615,9 +622,11 @@ def run_sweep(sweep: Sweep | str | Path, outdir: str | Path, *, scheduler: str |
     if not isinstance(sweep, Sweep):
         sweep = load_sweep(sweep)
     if workers is not None and workers < 1:
-        raise InputError(f"--workers {workers}: expected an integer >= 1")
+        raise InputError(f"workers = {workers}: expected an integer >= 1",
+                         f"--workers {workers}: expected an integer >= 1")
     if scheduler and workers:
-        raise InputError("--scheduler and --workers exclude each other (the cluster has its workers)")
+        raise InputError("scheduler and workers exclude each other (the cluster has its workers)",
+                         "--scheduler and --workers exclude each other (the cluster has its workers)")
     outdir = Path(outdir)
     _check_outdir(sweep, outdir, resume)
     own_client = client is None
@@ -656,7 +665,8 @@ def _run_tasks(sweep: Sweep, outdir: Path, workers, client, progress, echo, star
          f"{f', {parts} of them to resume' if parts else ''}) -> {outdir}")
 
     def finish(interrupted=False, engine=""):
-        ordered = [{"task": t.id, **t.point, **rows.get(t.id, {"status": "not run"})} for t in sweep.tasks]
+        ordered = [{"task": t.id, **t.point, **(rows.get(t.id) or _unreported_row(runs, t.id))}
+                   for t in sweep.tasks]
         write_summary(outdir, ordered, swept)
         failed = sum(r["status"] == "failed" for r in ordered)
         return SweepResult(ordered, swept, len(todo), skipped, failed, time.perf_counter() - start,
@@ -721,6 +731,20 @@ def _run_tasks(sweep: Sweep, outdir: Path, workers, client, progress, echo, star
     return finish(interrupted, engine)
 
 
+def _unreported_row(runs: Path, tid: str) -> dict:
+    """The summary row of a task whose result never reached the client (an interrupted sweep):
+    read from its file, which a worker may have completed or left partly written."""
+    final, part = runs / f"{tid}.h5", runs / f"{tid}.h5.part"
+    if final.exists():
+        try:
+            return summarize_run(final)
+        except InputError as err:
+            return {"status": "failed", "message": " ".join(str(err).split())}
+    if part.exists():
+        return {"status": "interrupted", "message": "partly run (.part file); rerun the sweep to resume it"}
+    return {"status": "not run"}
+
+
 # -- the report ------------------------------------------------------------------------------------
 def report_table(rows: list[dict], metric: str, x: str, by: str | None) -> tuple[list, list, np.ndarray]:
     """Pivot one metric: (x values, by values, array (len(x), len(by)) of medians over the
@@ -753,13 +777,13 @@ def plot_report(xs, bys, table, metric: str, x: str, by: str | None, out: Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    fig, ax = plt.subplots(figsize=(7.5, 4.0))
     numeric_x = all(isinstance(v, (int, float)) for v in xs)
     xpos = np.asarray(xs, dtype=float) if numeric_x else np.arange(len(xs))
     for j, bv in enumerate(bys):
         ax.plot(xpos, table[:, j], marker="o", label=f"{by} = {bv}" if by else None)
     finite = table[np.isfinite(table)]
-    if finite.size and np.all(finite > 0) and finite.max() / finite.min() > 100:
+    if finite.size and np.all(finite > 0) and finite.max() / finite.min() >= 10:  # a decade or more
         ax.set_yscale("log")
     if numeric_x and np.all(xpos > 0) and xpos.max() / xpos.min() >= 10:
         ax.set_xscale("log")
@@ -770,8 +794,9 @@ def plot_report(xs, bys, table, metric: str, x: str, by: str | None, out: Path) 
         ax.set_xticks(xpos, [str(v) for v in xs])
     ax.set_xlabel(x)
     ax.set_ylabel(metric)
-    if by:
-        ax.legend(fontsize="small")
+    ax.set_title(f"{metric} against {x}" + (f", one line per {by}" if by else "") + " (median over tasks)")
+    if by:  # outside the axes: the legend never hides a curve
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -455,16 +455,19 @@ def clock_flow(u0: np.ndarray, tau: np.ndarray, rtol: float = 1e-11, atol: float
                max_steps: int = 100_000, blow_up: float = 1e100) -> tuple[np.ndarray, np.ndarray]:
     """theta(tau) by integrating the clock flow du^j/dtau = -prod_{k != j} u^k, any depth.
 
-    The route that needs no mirror map: the package's Dormand–Prince tableau and Hairer's
-    controller constants (:mod:`ddln_fast.integrators`), vectorized over coordinates with one
-    step size per coordinate, each coordinate integrated to its own clock time tau_i (of either
-    sign). A coordinate whose layers exceed ``blow_up`` or whose step size collapses before
-    reaching tau_i has blown up (finite-time blow-up of depth >= 3, both directions).
+    The route that needs no mirror map: the package's Dormand–Prince tableau and step-size
+    controller (:mod:`ddln_fast.controller`), vectorized over coordinates with one step size
+    per coordinate, each coordinate integrated to its own clock time tau_i (of either sign). A
+    coordinate whose layers exceed ``blow_up``, whose error is not finite or whose step size
+    collapses (stalled) before reaching tau_i has blown up (finite-time blow-up of depth >= 3,
+    both directions).
 
     Parameters
     ----------
     u0 : ndarray of shape (L, d)
     tau : ndarray of shape (d,)
+    max_steps : int
+        Attempted steps per coordinate; a coordinate that needs more raises RuntimeError.
 
     Returns
     -------
@@ -472,45 +475,63 @@ def clock_flow(u0: np.ndarray, tau: np.ndarray, rtol: float = 1e-11, atol: float
         +-inf where blown up.
     blown_up : ndarray of shape (d,), bool
     """
-    from .integrators import BETA, DOPRI5, FAC_MAX, FAC_MIN, SAFETY
+    from . import controller
+    from .tableaus import DOPRI5
 
-    del BETA  # a plain (I) controller suffices for a smooth autonomous flow
     A, B, E = DOPRI5.A, DOPRI5.B, DOPRI5.E
     u = np.array(u0, dtype=np.float64)
     L, d = u.shape
     tau = np.broadcast_to(np.asarray(tau, dtype=np.float64), (d,))
     direction = np.sign(tau)
-    target = np.abs(tau)
-    done = np.zeros(d)
-    h = np.minimum(np.full(d, 1e-3), target)
+    target = np.abs(tau)  # each coordinate runs forward in |tau|, its field times sign(tau)
+
+    def field(v, sign):
+        return -sign * _all_but_one(v)
+
+    def rms(v, scale):
+        return np.sqrt(np.mean((v / scale) ** 2, axis=0))
+
+    state = controller.SeedState.fresh(d, 0.0)
+    trial = controller.Trial.empty(d)
+    control = controller.control_for(DOPRI5.error_order)
+    live = np.ones(d, dtype=np.uint8)
+    no_loss = np.full(d, np.nan)
     blown = np.zeros(d, dtype=bool)
+    derivative = field(u, direction)  # f at the current layers (FSAL)
     active = np.flatnonzero(target > 0)
-    K = np.zeros((7, L, d))
-    for _ in range(max_steps):
-        if active.size == 0:
-            break
-        ua, ha, sa = u[:, active], h[active], direction[active]
-        step = np.minimum(ha, target[active] - done[active])
+    if active.size:
+        ua, fa, sa = u[:, active], derivative[:, active], direction[active]
+        scale = atol + rtol * np.abs(ua)
+        d1 = rms(fa, scale)
+        h0 = controller.first_trial_step(rms(ua, scale), d1, target[active])
+        d2 = rms(field(ua + h0 * fa, sa) - fa, scale) / h0
+        state.h[active] = controller.starting_step(h0, d1, d2, DOPRI5.error_order, target[active])
+    K = np.zeros((DOPRI5.stages, L, d))
+    while active.size:
+        controller.propose_steps(active, target, state, trial)
+        ua, sa, step = u[:, active], direction[active], trial.h[active]
         Ka = K[:, :, : active.size]
-        Ka[0] = -_all_but_one(ua)
-        for i in range(1, 7):
-            Ka[i] = -_all_but_one(ua + (step * sa) * np.tensordot(A[i, :i], Ka[:i], axes=1))
-        u_new = ua + (step * sa) * np.tensordot(B, Ka, axes=1)
-        err = step * np.tensordot(E, Ka, axes=1)
+        Ka[0] = derivative[:, active]
+        for i in range(1, DOPRI5.stages):
+            Ka[i] = field(ua + step * np.tensordot(A[i, :i], Ka[:i], axes=1), sa)
+        u_new = ua + step * np.tensordot(B, Ka, axes=1)
         with np.errstate(over="ignore", invalid="ignore"):
             scale = atol + rtol * np.maximum(np.abs(ua), np.abs(u_new))
-            norm = np.sqrt(np.mean((err / scale) ** 2, axis=0))
-            ok = norm <= 1.0
-            fac = np.clip(SAFETY * np.where(norm > 0, norm, 1e-10) ** -0.2, FAC_MIN, FAC_MAX)
-        fac = np.where(np.isfinite(fac), fac, FAC_MIN)
+            norm = rms(step * np.tensordot(E, Ka, axes=1), scale)
+        controller.control_steps(active, live, norm, no_loss, target, state, trial, control,
+                                 DOPRI5.stages - 1, 0.0, max_steps)
+        ok = trial.accepted[active] == 1
         u[:, active[ok]] = u_new[:, ok]
-        done[active[ok]] += step[ok]
-        h[active] = step * fac
-        exploded = (np.max(np.abs(u[:, active]), axis=0) > blow_up) | (h[active] < 1e-14 * np.maximum(done[active], 1e-300))
-        exploded |= ~np.isfinite(norm)
+        derivative[:, active[ok]] = Ka[-1][:, ok]
+        status = state.status[active]
+        if np.any(status == controller.MAX_STEPS):
+            raise RuntimeError(f"clock_flow: {int(np.sum(status == controller.MAX_STEPS))} coordinates "
+                               f"need more than max_steps = {max_steps} steps")
+        exploded = (np.max(np.abs(u[:, active]), axis=0) > blow_up) | ~np.isfinite(norm)
+        exploded |= status == controller.STALLED
         blown[active[exploded]] = True
-        finished = done[active] >= target[active]
-        active = active[~(finished | exploded)]
+        going = (status == controller.RUNNING) & ~exploded & (state.t[active] < target[active])
+        active = active[going]
     theta = np.prod(u, axis=0)
     theta = np.where(blown, np.sign(theta) * np.inf, theta)
     return theta, blown
@@ -705,6 +726,22 @@ def bregman_projection(geometry: MirrorGeometry, cons: Constraints, tol: float =
     return Limit(theta, mu, residual, it, cons.projected, cons.rank)
 
 
+class PredictionWarning(UserWarning):
+    """The dual Newton iteration of the implicit-bias limit stopped above its tolerance."""
+
+
+def warn_if_not_converged(limit: Limit, seed: int, tol: float) -> None:
+    """Warn (one line, naming the seed) when ``limit.residual`` is above ``tol``: the predicted
+    theta_inf then satisfies the constraints only to that relative residual."""
+    if not limit.residual <= tol:
+        import warnings
+
+        warnings.warn(f"seed {seed}: the implicit-bias limit is not at tolerance: dual residual "
+                      f"{limit.residual:.2g} > {tol:.2g} after {limit.iterations} Newton iterations "
+                      f"(rounding near the edge of the dual range, e.g. at a tiny alpha); theta_inf "
+                      f"is accurate to about that relative residual", PredictionWarning, stacklevel=3)
+
+
 def _newton_step(A: np.ndarray, H: np.ndarray, grad: np.ndarray) -> np.ndarray:
     """Solve (A diag(H) A^T) step = -grad through a QR of diag(sqrt H) A^T: h spans up to 17
     decades for small alpha, and squaring that condition number in the normal matrix made the
@@ -776,6 +813,7 @@ def _predict_arrays(X, y, u0, tol, interpolators):
     for s in range(S):
         cons = constraints(X[s], y[s]) if per_seed else shared
         limit = bregman_projection(MirrorGeometry.from_layers(u0[s]), cons, tol)
+        warn_if_not_converged(limit, s, tol)
         thetas.append(limit.theta)
         residuals.append(limit.residual)
         iterations.append(limit.iterations)

@@ -108,11 +108,11 @@ def small_config_tables(overrides: dict | None = None) -> dict:
     """Nested config tables of a tiny, well-conditioned run, with dotted-key ``overrides``
     (``{"model.depth": 2}``).
 
-    Defaults: n = 10 samples, d = 12, 3 nonzeros, depth 3, gaussian init (alpha 0.7, jitter 0.3,
+    Defaults: n = 10 samples, d = 12, 3 nonzeros, one X shared by the seeds, depth 3, gaussian init (alpha 0.7, jitter 0.3,
     random signs: every coordinate satisfies (A) and the signs are mixed), linear checkpoints.
     """
     tables = {
-        "problem": {"n": 10, "d": 12, "sparsity": 3, "seed": 3},
+        "problem": {"n": 10, "d": 12, "sparsity": 3, "seed": 3, "per_seed_data": False},
         "model": {"depth": 3, "alpha": 0.7, "init": "gaussian", "jitter": 0.3, "signs": "random"},
         "integrator": {"method": "dopri5", "rtol": 1e-10, "atol": 1e-14, "dt": 0.01, "t_end": 2.0},
         "run": {"seeds": 2, "seed": 5, "checkpoints": 5, "spacing": "linear"},

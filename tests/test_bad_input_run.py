@@ -139,6 +139,3 @@ def test_bad_input_exits_2_with_one_line_and_touches_no_file(tmp_path, monkeypat
     assert word in lines[0], lines[0]
     assert _snapshot(tmp_path) == before
 
-
-def test_there_are_at_least_30_cases():
-    assert len(CASES) >= 30

@@ -34,6 +34,7 @@ TABLES = {
     "run": {"seeds": 3, "checkpoints": 1000, "spacing": "linear"},
 }
 KILLS = 12  # the issue asks for at least 10 kill points
+SIGNAL_AFTER_CHECKPOINTS = 5  # of 1000
 EARLY_KILLS = 3  # of them, at a random instant from process start (start-up, creation, reopen)
 
 
@@ -61,13 +62,19 @@ def test_sigkill_at_random_instants_then_resume_is_bit_identical(reference, tmp_
     rng = random.Random(rng_seed)
     kills, seen = 0, []
     launches = 0
-    while kills < KILLS:
+    def mid_run_kills():
+        return sum(k is not None and k > 0 for k in seen)
+
+    # the early kills, then kills until enough of them landed after a committed checkpoint (a
+    # kill right after a chain's start may come before checkpoint 0: it counts, but not as one)
+    while kills < EARLY_KILLS or mid_run_kills() < KILLS - EARLY_KILLS:
         launches += 1
-        assert launches < 3 * KILLS, "the run keeps finishing before it can be killed"
+        assert launches < 6 * KILLS, "the run keeps finishing before it can be killed"
         before = (out.stat().st_mtime_ns, out.stat().st_size) if out.exists() else None
-        proc = start_ddln("run", config_path, "-o", out, "--resume", "--threads", 1, "--quiet")
+        resume = ["--resume"] if out.exists() else []
+        proc = start_ddln("run", config_path, "-o", out, *resume, "--threads", 1, "--quiet")
         if kills < EARLY_KILLS:
-            time.sleep(rng.uniform(0.5, 5.0))
+            time.sleep(rng.uniform(0.0, 2.0))
         elif wait_for_writing(out, proc, before):
             time.sleep(rng.uniform(0.0, 0.4))
         if proc.poll() is not None:  # finished (or failed) before the kill
@@ -88,8 +95,8 @@ def test_sigkill_at_random_instants_then_resume_is_bit_identical(reference, tmp_
             assert_same_run_file(ref, out)
             out.unlink()
     print(f"SIGKILL points (seed {rng_seed}): {kills} kills over {launches} launches; committed after each: {seen}")
-    assert sum(k is not None and k > 0 for k in seen) >= KILLS - EARLY_KILLS
-    done = ddln("run", config_path, "-o", out, "--resume", "--threads", 1, "--quiet")
+    resume = ["--resume"] if out.exists() else []  # the last kill may have come before the file
+    done = ddln("run", config_path, "-o", out, *resume, "--threads", 1, "--quiet")
     assert done.returncode == 0, done.stderr
     assert_same_run_file(ref, out)
 
@@ -111,7 +118,8 @@ def test_sigkill_without_swmr_keeps_committed_checkpoints_too(reference, tmp_pat
     kills = 0
     while kills < 3:
         before = (out.stat().st_mtime_ns, out.stat().st_size) if out.exists() else None
-        proc = start_ddln("run", config_path, "-o", out, "--resume", "--threads", 1, "--quiet")
+        resume = ["--resume"] if out.exists() else []
+        proc = start_ddln("run", config_path, "-o", out, *resume, "--threads", 1, "--quiet")
         if wait_for_writing(out, proc, before):
             time.sleep(rng.uniform(0.0, 0.3))
         if proc.poll() is not None:
@@ -130,13 +138,31 @@ def test_sigkill_without_swmr_keeps_committed_checkpoints_too(reference, tmp_pat
     assert_same_run_file(ref, out)
 
 
+def wait_for_committed(path: Path, proc: subprocess.Popen, count: int, timeout=120.0) -> bool:
+    """Poll the run file (a reader, as ddln_fast.open_run) until it shows ``count`` committed
+    checkpoints; False if the process ended first."""
+    from ddln_fast import open_run
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with open_run(path) as run:
+                if run.committed >= count:
+                    return proc.poll() is None
+        except Exception:  # noqa: BLE001 - not created yet
+            pass
+        time.sleep(0.002)
+    return False
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_at_a_safe_point_and_the_printed_command_resumes_it(reference, tmp_path, signum, code):
     config_path, ref, ref_arrays = reference
     out = tmp_path / "stopped.h5"
     proc = start_ddln("run", config_path, "-o", out, "--threads", 1)
-    assert wait_for_writing(out, proc, None)
-    time.sleep(random.Random(signum).uniform(0.3, 1.2))
+    # an observable event, not a sleep: the signal goes out once the file shows a few committed
+    # checkpoints, when 99 % of the run is still ahead (no machine finishes that in between)
+    assert wait_for_committed(out, proc, SIGNAL_AFTER_CHECKPOINTS), "the run ended before the signal"
     proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code, stderr
@@ -290,3 +316,69 @@ def test_unwritable_output_is_refused_with_one_line_and_no_file(reference, tmp_p
         if where == "read_only_folder":
             if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
                 folder.chmod(0o700)
+
+
+def _h5dump() -> str | None:
+    """h5dump of Debian's hdf5-tools; .ci/run installs it, so only a developer machine without
+    it skips the h5dump checks."""
+    import shutil
+
+    found = shutil.which("h5dump")
+    if found is None and os.environ.get("CI"):
+        pytest.fail("h5dump is missing in CI (.ci/run installs hdf5-tools)")
+    return found
+
+
+def test_killed_run_files_open_in_any_reader_after_ddln_recover(reference, tmp_path):
+    """SIGKILL at random instants (seed printed); then ``ddln recover`` on a copy, after which
+    plain h5py (no swmr), h5dump and xarray open it and see exactly the committed checkpoints,
+    equal to the reference's; ``ddln inspect`` on another copy recovers it the same way."""
+    import shutil
+
+    xarray = pytest.importorskip("xarray")
+    pytest.importorskip("h5netcdf")
+    h5dump = _h5dump()
+    config_path, ref, ref_arrays = reference
+    rng_seed = int(os.environ.get("DDLN_KILL_SEED", "20261129"))
+    rng = random.Random(rng_seed)
+    checked = 0
+    for attempt in range(12):
+        out = tmp_path / f"killed{attempt}.h5"
+        proc = start_ddln("run", config_path, "-o", out, "--threads", 1, "--quiet")
+        if wait_for_writing(out, proc, None):
+            time.sleep(rng.uniform(0.0, 0.4))
+        if proc.poll() is not None or not out.exists():
+            proc.communicate()
+            continue
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        copy, other = tmp_path / f"copy{attempt}.h5", tmp_path / f"other{attempt}.h5"
+        shutil.copy(out, copy)
+        shutil.copy(out, other)
+        done = ddln("recover", copy)
+        assert done.returncode == 0, done.stderr
+        with h5py_file(copy) as f:  # h5py's defaults: no swmr, no libver
+            k = int(f["checkpoints/committed"][0])
+            rows = {name: f["checkpoints"][name][()] for name in ref_arrays}
+        assert all(rows[name].shape[0] == k for name in rows), {n: r.shape for n, r in rows.items()}
+        assert_prefix_equal(ref_arrays, rows, k)
+        if h5dump:
+            dumped = subprocess.run([h5dump, "-d", "/checkpoints/t", str(copy)], capture_output=True, text=True)
+            assert dumped.returncode == 0, dumped.stderr
+        with xarray.open_dataset(copy, engine="h5netcdf", group="checkpoints", phony_dims="sort") as ds:
+            assert ds["loss"].values.tobytes() == ref_arrays["loss"][:k].tobytes()
+        inspected = ddln("inspect", other)
+        assert inspected.returncode == 0, inspected.stderr
+        with h5py_file(other) as f:
+            assert int(f["checkpoints/committed"][0]) == k
+        checked += 1
+        if checked == 5:
+            break
+    print(f"recover checked after {checked} kills (seed {rng_seed})")
+    assert checked == 5, "the runs kept finishing before the kill"
+
+
+def h5py_file(path):
+    import h5py
+
+    return h5py.File(path, "r")

@@ -336,15 +336,53 @@ def test_seeds_stopping_at_different_steps_keep_the_others_exact(make_config, me
     assert len(set(stops)) > 1, stops  # they did stop at different steps
 
 
+_THREADS_SCRIPT = """
+import json, sys
+import numba
+import numpy as np
+from ddln_fast import Config, integrators, kernels, simulate
+
+kernels.SERIAL_STATE_WORK = 0  # the documented knob: every stage kernel runs on the threads asked
+seen = []
+pick = integrators.Integrator._pick_threads
+def recording(self, m):
+    pick(self, m)
+    seen.append(numba.get_num_threads())
+integrators.Integrator._pick_threads = recording
+config = Config.from_dict(json.loads(sys.argv[1]))
+runs = {}
+for threads in (1, 2):
+    seen.clear()
+    run = simulate(config, threads=threads)
+    runs[threads] = {name: run.file["checkpoints"][name][:].tobytes().hex()
+                     for name in ("u", "loss", "invariant_drift", "nfev")}
+    runs[threads]["kernel_threads"] = sorted(set(seen))
+print(json.dumps(runs))
+"""
+
+
 @pytest.mark.parametrize("method", ["euler", "dopri5"])
-def test_per_seed_results_do_not_depend_on_the_thread_count(make_config, method):
+def test_per_seed_results_do_not_depend_on_the_thread_count(method):
     """DESIGN.md: the kernels reduce per seed in a fixed order, so 1 and 2 threads give the same
     bits (per-seed data: no BLAS GEMM whose blocking could depend on the thread count). d = 1300
-    gives each seed three blocks of coordinates, so two threads really split a seed's work."""
-    config = make_config({"problem.per_seed_data": True, "problem.d": 1300, "problem.n": 100,
-                          "integrator.method": method, "integrator.t_end": 0.5, "model.alpha": 0.9,
-                          "model.jitter": 0.2})
-    one = simulate(config, threads=1)
-    two = simulate(config, threads=2)
+    gives each seed three blocks of coordinates, so two threads really split a seed's work; the
+    serial threshold is lowered to 0 so that the stage kernels do run on 2 threads (checked),
+    in a subprocess with NUMBA_NUM_THREADS = 2, whatever the number of cores here."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from references import small_config_tables
+
+    tables = small_config_tables({"problem.per_seed_data": True, "problem.d": 1300, "problem.n": 100,
+                                  "integrator.method": method, "integrator.t_end": 0.5,
+                                  "model.alpha": 0.9, "model.jitter": 0.2})
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, json.dumps(tables)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    runs = json.loads(proc.stdout)
+    assert runs["1"]["kernel_threads"] == [1] and runs["2"]["kernel_threads"] == [2]
     for name in ("u", "loss", "invariant_drift", "nfev"):
-        np.testing.assert_array_equal(one.file["checkpoints"][name][:], two.file["checkpoints"][name][:], err_msg=name)
+        assert runs["1"][name] == runs["2"][name], name

@@ -13,6 +13,7 @@ References:
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -59,6 +60,7 @@ def stop_request(at_checkpoint: int, after_evaluations: int):
         if after_evaluations == 0:
             os.kill(os.getpid(), signal.SIGINT)
             return
+        integrator.compiled_loop_work = -1  # every step from Python, through the products below
         products = integrator.products
         original = products.residual_and_gradient
         calls = [0]
@@ -124,16 +126,18 @@ def test_dopri5_resume_from_its_first_checkpoint(tmp_path):
 def test_file_without_a_committed_checkpoint_is_started_again(tmp_path):
     """A run killed after creating its file but before committing checkpoint 0."""
     from ddln_fast.init import initial_layers
+    from ddln_fast.integrators import Integrator
     from ddln_fast.problem import make_problem
     from ddln_fast.simulate import run_simulation
-    from ddln_fast.store import RunWriter, provenance, state_shapes
+    from ddln_fast.store import RunWriter, provenance
 
     cfg = config("euler")
     ref = reference_run(cfg, tmp_path / "reference.h5")
     out = tmp_path / "empty.h5"
     problem = make_problem(cfg)
     u0 = initial_layers(cfg, problem.d)
-    writer = RunWriter.create(out, cfg, problem, u0, provenance(1), state_shapes(*u0.shape, np.float64, False))
+    shapes = Integrator("euler", problem, u0).state_shapes()
+    writer = RunWriter.create(out, cfg, problem, u0, provenance(1), shapes)
     writer.close()
     assert committed_arrays(out)[0] == 0
     run_simulation(cfg, out, resume=True, threads=1).run.close()
@@ -186,17 +190,20 @@ def test_resume_with_another_config_is_refused_naming_the_keys(tmp_path, capsys,
 
 
 def test_resume_with_other_threads_warns(tmp_path):
-    import numba
+    """The resume runs as a ddln process with NUMBA_NUM_THREADS = 2, so that 2 threads exist
+    whatever the number of cores here."""
+    from faults_support import cli_env
+    from ddln_fast.simulate import run_simulation
 
-    from ddln_fast.simulate import ResumeMismatchWarning, run_simulation
-
-    if numba.config.NUMBA_NUM_THREADS < 2:
-        pytest.skip("one core: no other thread count to resume with")
     cfg = config("euler")
+    toml = write_toml(tmp_path / "c.toml", cfg)
     out = tmp_path / "stopped.h5"
     run_simulation(cfg, out, threads=1, on_checkpoint=stop_request(2, 0)).run.close()
-    with pytest.warns(ResumeMismatchWarning, match="threads 1 -> 2"):
-        run_simulation(cfg, out, resume=True, threads=2).run.close()
+    resumed = subprocess.run([sys.executable, "-m", "ddln_fast.cli", "run", str(toml), "-o", str(out),
+                              "--resume", "--threads", "2", "--quiet"], capture_output=True, text=True,
+                             timeout=300, env={**cli_env(), "NUMBA_NUM_THREADS": "2"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert "threads 1 -> 2" in resumed.stderr and "not be bit-identical" in resumed.stderr
 
 
 def _foreign_hdf5(path):
@@ -385,3 +392,167 @@ def test_initialization_underflow_is_warned_about_with_the_number(dtype, alpha, 
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnderflowWarning)
         check_initialization(safe, initial_layers(safe, 5))
+
+
+# -- extending a finished run, warm starts ---------------------------------------------------------
+def _seed_data(run, s):
+    X, y = run.X, run.y
+    return (X[s], y[s]) if X.ndim == 3 else (X, y)
+
+
+def test_extending_t_end_continues_every_seed_in_the_same_file(tmp_path, capsys):
+    """euler to t = 1, then --resume with t_end = 2: the old rows stay byte for byte, new rows
+    follow, and the layers at t = 2 are 200 steps of the numpy gradient-descent loop."""
+    from ddln_fast import open_run
+    from references import gradient_descent
+
+    cfg = config("euler").with_overrides({"integrator.t_end": 1.0})
+    toml = write_toml(tmp_path / "c.toml", cfg)
+    out = reference_run(cfg, tmp_path / "run.h5")
+    _, before, _ = committed_arrays(out)
+    code, stdout, stderr = cli(["run", toml, "--set", "integrator.t_end=2.0", "-o", out, "--resume",
+                                "--threads", 1], capsys)
+    assert code == 0, stderr
+    k, after, complete = committed_arrays(out)
+    assert complete and k > len(before["t"])
+    assert_prefix_equal(before, {name: a[: len(before["t"])] for name, a in after.items()}, len(before["t"]))
+    assert after["t"][-1] == pytest.approx(2.0) and np.all(np.diff(after["t"]) > 0)
+    with open_run(out) as run:
+        assert run.config.integrator.t_end == 2.0
+        record = json.loads(run.file.attrs["extensions"])
+        assert record[0]["changed"] == {"integrator.t_end": [1.0, 2.0]}
+        assert record[0]["at_checkpoint"] == len(before["t"]) and record[0]["continued_seeds"] == [0, 1, 2]
+        assert set(run.status_names()) == {"t_end"}
+        for s in range(3):
+            X, y = _seed_data(run, s)
+            np.testing.assert_allclose(run.u[-1, s], gradient_descent(X, y, run.u0[s], 0.01, 200)[-1],
+                                       rtol=0, atol=1e-12)
+
+
+def test_extending_dopri5_matches_dop853(tmp_path):
+    from ddln_fast import open_run
+    from ddln_fast.simulate import run_simulation
+    from references import reference_layers
+
+    cfg = config("dopri5").with_overrides({"integrator.t_end": 1.0, "integrator.rtol": 1e-10,
+                                           "integrator.atol": 1e-13})
+    out = reference_run(cfg, tmp_path / "run.h5")
+    run_simulation(cfg.with_overrides({"integrator.t_end": 3.0}), out, resume=True, threads=1).run.close()
+    with open_run(out) as run:
+        assert run.complete and run.t[-1] == 3.0
+        for s in range(3):
+            X, y = _seed_data(run, s)
+            expected = reference_layers(X, y, run.u0[s], np.array([0.0, 3.0]))[-1]
+            np.testing.assert_allclose(run.u[-1, s], expected, rtol=0, atol=1e-7)
+
+
+def test_extending_max_steps_continues_the_seeds_it_stopped(tmp_path):
+    """max_steps = 50 stops every seed at t = 0.5 of t_end = 2 (the run ends there, at its third
+    checkpoint); max_steps = 1000 continues them through the remaining checkpoints to t = 2
+    (200 numpy gradient-descent steps)."""
+    from ddln_fast import open_run
+    from ddln_fast.simulate import run_simulation
+    from references import gradient_descent
+
+    cfg = config("euler").with_overrides({"integrator.max_steps": 50})
+    out = reference_run(cfg, tmp_path / "run.h5")
+    with open_run(out) as run:
+        assert set(run.status_names()) == {"max_steps"} and np.all(run.t_seed[-1] == 0.5)
+        assert run.committed == 3
+    run_simulation(cfg.with_overrides({"integrator.max_steps": 1000}), out, resume=True, threads=1).run.close()
+    with open_run(out) as run:
+        np.testing.assert_allclose(run.t, np.linspace(0.0, 2.0, 9), rtol=1e-15)
+        assert set(run.status_names()) == {"t_end"} and np.all(run.t_seed[-1] == 2.0)
+        for s in range(3):
+            X, y = _seed_data(run, s)
+            np.testing.assert_allclose(run.u[-1, s], gradient_descent(X, y, run.u0[s], 0.01, 200)[-1],
+                                       rtol=0, atol=1e-12)
+
+
+def test_extending_loss_tol_continues_below_the_new_tolerance(tmp_path):
+    from ddln_fast import open_run
+    from ddln_fast.simulate import run_simulation
+
+    cfg = config("dopri5").with_overrides({"integrator.loss_tol": 1e-2, "integrator.t_end": 200.0})
+    out = reference_run(cfg, tmp_path / "run.h5")
+    with open_run(out) as run:
+        assert set(run.status_names()) == {"loss_tol"}
+    run_simulation(cfg.with_overrides({"integrator.loss_tol": 1e-5}), out, resume=True, threads=1).run.close()
+    with open_run(out) as run:
+        assert set(run.status_names()) == {"loss_tol"} and np.all(run.loss[-1] < 1e-5)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["--set", "integrator.t_end=1.0"], "may only make it larger"),
+    (["--set", "integrator.loss_tol=0.1"], "may only make it smaller"),
+    (["--set", "integrator.t_end=3.0", "--set", "model.alpha=0.25"], "model.alpha"),
+])
+def test_extensions_that_tighten_a_limit_or_change_the_run_are_refused(tmp_path, capsys, overrides, expected):
+    cfg = config("euler")
+    toml = write_toml(tmp_path / "c.toml", cfg)
+    out = reference_run(cfg, tmp_path / "run.h5")
+    before = file_fingerprint(out)
+    code, _, stderr = cli(["run", toml, *overrides, "-o", out, "--resume", "--threads", 1], capsys)
+    assert code == 2 and expected in stderr and len(stderr.strip().splitlines()) == 1
+    assert file_fingerprint(out) == before
+
+
+def test_an_extension_with_nothing_to_continue_says_so_and_changes_nothing(tmp_path, capsys):
+    cfg = config("euler")
+    toml = write_toml(tmp_path / "c.toml", cfg)
+    out = reference_run(cfg, tmp_path / "run.h5")
+    before = file_fingerprint(out)
+    code, stdout, stderr = cli(["run", toml, "--set", "integrator.max_steps=20000000", "-o", out, "--resume"],
+                               capsys)
+    assert code == 0 and "nothing to extend" in stdout
+    assert file_fingerprint(out) == before
+
+
+def test_warm_start_from_the_last_layers_of_a_run(tmp_path, capsys):
+    """A run to t = 1 (100 Euler steps), then a run of 100 more steps started from its last
+    layers: the layers of 200 numpy steps from the first run's u0."""
+    from ddln_fast import open_run
+    from ddln_fast.simulate import run_simulation
+    from references import gradient_descent
+
+    first_cfg = config("euler").with_overrides({"integrator.t_end": 1.0})
+    first = reference_run(first_cfg, tmp_path / "first.h5")
+    warm = first_cfg.with_overrides({"model.init": "file", "model.init_path": str(first),
+                                     "model.init_from": "last"})
+    run_simulation(warm, tmp_path / "warm.h5", threads=1).run.close()
+    with open_run(first) as a, open_run(tmp_path / "warm.h5") as b:
+        assert b.u0.tobytes() == a.u[-1].tobytes()
+        for s in range(3):
+            X, y = _seed_data(a, s)
+            np.testing.assert_allclose(b.u[-1, s], gradient_descent(X, y, a.u0[s], 0.01, 200)[-1],
+                                       rtol=0, atol=1e-12)
+    initial = first_cfg.with_overrides({"model.init": "file", "model.init_path": str(first)})
+    run_simulation(initial, tmp_path / "again.h5", threads=1).run.close()
+    with open_run(first) as a, open_run(tmp_path / "again.h5") as b:
+        assert b.u0.tobytes() == a.u0.tobytes()  # "initial", the default, is the run's u0
+
+
+def test_warm_start_from_a_run_without_saved_layers_is_refused(tmp_path, capsys):
+    cfg = config("euler").with_overrides({"run.save_layers": False})
+    first = reference_run(cfg, tmp_path / "first.h5")
+    toml = write_toml(tmp_path / "c.toml", config("euler"))
+    code, _, stderr = cli(["run", toml, "--set", "model.init=file", "--set", f'model.init_path="{first}"',
+                           "--set", "model.init_from=last", "-o", tmp_path / "warm.h5"], capsys)
+    assert code == 2 and "no saved layers" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "warm.h5").exists()
+
+
+def test_a_recovery_copy_left_by_a_kill_is_removed_on_resume(tmp_path):
+    """A process killed while it copied a run file into RUN.h5.rebuild leaves that copy; the
+    next resume (which holds the writer lock) removes it and finishes the run exactly."""
+    from ddln_fast.simulate import run_simulation
+
+    cfg = config("euler")
+    ref = reference_run(cfg, tmp_path / "reference.h5")
+    out = tmp_path / "stopped.h5"
+    run_simulation(cfg, out, threads=1, on_checkpoint=stop_request(2, 0)).run.close()
+    stale = tmp_path / "stopped.h5.rebuild"
+    stale.write_bytes(b"half a copy")
+    run_simulation(cfg, out, resume=True, threads=1).run.close()
+    assert not stale.exists()
+    assert_same_run_file(ref, out)

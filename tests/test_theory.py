@@ -130,7 +130,7 @@ def test_equal_gaps_hypergeometric_vs_quadrature():
 
 # -- h, mirror identity and the clock map along trajectories ------------------------------------
 def small_problem(L, seeds=2, t_end=5.0, **model):
-    tables = {"problem": {"n": 5, "d": 10, "sparsity": 3},
+    tables = {"problem": {"n": 5, "d": 10, "sparsity": 3, "per_seed_data": False},
               "model": {"depth": L, "alpha": 0.7, "init": "gaussian", "jitter": 0.5, "signs": "random", **model},
               "integrator": {"rtol": 1e-11, "atol": 1e-14, "t_end": t_end},
               "run": {"seeds": seeds, "checkpoints": 12}}
@@ -244,7 +244,7 @@ def test_predict_limit_equals_long_dopri5_run(L):
 
 
 def test_more_samples_than_dimensions_projects_onto_least_squares():
-    cfg = Config.from_dict({"problem": {"n": 9, "d": 5, "sparsity": 2, "noise": 0.3},
+    cfg = Config.from_dict({"problem": {"n": 9, "d": 5, "sparsity": 2, "noise": 0.3, "per_seed_data": False},
                             "model": {"depth": 3, "alpha": 0.5}, "run": {"seeds": 1}})
     pred = predict(cfg)
     assert pred.projected and "least-squares" in pred.message
@@ -273,7 +273,7 @@ def test_balanced_init_is_flagged_and_theta_keeps_its_orthant():
 def test_small_uniform_init_moves_toward_min_l1():
     """first_layer_zero, depth 3: the distance of the limit to the min-l1 LP solution shrinks
     monotonically as alpha decreases."""
-    base = Config.from_dict({"problem": {"n": 8, "d": 24, "sparsity": 3, "seed": 3},
+    base = Config.from_dict({"problem": {"n": 8, "d": 24, "sparsity": 3, "seed": 3, "per_seed_data": False},
                              "model": {"depth": 3, "init": "first_layer_zero"}, "run": {"seeds": 1}})
     from ddln_fast.problem import make_problem
 
@@ -289,7 +289,7 @@ def test_small_uniform_init_moves_toward_min_l1():
 def test_small_random_shape_init_approaches_weighted_l1():
     """Random-shape init, depth 3: weights b_i - sign(theta_i) phi_i(theta_0,i) are scale-free,
     and the limit approaches the weighted-l1 LP solution as alpha -> 0."""
-    base = Config.from_dict({"problem": {"n": 6, "d": 16, "sparsity": 3, "seed": 5},
+    base = Config.from_dict({"problem": {"n": 6, "d": 16, "sparsity": 3, "seed": 5, "per_seed_data": False},
                              "model": {"depth": 3, "init": "gaussian", "jitter": 0.4, "signs": "random"},
                              "run": {"seeds": 1}})
     from ddln_fast.init import initial_layers

@@ -1,0 +1,149 @@
+"""Loops of the clock map over (rows of seeds) x coordinates: evaluate, layers, clock of theta.
+
+Each loop is one Python function compiled twice: ``*_parallel`` (a ``prange`` over the flattened
+row x coordinate index, a top-level entry point called from Python) and ``*_serial`` (the same
+code without threads, to be called from inside another compiled per-seed loop). They allocate
+nothing. Arguments (H halves per coordinate, Lh layers per half, S seeds, d coordinates, m rows):
+
+- ``s``, ``s_lo`` : (m, d) clocks and their low-order parts (double-double; zeros if unused);
+- ``rows`` : (m,) int64, the seed of each row;
+- ``ip`` : (S H d, N_INT) int64 and ``fp`` : (S H d, N_FLOAT) float64, per-half parameters
+  (:mod:`ddln_fast.clock_families`), row (seed H + half) d + coordinate;
+- ``lsign``, ``lgap``, ``lzero`` : (S H d, Lh) per-layer sign, normalized gap, initial value;
+- ``half_sign`` : (H,) +1 for a u half (clock s), -1 for a v half (clock -s, theta subtracted);
+- ``ti, ts, tb, tp`` : the four arrays of :class:`ddln_fast.clock_tables.TableArrays`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .clock_families import half_clock_of, half_evaluate, half_layers
+from .clock_series import INLINE_OPTIONS, STRICT_OPTIONS
+
+
+@njit(**INLINE_OPTIONS)
+def _item(item, d, rows):
+    """(row a, coordinate i, seed) of a flattened row x coordinate index."""
+    a = item // d
+    return a, item - a * d, rows[a]
+
+
+def _evaluate(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, want_g, theta, h, G):
+    """theta, h (and G if ``want_g``) at the clocks s of the given rows, into (m, d) arrays."""
+    m, d = s.shape
+    n_halves = half_sign.shape[0]
+    for item in prange(m * d):
+        a, i, seed = _item(item, d, rows)
+        th = 0.0
+        hh = 0.0
+        gg = 0.0
+        for k in range(n_halves):
+            sg = half_sign[k]
+            row = (seed * n_halves + k) * d + i
+            t_k, h_k, g_k = half_evaluate(ip, fp, lgap, row, ti, ts, tb, tp, sg * s[a, i], sg * s_lo[a, i],
+                                          want_g)
+            th += sg * t_k
+            hh += h_k
+            gg += g_k
+        theta[a, i] = th
+        h[a, i] = hh
+        if want_g:
+            G[a, i] = gg
+
+
+def _layers(s, s_lo, rows, ip, fp, lsign, lgap, lzero, ti, ts, tb, tp, half_sign, out):
+    """Layers (m, H * Lh, d) at the clocks s: half k fills rows k * Lh .. k * Lh + depth - 1."""
+    m, d = s.shape
+    n_halves = half_sign.shape[0]
+    lh = lsign.shape[1]
+    for item in prange(m * d):
+        a, i, seed = _item(item, d, rows)
+        for k in range(n_halves):
+            sg = half_sign[k]
+            row = (seed * n_halves + k) * d + i
+            half_layers(ip, fp, lsign, lgap, lzero, row, ti, ts, tb, tp, sg * s[a, i], sg * s_lo[a, i],
+                        out[a], k * lh, i)
+
+
+def _clock_of(theta, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, lower, upper, out):
+    """s with F(s) = theta (nan where theta is out of reach): closed forms for one half, a
+    safeguarded Newton iteration on the monotone F for two halves."""
+    m, d = theta.shape
+    n_halves = half_sign.shape[0]
+    for item in prange(m * d):
+        a, i, seed = _item(item, d, rows)
+        target = theta[a, i]
+        if n_halves == 1:
+            out[a, i] = half_clock_of(ip, fp, lgap, seed * d + i, ti, ts, tb, tp, target)
+            continue
+        out[a, i] = _sum_clock_of(ip, fp, lgap, seed * n_halves * d + i, d, ti, ts, tb, tp, half_sign,
+                                  lower[seed, i], upper[seed, i], target)
+
+
+@njit(**STRICT_OPTIONS)
+def _sum_value(ip, fp, lgap, first_row, stride, ti, ts, tb, tp, half_sign, s):
+    th = 0.0
+    hh = 0.0
+    for k in range(half_sign.shape[0]):
+        sg = half_sign[k]
+        t_k, h_k, _ = half_evaluate(ip, fp, lgap, first_row + k * stride, ti, ts, tb, tp, sg * s, 0.0, False)
+        th += sg * t_k
+        hh += h_k
+    return th, hh
+
+
+@njit(**STRICT_OPTIONS)
+def _sum_clock_of(ip, fp, lgap, first_row, stride, ti, ts, tb, tp, half_sign, lower, upper, target):
+    """Root of F(s) = target for F = sum of halves (decreasing; h = -F' > 0 unless frozen)."""
+    if math.isnan(target):
+        return np.nan
+    lo, hi = lower, upper
+    s = 0.0
+    value, slope = _sum_value(ip, fp, lgap, first_row, stride, ti, ts, tb, tp, half_sign, s)
+    if value == target:
+        return 0.0
+    # bracket: F decreasing, so the root lies above s when F(s) > target
+    step = 1.0
+    for _ in range(2000):
+        res = value - target
+        if res > 0.0:
+            lo = s
+        else:
+            hi = s
+        if math.isinf(lo) or math.isinf(hi):
+            if slope > 0.0 and math.isfinite(value):
+                guess = s + res / slope
+            else:
+                guess = s + (step if res > 0.0 else -step)
+            if not (guess > lo and guess < hi) or abs(guess - s) < step:
+                guess = s + (step if res > 0.0 else -step)
+                step *= 2.0
+            s_new = guess
+        else:
+            s_new = s + res / slope if slope > 0.0 else 0.5 * (lo + hi)
+            if not (s_new > lo and s_new < hi) or not math.isfinite(value):
+                s_new = 0.5 * (lo + hi)
+        if s_new == s or (math.isfinite(lo) and math.isfinite(hi) and hi - lo <= 4e-16 * max(abs(lo), abs(hi))):
+            return s_new
+        s = s_new
+        value, slope = _sum_value(ip, fp, lgap, first_row, stride, ti, ts, tb, tp, half_sign, s)
+        if value == target:
+            return s
+        if math.isfinite(value) and abs(value - target) <= 1e-16 * abs(target) and slope > 0.0 \
+                and abs(value - target) / slope <= 1e-16 * max(1.0, abs(s)):
+            return s
+        if step > 1e300:
+            return np.nan
+    return np.nan
+
+
+evaluate_parallel = njit(**dict(STRICT_OPTIONS, parallel=True))(_evaluate)
+evaluate_serial = njit(**STRICT_OPTIONS)(_evaluate)
+layers_parallel = njit(**dict(STRICT_OPTIONS, parallel=True))(_layers)
+layers_serial = njit(**STRICT_OPTIONS)(_layers)
+clock_of_parallel = njit(**dict(STRICT_OPTIONS, parallel=True))(_clock_of)
+clock_of_serial = njit(**STRICT_OPTIONS)(_clock_of)

@@ -1,0 +1,48 @@
+"""Which solver runs each ``integrator.method``, and the tableau it steps with.
+
+The driver and the command line ask this table, never a method's name: whether a method is
+adaptive (it lands on any checkpoint time; a fixed-step method only on whole steps) is
+``METHODS[name].tableau.adaptive``. A new method is one entry here plus its solver (a
+:class:`ddln_fast.solver.Solver`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .tableaus import DOPRI5, TABLEAUS, Tableau
+
+
+@dataclass(frozen=True)
+class Method:
+    """``tableau``: what the solver steps with (``tableau.adaptive``: step-size control);
+    ``build(problem, u0, dt=, rtol=, atol=, loss_tol=, max_steps=, dtype=)``: the solver."""
+
+    tableau: Tableau
+    build: Callable
+
+
+def _layer_method(name: str) -> Method:
+    def build(problem, u0, **options):
+        from .integrators import Integrator
+
+        return Integrator(name, problem, u0, **options)
+
+    return Method(TABLEAUS[name], build)
+
+
+def _mirror(problem, u0, **options):
+    from .mirror import MirrorIntegrator  # imports the theory (scipy): only when asked for
+
+    return MirrorIntegrator(problem, u0, **options)
+
+
+METHODS = {name: _layer_method(name) for name in ("euler", "rk4", "dopri5")}
+#: dopri5 on theta in the mirror geometry (an independent reference route, one seed at a time)
+METHODS["mirror"] = Method(DOPRI5, _mirror)
+
+
+def is_adaptive(method: str) -> bool:
+    """Whether ``method`` chooses its steps (and lands on any time) or takes fixed steps dt."""
+    return METHODS[method].tableau.adaptive
