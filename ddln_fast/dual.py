@@ -46,11 +46,12 @@ import numba
 from numba import njit, prange
 
 from . import radau
+from .controller import (DIVERGED, LOSS_TOL, RUNNING, SeedState, Trial, control_for, control_steps,
+                         first_trial_step, propose_steps, reject_steps, starting_step)
 from .errors import InputError
-from .integrators import DIVERGED, LOSS_TOL, RUNNING, SeedState
 from .kernels import JIT_OPTIONS, SERIAL_STATE_WORK, call_by_size, serial_and_parallel
 from .problem import Problem
-from .radau import RADAU_IIA5
+from .solver import Solver
 
 #: For depth >= 3 a coordinate activates when its clock nears its blow-up clock, of size about
 #: alpha^(2-L); float64 resolves a clock only to eps times its size, so theta near activation
@@ -270,15 +271,12 @@ class DualProducts:
 
 
 # ---------------------------------------------------------------------------------------------
-# The integrator
+# The solver
 # ---------------------------------------------------------------------------------------------
-class DualIntegrator:
-    """Radau IIA(5) on the dual flow of every seed, one step size per seed, seeds batched.
-
-    It has the interface of :class:`ddln_fast.integrators.Integrator` for the driver
-    (``advance_to``, ``U``, ``state``, ``current_losses``, ``theta_of_all``, ``invariant_drift``,
-    ``tableau``, ``running``, ``stop_check``, ``stopped_early``) plus ``state_arrays``,
-    ``state_shapes`` and ``restore_state`` (its state is not the layers).
+class DualIntegrator(Solver):
+    """Radau IIA(5) on the dual flow of every seed, one step size per seed, seeds batched: a
+    :class:`ddln_fast.solver.Solver` (its state is the clocks and nu, not the layers, which are
+    recovered from the clocks for checkpoints).
 
     Parameters
     ----------
@@ -289,22 +287,25 @@ class DualIntegrator:
         Upper bound of the first step.
     rtol, atol : float
         Tolerances of the clock error norm (module docstring).
-    loss_tol, max_steps : stopping rules, as for :class:`Integrator`.
+    loss_tol, max_steps : stopping rules, as for the layer integrator.
     activation_level : ndarray of shape (S,), optional
         Level of |theta_i| whose first crossing is recorded per coordinate (see
-        :mod:`ddln_fast.events`); zero: no activation events.
-    clock_map : optional
+        :mod:`ddln_fast.events`); zero or None: no activation events.
+    clock_map : ClockMap, optional
         The clock map of ``u0`` (built when not given).
     """
 
     method = "dual"
-    tableau = RADAU_IIA5
+    #: The step-size control of the Radau solver: Gustafsson's predictive controller (RADAU5)
+    #: with the exponent of the order-3 error estimate.
+    control = control_for(radau.ERROR_ORDER, beta=0.0, predictive=True)
 
     def __init__(self, problem: Problem, u0, dt=0.01, rtol=1e-8, atol=1e-12, loss_tol=0.0,
                  max_steps=10_000_000, dtype=np.float64, activation_level=None, clock_map=None):
-        from .dual_clocks import InterimClockMap
+        from .clockmap import ClockMap
         from .events import EventRecorder
 
+        super().__init__()
         self.dtype = np.dtype(dtype).type
         if self.dtype is not np.float64:
             raise InputError('integrator.method = "dual" runs in float64 only (set run.dtype = "float64")')
@@ -314,7 +315,7 @@ class DualIntegrator:
         self.u0 = np.array(u0, dtype=np.float64)
         S, L, d = self.u0.shape
         self.seeds, self.depth, self.dim = S, L, d
-        self.clock = clock_map if clock_map is not None else InterimClockMap(self.u0)
+        self.clock = clock_map if clock_map is not None else ClockMap.from_layers(self.u0)
         check_clock_range(self.clock, L)
         self.products = DualProducts(problem)
         n = self.products.n
@@ -338,37 +339,29 @@ class DualIntegrator:
         self.h_old = np.zeros(S)             # its size
         self.faccon = np.ones(S)             # Newton contraction factor carried between steps
         self.jac_h = np.zeros((S, d))        # h at the point of each seed's Jacobian
-        # the rounding floor of clock increments per unit of flow time (module docstring)
-        self.noise = CLOCK_NOISE_ULPS * self.products.clock_noise_rate(S)
         self.flags = np.zeros((S, 4), dtype=np.int8)  # started, has_previous, current_jac, need_jac
         self.counters = np.zeros((S, 3), dtype=np.int64)  # jacobians, newton failures, rejections
-        # derived from the state
+        # derived from the data or the state
+        self.noise = CLOCK_NOISE_ULPS * self.products.clock_noise_rate(S)  # (module docstring)
         self.theta = np.zeros((S, d))
         self.hvec = np.zeros((S, d))
         self.tol = np.zeros((S, d))
         self.tol_newton = np.zeros((S, d))
         self.V = np.zeros((S, n, n))
         self.lam = np.zeros((S, n))
+        self.trial = Trial.empty(S)
         self.events = EventRecorder(self.clock, activation_level, S, d)
-        self.stop_check = None
-        self.stopped_early = False
         self._threads_wanted = numba.get_num_threads()
 
     # -- flags ----------------------------------------------------------------------------------
     STARTED, HAS_PREVIOUS, CURRENT_JAC, NEED_JAC = range(4)
 
-    @property
-    def running(self) -> np.ndarray:
-        return self.state.status == RUNNING
-
-    # -- what the driver stores -----------------------------------------------------------------
+    # -- what a checkpoint stores ---------------------------------------------------------------
     def theta_of_all(self) -> np.ndarray:
-        theta = np.empty((self.seeds, self.dim))
-        self.clock.evaluate(self.s, theta=theta)
+        theta, _ = self.clock.evaluate(self.s)
         return theta
 
-    @property
-    def U(self) -> np.ndarray:
+    def layers(self) -> np.ndarray:
         """Layers recovered from the clocks, shape (S, L, d)."""
         return self.clock.layers(self.s)
 
@@ -382,19 +375,12 @@ class DualIntegrator:
     def invariant_drift(self) -> np.ndarray:
         """max_i (max_j D_ij - min_j D_ij), D_ij = (u^j_i)^2 - (u0^j_i)^2, of the layers recovered
         from the clocks (the layer methods' definition): computed, not assumed to be zero."""
-        U = self.U
+        U = self.layers()
         change = (U - self.u0) * (U + self.u0)
         return np.max(change.max(axis=1) - change.min(axis=1), axis=1)
 
-    # -- state for the run file -----------------------------------------------------------------
+    # -- exact resume -------------------------------------------------------------------------------
     _ARRAYS = ("nu", "s", "f", "Z_prev", "h_old", "faccon", "jac_h", "flags", "counters")
-
-    def state_shapes(self) -> dict[str, tuple]:
-        shapes = {name: (getattr(self, name).shape, getattr(self, name).dtype) for name in self._ARRAYS}
-        for name, value in self.state.as_dict().items():
-            shapes[name] = (value.shape, value.dtype)
-        shapes.update(self.events.state_shapes())
-        return shapes
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         arrays = {name: getattr(self, name) for name in self._ARRAYS}
@@ -412,9 +398,7 @@ class DualIntegrator:
         started = np.flatnonzero(self.flags[:, self.STARTED] == 1)
         if started.size:
             self._derive(started)
-            have_jac = started[np.any(self.jac_h[started] != 0, axis=1) | (self.flags[started, self.CURRENT_JAC] == 1)]
-            if have_jac.size:
-                self._eigen(have_jac, self.jac_h[have_jac])
+            self._eigen(started, self.jac_h[started])
 
     def _derive(self, seeds):
         """theta, h and the clock tolerance at the current clocks of ``seeds``."""
@@ -461,27 +445,25 @@ class DualIntegrator:
         self._refresh_jacobians(seeds)
         # Hairer's starting step, measured in the clock norm: y0 is the clock s = 0, f0 its
         # derivative X^T f / n, and f1 the derivative after an Euler step of size h0
+        never = np.zeros(m)
         g0 = np.empty((m, self.dim))
         self.products.clocks(np.ascontiguousarray(self.f[seeds]), seeds, None, g0)
-        norm = np.empty(m)
-        _weighted_rms(g0[:, None, :], self.tol, seeds, g0, False, np.zeros(m), self.noise, norm)
-        norm_s = np.zeros(m)
-        _weighted_rms(self.s[seeds][:, None, :], self.tol, seeds, g0, False, np.zeros(m), self.noise, norm_s)
-        h0 = radau.first_trial_step(norm_s, norm, self.dt)
-        s1 = self.s[seeds] + h0[:, None] * g0
-        theta1 = np.empty((m, self.dim))
-        self.clock.evaluate(s1, theta=theta1, rows=seeds)
+        d1 = np.empty(m)
+        _weighted_rms(g0[:, None, :], self.tol, seeds, g0, False, never, self.noise, d1)
+        d0 = np.empty(m)
+        _weighted_rms(self.s[seeds][:, None, :], self.tol, seeds, g0, False, never, self.noise, d0)
+        h0 = first_trial_step(d0, d1, self.dt)
+        theta1, _ = self.clock.evaluate(self.s[seeds] + h0[:, None] * g0, rows=seeds)
         f1 = np.empty((m, self.n))
         self.products.residuals(theta1, seeds, f1)
         st.nfev[seeds] += 1
         g1 = np.empty((m, self.dim))
         self.products.clocks(np.ascontiguousarray(f1 - self.f[seeds]), seeds, None, g1)
-        diff = np.empty(m)
-        _weighted_rms((g1 / h0[:, None])[:, None, :], self.tol, seeds, g0, False, np.zeros(m), self.noise,
-                      diff)
+        d2 = np.empty(m)
+        _weighted_rms((g1 / h0[:, None])[:, None, :], self.tol, seeds, g0, False, never, self.noise, d2)
         with np.errstate(invalid="ignore", over="ignore"):
-            st.h[seeds] = radau.starting_step(norm_s, norm, diff, h0, self.dt)
-        st.h[seeds] = np.where(np.isfinite(st.h[seeds]), st.h[seeds], h0)
+            h = starting_step(h0, d1, d2, radau.ERROR_ORDER, self.dt)
+        st.h[seeds] = np.where(np.isfinite(h), h, h0)
         self.flags[seeds, self.STARTED] = 1
 
     # -- stepping ---------------------------------------------------------------------------------
@@ -489,48 +471,42 @@ class DualIntegrator:
         small = m * 3 * max(self.dim, self.n) <= SERIAL_STATE_WORK
         numba.set_num_threads(1 if small else self._threads_wanted)
 
-    def advance_to(self, t_target: float) -> None:
-        """Advance every running seed to flow time ``t_target`` (exactly), or until it stops, or
-        until ``stop_check`` asks to stop (then ``stopped_early`` is True)."""
-        self.stopped_early = False
+    def advance_to(self, t_target: float) -> bool:
+        """Advance every running seed to flow time ``t_target`` (exactly), or until it stops;
+        False if ``stop_check`` stopped it first (at a step boundary)."""
         self._threads_wanted = numba.get_num_threads()
         try:
             # Newton trial points may overflow F (rejected, with a smaller step): not a warning
             with np.errstate(over="ignore", invalid="ignore"):
-                self._advance(float(t_target))
+                return self._advance(float(t_target))
         finally:
             numba.set_num_threads(self._threads_wanted)
 
-    def _advance(self, t_target):
+    def _advance(self, t_target) -> bool:
         st = self.state
         fresh = np.flatnonzero((st.status == RUNNING) & (self.flags[:, self.STARTED] == 0))
         if fresh.size:
             self._start(fresh)
-        S = self.seeds
-        landing = np.zeros(S, dtype=np.uint8)
-        h_unclipped = np.zeros(S)
-        h_step = np.zeros(S)
+        targets = np.full(self.seeds, t_target)
         while True:
-            if self.stop_check is not None and self.stop_check():
-                self.stopped_early = True
-                return
             active = np.flatnonzero((st.status == RUNNING) & (st.t < t_target))
             if active.size == 0:
-                return
-            m = active.size
-            self._pick_threads(m)
-            radau.prepare_steps(active, t_target, st.t, st.h, landing, h_unclipped, h_step)
+                return True
+            if self.stop_requested():
+                return False
+            self._pick_threads(active.size)
+            propose_steps(active, targets, st, self.trial)
             need = active[self.flags[active, self.NEED_JAC] == 1]
             if need.size:
                 self._refresh_jacobians(need)
-            self._attempt(active, h_step[:m], landing[:m], h_unclipped, t_target)
-            radau.check_stops(active, st.steps, self.max_steps, st.t, st.h, st.status, st.t_stop)
+            self._attempt(active, targets)
 
-    def _attempt(self, active, h_step, landing, h_unclipped, t_target):
+    def _attempt(self, active, targets):
         """One step attempt of every active seed: Newton, error estimate, accept or reject."""
         st = self.state
         m = active.size
         n, d = self.n, self.dim
+        h_step = self.trial.h[active]
         inv_h = 1.0 / h_step
         Z = np.empty((m, 3, n))
         W = np.empty((m, 3, n))
@@ -595,38 +571,33 @@ class DualIntegrator:
             factor_w, rate_w = factor_w[keep], rate_w[keep]
             increment_old, theta_old = increment_old[keep], theta_old[keep]
         self.faccon[active] = faccon
-        st.steps[active] += 1
-        # Newton failed: a smaller step, and a fresh Jacobian if this one was old
-        failed = np.flatnonzero(outcome != radau.NEWTON_CONVERGED)
-        if failed.size:
-            seeds_f = active[failed]
-            st.h[seeds_f] = h_step[failed] * h_factor[failed]
-            st.rejected[seeds_f] = 1
-            old = seeds_f[self.flags[seeds_f, self.CURRENT_JAC] == 0]
-            self.flags[old, self.NEED_JAC] = 1
-            self.counters[seeds_f, 1] += 1
+        # Newton failed: a smaller step (RADAU5's factor), and a fresh Jacobian if this one was old
+        for a in np.flatnonzero(outcome != radau.NEWTON_CONVERGED):
+            reject_steps(active[a:a + 1], np.ones(1, dtype=np.uint8), h_factor[a], st, self.trial,
+                         self.max_steps)
+            seed = active[a]
+            self.counters[seed, 1] += 1
+            if self.flags[seed, self.CURRENT_JAC] == 0:
+                self.flags[seed, self.NEED_JAC] = 1
         done = np.flatnonzero(outcome == radau.NEWTON_CONVERGED)
-        if done.size == 0:
-            return
-        self._finish(active, done, Z, sigma, h_step, inv_h, iterations, rate, landing, h_unclipped,
-                     t_target)
+        if done.size:
+            self._finish(active[done], Z[done], sigma[done], h_step[done], iterations[done], rate[done],
+                         targets)
 
-    def _finish(self, active, done, Z, sigma, h_step, inv_h, iterations, rate, landing, h_unclipped,
-                t_target):
-        """Error estimate, accept or reject, and the new state of accepted seeds (rows ``done``)."""
+    def _finish(self, seeds, Z, sigma, h_step, iterations, rate, targets):
+        """Error estimate, accept or reject, and the new state of the accepted ``seeds`` (rows of
+        Z (c, 3, n), stage clocks sigma (c, 3, d), step sizes h_step (c,))."""
         st = self.state
         n, d = self.n, self.dim
-        seeds = active[done]
         c = seeds.size
-        Zd = Z[done]
-        work = np.empty((c, 6, n))
+        inv_h = 1.0 / h_step
         err_nu = np.empty((c, n))
         f_start = self.f[seeds]
-        call_by_size(radau.ERROR_SOLVE_KERNELS, c * n * n, f_start, Zd, self.V, self.lam, seeds,
-                     inv_h[done], f_start, np.zeros(c, dtype=np.uint8), err_nu, work)
+        call_by_size(radau.ERROR_SOLVE_KERNELS, c * n * n, f_start, Z, self.V, self.lam, seeds,
+                     inv_h, f_start, np.zeros(c, dtype=np.uint8), err_nu, np.empty((c, 6, n)))
         delta = np.empty((c, d))
         self.products.clocks(err_nu, seeds, None, delta)
-        s_new = np.ascontiguousarray(sigma[done, 2])
+        s_new = np.ascontiguousarray(sigma[:, 2])
         theta_new = np.empty((c, d))
         h_new = np.empty((c, d))
         self.clock.evaluate(s_new, theta=theta_new, h=h_new, rows=seeds)
@@ -634,44 +605,41 @@ class DualIntegrator:
         call_by_size(CLOCK_TOLERANCE_KERNELS, s_new.size, s_new, theta_new, h_new, np.arange(c),
                      self.rtol, self.atol, self.newton_floor, tol_end, tol_end)
         err = np.empty(c)
-        _weighted_rms(delta[:, None, :], self.tol, seeds, tol_end, True, h_step[done], self.noise, err)
+        _weighted_rms(delta[:, None, :], self.tol, seeds, tol_end, True, h_step, self.noise, err)
         # Hairer's second estimate after a rejection: f at y0 + err instead of f(y0)
         again = np.flatnonzero((st.rejected[seeds] == 1) & ~(err <= 1.0) & np.isfinite(err))
         if again.size:
             sg = seeds[again]
-            s1 = self.s[sg] + delta[again]
-            theta1 = np.empty((again.size, d))
-            self.clock.evaluate(s1, theta=theta1, rows=sg)
+            theta1, _ = self.clock.evaluate(self.s[sg] + delta[again], rows=sg)
             f1 = np.empty((again.size, n))
             self.products.residuals(theta1, sg, f1)
             st.nfev[sg] += 1
             err2 = np.empty((again.size, n))
-            call_by_size(radau.ERROR_SOLVE_KERNELS, again.size * n * n, f1, Zd[again], self.V,
-                         self.lam, sg, inv_h[done][again], f1, np.zeros(again.size, dtype=np.uint8),
+            call_by_size(radau.ERROR_SOLVE_KERNELS, again.size * n * n, f1, Z[again], self.V,
+                         self.lam, sg, inv_h[again], f1, np.zeros(again.size, dtype=np.uint8),
                          err2, np.empty((again.size, 6, n)))
             delta2 = np.empty((again.size, d))
             self.products.clocks(err2, sg, None, delta2)
             e2 = np.empty(again.size)
-            _weighted_rms(delta2[:, None, :], self.tol, sg, tol_end[again], True, h_step[done][again],
+            _weighted_rms(delta2[:, None, :], self.tol, sg, tol_end[again], True, h_step[again],
                           self.noise, e2)
             err[again] = e2
-        accept = np.zeros(c, dtype=np.uint8)
-        t_old = st.t[seeds].copy()
-        radau.control_steps(seeds, err, iterations[done], t_target, landing[done], h_step[done],
-                            h_unclipped, st.t, st.h, self.h_old, st.facold, st.rejected,
-                            st.accepted, st.status, st.t_stop, accept)
-        self.counters[seeds[accept == 0], 2] += 1
-        ok = np.flatnonzero(accept == 1)
+        t_old, loss_old = st.t[seeds].copy(), st.loss[seeds].copy()
+        # the loss at the new state is computed for accepted seeds only (below): NaN here
+        control_steps(seeds, np.ones(c, dtype=np.uint8), err, np.full(c, np.nan), targets, st,
+                      self.trial, self.control, 0, self.loss_tol, self.max_steps)
+        ok = np.flatnonzero(self.trial.accepted[seeds] == 1)
+        self.counters[seeds, 2] += self.trial.accepted[seeds] == 0
         if ok.size == 0:
             return
         sa = seeds[ok]
         s_old = self.s[sa].copy()
-        loss_old = st.loss[sa].copy()
-        self.nu[sa] += Zd[ok, 2]
+        self.nu[sa] += Z[ok, 2]
         self.s[sa] = s_new[ok]
         self.theta[sa] = theta_new[ok]
         self.hvec[sa] = h_new[ok]
-        self.Z_prev[sa] = Zd[ok]
+        self.Z_prev[sa] = Z[ok]
+        self.h_old[sa] = h_step[ok]
         self.flags[sa, self.HAS_PREVIOUS] = 1
         call_by_size(CLOCK_TOLERANCE_KERNELS, ok.size * d, s_new[ok], theta_new[ok], h_new[ok], sa,
                      self.rtol, self.atol, self.newton_floor, self.tol, self.tol_newton)
@@ -681,15 +649,14 @@ class DualIntegrator:
         st.nfev[sa] += 1
         loss = np.einsum("ij,ij->i", f_new, f_new) / (2 * n)
         st.loss[sa] = loss
-        self.events.step(self, sa, t_old[ok], h_step[done][ok], s_old, sigma[done][ok], loss_old, loss)
-        converged = (loss < self.loss_tol) & (st.status[sa] == RUNNING)
-        st.status[sa[converged]] = LOSS_TOL
-        st.t_stop[sa[converged]] = st.t[sa[converged]]
-        diverged = ~np.isfinite(loss) & (st.status[sa] == RUNNING)
-        st.status[sa[diverged]] = DIVERGED
-        st.t_stop[sa[diverged]] = st.t[sa[diverged]]
+        self.events.step(self, sa, t_old[ok], h_step[ok], s_old, sigma[ok], loss_old[ok], loss)
+        running = st.status[sa] == RUNNING
+        for code, stop in ((LOSS_TOL, loss < self.loss_tol), (DIVERGED, ~np.isfinite(loss))):
+            stopped = sa[running & stop]
+            st.status[stopped] = code
+            st.t_stop[stopped] = st.t[stopped]
         # keep the Jacobian while Newton converges fast (scipy's Radau rule)
-        refresh = (iterations[done][ok] > 2) & (rate[done][ok] > 1e-3)
+        refresh = (iterations[ok] > 2) & (rate[ok] > 1e-3)
         self.flags[sa, self.CURRENT_JAC] = 0
         self.flags[sa[refresh], self.NEED_JAC] = 1
 

@@ -62,10 +62,11 @@ STAGES = 3
 
 
 class RadauTableau:
-    """What the driver and the run file ask of a method: it is adaptive, without FSAL stage."""
+    """What the method table asks of a method (:mod:`ddln_fast.methods`): it chooses its steps
+    (an embedded error estimate of order ERROR_ORDER); the coefficients are the constants of
+    this module."""
 
     adaptive = True
-    fsal = False
     stages = STAGES
     order = ORDER
     error_order = ERROR_ORDER
@@ -321,95 +322,3 @@ def newton_decide(iteration, increment, increment_old, theta_old, faccon, tol, s
         elif iteration >= NEWTON_MAXITER:
             state[r] = NEWTON_FAILED
             h_factor[r] = 0.5
-
-
-# ---------------------------------------------------------------------------------------------
-# Step-size control.
-# INTERIM: this block is the Radau solver's own copy of step control, until the package's
-# shared controller (ddln_fast/controller.py) lands; it is to be replaced by it.
-# ---------------------------------------------------------------------------------------------
-SAFETY, FAC_MIN, FAC_MAX = 0.9, 0.2, 10.0
-RUNNING, T_END, LOSS_TOL, MAX_STEPS, DIVERGED, STALLED = range(6)
-
-
-@njit(**JIT_OPTIONS)
-def prepare_steps(active, t_target, t, h, landing, h_unclipped, h_step):
-    """The step each active seed tries: its proposal, or what is left to ``t_target`` when the
-    proposal would reach it (stretching by up to 1% rather than leaving a sliver)."""
-    for a in range(active.shape[0]):
-        s = active[a]
-        proposal = h[s]
-        clip = t[s] + 1.01 * proposal >= t_target
-        landing[a] = clip
-        h_unclipped[s] = proposal
-        h_step[a] = t_target - t[s] if clip else proposal
-
-
-@njit(**JIT_OPTIONS)
-def control_steps(active, err, iterations, t_target, landing, h_step, h_unclipped, t, h, h_old,
-                  err_old, rejected, accepted_count, status, t_stop, accept):
-    """Accept or reject each row's step by its error norm and propose the next step size:
-    Gustafsson's predictive controller as in RADAU5 (exponent 1 / (ERROR_ORDER + 1), safety
-    lowered when Newton needed many iterations, factor within [FAC_MIN, FAC_MAX], no growth
-    right after a rejection). ``accept[a]`` is set to 1 for accepted rows."""
-    expo = 1.0 / (ERROR_ORDER + 1)
-    for a in range(active.shape[0]):
-        s = active[a]
-        e = err[a]
-        hs = h_step[a]
-        safety = SAFETY * (2 * NEWTON_MAXITER + 1) / (2 * NEWTON_MAXITER + iterations[a])
-        if e > 0:
-            factor = e ** -expo
-            if h_old[s] > 0 and err_old[s] > 0:
-                factor = min(1.0, hs / h_old[s] * (err_old[s] / e) ** expo) * factor
-        else:
-            factor = FAC_MAX
-        if e <= 1.0:  # NaN fails: rejected
-            factor = min(FAC_MAX, max(FAC_MIN, safety * factor))
-            h_new = hs * factor
-            if rejected[s]:
-                h_new = min(h_new, hs)
-            rejected[s] = 0
-            t[s] = t_target if landing[a] else t[s] + hs
-            if landing[a]:
-                h_new = max(h_new, h_unclipped[s])
-            h_old[s] = hs
-            err_old[s] = max(e, 1e-2)
-            h[s] = h_new
-            accepted_count[s] += 1
-            accept[a] = 1
-        else:
-            factor = FAC_MIN if not np.isfinite(e) else max(FAC_MIN, safety * factor)
-            h[s] = hs * factor
-            rejected[s] = 1
-            accept[a] = 0
-
-
-@njit(**JIT_OPTIONS)
-def check_stops(active, steps, max_steps, t, h, status, t_stop):
-    """Stop seeds at ``max_steps`` attempted steps, or whose step no longer moves t (stalled)."""
-    eps = np.finfo(np.float64).eps
-    for a in range(active.shape[0]):
-        s = active[a]
-        if status[s] != RUNNING:
-            continue
-        if steps[s] >= max_steps:
-            status[s] = MAX_STEPS
-            t_stop[s] = t[s]
-        elif not h[s] > 16.0 * eps * max(abs(t[s]), 1e-280):
-            status[s] = STALLED
-            t_stop[s] = t[s]
-
-
-def starting_step(norm_y0, norm_f0, norm_f1_diff, h0, dt):
-    """Hairer's starting step (HNW I, II.4) for a method whose error estimate has order
-    ERROR_ORDER, from the norms of y0 and f(y0) and of (f(y0 + h0 f0) - f0) / h0, per seed."""
-    h1 = np.where(np.maximum(norm_f0, norm_f1_diff) <= 1e-15, np.maximum(1e-6, h0 * 1e-3),
-                  (0.01 / np.maximum(np.maximum(norm_f0, norm_f1_diff), 1e-300)) ** (1.0 / (ERROR_ORDER + 1)))
-    return np.minimum(np.minimum(100 * h0, h1), dt)
-
-
-def first_trial_step(norm_y0, norm_f0, dt):
-    """h0 of Hairer's starting-step rule: 0.01 |y0| / |f0| (1e-6 when either is tiny)."""
-    h0 = np.where((norm_y0 < 1e-5) | (norm_f0 < 1e-5), 1e-6, 0.01 * norm_y0 / np.maximum(norm_f0, 1e-300))
-    return np.minimum(h0, dt)

@@ -371,6 +371,36 @@ def test_stop_then_resume_is_bit_identical(tmp_path, evaluations):
     assert_same_run_file(reference, out)
 
 
+def test_extending_t_end_and_loss_tol_continues_the_dual_flow(tmp_path):
+    """A dual run to t = 1, extended to t = 3 (--resume with a larger t_end), ends where DOP853
+    on the layer flow does; then a run stopped at loss 1e-3 continues below 1e-6 when the
+    tolerance is lowered, its loss-decade events carrying on."""
+    from ddln_fast import open_run
+    from ddln_fast.events import read_events
+    from ddln_fast.simulate import run_simulation
+
+    config = dual_config({"integrator.t_end": 1.0})
+    out = tmp_path / "run.h5"
+    run_simulation(config, out, threads=1).run.close()
+    run_simulation(config.with_overrides({"integrator.t_end": 3.0}), out, resume=True, threads=1).run.close()
+    with open_run(out) as run:
+        assert run.complete and run.t[-1] == 3.0
+        for s in range(config.run.seeds):
+            X = run.X[s] if run.X.ndim == 3 else run.X
+            y = run.y[s] if run.y.ndim == 2 else run.y
+            expected = reference_layers(X, y, run.u0[s], np.array([0.0, 3.0]))[-1]
+            assert np.abs(run.u[-1, s] - expected).max() / np.abs(expected).max() < TRAJECTORY_TOLERANCE
+    config = dual_config({"integrator.t_end": 1e4, "integrator.loss_tol": 1e-3})
+    out = tmp_path / "loss.h5"
+    run_simulation(config, out, threads=1).run.close()
+    run_simulation(config.with_overrides({"integrator.loss_tol": 1e-6}), out, resume=True, threads=1).run.close()
+    with open_run(out) as run:
+        assert set(run.status_names()) == {"loss_tol"} and np.all(run.loss[-1] < 1e-6)
+        events = read_events(run)
+        below = events.decade_time[:, list(events.decades).index(-6)]
+        assert np.all(np.isfinite(below)) and np.all(below <= run.t_seed[-1])
+
+
 # --- bad input and limits ------------------------------------------------------------------------
 
 def test_scales_beyond_the_float64_limit_are_refused():
