@@ -32,7 +32,8 @@ from scipy.integrate import solve_ivp
 
 from conftest import problem_and_layers, record
 from ddln_fast.dual import DualIntegrator
-from ddln_fast.integrators import LOSS_TOL, Integrator
+from ddln_fast.controller import LOSS_TOL
+from ddln_fast.integrators import Integrator
 
 LAYER_SECONDS = float(os.environ.get("DDLN_BENCH_LAYER_SECONDS", "600"))
 #: Jitter of the rich-regime seeds (the issue's 0.1; 0 keeps the closed-form clock map).

@@ -155,6 +155,12 @@ def _clock_tolerance(s, theta, h, rows, rtol, atol, newton_floor, out, out_newto
 CLOCK_TOLERANCE_KERNELS = serial_and_parallel(_clock_tolerance)
 
 
+@njit(inline="always")
+def _floored(tol, step, noise):
+    """A clock tolerance raised to the rounding floor step * noise of a step of that size."""
+    return max(tol, step * noise)
+
+
 @njit(**JIT_OPTIONS)
 def _weighted_rms(delta, tol, row_seeds, tol_other, use_other, step, noise, out):
     """out[r] = RMS over stages and coordinates of delta[r] / tol, with tol = tol[seed] (or the
@@ -164,15 +170,11 @@ def _weighted_rms(delta, tol, row_seeds, tol_other, use_other, step, noise, out)
     R, K, d = delta.shape
     for r in range(R):
         seed = row_seeds[r]
-        hs = step[r]
         acc = 0.0
         for k in range(K):
             for i in range(d):
-                t = tol[seed, i]
-                if use_other:
-                    t = min(t, tol_other[r, i])
-                t = max(t, hs * noise[seed, i])
-                q = delta[r, k, i] / t
+                t = min(tol[seed, i], tol_other[r, i]) if use_other else tol[seed, i]
+                q = delta[r, k, i] / _floored(t, step[r], noise[seed, i])
                 acc += q * q
         out[r] = np.sqrt(acc / (K * d))
 
@@ -187,13 +189,11 @@ def _move_stage_clocks(increments, start, seeds, sigma, tol, step, noise, finite
     R, K, d = sigma.shape
     for r in range(R):
         seed = seeds[r]
-        hs = step[r]
         acc = 0.0
         for k in range(K):
             for i in range(d):
                 new = start[seed, i] + increments[r, k, i]
-                t = max(tol[seed, i], hs * noise[seed, i])
-                q = (new - sigma[r, k, i]) / t
+                q = (new - sigma[r, k, i]) / _floored(tol[seed, i], step[r], noise[seed, i])
                 acc += q * q
                 sigma[r, k, i] = new
         out[r] = np.sqrt(acc / (K * d)) if finite[r] else np.inf

@@ -5,7 +5,8 @@ References (no ddln_fast code in them):
   du^j/dt = -g(theta) prod_{k != j} u^k (``references.reference_layers``): the dual method
   integrates other coordinates, so agreement checks the whole chain (clock maps, dual field,
   Radau, layer recovery);
-- depth 1: the matrix-exponential solution of linear least-squares gradient flow;
+- depth 1: the matrix-exponential solution of linear least-squares gradient flow (in
+  test_accuracy, parametrized over the methods);
 - the implicit-bias limit: ``predict_limit`` (the Bregman projection by dual Newton, a separate
   code path: no time stepping) and, at depth 2 and a tiny scale, scipy's ``linprog`` minimum-l1
   interpolator;
@@ -133,33 +134,6 @@ def test_overdetermined_and_rank_deficient_data(write_npz):
     path = write_npz("deficient.npz", X=X, y=y)
     config = dual_config({"problem.kind": "file", "problem.path": path, "integrator.t_end": 3.0})
     assert relative_trajectory_error(simulate(config), config) < TRAJECTORY_TOLERANCE
-
-
-# --- depth 1: the exact linear flow ---------------------------------------------------------------
-
-def linear_flow(X, y, theta0, t):
-    """Gradient flow of ||X theta - y||^2 / (2n) at time t, via the exponential of the
-    augmented matrix [[-A, b], [0, 0]] (A = X^T X / n, b = X^T y / n)."""
-    import scipy.linalg
-
-    n, d = X.shape
-    M = np.zeros((d + 1, d + 1))
-    M[:d, :d] = -X.T @ X / n
-    M[:d, d] = X.T @ y / n
-    return (scipy.linalg.expm(M * t) @ np.append(theta0, 1.0))[:d]
-
-
-@pytest.mark.parametrize("n, d", [(10, 6), (6, 10)])
-def test_depth_one_is_linear_regression(n, d):
-    from ddln_fast import simulate
-
-    config = dual_config({"problem.n": n, "problem.d": d, "problem.sparsity": 2, "model.depth": 1,
-                          "integrator.t_end": 5.0})
-    run = simulate(config)
-    for s in range(config.run.seeds):
-        for k, t in enumerate(run.t):
-            exact = linear_flow(run.X, run.y, run.u0[s, 0], t)
-            np.testing.assert_allclose(run.theta[k, s], exact, rtol=0, atol=1e-9)
 
 
 # --- limits -------------------------------------------------------------------------------------
@@ -321,38 +295,12 @@ def test_default_activation_level_is_a_fraction_of_the_predicted_limit():
 
 # --- resume ------------------------------------------------------------------------------------
 
-def _stop_hook(at_checkpoint: int, after_evaluations: int):
-    """SIGINT to this process after checkpoint ``at_checkpoint``, at the ``after_evaluations``-th
-    residual product of the dual field (0: at the checkpoint)."""
-    import os
-    import signal
-
-    def hook(k, t, integrator):
-        if k != at_checkpoint:
-            return
-        if after_evaluations == 0:
-            os.kill(os.getpid(), signal.SIGINT)
-            return
-        products = integrator.products
-        original = products.residuals
-        calls = [0]
-
-        def counting(*args):
-            calls[0] += 1
-            if calls[0] == after_evaluations:
-                os.kill(os.getpid(), signal.SIGINT)
-            return original(*args)
-
-        products.residuals = counting
-
-    return hook
-
-
 @pytest.mark.parametrize("evaluations", [0, 7])
 def test_stop_then_resume_is_bit_identical(tmp_path, evaluations):
     """Reference: the same config run without interruption (threads = 1), byte for byte: every
     checkpoint, the events and the final state."""
     from faults_support import assert_same_run_file
+    from test_resume import stop_request
 
     from ddln_fast.simulate import run_simulation
 
@@ -362,7 +310,8 @@ def test_stop_then_resume_is_bit_identical(tmp_path, evaluations):
     reference = tmp_path / "reference.h5"
     run_simulation(config, reference, threads=1).run.close()
     out = tmp_path / "stopped.h5"
-    report = run_simulation(config, out, threads=1, on_checkpoint=_stop_hook(4, evaluations))
+    report = run_simulation(config, out, threads=1,
+                            on_checkpoint=stop_request(4, evaluations, product="residuals"))
     report.run.close()
     assert report.interrupted == "SIGINT"
     resumed = run_simulation(config, out, resume=True, threads=1)
