@@ -42,12 +42,14 @@ RTOL, ATOL = 1e-8, 1e-12
 
 
 def rich_problem(seeds=8):
-    """n = 40, d = 200, depth 3, first layer zero at alpha = 0.01, 10% jitter (8 seeds)."""
+    """n = 40, d = 200 (one X for every seed), depth 3, first layer zero at alpha = 0.01, 10%
+    jitter (8 seeds)."""
     from ddln_fast import Config
     from ddln_fast.init import initial_layers
     from ddln_fast.problem import make_problem
 
-    config = Config.from_dict({"problem": {"n": 40, "d": 200, "sparsity": 5, "seed": 0},
+    config = Config.from_dict({"problem": {"n": 40, "d": 200, "sparsity": 5, "seed": 0,
+                                           "per_seed_data": False},
                                "model": {"depth": 3, "alpha": 0.01, "init": "first_layer_zero",
                                          "jitter": RICH_JITTER},
                                "run": {"seeds": seeds, "seed": 0}})

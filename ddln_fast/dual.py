@@ -318,6 +318,8 @@ class DualIntegrator(Solver):
         self.clock = clock_map if clock_map is not None else ClockMap.from_layers(self.u0)
         check_clock_range(self.clock, L)
         self.products = DualProducts(problem)
+        if problem.per_seed and problem.X.shape[0] != S:
+            raise ValueError(f"per-seed data of {problem.X.shape[0]} seeds for {S} initial layers")
         n = self.products.n
         self.n = n
         self.dt = float(dt)
