@@ -353,16 +353,16 @@ def test_extending_t_end_and_loss_tol_continues_the_dual_flow(tmp_path):
 # --- bad input and limits ------------------------------------------------------------------------
 
 def test_scales_beyond_the_float64_limit_are_refused():
-    """Blow-up clocks grow like alpha^(2-L): depth 4 at alpha = 1e-6 has them at 1e12 (first
-    layer zero: exactly 1 / alpha^2), beyond the limit 1e10; depth 4 at alpha = 1e-5 (1e10) is
+    """Blow-up clocks grow like alpha^(2-L): depth 4, first layer zero, has them at exactly
+    1 / alpha^2: 1e10 at alpha = 1e-5, beyond the limit 1e9, and 6.25e8 at alpha = 4e-5,
     accepted; depth 2 has no blow-up and takes alpha = 1e-300."""
     from ddln_fast.errors import InputError
     from ddln_fast.simulate import run_simulation
 
     flz = {"model.init": "first_layer_zero", "model.jitter": 0.0, "run.seeds": 1}
-    with pytest.raises(InputError, match=r"blow-up clock of 1e\+12 .* limit 1e\+10"):
-        run_simulation(dual_config({**flz, "model.depth": 4, "model.alpha": 1e-6}), None)
-    run_simulation(dual_config({**flz, "model.depth": 4, "model.alpha": 1e-5, "integrator.t_end": 1.0}),
+    with pytest.raises(InputError, match=r"blow-up clock of 1e\+10 .* limit 1e\+09"):
+        run_simulation(dual_config({**flz, "model.depth": 4, "model.alpha": 1e-5}), None)
+    run_simulation(dual_config({**flz, "model.depth": 4, "model.alpha": 4e-5, "integrator.t_end": 1.0}),
                    None)
     run = run_simulation(dual_config({**flz, "model.depth": 2, "model.alpha": 1e-300,
                                       "integrator.t_end": 1.0}), None).run
@@ -389,7 +389,7 @@ def test_cli_refuses_with_one_line(tmp_path):
     proc = ddln("run", "--set", "integrator.method=dual", "--set", "model.depth=5", "--set",
                 "model.alpha=1e-5", "-o", str(out))
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().count("\n") == 0 and "1e+10" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "1e+09" in proc.stderr
     assert not out.exists()
 
 
