@@ -390,6 +390,7 @@ def analyze(run_path, as_json, plots, seeds):
             raise InputError(f"--plots {plots}: exists and is not a folder")
     _recover_crashed(run_path)
     result = analyze_path(run_path)
+    bias = _step_size_bias(run_path)
     if chosen == "all":
         chosen = list(range(len(result.seeds)))
     shown = plotted_seeds(result, chosen) if plots else []
@@ -397,6 +398,8 @@ def analyze(run_path, as_json, plots, seeds):
     if as_json:
         out = result.as_dict()
         out["plots"] = written
+        if bias is not None:
+            out["step_size_bias"] = [b.as_dict() for b in bias]
         click.echo(json.dumps(out))
         return
     state = "complete" if result.complete else "still being written / incomplete"
@@ -417,11 +420,41 @@ def analyze(run_path, as_json, plots, seeds):
     for sa in result.seeds:
         if sa.note:
             click.echo(f"seed {sa.seed}: {sa.note}")
+    if bias is not None:
+        _print_step_size_bias(bias)
     if plots:
         others = "" if len(shown) == len(result.seeds) else " (--seeds to choose others)"
         click.echo(f"plots of seeds {', '.join(map(str, shown))} of {len(result.seeds)}{others}")
     for path in written:
         click.echo(f"wrote {path}")
+
+
+def _step_size_bias(run_path):
+    """The effective-initialization section of ``ddln analyze`` (depth-2 gradient descent or sgd
+    with ``run.gain = true``), or None."""
+    from .effective import step_size_bias
+    from .store import open_run
+    from .theory import serial_blas
+
+    with open_run(run_path) as run, serial_blas():
+        return step_size_bias(run)
+
+
+def _print_step_size_bias(bias) -> None:
+    click.echo("implicit bias of the steps (depth 2): prediction from the effective initialization "
+               "(GD) next to the gradient-flow prediction (GF)")
+    click.echo(f"{'seed':>4} {'gap to GD':>10} {'gap to GF':>10} {'|GF-GD|':>10} {'l1 GD':>9} "
+               f"{'l1 GF':>9} {'max|step g|':>11}")
+    for b in bias:
+        click.echo(f"{b.seed:>4} {_format_value(b.gap_to_descent_prediction):>10} "
+                   f"{_format_value(b.gap_to_flow_prediction):>10} {_format_value(b.flow_vs_descent):>10} "
+                   f"{_format_value(b.descent_l1_norm):>9} {_format_value(b.flow_l1_norm):>9} "
+                   f"{_format_value(b.max_step_gradient):>11}")
+    click.echo("GD: Bregman projection of the effective initialization at the last checkpoint; gaps: "
+               "|theta_K - .| / |.|; |GF-GD|: relative to GD")
+    for b in bias:
+        if b.note:
+            click.echo(f"seed {b.seed}: {b.note}")
 
 
 def _seed_list(text):
