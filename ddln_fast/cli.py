@@ -87,7 +87,7 @@ def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
     out = Path(output) if output else _default_output(config_path)
     if not quiet:
         m, p, i = config.model, config.problem, config.integrator
-        what = f"rtol {i.rtol:g}" if is_adaptive(i.method) else f"dt {i.dt:g}"
+        what = f"rtol {i.rtol:g}" if is_adaptive(i.method) else f"dt {i.dt:g}" + _descent_summary(i)
         click.echo(f"ddln run: {config.run.seeds} seeds, depth {m.depth}, alpha {m.alpha:g}, "
                    f"init {m.init}, {i.method} ({what}), t_end {i.t_end:g}")
         if not _kernels_cached():
@@ -117,6 +117,21 @@ def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
         click.echo(f"no seed finished normally (every seed diverged or stalled; see the status in {out})",
                    err=True)
         sys.exit(1)
+
+
+def _descent_summary(integ) -> str:
+    """What makes a gradient-descent run more than plain gradient descent, for the header line."""
+    parts = [f"batch {integ.batch_size}" + (", with replacement" if integ.sampling == "with_replacement" else "")
+             ] if integ.method == "sgd" else []
+    if integ.momentum:
+        parts.append(f"{'Nesterov' if integ.nesterov else 'heavy-ball'} momentum {integ.momentum:g}")
+    if integ.label_noise:
+        parts.append(f"label noise {integ.label_noise:g}")
+    if integ.weight_decay:
+        parts.append(f"weight decay {integ.weight_decay:g}")
+    if integ.schedule == "step":
+        parts.append(f"step x {integ.decay_factor:g} every {integ.decay_every} steps")
+    return "".join(f", {part}" for part in parts)
 
 
 def _any_seed_finished(run) -> bool:
