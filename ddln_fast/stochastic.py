@@ -25,8 +25,11 @@ Each seed s draws from its own numpy ``Generator(PCG64(SeedSequence(run.seed, sp
   ... (the n mod b samples left over sit that epoch out, so every batch has b samples);
   ``with_replacement``: every step draws ``rng.integers(n, size=b)``. A batch of b = n samples
   without replacement is the whole data in its natural order (no draws): gradient descent.
-- K = 3, label noise: every step draws ``xi = rng.standard_normal(b)`` (b = n for the full
-  batch); the i-th sample of the batch gets the label y + label_noise * xi_i.
+- K = 3, label noise: the values of one ``xi = rng.standard_normal(b)`` per step (b = n for
+  the full batch); the i-th sample of the batch gets the label y + label_noise * xi_i. They are
+  drawn in blocks of whole steps (about :data:`NOISE_VALUES_PER_DRAW` values: one call into
+  numpy per seed every few steps), which gives the same values: ``standard_normal`` fills its
+  output one value after the other.
 
 Only running seeds draw, so a seed's draws depend neither on the other seeds nor on the thread
 count. The generator states, the epoch's order and position and the velocity are part of the
@@ -53,6 +56,9 @@ from .problem import Problem
 
 #: spawn_key[1] of each seed's random streams (0 and 1: initialization jitter and signs).
 BATCH_STREAM, LABEL_NOISE_STREAM = 2, 3
+#: Label noise is drawn in blocks of whole steps of at most this many values per seed (or one
+#: step's): a call into numpy per seed and step cost as much as a pass over a small state.
+NOISE_VALUES_PER_DRAW = 1024
 WITHOUT_REPLACEMENT = "without_replacement"
 
 
@@ -139,6 +145,51 @@ def restore_generator_states(generators, rows: np.ndarray) -> None:
                                    "has_uint32": has, "uinteger": value}
 
 
+class LabelNoise:
+    """The label noise of every seed: standard normal values drawn in blocks of whole steps.
+
+    ``values[s, starts[s] + i]`` is the noise of the i-th sample of seed s's batch after
+    :meth:`draw`. The state of a resumable run is each generator's state before its current
+    block and the position in it (the block is drawn again on restore).
+
+    Parameters
+    ----------
+    master_seed, seeds : int
+    per_step : int
+        Values one step takes (the batch size).
+    """
+
+    def __init__(self, master_seed: int, seeds: int, per_step: int):
+        self.generators = [seed_stream(master_seed, s, LABEL_NOISE_STREAM) for s in range(seeds)]
+        self.per_step = per_step
+        self.values = np.zeros((seeds, max(1, NOISE_VALUES_PER_DRAW // per_step) * per_step))
+        self.position = np.zeros(seeds, dtype=np.int64)
+        self.starts = np.zeros(seeds, dtype=np.int64)
+        self.block_states = generator_states(self.generators)
+        for s in range(seeds):
+            self.generators[s].standard_normal(out=self.values[s])
+
+    def draw(self, active) -> None:
+        """The next step's values for the seeds in ``active``."""
+        width = self.values.shape[1]
+        for s in active[self.position[active] + self.per_step > width]:
+            self.block_states[s] = generator_states(self.generators[s:s + 1])[0]
+            self.generators[s].standard_normal(out=self.values[s])
+            self.position[s] = 0
+        self.starts[active] = self.position[active]
+        self.position[active] += self.per_step
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {"noise_generator": self.block_states, "noise_position": self.position}
+
+    def restore(self, arrays) -> None:
+        self.block_states[...] = arrays["noise_generator"]
+        self.position[...] = arrays["noise_position"]
+        restore_generator_states(self.generators, self.block_states)
+        for s, gen in enumerate(self.generators):
+            gen.standard_normal(out=self.values[s])
+
+
 class StochasticGradientDescent(Integrator):
     """(Stochastic) gradient descent on the layers with the options of :class:`DescentOptions`.
 
@@ -171,7 +222,7 @@ class StochasticGradientDescent(Integrator):
         self.step_loss_is_full = not self.gathers and o.label_noise == 0
         self.inv_batch = self.dtype(1.0 / batch)
         self.inv_2batch = 0.5 / batch
-        self.batch_generators = self.noise_generators = None
+        self.batch_generators = None
         if self.gathers:
             self.batch_generators = [seed_stream(o.master_seed, s, BATCH_STREAM) for s in range(S)]
             #: the epoch's sample order (with replacement: the step's samples) of every seed
@@ -179,12 +230,11 @@ class StochasticGradientDescent(Integrator):
             #: where the next batch starts in the epoch's order; n: a new epoch starts
             self.position = np.full(S, n, dtype=np.int64)
             self.starts = np.zeros(S, dtype=np.int64)
-        self.noise = np.zeros((S, batch if o.label_noise else 0))
-        if o.label_noise:
-            self.noise_generators = [seed_stream(o.master_seed, s, LABEL_NOISE_STREAM) for s in range(S)]
-            if not self.gathers:  # the full batch takes the products of euler, with these labels
-                self.labels = np.zeros((S, n), dtype=self.dtype)
-                self.y_of_seed = np.broadcast_to(self.products.y, (S, n))
+        self.noise = LabelNoise(o.master_seed, S if o.label_noise else 0, batch)
+        if o.label_noise and not self.gathers:  # the full batch: euler's products, these labels
+            self.labels = np.zeros((S, n), dtype=self.dtype)
+            self.y_of_seed = np.broadcast_to(self.products.y, (S, n))
+            self.sample_offsets = np.arange(n)
         self.velocity = np.zeros_like(self.U) if o.momentum else np.zeros((S, self.depth, 0), self.dtype)
         if o.gain:
             self.gain_plus = np.zeros((S, self.dim))
@@ -199,20 +249,21 @@ class StochasticGradientDescent(Integrator):
             self.h_work[active] = o.step_sizes(self.dt, st.steps[active])
         if self.gathers:
             self._draw_batches(active)
+        noise = self.noise
         if o.label_noise:
-            for s in active:
-                self.noise_generators[s].standard_normal(out=self.noise[s])
+            noise.draw(active)
         if self.gathers:
             p = self.products
             stochastic_kernels.gathered_products(p.X_by_seed, p.y, p.per_seed, self.theta, active,
-                                                 self.order, self.starts, self.batch, self.noise,
-                                                 o.label_noise, self.G, self.inv_2batch,
-                                                 self.stage_loss)
+                                                 self.order, self.starts, self.batch, noise.values,
+                                                 noise.starts, o.label_noise, self.G,
+                                                 self.inv_2batch, self.stage_loss)
         else:
             labels = None
             if o.label_noise:
                 labels = self.labels
-                labels[active] = self.y_of_seed[active] + o.label_noise * self.noise[active]
+                xi = noise.values[active[:, None], noise.starts[active, None] + self.sample_offsets]
+                labels[active] = self.y_of_seed[active] + o.label_noise * xi
             self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss,
                                                 labels=labels)
         self.live[:m] = 1
@@ -284,7 +335,8 @@ class StochasticGradientDescent(Integrator):
                                   "protocol": protocol}
         if o.label_noise:
             streams["label_noise"] = {"key": LABEL_NOISE_STREAM, "label_noise": o.label_noise,
-                                      "protocol": f"each step: xi = rng.standard_normal({self.batch}); "
+                                      "protocol": f"each step: xi = rng.standard_normal({self.batch}) "
+                                                  f"(the same values drawn in blocks of whole steps); "
                                                   f"label of the i-th sample of the batch: y + label_noise * xi[i]"}
         if len(streams) == 3:
             return {}
@@ -294,7 +346,8 @@ class StochasticGradientDescent(Integrator):
     def state_arrays(self) -> dict[str, np.ndarray]:
         """The layer integrator's state, and: ``velocity`` (S, L, d) with momentum;
         ``batch_order`` (S, n or b), ``batch_position`` (S,) and ``batch_generator`` (S, 6) when
-        batches are drawn; ``noise_generator`` (S, 6) with label noise; ``gain_plus``,
+        batches are drawn; ``noise_generator`` (S, 6) (before the current block of noise) and
+        ``noise_position`` (S,) with label noise; ``gain_plus``,
         ``gain_minus`` (S, d) and ``max_step_gradient`` (S,) with the gain diagnostic."""
         arrays = super().state_arrays()
         o = self.options
@@ -304,7 +357,7 @@ class StochasticGradientDescent(Integrator):
             arrays.update(batch_order=self.order, batch_position=self.position,
                           batch_generator=generator_states(self.batch_generators))
         if o.label_noise:
-            arrays["noise_generator"] = generator_states(self.noise_generators)
+            arrays.update(self.noise.state_arrays())
         if o.gain:
             arrays.update(gain_plus=self.gain_plus, gain_minus=self.gain_minus,
                           max_step_gradient=self.max_step_gradient)
@@ -320,7 +373,7 @@ class StochasticGradientDescent(Integrator):
             self.position[...] = arrays["batch_position"]
             restore_generator_states(self.batch_generators, arrays["batch_generator"])
         if o.label_noise:
-            restore_generator_states(self.noise_generators, arrays["noise_generator"])
+            self.noise.restore(arrays)
         if o.gain:
             self.gain_plus[...] = arrays["gain_plus"]
             self.gain_minus[...] = arrays["gain_minus"]
