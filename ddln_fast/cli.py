@@ -301,7 +301,7 @@ def sweep(sweep_path, outdir, scheduler, workers, resume, progress):
 @click.option("--plots", "plots", metavar="DIR", default=None, help="Write one PNG per metric into DIR.")
 def sweep_report(outdir, metrics, x_key, by_key, plots):
     """Print (and plot) summary metrics of a sweep against a swept key."""
-    from .sweep import METRICS, plot_report, read_summary, report_table
+    from .sweep import METRICS, STEP_SIZE_KEY, largest_converged_step, plot_report, read_summary, report_table
 
     import importlib.util
 
@@ -325,6 +325,12 @@ def sweep_report(outdir, metrics, x_key, by_key, plots):
     complete = sum(r["status"] == "complete" for r in rows)
     click.echo(f"{outdir}: {len(rows)} tasks, {complete} complete; medians over tasks sharing "
                f"{x_key}{' and ' + by_key if by_key else ''}")
+    converged = largest_converged_step(rows, x_key, by_key) if x_key == STEP_SIZE_KEY else None
+    if converged is not None:
+        found = ", ".join(f"{v:g}" + (f" ({by_key} = {b})" if by_key else "")
+                          for b, v in converged.items() if v is not None)
+        click.echo(f"largest {x_key} at which every seed reached integrator.loss_tol: "
+                   f"{found or 'none (no task had every seed at loss_tol)'}")
     for m in metrics:
         xs, bys, table = report_table(rows, m, x_key, by_key)
         click.echo("")
@@ -333,7 +339,8 @@ def sweep_report(outdir, metrics, x_key, by_key, plots):
         for i, xv in enumerate(xs):
             click.echo(f"{str(xv):<28}" + "".join(f"{_format_value(v):>12}" for v in table[i]))
         if plots:
-            out = plot_report(xs, bys, table, m, x_key, by_key, Path(plots) / f"{m}_vs_{x_key}.png")
+            out = plot_report(xs, bys, table, m, x_key, by_key, Path(plots) / f"{m}_vs_{x_key}.png",
+                              converged)
             click.echo(f"wrote {out}")
 
 
