@@ -193,7 +193,8 @@ def _momentum_step_kernel(velocity: bool, nesterov: bool):
     return kernel
 
 
-_MOMENTUM_STEPS = {(velocity, nesterov): _momentum_step_kernel(velocity, nesterov)
+#: The compiled variants of :func:`momentum_step`, by (velocity, nesterov).
+MOMENTUM_STEP_KERNELS = {(velocity, nesterov): _momentum_step_kernel(velocity, nesterov)
                    for velocity, nesterov in ((False, False), (True, False), (True, True))}
 
 
@@ -213,7 +214,7 @@ def momentum_step(U, V, G, inv_b, h, active, live, momentum, nesterov, weight_de
     rows (:func:`ddln_fast.kernels.stage_scratch`). ``G`` is only read. Each variant (weight
     decay alone, heavy ball, Nesterov) is its own compiled kernel.
     """
-    kernel = _MOMENTUM_STEPS[(momentum != 0, bool(nesterov) and momentum != 0)]
+    kernel = MOMENTUM_STEP_KERNELS[(momentum != 0, bool(nesterov) and momentum != 0)]
     kernel(U, V, G, inv_b, h, active, live, momentum, weight_decay, theta, scratch)
 
 
