@@ -139,7 +139,11 @@ def check_seeds_differ(config: Config, problem, u0: np.ndarray) -> None:
     u0 : ndarray of shape (S, L, d)
     """
     seeds = u0.shape[0]
-    if seeds < 2 or problem.per_seed or not np.all(u0 == u0[:1]):
+    integ = config.integrator
+    # each seed draws its own batches or label noise: the seeds differ through those
+    own_draws = integ.label_noise > 0 or (integ.method == "sgd" and (
+        integ.batch_size < problem.n or integ.sampling == "with_replacement"))
+    if seeds < 2 or problem.per_seed or own_draws or not np.all(u0 == u0[:1]):
         return
     fixes = ["problem.per_seed_data = true"] if config.problem.kind == "gaussian" else [
         "a data file with X of shape (S, n, d)"]

@@ -470,3 +470,29 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     done = ddln("run", config_path, "-o", out, "--resume", "--threads", 1, "--quiet")
     assert done.returncode == 0, done.stderr
     assert_same_run_file(reference, out)
+
+
+@pytest.mark.parametrize("overrides, warned", [
+    ({"integrator.method": "sgd", "integrator.batch_size": 2}, False),
+    ({"integrator.method": "sgd", "integrator.batch_size": 5, "integrator.sampling": "with_replacement"}, False),
+    ({"integrator.method": "euler", "integrator.label_noise": 0.1}, False),
+    ({"integrator.method": "sgd", "integrator.batch_size": 5}, True),  # the whole batch: one run
+    ({"integrator.method": "euler", "integrator.momentum": 0.5}, True),
+])
+def test_seeds_on_one_problem_differ_through_their_own_draws(overrides, warned):
+    """One X, y and the same initial layers: the seeds are copies of one run (warned) unless each
+    draws its own batches or label noise (not warned, and their trajectories differ)."""
+    import warnings
+
+    from ddln_fast import Config, simulate
+    from ddln_fast.simulate import IdenticalSeedsWarning
+
+    config = Config().with_overrides({"problem.n": 5, "problem.d": 8, "problem.sparsity": 2,
+                                      "problem.per_seed_data": False, "integrator.dt": 0.01,
+                                      "integrator.t_end": 0.2, "run.checkpoints": 2, "run.seeds": 3,
+                                      **overrides})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = simulate(config)
+    assert any(issubclass(w.category, IdenticalSeedsWarning) for w in caught) == warned
+    assert np.all(run.theta[-1] == run.theta[-1, :1]) == warned
