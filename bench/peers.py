@@ -212,25 +212,18 @@ class GatheredFloor(Timed):
         return 1, 1
 
 
-class TorchSGD(Timed):
+class TorchSGD(TorchGD):
     """PyTorch eager minibatch SGD on the layers of all seeds: each seed draws a
     ``torch.randperm(n)`` per epoch and takes its batches in order, the batch rows are gathered
-    by indexing (S, b, d), autograd through the product of the layers, optional heavy ball."""
+    by indexing (S, b, d), autograd through the product of the layers."""
 
-    def __init__(self, X, y, u0, dt, batch, threads, momentum=0.0, steps_per_call=2):
+    def __init__(self, X, y, u0, dt, batch, threads, steps_per_call=2):
         import torch
 
-        super().__init__()
-        torch.set_num_threads(threads)
-        self.torch = torch
-        self.X = torch.from_numpy(np.ascontiguousarray(X))
-        self.y = torch.from_numpy(np.ascontiguousarray(y))
-        self.U = torch.tensor(u0, requires_grad=True)
-        self.velocity = torch.zeros_like(self.U)
-        self.n, self.dt, self.batch, self.momentum = X.shape[0], dt, batch, momentum
+        super().__init__(X, y, u0, dt, threads, steps_per_call)
+        self.batch = batch
         self.generators = [torch.Generator().manual_seed(s) for s in range(u0.shape[0])]
         self.order, self.position = None, self.n
-        self.steps_per_call = steps_per_call
 
     def step(self):
         torch, U, b = self.torch, self.U, self.batch
@@ -239,22 +232,11 @@ class TorchSGD(Timed):
             self.position = 0
         rows = self.order[:, self.position:self.position + b]
         self.position += b
-        theta = U.prod(dim=1)
-        R = torch.bmm(self.X[rows], theta.unsqueeze(2)).squeeze(2) - self.y[rows]
-        loss = R.pow(2).sum() / (2 * b)  # a sum over seeds: each seed's gradient is its own
-        loss.backward()
+        R = torch.bmm(self.X[rows], U.prod(dim=1).unsqueeze(2)).squeeze(2) - self.y[rows]
+        (R.pow(2).sum() / (2 * b)).backward()  # a sum over seeds: each seed's gradient is its own
         with torch.no_grad():
-            if self.momentum:
-                self.velocity.mul_(self.momentum).add_(U.grad)
-                U -= self.dt * self.velocity
-            else:
-                U -= self.dt * U.grad
+            U -= self.dt * U.grad
         U.grad = None
-
-    def run(self):
-        for _ in range(self.steps_per_call):
-            self.step()
-        return self.steps_per_call, self.steps_per_call
 
 
 def scipy_rhs(X, y):

@@ -20,16 +20,17 @@ DT = 1e-4
 STEPS_PER_CALL = 10
 FLOOR_TARGET = 1.5
 TORCH_SPEEDUP_TARGET = 5.0
-#: Rounds of the momentum and label-noise comparison: the differences it measures are a few
-#: percent of a step, so it needs more rounds than a ratio of steps (the minimum is used).
-DIFFERENCE_ROUNDS = max(ROUNDS, 40)
+#: The momentum and label-noise comparison measures differences of a few percent of a step: many
+#: short rounds (the minimum of each runner is used), so that every runner meets quiet moments.
+DIFFERENCE_ROUNDS = max(ROUNDS, 150)
+DIFFERENCE_STEPS_PER_CALL = 2
 
 
-def sgd_runner(problem, u0, **options):
+def sgd_runner(problem, u0, steps_per_call=STEPS_PER_CALL, **options):
     from ddln_fast.stochastic import DescentOptions, StochasticGradientDescent
 
     solver = StochasticGradientDescent("sgd", problem, u0, DescentOptions(batch_size=BATCH, **options), dt=DT)
-    return DdlnSteps("sgd", problem, u0, DT, steps_per_call=STEPS_PER_CALL, solver=solver)
+    return DdlnSteps("sgd", problem, u0, DT, steps_per_call=steps_per_call, solver=solver)
 
 
 def gathered_floor(problem, u0):
@@ -65,9 +66,9 @@ def test_momentum_and_label_noise_cost(benchmark):
     """(step with momentum or label noise - plain step) in passes over the state, a pass being
     timed right after the floor's products (the cache state a step's update pass meets)."""
     problem, u0 = problem_and_layers("A")
-    plain = sgd_runner(problem, u0)
-    momentum = sgd_runner(problem, u0, momentum=0.9)
-    noise = sgd_runner(problem, u0, label_noise=0.1)
+    plain = sgd_runner(problem, u0, DIFFERENCE_STEPS_PER_CALL)
+    momentum = sgd_runner(problem, u0, DIFFERENCE_STEPS_PER_CALL, momentum=0.9)
+    noise = sgd_runner(problem, u0, DIFFERENCE_STEPS_PER_CALL, label_noise=0.1)
     floor = gathered_floor(problem, u0)
     side_by_side(benchmark, momentum, [plain, noise, floor], rounds=DIFFERENCE_ROUNDS)
     one_pass = min(floor.per_pass)
