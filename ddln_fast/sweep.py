@@ -38,7 +38,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .config import SECTIONS, Config, _suggest, read_toml
+from .config import ADDED_KEYS, SECTIONS, Config, _suggest, read_toml
 from .errors import InputError
 
 SWEEP_KEYS = ("base", "set", "grid", "zip")
@@ -81,10 +81,16 @@ def task_id(config: Config) -> str:
     """A stable id from the resolved config: the first 16 hex digits of SHA-256 of its TOML.
 
     ``run.threads`` is left out: it changes how fast a task runs, not which run it is, and the
-    sweep sets the threads of every task itself.
+    sweep sets the threads of every task itself. So are the keys of ``config.ADDED_KEYS`` at
+    their defaults (a sweep from before they existed keeps its ids).
     """
     tables = config.to_dict()
     tables["run"].pop("threads", None)
+    defaults = Config().to_dict()
+    for dotted in ADDED_KEYS:
+        section, key = dotted.split(".")
+        if tables[section][key] == defaults[section][key]:
+            del tables[section][key]
     import tomli_w
 
     return hashlib.sha256(tomli_w.dumps(tables).encode()).hexdigest()[:16]

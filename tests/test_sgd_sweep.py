@@ -92,3 +92,26 @@ def test_report_plot_marks_the_largest_converged_step(tmp_path, monkeypatch):
                       if len(set(line.get_xdata())) == 1 and len(line.get_xdata()) == 2)
     assert vertical == [0.2, 0.6]
     assert sum("every seed at loss_tol" in t.get_text() for t in ax.get_legend().get_texts()) == 2
+
+
+def test_task_ids_of_configs_without_the_new_keys_are_unchanged():
+    """The id of a task that leaves the keys of issue 12 at their defaults is the SHA-256 of its
+    TOML as it was before they existed (written here from the keys of that schema), so that a
+    sweep run then finds its files again; setting one of them changes the id."""
+    import hashlib
+
+    import tomli_w
+
+    from ddln_fast import Config
+    from ddln_fast.sweep import task_id
+
+    config = Config().with_overrides({"model.depth": 2, "integrator.method": "euler"})
+    before = {"problem": ["kind", "n", "d", "sparsity", "noise", "seed", "per_seed_data", "path"],
+              "model": ["depth", "alpha", "init", "jitter", "layer_scales", "init_path", "init_from", "signs"],
+              "integrator": ["method", "dt", "rtol", "atol", "t_end", "max_steps", "loss_tol"],
+              "run": ["seeds", "seed", "checkpoints", "spacing", "save_layers", "dtype", "swmr"]}
+    tables = config.to_dict()
+    old = {section: {key: tables[section][key] for key in keys} for section, keys in before.items()}
+    assert task_id(config) == hashlib.sha256(tomli_w.dumps(old).encode()).hexdigest()[:16]
+    assert task_id(config.with_overrides({"integrator.momentum": 0.5})) != task_id(config)
+    assert task_id(config.with_overrides({"run.gain": True})) != task_id(config)
