@@ -412,7 +412,7 @@ def analyze(run_path, as_json, plots, seeds):
             raise InputError(f"--plots {plots}: exists and is not a folder")
     _recover_crashed(run_path)
     result = analyze_path(run_path)
-    bias = _step_size_bias(run_path)
+    bias, descent_notes = _step_size_bias(run_path)
     if chosen == "all":
         chosen = list(range(len(result.seeds)))
     shown = plotted_seeds(result, chosen) if plots else []
@@ -444,6 +444,8 @@ def analyze(run_path, as_json, plots, seeds):
             click.echo(f"seed {sa.seed}: {sa.note}")
     if bias is not None:
         _print_step_size_bias(bias)
+    for note in descent_notes:
+        click.echo(f"note: {note}")
     if plots:
         others = "" if len(shown) == len(result.seeds) else " (--seeds to choose others)"
         click.echo(f"plots of seeds {', '.join(map(str, shown))} of {len(result.seeds)}{others}")
@@ -453,13 +455,24 @@ def analyze(run_path, as_json, plots, seeds):
 
 def _step_size_bias(run_path):
     """The effective-initialization section of ``ddln analyze`` (depth-2 gradient descent or sgd
-    with ``run.gain = true``), or None."""
+    with ``run.gain = true``, else None) and notes on what the theory means for a descent run."""
+    from .config import DESCENT_METHODS
     from .effective import step_size_bias
     from .store import open_run
+    from .stochastic import DescentOptions
     from .theory import serial_blas
 
     with open_run(run_path) as run, serial_blas():
-        return step_size_bias(run)
+        config = run.config
+        bias = step_size_bias(run)
+    i, notes = config.integrator, []
+    if i.method in DESCENT_METHODS and not DescentOptions.from_config(config.with_overrides({"run.gain": False})).plain:
+        notes.append(f"{i.method}{_descent_summary(i)}: the gap, the kkt residual and the bounds are "
+                     f"about gradient flow, which these steps follow only approximately")
+    if bias is None and config.model.depth == 2 and i.method in DESCENT_METHODS and not (i.momentum or i.weight_decay):
+        notes.append("run.gain = true would add each seed's prediction from its effective initialization "
+                     "(the implicit bias of the steps)")
+    return bias, notes
 
 
 def _print_step_size_bias(bias) -> None:

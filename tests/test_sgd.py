@@ -546,3 +546,36 @@ def test_draws_and_results_depend_neither_on_the_thread_count_nor_on_the_other_s
     batch = simulate(tables(steps=1, **{**overrides, "run.spacing": "log"}))
     assert alone.u[:, 0].tobytes() == batch.u[:, 0].tobytes()
     assert not np.array_equal(batch.u[-1, 0], batch.u[-1, 1])
+
+
+def test_analyze_puts_the_effective_initialization_prediction_next_to_the_flow_one(tmp_path, capsys):
+    """``ddln analyze --json`` of depth-2 gradient-descent runs with run.gain: at a stable step the
+    run ends at its effective-initialization prediction (1e-9), away from the flow's; at a step
+    where |step * gradient| reached 1 there is no effective initialization, and it says so."""
+    import tomli_w
+
+    from ddln_fast.cli import main
+
+    tables = {"problem": {"n": 10, "d": 30, "sparsity": 3, "per_seed_data": False},
+              "model": {"depth": 2, "alpha": 0.3, "init": "gaussian", "jitter": 0.3, "signs": "random"},
+              "integrator": {"method": "euler", "dt": 0.2, "t_end": 2000.0, "loss_tol": 1e-28},
+              "run": {"seeds": 2, "checkpoints": 20, "gain": True}}
+    results = {}
+    for dt in (0.2, 1.5):
+        tables["integrator"]["dt"] = dt
+        config = tmp_path / f"gd{dt}.toml"
+        config.write_text(tomli_w.dumps(tables))
+        out = tmp_path / f"gd{dt}.h5"
+        with pytest.raises(SystemExit):
+            main(["run", str(config), "-o", str(out), "--threads", "1", "--quiet"])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main(["analyze", str(out), "--json"])
+        assert exit_info.value.code in (0, None)
+        results[dt] = json.loads(capsys.readouterr().out)["step_size_bias"]
+    for seed in results[0.2]:
+        assert seed["gap_to_descent_prediction"] < 1e-9 and seed["flow_vs_descent"] > 1e-3
+        assert seed["max_step_gradient"] < 1 and seed["note"] == ""
+    for seed in results[1.5]:
+        assert seed["max_step_gradient"] >= 1 and seed["gap_to_descent_prediction"] is None
+        assert "no effective initialization" in seed["note"]
