@@ -579,3 +579,13 @@ def test_analyze_puts_the_effective_initialization_prediction_next_to_the_flow_o
     for seed in results[1.5]:
         assert seed["max_step_gradient"] >= 1 and seed["gap_to_descent_prediction"] is None
         assert "no effective initialization" in seed["note"]
+
+
+def test_the_gain_diagnostic_does_not_change_the_run():
+    """run.gain sends euler through the descent solver (full batch, euler's products and step)
+    and only reads the gradients: the layers are euler's, byte for byte."""
+    from ddln_fast import simulate
+
+    plain = tables(steps=25, **{"model.depth": 2, "integrator.method": "euler", "integrator.dt": 0.1})
+    with_gain = plain.with_overrides({"run.gain": True})
+    assert simulate(plain).u.tobytes() == simulate(with_gain).u.tobytes()
