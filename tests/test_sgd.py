@@ -501,15 +501,12 @@ def test_seeds_on_one_problem_differ_through_their_own_draws(overrides, warned):
 _THREAD_COUNTS_SCRIPT = """
 import json, sys
 import numba
-from ddln_fast import Config, integrators, kernels, simulate
+from ddln_fast import Config, kernels, simulate
+from ddln_fast.stochastic import StochasticGradientDescent as Solver
 
 kernels.SERIAL_STATE_WORK = 0  # every kernel runs on the threads asked
-seen = []
-pick = integrators.Integrator._pick_threads
-def recording(self, m):
-    pick(self, m)
-    seen.append(numba.get_num_threads())
-integrators.Integrator._pick_threads = recording
+seen, step = [], Solver._fixed_step
+Solver._fixed_step = lambda self, active: (seen.append(numba.get_num_threads()), step(self, active))
 config = Config().with_overrides(json.loads(sys.argv[1]))
 out = {}
 for threads in (1, 2):
