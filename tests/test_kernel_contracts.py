@@ -25,36 +25,6 @@ SCRIPT = textwrap.dedent("""
     from ddln_fast.problem import Problem
     from ddln_fast.stochastic import DescentOptions, StochasticGradientDescent
 
-    rng = np.random.default_rng(0)
-    S, L, n, d = 3, 3, 8, 700   # d > BLOCK: two coordinate blocks per seed
-    u0 = 0.5 * (1 + 0.1 * rng.standard_normal((S, L, d)))
-    problems = [(rng.standard_normal((n, d)) / np.sqrt(d), rng.standard_normal(n)),
-                (rng.standard_normal((S, n, d)) / np.sqrt(d), rng.standard_normal((S, n))),
-                # large enough for the BLAS path and two threads
-                (rng.standard_normal((100, 4000)) / 60, rng.standard_normal(100))]
-    descent = [DescentOptions(batch_size=4, momentum=0.5, label_noise=0.1),
-               DescentOptions(batch_size=4, momentum=0.5, nesterov=True, sampling="with_replacement"),
-               DescentOptions(weight_decay=0.1, label_noise=0.1, gain=True),
-               DescentOptions(batch_size=3, schedule="step", decay_every=2)]
-
-    def workload():
-        for X, y in problems:
-            layers = u0 if X.shape[-1] == d else 0.5 * np.ones((4, L, X.shape[-1]))
-            for dtype in (np.float64, np.float32):
-                solvers = [Integrator(method, Problem(X, y), layers, dt=1e-3, rtol=1e-6, atol=1e-9,
-                                      dtype=dtype) for method in ("euler", "rk4", "dopri5", "cash_karp")]
-                for options in descent:
-                    depth = 2 if options.gain else L
-                    solvers.append(StochasticGradientDescent("sgd", Problem(X, y), layers[:, :depth],
-                                                             options, dt=1e-3, dtype=dtype))
-                for it in solvers:
-                    it.advance_to(0.005)
-                    it.current_losses(); it.theta_of_all(); it.invariant_drift()
-
-    # Everything compiles (or loads from the cache) first, with the real modules: a kernel that
-    # compiled while a module global is a stand-in below would see the stand-in.
-    workload()
-
     # Every compiled function the integrators call, wrapped: Numba counts one allocation per
     # array argument it receives (its MemInfo; also each array inside a tuple argument), so
     # anything above that was allocated inside.
@@ -78,9 +48,40 @@ SCRIPT = textwrap.dedent("""
         return wrapper
 
     kernels.n_blocks(1)  # starts Numba's runtime (and its counters)
-    # Wrap what the integrators call from Python, through stand-ins for their `kernels` and
-    # `controller` modules: the modules' own globals stay compiled functions, so a kernel that
-    # compiles now (cold cache) still sees its njit callees, not these Python wrappers.
+    rng = np.random.default_rng(0)
+    S, L, n, d = 3, 3, 8, 700   # d > BLOCK: two coordinate blocks per seed
+    u0 = 0.5 * (1 + 0.1 * rng.standard_normal((S, L, d)))
+    problems = [(rng.standard_normal((n, d)) / np.sqrt(d), rng.standard_normal(n)),
+                (rng.standard_normal((S, n, d)) / np.sqrt(d), rng.standard_normal((S, n))),
+                # large enough for the BLAS path and two threads
+                (rng.standard_normal((100, 4000)) / 60, rng.standard_normal(100))]
+
+    descent = [DescentOptions(batch_size=4, momentum=0.5, label_noise=0.1),
+               DescentOptions(batch_size=4, momentum=0.5, nesterov=True, sampling="with_replacement"),
+               DescentOptions(weight_decay=0.1, label_noise=0.1, gain=True),
+               DescentOptions(batch_size=3, schedule="step", decay_every=2)]
+
+    def run_all():
+        for X, y in problems:
+            layers = u0 if X.shape[-1] == d else 0.5 * np.ones((4, L, X.shape[-1]))
+            for dtype in (np.float64, np.float32):
+                solvers = [Integrator(method, Problem(X, y), layers, dt=1e-3, rtol=1e-6,
+                                      atol=1e-9, dtype=dtype)
+                           for method in ("euler", "rk4", "dopri5", "cash_karp")]
+                for options in descent:  # SGD's solver (the gain needs depth 2)
+                    solvers.append(StochasticGradientDescent(
+                        "sgd", Problem(X, y), layers[:, :2 if options.gain else L], options,
+                        dt=1e-3, dtype=dtype))
+                for it in solvers:
+                    it.advance_to(0.005)
+                    it.current_losses(); it.theta_of_all(); it.invariant_drift()
+
+    # Compile (or load from the cache) everything first: compiled code resolves its callees
+    # through its module's globals at compile time, and the wrapping below replaces some of them
+    # with Python functions. Later compilations would show up in the signature counts below.
+    run_all()
+    # Then wrap what the integrators call from Python, through stand-ins for their `kernels`
+    # and `controller` modules, and run again, counting allocations per call.
     import types
     for module in (kernels, controller):
         stand_in = types.SimpleNamespace(**{k: getattr(module, k) for k in dir(module)})
@@ -96,12 +97,12 @@ SCRIPT = textwrap.dedent("""
     stochastic.stochastic_kernels = stand_in
     for key, fn in list(stochastic_kernels.MOMENTUM_STEP_KERNELS.items()):
         stochastic_kernels.MOMENTUM_STEP_KERNELS[key] = counting(f"momentum_step{key}", fn)
-    for name in dir(integrators):  # the integrators' own compiled helpers call no other one
+    for name in dir(integrators):  # the integrators' own compiled helpers, called from Python
         fn = getattr(integrators, name)
         if hasattr(fn, "signatures") and name.startswith("_"):
             setattr(integrators, name, counting(name, fn))
 
-    workload()
+    run_all()
     signatures = {}
     for key, fn in stochastic_kernels.MOMENTUM_STEP_KERNELS.items():  # wrapped: the kernel is a cell
         kernel = next(c.cell_contents for c in fn.__closure__ if hasattr(c.cell_contents, "signatures"))
