@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config
+from .config import DESCENT_METHODS, Config, check_batch_size
 from .controller import LOSS_TOL, MAX_STEPS, RUNNING, T_END
+from .diagnostics import CheckpointDiagnostics
 from .errors import AlreadyComplete, InputError
 from .init import initial_layers, sign_trap_coordinates
 from .methods import METHODS, is_adaptive
@@ -138,7 +139,11 @@ def check_seeds_differ(config: Config, problem, u0: np.ndarray) -> None:
     u0 : ndarray of shape (S, L, d)
     """
     seeds = u0.shape[0]
-    if seeds < 2 or problem.per_seed or not np.all(u0 == u0[:1]):
+    integ = config.integrator
+    # each seed draws its own batches or label noise: the seeds differ through those
+    own_draws = integ.label_noise > 0 or (integ.method == "sgd" and (
+        integ.batch_size < problem.n or integ.sampling == "with_replacement"))
+    if seeds < 2 or problem.per_seed or own_draws or not np.all(u0 == u0[:1]):
         return
     fixes = ["problem.per_seed_data = true"] if config.problem.kind == "gaussian" else [
         "a data file with X of shape (S, n, d)"]
@@ -157,19 +162,28 @@ def check_step_stability(config: Config, problem, u0: np.ndarray) -> None:
     bound / lambda_max (gradient descent: 2 / lambda_max, lambda_max the largest eigenvalue of
     the loss Hessian in layer space), and print the limit. Large steps stay allowed (the edge
     of stability is a regime worth simulating)."""
-    from .sharpness import stability_limits
+    from .sharpness import STABILITY_BOUNDS, stability_limits
 
-    method, dt = config.integrator.method, config.integrator.dt
+    integ = config.integrator
+    method, dt = integ.method, integ.dt
     if is_adaptive(method):
         return
-    limits = stability_limits(method, problem.X, problem.y, u0, rtol=1e-6, max_iter=100)
+    bound, what = STABILITY_BOUNDS.get(method), method
+    if method in DESCENT_METHODS:
+        from .stochastic import DescentOptions
+
+        bound = DescentOptions.from_config(config).stability_bound
+        if integ.momentum:
+            what += f" with {'Nesterov' if integ.nesterov else 'heavy-ball'} momentum {integ.momentum:g}"
+    limits = stability_limits(method, problem.X, problem.y, u0, bound=bound, shift=integ.weight_decay,
+                              rtol=1e-6, max_iter=100)
     above = np.flatnonzero(dt > limits)
     if above.size:
         worst = int(np.argmin(limits))
-        bound = "2" if method == "euler" else "2.785"
-        warnings.warn(f"integrator.dt = {dt:g} is above the stability limit of {method} at the "
-                      f"initialization, {bound}/lambda_max = {limits[worst]:.4g} (seed {worst}; "
-                      f"lambda_max: largest eigenvalue of the loss Hessian in the layers), for "
+        hessian = "the loss Hessian" + (" plus weight decay" if integ.weight_decay else "")
+        warnings.warn(f"integrator.dt = {dt:g} is above the stability limit of {what} at the "
+                      f"initialization, {bound:.4g}/lambda_max = {limits[worst]:.4g} (seed {worst}; "
+                      f"lambda_max: largest eigenvalue of {hessian} in the layers), for "
                       f"{above.size} of {limits.size} seeds: expect oscillation or divergence",
                       StabilityWarning, stacklevel=3)
 
@@ -289,6 +303,7 @@ def _start_or_resume(config, path, progress, resume, threads, on_checkpoint, sto
             return report
         # killed before its first checkpoint was committed: nothing to keep, start again
     problem = make_problem(config)
+    check_batch_size(config, problem.n)
     u0 = initial_layers(config, problem.d)
     check_initialization(config, u0)
     check_seeds_differ(config, problem, u0)
@@ -297,18 +312,26 @@ def _start_or_resume(config, path, progress, resume, threads, on_checkpoint, sto
     with limit_threads(n_threads) as used_threads:
         check_step_stability(config, problem, u0)
         integrator = _make_integrator(config, problem, u0)
+        diagnostics = CheckpointDiagnostics(config, problem)
         shapes = integrator.state_shapes()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        writer = RunWriter.create(path, config, problem, u0, provenance(used_threads), shapes,
+        writer = RunWriter.create(path, config, problem, u0,
+                                  {**provenance(used_threads), **integrator.run_attributes()}, shapes,
+                                  {**integrator.checkpoint_rows(), **diagnostics.rows(u0.shape[0])},
                                   _fixed_shapes(integrator))
-        return _drive(config, integrator, writer, times, 0, progress, on_checkpoint, stops)
+        return _drive(config, integrator, diagnostics, writer, times, 0, progress, on_checkpoint,
+                      stops)
 
 
 def _make_integrator(config: Config, problem, u0) -> Solver:
+    from .stochastic import DescentOptions
+
     integ = config.integrator
-    options = dict(dt=integ.dt, rtol=integ.rtol, atol=integ.atol, loss_tol=integ.loss_tol,
-                   max_steps=integ.max_steps, dtype=np.dtype(config.run.dtype).type)
+    descent = DescentOptions.from_config(config) if integ.method in DESCENT_METHODS else None
+    options = dict(descent=descent, dt=integ.dt, rtol=integ.rtol, atol=integ.atol,
+                   loss_tol=integ.loss_tol, max_steps=integ.max_steps,
+                   dtype=np.dtype(config.run.dtype).type)
     if integ.method == "dual":  # it records activation events, at a level set from the config
         from .events import activation_levels
 
@@ -418,8 +441,8 @@ def _resume(config: Config, path: Path, progress, threads, on_checkpoint, stops)
         integrator = _make_integrator(config, problem, u0)
         integrator.restore_state(state)
         writer = RunWriter.reopen(str(path), config.run.swmr)
-        return _drive(config, integrator, writer, times, index + 1, progress, on_checkpoint, stops,
-                      resumed_from=index)
+        return _drive(config, integrator, CheckpointDiagnostics(config, problem), writer, times,
+                      index + 1, progress, on_checkpoint, stops, resumed_from=index)
 
 
 class ResumeMismatchWarning(UserWarning):
@@ -436,16 +459,15 @@ def _blas_identity(blas_json: str) -> str:
                      for i in infos) or "none"
 
 
-def _checkpoint_row(integrator: Solver, t: float, save_layers: bool) -> dict:
+def _checkpoint_row(integrator: Solver, diagnostics: CheckpointDiagnostics, t: float,
+                    save_layers: bool) -> dict:
     """The checkpoint's rows (the solver marks a running seed whose loss is not finite here as
-    diverged first: ``t_seed`` and ``status`` are read after it)."""
+    diverged first, or one that reached loss_tol as converged: ``t_seed`` and ``status`` are read
+    after it); the solver's own rows and the diagnostics follow."""
     values = integrator.checkpoint_values(save_layers)
     st = integrator.state
-    row = {"t": t, "t_seed": st.t_seed(), "loss": values["loss"], "theta": values["theta"],
-           "invariant_drift": values["invariant_drift"], "nfev": st.nfev.copy(),
-           "status": st.status.copy()}
-    if save_layers:
-        row["u"] = values["u"]
+    row = {"t": t, "t_seed": st.t_seed(), **values, "nfev": st.nfev.copy(), "status": st.status.copy()}
+    row.update(diagnostics.values(integrator))
     return row
 
 
@@ -454,8 +476,8 @@ def _checkpoint_row(integrator: Solver, t: float, save_layers: bool) -> dict:
 _NON_FINITE_IS_A_STATUS = dict(over="ignore", invalid="ignore", divide="ignore")
 
 
-def _drive(config, integrator: Solver, writer: RunWriter, times, first_index, progress,
-           on_checkpoint, stops, resumed_from=None) -> RunReport:
+def _drive(config, integrator: Solver, diagnostics: CheckpointDiagnostics, writer: RunWriter,
+           times, first_index, progress, on_checkpoint, stops, resumed_from=None) -> RunReport:
     """Advance checkpoint by checkpoint, appending each one (rows, state, then the counter).
 
     A stop request (SIGINT/SIGTERM) is honoured at a step boundary, not only at the next
@@ -486,7 +508,7 @@ def _drive(config, integrator: Solver, writer: RunWriter, times, first_index, pr
             if k == len(times) - 1:
                 integrator.finish()
             with np.errstate(**_NON_FINITE_IS_A_STATUS):
-                row = _checkpoint_row(integrator, times[k], save_layers)
+                row = _checkpoint_row(integrator, diagnostics, times[k], save_layers)
             writer.append(row, integrator.state_arrays(), _fixed_rows(integrator))
             written += 1
             bar.update(1)
