@@ -31,12 +31,12 @@ FIXED_STEP_METHODS = ("euler", "rk4", "sgd")
 DESCENT_METHODS = ("euler", "sgd")
 SAMPLINGS = ("without_replacement", "with_replacement")
 SCHEDULES = ("constant", "step")
-#: Keys added after the first schema (issue 12): a sweep task's id leaves them out while they hold
+#: Keys added after the first schema (issues 12 and 10): a sweep task's id leaves them out while they hold
 #: their defaults, so the tasks of a sweep run before they existed keep their ids and files.
 ADDED_KEYS = ("integrator.batch_size", "integrator.sampling", "integrator.momentum",
               "integrator.nesterov", "integrator.label_noise", "integrator.weight_decay",
               "integrator.schedule", "integrator.decay_every", "integrator.decay_factor",
-              "run.sharpness", "run.gain")
+              "run.sharpness", "run.gain", "integrator.activation_level")
 SPACINGS = ("log", "linear")
 DTYPES = ("float64", "float32")
 
