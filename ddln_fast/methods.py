@@ -17,7 +17,8 @@ from .tableaus import DOPRI5, TABLEAUS, Tableau
 @dataclass(frozen=True)
 class Method:
     """``tableau``: what the solver steps with (``tableau.adaptive``: step-size control);
-    ``build(problem, u0, dt=, rtol=, atol=, loss_tol=, max_steps=, dtype=)``: the solver."""
+    ``build(problem, u0, dt=, rtol=, atol=, loss_tol=, max_steps=, dtype=, parametrization=)``:
+    the solver (``parametrization``: a :class:`ddln_fast.parametrization.Parametrization`)."""
 
     tableau: Tableau
     build: Callable

@@ -39,11 +39,14 @@ class MirrorIntegrator(Solver):
     method = "mirror"
 
     def __init__(self, problem: Problem, u0, dt=0.01, rtol=1e-8, atol=1e-12, loss_tol=0.0,
-                 max_steps=10_000_000, dtype=np.float64):
+                 max_steps=10_000_000, dtype=np.float64, parametrization=None):
         super().__init__()
         self.dtype = np.dtype(dtype).type
         if self.dtype is not np.float64:
             raise InputError('integrator.method = "mirror" runs in float64 only (set run.dtype = "float64")')
+        if parametrization is not None and parametrization.name != "product":
+            raise InputError(f'integrator.method = "mirror" integrates the product parametrization '
+                             f'only, not "{parametrization.name}"')
         self.u0 = np.array(u0, dtype=np.float64)
         S, L, d = self.u0.shape
         self.seeds, self.depth, self.dim = S, L, d

@@ -21,6 +21,7 @@ from .controller import LOSS_TOL, MAX_STEPS, RUNNING, T_END
 from .errors import AlreadyComplete, InputError
 from .init import initial_layers, sign_trap_coordinates
 from .methods import METHODS, is_adaptive
+from .parametrization import Parametrization
 from .problem import make_problem
 from .solver import Solver
 from .store import Run, RunWriter, extend_run, open_h5, provenance
@@ -100,8 +101,11 @@ def _strictly_increasing_steps(targets: np.ndarray, last: int) -> np.ndarray:
 
 
 def check_initialization(config: Config, u0: np.ndarray) -> None:
-    """Warn about the sign trap (violated assumption (A)) and about underflow of theta."""
-    if config.model.depth > 1:
+    """Warn about the sign trap (violated assumption (A); the product parametrization only: the
+    difference and power forms change sign through their two halves) and about underflow of
+    theta."""
+    param = Parametrization.from_config(config)
+    if param.name == "product" and config.model.depth > 1:
         trapped = sign_trap_coordinates(u0)
         count = int(trapped.sum())
         if count:
@@ -114,7 +118,7 @@ def check_initialization(config: Config, u0: np.ndarray) -> None:
     nonzero = np.abs(u0[u0 != 0])
     if nonzero.size:
         # in log10, so that the number can be printed even below float64's range
-        exponent = float(np.log10(nonzero.min())) * config.model.depth
+        exponent = float(np.log10(nonzero.min())) * param.degree
         if exponent < np.log10(tiny):
             whole = int(np.floor(exponent))
             warnings.warn(
@@ -162,7 +166,8 @@ def check_step_stability(config: Config, problem, u0: np.ndarray) -> None:
     method, dt = config.integrator.method, config.integrator.dt
     if is_adaptive(method):
         return
-    limits = stability_limits(method, problem.X, problem.y, u0, rtol=1e-6, max_iter=100)
+    limits = stability_limits(method, problem.X, problem.y, u0, rtol=1e-6, max_iter=100,
+                              parametrization=Parametrization.from_config(config))
     above = np.flatnonzero(dt > limits)
     if above.size:
         worst = int(np.argmin(limits))
@@ -300,7 +305,9 @@ def _start_or_resume(config, path, progress, resume, threads, on_checkpoint, sto
         shapes = integrator.state_shapes()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        writer = RunWriter.create(path, config, problem, u0, provenance(used_threads), shapes)
+        # the parametrization travels with the provenance: root attributes written at creation
+        attributes = {**provenance(used_threads), **Parametrization.from_config(config).run_attributes()}
+        writer = RunWriter.create(path, config, problem, u0, attributes, shapes)
         return _drive(config, integrator, writer, times, 0, progress, on_checkpoint, stops)
 
 
@@ -308,7 +315,8 @@ def _make_integrator(config: Config, problem, u0) -> Solver:
     integ = config.integrator
     return METHODS[integ.method].build(problem, u0, dt=integ.dt, rtol=integ.rtol, atol=integ.atol,
                                        loss_tol=integ.loss_tol, max_steps=integ.max_steps,
-                                       dtype=np.dtype(config.run.dtype).type)
+                                       dtype=np.dtype(config.run.dtype).type,
+                                       parametrization=Parametrization.from_config(config))
 
 
 #: Keys a finished or interrupted run may be resumed with, when they relax the limit (the

@@ -81,10 +81,14 @@ def task_id(config: Config) -> str:
     """A stable id from the resolved config: the first 16 hex digits of SHA-256 of its TOML.
 
     ``run.threads`` is left out: it changes how fast a task runs, not which run it is, and the
-    sweep sets the threads of every task itself.
+    sweep sets the threads of every task itself. So are ``model.parametrization`` and
+    ``model.power`` at their defaults (product, 0): the ids of sweeps made before they existed
+    stay the same.
     """
     tables = config.to_dict()
     tables["run"].pop("threads", None)
+    if tables["model"].get("parametrization") == "product" and tables["model"].get("power") == 0.0:
+        del tables["model"]["parametrization"], tables["model"]["power"]
     import tomli_w
 
     return hashlib.sha256(tomli_w.dumps(tables).encode()).hexdigest()[:16]
