@@ -33,7 +33,7 @@ def implicit_bias(spec: dict, base_dir: Path, out: Path) -> dict:
     """Figure (a); returns the numbers it plots."""
     from .init import initial_layers
     from .problem import make_problem
-    from .theory import min_l1_interpolator, predict_arrays
+    from .prediction import min_l1_interpolator, predict_arrays
 
     base = Config.from_toml(base_dir / spec["config"])
     problem = make_problem(base)
@@ -79,7 +79,8 @@ def time_to_epsilon(spec: dict, base_dir: Path, out: Path) -> dict:
     """Figure (b)."""
     from .analysis import _time_to
     from .simulate import simulate
-    from .theory import constraints, serial_blas
+    from .prediction import constraints
+    from .theory import serial_blas
 
     base = Config.from_toml(base_dir / spec["config"])
     eps = float(spec.get("epsilon", 1e-6))

@@ -21,6 +21,7 @@ dt ~ 2 / lambda_max). Every product is in float64.
 from __future__ import annotations
 
 import numpy as np
+from scipy.linalg import eigvalsh_tridiagonal
 
 #: Where the stability interval of each fixed-step method on the negative real axis ends:
 #: z = -dt * lambda is stable for z in [-bound, 0] (Euler: |1 + z| <= 1; classical RK4: the
@@ -143,8 +144,6 @@ def top_hessian_eigenvalue(X, y, layers, *, rtol: float = 1e-10, max_iter: int =
     -------
     ndarray of shape (S,), or a float for layers of shape (L, d)
     """
-    from scipy.linalg import eigvalsh_tridiagonal
-
     X, y, layers, single = _as_batches(X, y, layers)
     S, L, d = layers.shape
     size = L * d

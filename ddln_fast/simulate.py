@@ -23,6 +23,9 @@ from .init import initial_layers, sign_trap_coordinates
 from .methods import METHODS, is_adaptive
 from .parametrization import Parametrization
 from .problem import make_problem
+# imported with the package, not inside limit_threads: scipy's own OpenBLAS, loaded by it, then
+# gets the thread limit like numpy's (a library loaded inside the limit keeps its default pool)
+from .sharpness import stability_limits
 from .solver import Solver
 from .store import Run, RunWriter, extend_run, open_h5, provenance
 from .threads import limit_threads
@@ -161,8 +164,6 @@ def check_step_stability(config: Config, problem, u0: np.ndarray) -> None:
     bound / lambda_max (gradient descent: 2 / lambda_max, lambda_max the largest eigenvalue of
     the loss Hessian in layer space), and print the limit. Large steps stay allowed (the edge
     of stability is a regime worth simulating)."""
-    from .sharpness import stability_limits
-
     method, dt = config.integrator.method, config.integrator.dt
     if is_adaptive(method):
         return

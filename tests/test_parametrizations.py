@@ -21,6 +21,7 @@ import warnings
 
 import numpy as np
 import pytest
+from scipy.integrate import quad
 
 from ddln_fast import Config, InputError, simulate
 from references import (parametrized_gradient_descent, parametrized_reference_layers, parametrized_theta,
@@ -325,3 +326,199 @@ def test_a_gradient_descent_step_above_the_stability_limit_of_a_difference_run_i
         simulate(two_steps(0.9 * limit))
     with pytest.warns(StabilityWarning, match=f"{limit:.4g}"):
         simulate(two_steps(1.1 * limit))
+
+
+# -- theory: closed forms, the limit, the bounds ----------------------------------------------------
+def woodworth_inverse_reference(x, p):
+    """h_p^{-1}(x) by brentq on (1 - w)^(-p/(p-2)) - (1 + w)^(-p/(p-2)) = x."""
+    from scipy.optimize import brentq
+
+    e = p / (p - 2)
+    return brentq(lambda w: (1 - w) ** -e - (1 + w) ** -e - x, -1 + 1e-15, 1 - 1e-15, xtol=1e-300, rtol=1e-15)
+
+
+def closed_form_reference(name, p, u0):
+    """(phi, Q) of one coordinate with phi(0) = Q(0) = 0, written from the closed forms:
+    depth 2 / D = 2 the hyperbolic entropy with beta from the flow's A cosh - B sinh form,
+    p >= 3 from u = v = alpha Woodworth's h_p^{-1} (brentq) and Q = int_0^theta phi (quad)."""
+    if p == 2:
+        if name == "power":
+            k, beta = 4.0, 2 * u0[0] * u0[1]
+        else:
+            A = u0[0] * u0[1] - (u0[2] * u0[3] if name == "difference" else 0.0)
+            B = np.sum(u0 ** 2) / 2
+            k, beta = 2.0, np.sqrt(B * B - A * A)
+
+        def phi(t):
+            return np.arcsinh(t / beta) / k
+    else:
+        alpha = u0[0]
+        c = (p - 2) * (p if name == "power" else 1)
+
+        def phi(t):
+            return woodworth_inverse_reference(t / alpha ** p, p) / (c * alpha ** (p - 2))
+
+    def Q(t):
+        return quad(phi, 0.0, t, epsabs=0, epsrel=1e-13, limit=200)[0]
+
+    return phi, Q
+
+
+@pytest.mark.parametrize("name, p, init", [
+    ("product", 2, "random"), ("difference", 2, "random"), ("power", 2.0, "random"),
+    ("difference", 2, "balanced"), ("difference", 3, "balanced"), ("difference", 4, "balanced"),
+    ("power", 2.5, "balanced"), ("power", 3.0, "balanced"), ("power", 4.0, "balanced")])
+def test_closed_form_potentials_against_the_clock_map_route(name, p, init):
+    """potentials.ClosedForm (phi, Q with phi(0) = Q(0) = 0) against the formulas written here,
+    and both against the clock-map geometry (phi(theta) - phi(theta0) = -s(theta),
+    D_Q(theta, theta0) = G(s) - theta s)."""
+    from ddln_fast.parametrization import Parametrization
+    from ddln_fast.potentials import ClosedForm
+    from ddln_fast.theory import Geometry
+
+    rng = np.random.default_rng(int(10 * p) + len(name))
+    d = 5
+    param = Parametrization.of_layers(name, {"product": 2, "difference": 2 * int(p)}.get(name, 2),
+                                      p if name == "power" else 0.0)
+    rows = param.layer_count
+    if init == "balanced":  # u = v = alpha_i, alpha varying across coordinates
+        u0 = np.repeat(rng.uniform(0.3, 0.9, (1, d)), rows, axis=0)
+    else:
+        u0 = rng.uniform(0.3, 1.2, (rows, d))
+        if name != "power":
+            u0 *= rng.choice([-1.0, 1.0], (rows, d))
+    theta0 = parametrized_theta(name, u0, param.power)
+    theta = theta0 + rng.uniform(-2, 2, d)
+    closed = ClosedForm.from_layers(u0, param)
+    geometry = Geometry.from_layers(u0, param)
+    for i in range(d):
+        phi, Q = closed_form_reference(name, p, u0[:, i])
+        np.testing.assert_allclose(closed.mirror_map(theta)[i], phi(theta[i]), rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(closed.potential(theta)[i], Q(theta[i]), rtol=1e-10, atol=1e-15)
+    phi_rel = closed.mirror_map(theta) - closed.mirror_map(theta0)
+    breg = closed.potential(theta) - closed.potential(theta0) - closed.mirror_map(theta0) * (theta - theta0)
+    np.testing.assert_allclose(geometry.mirror_map(theta, 0), phi_rel, rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(geometry.potential(theta, 0), breg, rtol=1e-9, atol=1e-13)
+
+
+def test_no_closed_form_is_said_so():
+    from ddln_fast.parametrization import Parametrization
+    from ddln_fast.potentials import ClosedForm
+
+    with pytest.raises(InputError, match="no closed-form potential"):
+        ClosedForm.from_layers(np.array([[0.3], [0.5], [0.7]]), Parametrization("product", 3))
+    with pytest.raises(InputError, match="no closed-form potential"):
+        ClosedForm.from_layers(np.array([[0.3], [0.5]]), Parametrization("power", 1, 3.0))
+
+
+@pytest.mark.parametrize("name, depth, power", [("difference", 2, 0.0), ("difference", 3, 0.0),
+                                                ("power", 1, 2.0), ("power", 1, 2.5), ("power", 1, 3.0)])
+def test_the_limit_of_a_long_run_is_predict_limit(name, depth, power):
+    """dopri5 at rtol 1e-13 until the loss is 1e-24: theta_K equals the dual Newton prediction
+    to 1e-9, which interpolates and satisfies KKT (-s(theta_inf) in range(X^T))."""
+    from ddln_fast.prediction import predict_limit
+    from ddln_fast.theory import Geometry
+
+    cfg = config_for(name, depth, power, **{"problem.n": 5, "problem.d": 10, "integrator.rtol": 1e-13,
+                                            "integrator.atol": 1e-16, "integrator.t_end": 1e4,
+                                            "integrator.loss_tol": 1e-24, "run.checkpoints": 4,
+                                            "run.spacing": "log"})
+    run = simulate(cfg)
+    assert np.all(run.loss[-1] < 1e-24)
+    limit = predict_limit(cfg)
+    geometry = Geometry.from_layers(run.u0, parametrization_of(name, depth, power))
+    for s in range(cfg.run.seeds):
+        np.testing.assert_allclose(run.theta[-1, s], limit[s], rtol=0, atol=1e-9 * np.abs(limit[s]).max())
+        np.testing.assert_allclose(run.X @ limit[s], run.y, atol=1e-11)
+        kkt = geometry.mirror_map(limit[s], s)
+        null_part = kkt - run.X.T @ np.linalg.lstsq(run.X.T, kkt, rcond=None)[0]
+        assert np.linalg.norm(null_part) <= 1e-9 * max(1.0, np.linalg.norm(kkt))
+
+
+def parametrization_of(name, depth, power):
+    from ddln_fast.parametrization import Parametrization
+
+    return Parametrization.of_layers(name, rows_of(name, depth), power)
+
+
+@pytest.mark.parametrize("name, depth, power", [("difference", 2, 0.0), ("difference", 3, 0.0),
+                                                ("power", 1, 2.0), ("power", 1, 3.0)])
+def test_small_alpha_limits_tend_to_the_min_l1_interpolator(name, depth, power):
+    """From u = v = alpha the limit's distance to the LP's minimum-l1 interpolator (unique on
+    this generic problem) shrinks as alpha -> 0 (scipy linprog on the split LP)."""
+    from scipy.optimize import linprog
+
+    from ddln_fast.prediction import predict_limit
+    from ddln_fast.problem import make_problem
+
+    base = config_for(name, depth, power, **{"problem.n": 8, "problem.d": 24, "run.seeds": 1,
+                                             "model.init": "balanced", "model.jitter": 0.0,
+                                             "model.signs": "positive"})
+    p = make_problem(base)
+    res = linprog(np.ones(48), A_eq=np.hstack([p.X, -p.X]), b_eq=p.y, bounds=(0, None), method="highs")
+    l1 = res.x[:24] - res.x[24:]
+    alphas = (0.3, 0.03, 0.003) if name == "power" and power > 2 or depth > 2 else (0.3, 1e-3, 1e-6)
+    dist = [np.linalg.norm(predict_limit(base.with_overrides({"model.alpha": a}))[0] - l1) / np.linalg.norm(l1)
+            for a in alphas]
+    assert dist[0] > dist[1] > dist[2] and dist[2] < 1e-3, dist
+
+
+@pytest.mark.parametrize("name, depth, power", [("difference", 2, 0.0), ("difference", 3, 0.0),
+                                                ("power", 1, 2.0), ("power", 1, 2.5)])
+def test_analyze_puts_the_theory_next_to_every_parametrization(name, depth, power, tmp_path, capsys):
+    """Bounds hold at every checkpoint, the limit and KKT residual are small, ``ddln analyze``
+    prints the parametrization, and c_A (PL rate 2 mu c_A, mu by eigvalsh) is the smallest h a
+    coordinate can reach: depth 2 / D = 2, h = k sqrt(theta^2 + beta^2) is smallest at k beta;
+    power D > 2, h = D^2 (u^(2D-2) + v^(2D-2)) is smallest where u = v on the conserved
+    u^(2-D) + v^(2-D); difference depth 3 (no closed form): at most the smallest h the run saw."""
+    from ddln_fast.analysis import analyze_run
+    from ddln_fast.cli import main
+
+    cfg = config_for(name, depth, power, **{"problem.n": 6, "problem.d": 14, "integrator.rtol": 1e-10,
+                                            "integrator.t_end": 400.0, "run.checkpoints": 60,
+                                            "run.spacing": "log"})
+    run = simulate(cfg, out=tmp_path / "run.h5")
+    result = analyze_run(run)
+    mu = np.linalg.eigvalsh(run.X @ run.X.T / run.X.shape[0]).min()
+    for sa in result.seeds:
+        assert sa.bound_pl_c_a_held and sa.bound_pl_trajectory_held and sa.bound_sublinear_held, sa
+        assert sa.gap_to_prediction < 1e-6 and sa.kkt_residual < 1e-8 and not sa.note
+        u0 = run.u0[sa.seed]
+        if name == "power" and power > 2:
+            w = ((u0[0] ** (2 - power) + u0[1] ** (2 - power)) / 2) ** (1 / (2 - power))
+            c_a = np.min(2 * power ** 2 * w ** (2 * power - 2))
+        elif name == "power":
+            c_a = np.min(4 * 2 * u0[0] * u0[1])
+        elif depth == 2:
+            A = u0[0] * u0[1] - u0[2] * u0[3]
+            B = np.sum(u0 ** 2, axis=0) / 2
+            c_a = np.min(2 * np.sqrt(B * B - A * A))
+        else:
+            seen = [np.sum([np.prod(np.delete(U[half], j, axis=0) ** 2, axis=0)
+                            for half in (slice(0, depth), slice(depth, 2 * depth)) for j in range(depth)], axis=0)
+                    for U in run.u[:, sa.seed]]
+            assert 2 * mu * np.min(seen) >= sa.pl_rate * (1 - 1e-12)
+            continue
+        np.testing.assert_allclose(sa.pl_rate, 2 * mu * c_a, rtol=1e-10)
+    run.close()
+    main_args = ["analyze", str(tmp_path / "run.h5")]
+    with pytest.raises(SystemExit) as done:
+        main(main_args)
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert ("power D" if name == "power" else "difference, depth") in out and "VIOLATED" not in out
+
+
+@pytest.mark.parametrize("name, depth, power", [("difference", 2, 0.0), ("difference", 3, 0.0), ("power", 1, 2.5)])
+def test_mirror_method_follows_the_flow_of_every_parametrization(name, depth, power):
+    """dopri5 on theta with h(theta) from the clock map (method "mirror") against the test's
+    DOP853 layer flow: theta and the rebuilt layers to 1e-8."""
+    cfg = config_for(name, depth, power, **{"integrator.method": "mirror", "integrator.rtol": 1e-11,
+                                            "integrator.t_end": 3.0, "run.checkpoints": 4})
+    run = simulate(cfg)
+    for s in range(cfg.run.seeds):
+        ref = parametrized_reference_layers(run.X, run.y, run.u0[s], run.t, name, power)
+        np.testing.assert_allclose(run.theta[:, s], [parametrized_theta(name, U, power) for U in ref],
+                                   rtol=0, atol=1e-8)
+        np.testing.assert_allclose(run.u[:, s], ref, rtol=0, atol=1e-8)
+        assert np.all(run.invariant_drift[:, s] < 1e-12)
