@@ -126,14 +126,17 @@ def _power(y, exponent, k):
 
 @njit(inline="always")
 def _suffix_rows(Y, s, start, w, rows, col, j0, count):
-    """rows[j, col:col + w] = prod_{j < k < j0 + count} Y[s, k] for the layers j of one half
-    (j0 .. j0 + count - 1) over one block: the suffix products of the all-but-one products; no
-    division (layers may be exactly zero)."""
+    """rows[j, col:col + w] = prod_{j < k < j0 + count} Y[s, k] for the layers j0 .. j0 + count - 2
+    of one half over one block: the suffix products of the all-but-one products (the last
+    layer's is empty: callers use 1); no division (layers may be exactly zero)."""
     last = j0 + count - 1
-    nxt = rows[last, col:col + w]
+    if count < 2:
+        return
+    nxt = rows[last - 1, col:col + w]
+    yl = Y[s, last, start:start + w]
     for c in range(w):
-        nxt[c] = 1.0
-    for j in range(last - 1, j0 - 1, -1):
+        nxt[c] = yl[c]
+    for j in range(last - 2, j0 - 1, -1):
         cur = rows[j, col:col + w]
         yr = Y[s, j + 1, start:start + w]
         for c in range(w):
@@ -146,9 +149,9 @@ def _derivative_rows(Y, G, inv_n, param, a, s, start, w, rows, col, carry):
     """rows[j, col:col + w] = -(G[a] / n) * d theta / d Y[s, j] over one block.
 
     Product and difference halves: the suffix products, then a prefix sweep with -g/n (the u
-    half) or +g/n (the v half) folded into ``carry`` (a scratch row of the block's width).
-    Power: -+(g/n) D y^(D-1). ``rows``: K[stage, s] (col = start) or the thread's scratch
-    (col = 0). ``G`` is only read."""
+    half) or +g/n (the v half) folded into ``carry`` (a scratch row of the block's width); the
+    last layer's row is the carry itself. Power: -+(g/n) D y^(D-1). ``rows``: K[stage, s]
+    (col = start) or the thread's scratch (col = 0). ``G`` is only read."""
     g = G[a, start:start + w]
     if param.power > 0.0:
         D = param.power
@@ -163,16 +166,29 @@ def _derivative_rows(Y, G, inv_n, param, a, s, start, w, rows, col, carry):
     count = _half_rows(param, Y.shape[1])
     for half in range(param.halves):
         j0 = half * count
-        _suffix_rows(Y, s, start, w, rows, col, j0, count)
+        last = j0 + count - 1
         neg = -inv_n if half == 0 else inv_n
-        for c in range(w):
-            carry[c] = neg * g[c]
-        for j in range(j0, j0 + count):
+        if count == 1:
+            kr = rows[j0, col:col + w]
+            for c in range(w):
+                kr[c] = neg * g[c]
+            continue
+        _suffix_rows(Y, s, start, w, rows, col, j0, count)
+        for j in range(j0, last):
             kr = rows[j, col:col + w]
             yr = Y[s, j, start:start + w]
-            for c in range(w):
-                kr[c] *= carry[c]
-                carry[c] *= yr[c]
+            if j == j0:  # the carry starts as -+g/n: set while the first row is scaled
+                for c in range(w):
+                    first = neg * g[c]
+                    kr[c] *= first
+                    carry[c] = first * yr[c]
+            else:
+                for c in range(w):
+                    kr[c] *= carry[c]
+                    carry[c] *= yr[c]
+        kr = rows[last, col:col + w]
+        for c in range(w):
+            kr[c] = carry[c]
 
 
 @njit(inline="always")
@@ -190,26 +206,47 @@ def _combination(acc, K, scr, stage, keep, coeffs, n_terms, s, j, start, w):
             acc[c] += ck * kr[c]
 
 
+#: How :func:`_next_input_row` folds the new row y into the running product ``th``.
+SET, MULTIPLY, SUBTRACT_PRODUCT, SUBTRACT = 0, 1, 2, 3
+
+
 @njit(inline="always")
-def _next_input_row(U, Y_out, th, acc, hs, s, j, start, w):
-    """Y_out[s, j] = U[s, j] + h acc over one block, and th *= it."""
+def _next_input_row(U, Y_out, th, acc, hs, s, j, start, w, fold, prod):
+    """Y_out[s, j] = U[s, j] + h acc over one block, folded into th by ``fold``: th = y (SET,
+    the first row of a product), th *= y (MULTIPLY), th -= prod y (SUBTRACT_PRODUCT, the last
+    row of a v half), th -= y (SUBTRACT, a v half of one row)."""
     ur = U[s, j, start:start + w]
     yo = Y_out[s, j, start:start + w]
-    for c in range(w):
-        y = ur[c] + hs * acc[c]
-        yo[c] = y
-        th[c] *= y
+    if fold == SET:
+        for c in range(w):
+            y = ur[c] + hs * acc[c]
+            yo[c] = y
+            th[c] = y
+    elif fold == MULTIPLY:
+        for c in range(w):
+            y = ur[c] + hs * acc[c]
+            yo[c] = y
+            th[c] *= y
+    elif fold == SUBTRACT_PRODUCT:
+        for c in range(w):
+            y = ur[c] + hs * acc[c]
+            yo[c] = y
+            th[c] -= prod[c] * y
+    else:
+        for c in range(w):
+            y = ur[c] + hs * acc[c]
+            yo[c] = y
+            th[c] -= y
 
 
 @njit(inline="always")
 def _next_inputs(U, K, scr, stage, keep, coeffs, n_terms, Y_out, prod, acc, hs, s, j0, count,
                  start, w):
     """Y_out[s, j] = U[s, j] + h sum_k coeffs[k] K[k, s, j] for the layers j0 .. j0 + count - 1
-    over one block, and prod = their product."""
-    _ones(prod, w)
+    over one block, and prod = their product (count >= 1)."""
     for j in range(j0, j0 + count):
         _combination(acc, K, scr, stage, keep, coeffs, n_terms, s, j, start, w)
-        _next_input_row(U, Y_out, prod, acc, hs, s, j, start, w)
+        _next_input_row(U, Y_out, prod, acc, hs, s, j, start, w, SET if j == j0 else MULTIPLY, prod)
 
 
 @njit(inline="always")
@@ -234,13 +271,18 @@ def _next_inputs_and_theta(U, K, scr, stage, keep, coeffs, n_terms, Y_out, th, h
     count = _half_rows(param, P)
     v_prod = scr[P + 2, :w]
     _next_inputs(U, K, scr, stage, keep, coeffs, n_terms, Y_out, th, acc, hs, s, 0, count, start, w)
-    _next_inputs(U, K, scr, stage, keep, coeffs, n_terms, Y_out, v_prod, acc, hs, s, count, count,
-                 start, w)
     if param.power > 0.0:
+        _next_inputs(U, K, scr, stage, keep, coeffs, n_terms, Y_out, v_prod, acc, hs, s, 1, 1, start, w)
         _power_theta(Y_out, s, start, w, th, param.power)
-    else:
-        for c in range(w):
-            th[c] -= v_prod[c]
+        return
+    # the v half: its product is subtracted from theta as its last row is formed
+    if count > 1:
+        _next_inputs(U, K, scr, stage, keep, coeffs, n_terms, Y_out, v_prod, acc, hs, s, count,
+                     count - 1, start, w)
+    last = 2 * count - 1
+    _combination(acc, K, scr, stage, keep, coeffs, n_terms, s, last, start, w)
+    _next_input_row(U, Y_out, th, acc, hs, s, last, start, w,
+                    SUBTRACT_PRODUCT if count > 1 else SUBTRACT, v_prod)
 
 
 @njit(inline="always")
@@ -337,89 +379,131 @@ def _accept_item(item, nb, U, Y, K, src, dst, seeds):
             K[dst, s, j, start:stop] = K[src, s, j, start:stop]
 
 
+# One Euler update of the layers of one half at one coordinate, in registers: a_j moves by
+# h * cr * (the product of the half's other layers), cr = -g/n (u half) or +g/n (v half).
+@njit(inline="always")
+def _step1(a0, cr, hs):
+    return a0 + hs * cr
+
+
+@njit(inline="always")
+def _step2(a0, a1, cr, hs):
+    return a0 + hs * (a1 * cr), a1 + hs * (cr * a0)
+
+
+@njit(inline="always")
+def _step3(a0, a1, a2, cr, hs):
+    y0 = a0 + hs * ((a2 * a1) * cr)
+    cr = cr * a0
+    return y0, a1 + hs * (a2 * cr), a2 + hs * (cr * a1)
+
+
+@njit(inline="always")
+def _step4(a0, a1, a2, a3, cr, hs):
+    s1 = a3 * a2
+    y0 = a0 + hs * ((s1 * a1) * cr)
+    cr = cr * a0
+    y1 = a1 + hs * (s1 * cr)
+    cr = cr * a1
+    return y0, y1, a2 + hs * (a3 * cr), a3 + hs * (cr * a2)
+
+
+@njit(inline="always")
+def _euler_registers(U, s, count, halves, g, neg_inv_n, hs, th, start, w):
+    """One Euler step over one block for halves of 1-4 layers, every layer of both halves in
+    registers: the state is read and written once, and th = theta of the new layers."""
+    n = start + w
+    if count == 1:
+        u0 = U[s, 0, start:n]
+        if halves == 1:
+            for c in range(w):
+                y0 = _step1(u0[c], neg_inv_n * g[c], hs)
+                u0[c] = y0
+                th[c] = y0
+        else:
+            v0 = U[s, 1, start:n]
+            for c in range(w):
+                cr = neg_inv_n * g[c]
+                y0, z0 = _step1(u0[c], cr, hs), _step1(v0[c], -cr, hs)
+                u0[c], v0[c] = y0, z0
+                th[c] = y0 - z0
+    elif count == 2:
+        u0, u1 = U[s, 0, start:n], U[s, 1, start:n]
+        if halves == 1:
+            for c in range(w):
+                y0, y1 = _step2(u0[c], u1[c], neg_inv_n * g[c], hs)
+                u0[c], u1[c] = y0, y1
+                th[c] = y0 * y1
+        else:
+            v0, v1 = U[s, 2, start:n], U[s, 3, start:n]
+            for c in range(w):
+                cr = neg_inv_n * g[c]
+                y0, y1 = _step2(u0[c], u1[c], cr, hs)
+                z0, z1 = _step2(v0[c], v1[c], -cr, hs)
+                u0[c], u1[c], v0[c], v1[c] = y0, y1, z0, z1
+                th[c] = y0 * y1 - z0 * z1
+    elif count == 3:
+        u0, u1, u2 = U[s, 0, start:n], U[s, 1, start:n], U[s, 2, start:n]
+        if halves == 1:
+            for c in range(w):
+                y0, y1, y2 = _step3(u0[c], u1[c], u2[c], neg_inv_n * g[c], hs)
+                u0[c], u1[c], u2[c] = y0, y1, y2
+                th[c] = (y0 * y1) * y2
+        else:
+            v0, v1, v2 = U[s, 3, start:n], U[s, 4, start:n], U[s, 5, start:n]
+            for c in range(w):
+                cr = neg_inv_n * g[c]
+                y0, y1, y2 = _step3(u0[c], u1[c], u2[c], cr, hs)
+                z0, z1, z2 = _step3(v0[c], v1[c], v2[c], -cr, hs)
+                u0[c], u1[c], u2[c], v0[c], v1[c], v2[c] = y0, y1, y2, z0, z1, z2
+                th[c] = (y0 * y1) * y2 - (z0 * z1) * z2
+    else:
+        u0, u1, u2, u3 = U[s, 0, start:n], U[s, 1, start:n], U[s, 2, start:n], U[s, 3, start:n]
+        if halves == 1:
+            for c in range(w):
+                y0, y1, y2, y3 = _step4(u0[c], u1[c], u2[c], u3[c], neg_inv_n * g[c], hs)
+                u0[c], u1[c], u2[c], u3[c] = y0, y1, y2, y3
+                th[c] = ((y0 * y1) * y2) * y3
+        else:
+            v0, v1, v2, v3 = U[s, 4, start:n], U[s, 5, start:n], U[s, 6, start:n], U[s, 7, start:n]
+            for c in range(w):
+                cr = neg_inv_n * g[c]
+                y0, y1, y2, y3 = _step4(u0[c], u1[c], u2[c], u3[c], cr, hs)
+                z0, z1, z2, z3 = _step4(v0[c], v1[c], v2[c], v3[c], -cr, hs)
+                u0[c], u1[c], u2[c], u3[c] = y0, y1, y2, y3
+                v0[c], v1[c], v2[c], v3[c] = z0, z1, z2, z3
+                th[c] = ((y0 * y1) * y2) * y3 - ((z0 * z1) * z2) * z3
+
+
 @njit(inline="always")
 def _euler_half(U, s, j0, count, g, neg_inv_n, hs, th, subtract, prod, carry, suffix, start, w):
-    """One Euler step of the layers j0 .. j0 + count - 1 of one half over one block, each
-    moving by h * neg_inv_n * g * (the product of the half's other layers); then th = their
-    product (``subtract``: th -= it). For 1-4 layers each coordinate's layers stay in
-    registers (the state is read and written once); more keep the suffix products in the
-    ``suffix`` rows, the running prefix in ``carry`` and the product in ``prod``."""
-    if count == 1:
-        u0 = U[s, j0, start:start + w]
+    """One Euler step of the layers j0 .. j0 + count - 1 (count >= 2) of one half over one
+    block, each moving by h * neg_inv_n * g * (the product of the half's other layers), the
+    suffix products in the ``suffix`` rows and the running prefix in ``carry``; the prefix
+    sweep is fused with the update, so the state is read and written once. Then prod = the
+    product of the new layers and, with ``subtract``, th -= prod."""
+    _suffix_rows(U, s, start, w, suffix, 0, j0, count)
+    for c in range(w):
+        carry[c] = neg_inv_n * g[c]
+    _ones(prod, w)
+    last = j0 + count - 1
+    for j in range(j0, last):
+        ur = U[s, j, start:start + w]
+        sr = suffix[j, :w]
         for c in range(w):
-            y0 = u0[c] + hs * (neg_inv_n * g[c])
-            u0[c] = y0
-            if subtract:
-                th[c] -= y0
-            else:
-                th[c] = y0
-    elif count == 2:
-        u0 = U[s, j0, start:start + w]
-        u1 = U[s, j0 + 1, start:start + w]
+            u = ur[c]
+            y = u + hs * (sr[c] * carry[c])
+            carry[c] *= u
+            ur[c] = y
+            prod[c] *= y
+    ur = U[s, last, start:start + w]
+    for c in range(w):
+        y = ur[c] + hs * carry[c]
+        ur[c] = y
+        prod[c] *= y
+    if subtract:
         for c in range(w):
-            a0, a1 = u0[c], u1[c]
-            cr = neg_inv_n * g[c]
-            y0 = a0 + hs * (a1 * cr)
-            y1 = a1 + hs * (cr * a0)
-            u0[c], u1[c] = y0, y1
-            if subtract:
-                th[c] -= y0 * y1
-            else:
-                th[c] = y0 * y1
-    elif count == 3:
-        u0 = U[s, j0, start:start + w]
-        u1 = U[s, j0 + 1, start:start + w]
-        u2 = U[s, j0 + 2, start:start + w]
-        for c in range(w):
-            a0, a1, a2 = u0[c], u1[c], u2[c]
-            cr = neg_inv_n * g[c]
-            y0 = a0 + hs * ((a2 * a1) * cr)
-            cr *= a0
-            y1 = a1 + hs * (a2 * cr)
-            y2 = a2 + hs * (cr * a1)
-            u0[c], u1[c], u2[c] = y0, y1, y2
-            if subtract:
-                th[c] -= (y0 * y1) * y2
-            else:
-                th[c] = (y0 * y1) * y2
-    elif count == 4:
-        u0 = U[s, j0, start:start + w]
-        u1 = U[s, j0 + 1, start:start + w]
-        u2 = U[s, j0 + 2, start:start + w]
-        u3 = U[s, j0 + 3, start:start + w]
-        for c in range(w):
-            a0, a1, a2, a3 = u0[c], u1[c], u2[c], u3[c]
-            cr = neg_inv_n * g[c]
-            s1 = a3 * a2
-            y0 = a0 + hs * ((s1 * a1) * cr)
-            cr *= a0
-            y1 = a1 + hs * (s1 * cr)
-            cr *= a1
-            y2 = a2 + hs * (a3 * cr)
-            y3 = a3 + hs * (cr * a2)
-            u0[c], u1[c], u2[c], u3[c] = y0, y1, y2, y3
-            if subtract:
-                th[c] -= ((y0 * y1) * y2) * y3
-            else:
-                th[c] = ((y0 * y1) * y2) * y3
-    else:
-        # the prefix sweep fused with the update: the state is read and written once
-        _suffix_rows(U, s, start, w, suffix, 0, j0, count)
-        for c in range(w):
-            carry[c] = neg_inv_n * g[c]
-        _ones(prod, w)
-        for j in range(j0, j0 + count):
-            ur = U[s, j, start:start + w]
-            sr = suffix[j, :w]
-            for c in range(w):
-                u = ur[c]
-                y = u + hs * (sr[c] * carry[c])
-                carry[c] *= u
-                ur[c] = y
-                prod[c] *= y
-        if subtract:
-            for c in range(w):
-                th[c] -= prod[c]
+            th[c] -= prod[c]
 
 
 @njit(inline="always")
@@ -450,8 +534,11 @@ def _euler_item(item, nb, U, G, inv_n, h, param, active, live, theta, scr):
     if param.power > 0.0:
         _euler_power(U, s, g, inv_n, hs, param.power, th, start, w)
         return
-    carry = scr[P + 1, :w]
     count = _half_rows(param, P)
+    if count <= 4:
+        _euler_registers(U, s, count, param.halves, g, -inv_n, hs, th, start, w)
+        return
+    carry = scr[P + 1, :w]
     _euler_half(U, s, 0, count, g, -inv_n, hs, th, False, th, carry, scr, start, w)
     if param.halves == 2:
         _euler_half(U, s, count, count, g, inv_n, hs, th, True, scr[P + 2, :w], carry, scr, start, w)
@@ -533,9 +620,10 @@ def euler_step(U, G, inv_n, h, param, active, live, theta, scratch):
     """One explicit Euler step in place for the live active seeds, and theta of the new layers:
     U[s, j] += h[s] * (-(G[a] / n) * d theta / d U[s, j]).
 
-    The same arithmetic as :func:`rk_stage` with one stage, but for halves of 1-4 layers each
-    coordinate's layers stay in registers: the state is read and written once (see
-    :func:`_euler_half`). ``G`` is only read.
+    The same arithmetic as :func:`rk_stage` with one stage, but for halves of 1-4 layers every
+    layer of a coordinate stays in registers (:func:`_euler_registers`), and deeper halves fuse
+    the prefix sweep with the update (:func:`_euler_half`): the state is read and written once.
+    ``G`` is only read.
     """
     nb = n_blocks(U.shape[2])
     for item in prange(active.shape[0] * nb):

@@ -522,3 +522,40 @@ def test_mirror_method_follows_the_flow_of_every_parametrization(name, depth, po
                                    rtol=0, atol=1e-8)
         np.testing.assert_allclose(run.u[:, s], ref, rtol=0, atol=1e-8)
         assert np.all(run.invariant_drift[:, s] < 1e-12)
+
+
+@pytest.mark.parametrize("power", [2.0, 3.0, 4.0])
+def test_which_l1_minimizer_the_small_alpha_limit_picks_depends_on_D(power):
+    """A segment of minimum-l1 interpolators theta(t) = ((1-t), 9 (1-t), 10 t, 0, ...) (column 2
+    = (x_0 + 9 x_1) / 10): from u = v = alpha the limit at alpha^D = 1e-12 sits (to 1e-4) where the
+    next-order term of the potential is smallest on the segment, sum theta log theta (D = 2) or
+    -sum theta^(2/D) (D > 2), found here by scipy's bounded scalar minimization; the D's pick
+    different points (their t differ by more than 0.01), and paper.tie_break_position agrees."""
+    from scipy.optimize import minimize_scalar
+
+    from ddln_fast.paper import tie_break_position
+    from ddln_fast.parametrization import Parametrization
+    from ddln_fast.prediction import PredictionWarning, predict_arrays
+
+    rng = np.random.default_rng(8)
+    n, d = 15, 30
+    X = rng.standard_normal((n, d))
+    X[:, 2] = (X[:, 0] + 9 * X[:, 1]) / 10
+    y = X[:, 0] + 9 * X[:, 1]
+
+    def tie_break(t):
+        theta = np.array([1 - t, 9 * (1 - t), 10 * t])
+        return np.sum(theta * np.log(theta)) if power == 2 else -np.sum(theta ** (2 / power))
+
+    expected = minimize_scalar(tie_break, bounds=(1e-9, 1 - 1e-9), method="bounded",
+                               options={"xatol": 1e-12}).x
+    alpha = 1e-12 ** (1 / power)
+    with warnings.catch_warnings():
+        # D = 4 stops at a dual residual of ~1e-10 (clocks near the blow-up): far below what is checked
+        warnings.simplefilter("ignore", PredictionWarning)
+        theta = predict_arrays(X, y, np.full((1, 2, d), alpha), parametrization=Parametrization("power", 1, power)).theta[0]
+    assert abs(theta[2] / 10 - expected) < 1e-4
+    assert np.abs(theta[3:]).max() < 1e-4 and abs(np.abs(theta).sum() - 10) < 1e-4
+    # (a minimum located from function values: to about sqrt(eps))
+    assert abs(tie_break_position(power, 9.0) - expected) < 5e-8
+    assert abs(expected - 1 / 3) > 0.05 and abs(tie_break_position(2.0, 9.0) - tie_break_position(4.0, 9.0)) > 0.03
