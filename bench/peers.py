@@ -7,8 +7,12 @@
   ``cumprod``, batched over seeds).
 - :class:`TorchGD`: a PyTorch eager CPU loop, autograd through the batched layers.
 - :func:`scipy_rhs`: the flattened layer system of one seed for ``scipy.integrate.solve_ivp``.
-- :class:`DdlnSteps`: ddln_fast's :class:`~ddln_fast.integrators.Integrator` advanced a few
-  steps per call.
+- :class:`DdlnSteps`: ddln_fast's :class:`~ddln_fast.integrators.Integrator` (or another solver)
+  advanced a few steps per call.
+- :class:`GatheredFloor`: the floor of a minibatch step: each seed's batch rows gathered by
+  numpy, the two products with them as BLAS matrix-vector products, one pass over the state.
+- :class:`TorchSGD`: a PyTorch eager minibatch SGD loop (``torch.randperm`` batches per seed,
+  autograd).
 
 Every runner times itself (``perf_counter`` around the work only) and keeps the cost per step
 and per gradient evaluation of each call, so that a benchmark can interleave several runners
@@ -157,10 +161,10 @@ class DdlnSteps(Timed):
     dopri5 advances ``t_per_call`` of flow time (its steps and evaluations are counted)."""
 
     def __init__(self, method, problem, u0, dt, dtype=np.float64, steps_per_call=4,
-                 rtol=1e-8, atol=1e-12, t_per_call=None, parametrization=None):
+                 rtol=1e-8, atol=1e-12, t_per_call=None, solver=None, parametrization=None):
         super().__init__()
-        self.it = Integrator(method, problem, u0, dt=dt, rtol=rtol, atol=atol, dtype=dtype,
-                             parametrization=parametrization)
+        self.it = solver or Integrator(method, problem, u0, dt=dt, rtol=rtol, atol=atol, dtype=dtype,
+                                       parametrization=parametrization)
         self.method, self.dt = method, dt
         self.steps_per_call = steps_per_call
         self.t_per_call = t_per_call
@@ -176,6 +180,64 @@ class DdlnSteps(Timed):
         self.it.advance_to(self.t)
         steps, evals = int(st.steps.max()) - steps0, int(st.nfev.max()) - evals0
         return max(steps, 1), max(evals, 1)
+
+
+class GatheredFloor(Timed):
+    """What a minibatch step must cost: for each seed, its batch's rows of X gathered into a
+    buffer (``np.take``), r = X_B theta - y_B and X_B^T r as BLAS matrix-vector products, then
+    one read-and-write pass over the state, whose time is also kept alone (``per_pass``: a pass
+    over the state right after the products, the cost "one more pass" is measured in)."""
+
+    def __init__(self, X, y, U, theta, batch, seed=0):
+        super().__init__()
+        self.X, self.y = X, y
+        self.theta = np.ascontiguousarray(theta)
+        S, n = theta.shape[0], X.shape[0]
+        rng = np.random.default_rng(seed)
+        self.batches = np.stack([rng.permutation(n)[:batch] for _ in range(S)])
+        self.rows = np.empty((batch, X.shape[1]), dtype=X.dtype)
+        self.G = np.zeros_like(self.theta)
+        self.flat = U.reshape(-1)
+        self.one = X.dtype.type(1.0)
+        self.per_pass: list[float] = []
+
+    def run(self):
+        for s in range(self.theta.shape[0]):
+            rows = self.batches[s]
+            np.take(self.X, rows, axis=0, out=self.rows)
+            r = self.rows @ self.theta[s] - self.y[rows]
+            np.dot(r, self.rows, out=self.G[s])
+        start = time.perf_counter()
+        _stream_pass(self.flat, self.one)
+        self.per_pass.append(time.perf_counter() - start)
+        return 1, 1
+
+
+class TorchSGD(TorchGD):
+    """PyTorch eager minibatch SGD on the layers of all seeds: each seed draws a
+    ``torch.randperm(n)`` per epoch and takes its batches in order, the batch rows are gathered
+    by indexing (S, b, d), autograd through the product of the layers."""
+
+    def __init__(self, X, y, u0, dt, batch, threads, steps_per_call=2):
+        import torch
+
+        super().__init__(X, y, u0, dt, threads, steps_per_call)
+        self.batch = batch
+        self.generators = [torch.Generator().manual_seed(s) for s in range(u0.shape[0])]
+        self.order, self.position = None, self.n
+
+    def step(self):
+        torch, U, b = self.torch, self.U, self.batch
+        if self.position + b > self.n:
+            self.order = torch.stack([torch.randperm(self.n, generator=g) for g in self.generators])
+            self.position = 0
+        rows = self.order[:, self.position:self.position + b]
+        self.position += b
+        R = torch.bmm(self.X[rows], U.prod(dim=1).unsqueeze(2)).squeeze(2) - self.y[rows]
+        (R.pow(2).sum() / (2 * b)).backward()  # a sum over seeds: each seed's gradient is its own
+        with torch.no_grad():
+            U -= self.dt * U.grad
+        U.grad = None
 
 
 def scipy_rhs(X, y):

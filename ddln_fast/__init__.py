@@ -6,19 +6,10 @@
     run.t, run.loss, run.theta
 """
 
-import os as _os
+from .threads import configure_openmp as _configure_openmp
 
-# Measured on 2 cores: with libgomp's default spin-waiting, Numba's OpenMP threads and
-# OpenBLAS's threads steal each other's cores between the GEMMs and the kernels (17.8 ms per
-# default-size Euler step against 0.5 ms with passive waiting). Set before libgomp loads.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numba as _numba  # noqa: E402
-
-# omp: ~2 us per parallel launch and thread-safe (workqueue: ~90 us and aborts on concurrent
-# use; pip's tbb does not load from a venv). Must be set before the first parallel compile.
-if "NUMBA_THREADING_LAYER" not in _os.environ:
-    _numba.config.THREADING_LAYER = "omp"
+# Before any kernel runs: passive OpenMP waiting, Numba's omp layer bound to its own libgomp.
+_configure_openmp()
 
 __version__ = "0.1.0"
 

@@ -88,7 +88,7 @@ def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
     out = Path(output) if output else _default_output(config_path)
     if not quiet:
         m, p, i = config.model, config.problem, config.integrator
-        what = f"rtol {i.rtol:g}" if is_adaptive(i.method) else f"dt {i.dt:g}"
+        what = f"rtol {i.rtol:g}" if is_adaptive(i.method) else f"dt {i.dt:g}" + _descent_summary(i)
         click.echo(f"ddln run: {config.run.seeds} seeds, {Parametrization.from_config(config).describe()}, "
                    f"alpha {m.alpha:g}, init {m.init}, {i.method} ({what}), t_end {i.t_end:g}")
         if not _kernels_cached():
@@ -118,6 +118,21 @@ def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
         click.echo(f"no seed finished normally (every seed diverged or stalled; see the status in {out})",
                    err=True)
         sys.exit(1)
+
+
+def _descent_summary(integ) -> str:
+    """What makes a gradient-descent run more than plain gradient descent, for the header line."""
+    parts = [f"batch {integ.batch_size}" + (", with replacement" if integ.sampling == "with_replacement" else "")
+             ] if integ.method == "sgd" else []
+    if integ.momentum:
+        parts.append(f"{'Nesterov' if integ.nesterov else 'heavy-ball'} momentum {integ.momentum:g}")
+    if integ.label_noise:
+        parts.append(f"label noise {integ.label_noise:g}")
+    if integ.weight_decay:
+        parts.append(f"weight decay {integ.weight_decay:g}")
+    if integ.schedule == "step":
+        parts.append(f"step x {integ.decay_factor:g} every {integ.decay_every} steps")
+    return "".join(f", {part}" for part in parts)
 
 
 def _any_seed_finished(run) -> bool:
@@ -287,7 +302,7 @@ def sweep(sweep_path, outdir, scheduler, workers, resume, progress):
 @click.option("--plots", "plots", metavar="DIR", default=None, help="Write one PNG per metric into DIR.")
 def sweep_report(outdir, metrics, x_key, by_key, plots):
     """Print (and plot) summary metrics of a sweep against a swept key."""
-    from .sweep import METRICS, plot_report, read_summary, report_table
+    from .sweep import METRICS, STEP_SIZE_KEY, largest_converged_step, plot_report, read_summary, report_table
 
     import importlib.util
 
@@ -311,6 +326,12 @@ def sweep_report(outdir, metrics, x_key, by_key, plots):
     complete = sum(r["status"] == "complete" for r in rows)
     click.echo(f"{outdir}: {len(rows)} tasks, {complete} complete; medians over tasks sharing "
                f"{x_key}{' and ' + by_key if by_key else ''}")
+    converged = largest_converged_step(rows, x_key, by_key) if x_key == STEP_SIZE_KEY else None
+    if converged is not None:
+        found = ", ".join(f"{v:g}" + (f" ({by_key} = {b})" if by_key else "")
+                          for b, v in converged.items() if v is not None)
+        click.echo(f"largest {x_key} at which every seed reached integrator.loss_tol: "
+                   f"{found or 'none (no task had every seed at loss_tol)'}")
     for m in metrics:
         xs, bys, table = report_table(rows, m, x_key, by_key)
         click.echo("")
@@ -319,7 +340,8 @@ def sweep_report(outdir, metrics, x_key, by_key, plots):
         for i, xv in enumerate(xs):
             click.echo(f"{str(xv):<28}" + "".join(f"{_format_value(v):>12}" for v in table[i]))
         if plots:
-            out = plot_report(xs, bys, table, m, x_key, by_key, Path(plots) / f"{m}_vs_{x_key}.png")
+            out = plot_report(xs, bys, table, m, x_key, by_key, Path(plots) / f"{m}_vs_{x_key}.png",
+                              converged)
             click.echo(f"wrote {out}")
 
 
@@ -392,6 +414,7 @@ def analyze(run_path, as_json, plots, seeds):
             raise InputError(f"--plots {plots}: exists and is not a folder")
     _recover_crashed(run_path)
     result = analyze_path(run_path)
+    bias, descent_notes = _step_size_bias(run_path)
     if chosen == "all":
         chosen = list(range(len(result.seeds)))
     shown = plotted_seeds(result, chosen) if plots else []
@@ -399,6 +422,8 @@ def analyze(run_path, as_json, plots, seeds):
     if as_json:
         out = result.as_dict()
         out["plots"] = written
+        if bias is not None:
+            out["step_size_bias"] = [b.as_dict() for b in bias]
         click.echo(json.dumps(out))
         return
     state = "complete" if result.complete else "still being written / incomplete"
@@ -419,11 +444,54 @@ def analyze(run_path, as_json, plots, seeds):
     for sa in result.seeds:
         if sa.note:
             click.echo(f"seed {sa.seed}: {sa.note}")
+    if bias is not None:
+        _print_step_size_bias(bias)
+    for note in descent_notes:
+        click.echo(f"note: {note}")
     if plots:
         others = "" if len(shown) == len(result.seeds) else " (--seeds to choose others)"
         click.echo(f"plots of seeds {', '.join(map(str, shown))} of {len(result.seeds)}{others}")
     for path in written:
         click.echo(f"wrote {path}")
+
+
+def _step_size_bias(run_path):
+    """The effective-initialization section of ``ddln analyze`` (depth-2 gradient descent or sgd
+    with ``run.gain = true``, else None) and notes on what the theory means for a descent run."""
+    from .config import DESCENT_METHODS
+    from .effective import step_size_bias
+    from .store import open_run
+    from .stochastic import DescentOptions
+    from .theory import serial_blas
+
+    with open_run(run_path) as run, serial_blas():
+        config = run.config
+        bias = step_size_bias(run)
+    i, notes = config.integrator, []
+    if i.method in DESCENT_METHODS and not DescentOptions.from_config(config.with_overrides({"run.gain": False})).plain:
+        notes.append(f"{i.method}{_descent_summary(i)}: the gap, the kkt residual and the bounds are "
+                     f"about gradient flow, which these steps follow only approximately")
+    if bias is None and config.model.depth == 2 and i.method in DESCENT_METHODS and not (i.momentum or i.weight_decay):
+        notes.append("run.gain = true would add each seed's prediction from its effective initialization "
+                     "(the implicit bias of the steps)")
+    return bias, notes
+
+
+def _print_step_size_bias(bias) -> None:
+    click.echo("implicit bias of the steps (depth 2): prediction from the effective initialization "
+               "(GD) next to the gradient-flow prediction (GF)")
+    click.echo(f"{'seed':>4} {'gap to GD':>10} {'gap to GF':>10} {'|GF-GD|':>10} {'l1 GD':>9} "
+               f"{'l1 GF':>9} {'max|step g|':>11}")
+    for b in bias:
+        click.echo(f"{b.seed:>4} {_format_value(b.gap_to_descent_prediction):>10} "
+                   f"{_format_value(b.gap_to_flow_prediction):>10} {_format_value(b.flow_vs_descent):>10} "
+                   f"{_format_value(b.descent_l1_norm):>9} {_format_value(b.flow_l1_norm):>9} "
+                   f"{_format_value(b.max_step_gradient):>11}")
+    click.echo("GD: Bregman projection of the effective initialization at the last checkpoint; gaps: "
+               "|theta_K - .| / |.|; |GF-GD|: relative to GD")
+    for b in bias:
+        if b.note:
+            click.echo(f"seed {b.seed}: {b.note}")
 
 
 def _seed_list(text):

@@ -24,9 +24,20 @@ PROBLEM_KINDS = ("gaussian", "file")
 INITS = ("first_layer_zero", "balanced", "gaussian", "shape", "file")
 SIGNS = ("positive", "random")
 INIT_FROM = ("initial", "last")
-METHODS = ("euler", "rk4", "dopri5", "mirror")
+METHODS = ("euler", "rk4", "dopri5", "mirror", "sgd")
 #: Methods that take steps of exactly integrator.dt (checkpoints fall on whole steps).
-FIXED_STEP_METHODS = ("euler", "rk4")
+FIXED_STEP_METHODS = ("euler", "rk4", "sgd")
+#: Gradient descent and its stochastic variant: the methods that take momentum, label noise,
+#: weight decay and step schedules.
+DESCENT_METHODS = ("euler", "sgd")
+SAMPLINGS = ("without_replacement", "with_replacement")
+SCHEDULES = ("constant", "step")
+#: Keys added after the first schema (issue 12): a sweep task's id leaves them out while they hold
+#: their defaults, so the tasks of a sweep run before they existed keep their ids and files.
+ADDED_KEYS = ("integrator.batch_size", "integrator.sampling", "integrator.momentum",
+              "integrator.nesterov", "integrator.label_noise", "integrator.weight_decay",
+              "integrator.schedule", "integrator.decay_every", "integrator.decay_factor",
+              "run.sharpness", "run.gain", "model.parametrization", "model.power")
 SPACINGS = ("log", "linear")
 DTYPES = ("float64", "float32")
 
@@ -90,6 +101,16 @@ class IntegratorConfig:
     t_end: float = _key(float, 100.0, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
     max_steps: int = _key(int, 10_000_000, _positive, "an integer >= 1")
     loss_tol: float = _key(float, 0.0, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+    # gradient descent (euler) and sgd only; the defaults leave euler plain gradient descent
+    batch_size: int = _key(int, 0, _non_negative, "an integer from 1 to problem.n (0: not set)")
+    sampling: str = _key(str, "without_replacement", *_choice(SAMPLINGS))
+    momentum: float = _key(float, 0.0, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    nesterov: bool = _key(bool, False)
+    label_noise: float = _key(float, 0.0, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+    weight_decay: float = _key(float, 0.0, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+    schedule: str = _key(str, "constant", *_choice(SCHEDULES))
+    decay_every: int = _key(int, 0, _non_negative, "an integer >= 1 (steps; 0: not set)")
+    decay_factor: float = _key(float, 0.1, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 
 
 @dataclass(frozen=True)
@@ -104,6 +125,9 @@ class RunConfig:
     dtype: str = _key(str, "float64", *_choice(DTYPES))
     threads: int = _key(int, 0, _non_negative, "an integer >= 0 (0: all cores)")
     swmr: bool = _key(bool, True)
+    # diagnostics of discrete dynamics, stored at every checkpoint (each costs some work)
+    sharpness: bool = _key(bool, False)
+    gain: bool = _key(bool, False)
 
 
 SECTIONS: dict[str, type] = {
@@ -285,6 +309,74 @@ def _check_consistency(config: Config) -> None:
                          f'model.init = "file", got "{m.init}"')
     if m.init == "file" and not m.init_path:
         raise InputError('model.init = "file" needs model.init_path (.npy, .npz or .h5 with u0)')
+    _check_descent_keys(config)
+
+
+def _as_toml(value: Any) -> str:
+    """A value as TOML writes it (true, "step", 0.5), for messages about config keys."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f'"{value}"' if isinstance(value, str) else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _check_descent_keys(config: Config) -> None:
+    """The keys of gradient descent and SGD: each only where it means something."""
+    i, defaults = config.integrator, IntegratorConfig()
+    if i.method == "sgd" and i.batch_size == 0:
+        raise InputError('integrator.method = "sgd" needs integrator.batch_size (an integer from 1 to '
+                         'problem.n; batch_size = problem.n is full-batch gradient descent)')
+    only_sgd = [key for key in ("batch_size", "sampling") if getattr(i, key) != getattr(defaults, key)]
+    if i.method != "sgd" and only_sgd:
+        key = only_sgd[0]
+        raise InputError(f'integrator.{key} = {_as_toml(getattr(i, key))} applies to integrator.method = "sgd" '
+                         f'only, not "{i.method}"')
+    descent = [key for key in ("momentum", "nesterov", "label_noise", "weight_decay", "schedule",
+                               "decay_every", "decay_factor") if getattr(i, key) != getattr(defaults, key)]
+    if i.method not in DESCENT_METHODS and descent:
+        key = descent[0]
+        raise InputError(f'integrator.{key} = {_as_toml(getattr(i, key))} applies to gradient descent only '
+                         f'(integrator.method = "euler" or "sgd"), not "{i.method}"')
+    if i.nesterov and i.momentum == 0:
+        raise InputError("integrator.nesterov = true needs integrator.momentum > 0 (with momentum 0 it "
+                         "is plain gradient descent)")
+    if i.schedule == "step" and i.decay_every == 0:
+        raise InputError('integrator.schedule = "step" needs integrator.decay_every (steps between two '
+                         'decays of the step, an integer >= 1)')
+    if i.schedule == "constant":
+        for key in ("decay_every", "decay_factor"):
+            if getattr(i, key) != getattr(defaults, key):
+                raise InputError(f'integrator.{key} = {_as_toml(getattr(i, key))} applies to integrator.schedule '
+                                 f'= "step" only (the schedule is "constant")')
+    p = config.problem
+    if i.method == "sgd" and p.kind == "gaussian" and i.batch_size > p.n:
+        raise InputError(f"integrator.batch_size = {i.batch_size} exceeds problem.n = {p.n} samples")
+    if config.model.parametrization != "product" and (i.momentum > 0 or i.weight_decay > 0):
+        key = "momentum" if i.momentum > 0 else "weight_decay"
+        raise InputError(f"integrator.{key} > 0 takes the product parametrization only, not "
+                         f'"{config.model.parametrization}" (plain gradient descent and sgd take every one)')
+    r = config.run
+    if r.gain and config.model.parametrization != "product":
+        raise InputError(f"run.gain = true (the depth-2 effective initialization of gradient descent) "
+                         f'takes the product parametrization only, not "{config.model.parametrization}"')
+    if r.gain:
+        if config.model.depth != 2 or i.method not in DESCENT_METHODS:
+            raise InputError(f"run.gain = true (the accumulated gain and effective initialization of "
+                             f"gradient descent at depth 2) needs model.depth = 2 and integrator.method = "
+                             f'"euler" or "sgd", got depth {config.model.depth} and "{i.method}"')
+        if i.momentum > 0 or i.weight_decay > 0:
+            key = "momentum" if i.momentum > 0 else "weight_decay"
+            raise InputError(f"run.gain = true needs plain (stochastic) gradient descent: with "
+                             f"integrator.{key} > 0 the layers no longer follow a gradient flow from an "
+                             f"effective initialization")
+
+
+def check_batch_size(config: Config, n: int) -> None:
+    """InputError if ``integrator.batch_size`` exceeds the ``n`` samples of the data (known only
+    once a data file is read)."""
+    b = config.integrator.batch_size
+    if config.integrator.method == "sgd" and b > n:
+        raise InputError(f"integrator.batch_size = {b} exceeds the {n} samples of the data "
+                         f"(problem.n)")
 
 
 def shape_scale_counts(model: ModelConfig) -> tuple[int, ...]:

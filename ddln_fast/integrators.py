@@ -58,19 +58,23 @@ class Products:
         GEMM): per-seed data always, a shared X when it is small (see SERIAL_PRODUCT_WORK)."""
         return self.per_seed or m * self.X.size <= kernels.SERIAL_PRODUCT_WORK
 
-    def residual_and_gradient(self, theta, active, R, G, loss, gradient=True):
+    def residual_and_gradient(self, theta, active, R, G, loss, gradient=True, labels=None):
         """R[a] = X theta[a] - y, loss[a] = f, G[a] = X^T R[a] (not yet divided by n; skipped
-        with ``gradient=False``: a loss alone needs only the first product)."""
+        with ``gradient=False``: a loss alone needs only the first product).
+
+        ``labels``: targets of shape (S, n) to use instead of y, row ``s`` for seed ``s`` (e.g.
+        labels with noise)."""
         m = len(active)
+        y, y_rows = (self.y, self.shared_rows) if labels is None else (labels, active)
         if self.per_seed:
-            kernels.per_seed_products(self.X, self.y, theta, active, R, G, self.inv_2n, loss,
+            kernels.per_seed_products(self.X, y, theta, active, R, G, self.inv_2n, loss,
                                       1 if gradient else 0)
         elif self.serial(m):
-            kernels.shared_products_serial(self.X, self.y, theta, m, R, G, self.inv_2n, loss,
+            kernels.shared_products_serial(self.X, y, y_rows, theta, m, R, G, self.inv_2n, loss,
                                            1 if gradient else 0)
         else:
             np.matmul(theta[:m], self.X.T, out=R[:m])
-            kernels.residual_and_loss(R, self.y, self.shared_rows, m, self.inv_2n, loss)
+            kernels.residual_and_loss(R, y, y_rows, m, self.inv_2n, loss)
             if gradient:
                 np.matmul(R[:m], self.X, out=G[:m])
 
@@ -351,7 +355,6 @@ class Integrator(Solver):
 
     def _advance_fixed(self, target_step: int) -> bool:
         st = self.state
-        tab = self.tableau
         while True:
             active = np.flatnonzero((st.status == RUNNING) & (st.steps < target_step))
             if active.size == 0:
@@ -361,26 +364,34 @@ class Integrator(Solver):
             self._pick_threads(active.size)
             if self._theta_rows is None or not np.array_equal(self._theta_rows, active):
                 self._theta_of_U(active)
-            self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss)
-            self.live[: active.size] = 1
-            controller.screen_losses(active, self.live, self.stage_loss, self.loss_tol, st)
-            if tab.stages == 1:
-                kernels.euler_step(self.U, self.G, self.products.inv_n, self.h_work, self.param,
-                                   active, self.live, self.theta, self.scratch)
-            for i in range(tab.stages if tab.stages > 1 else 0):
-                last = i == tab.stages - 1
-                if i > 0:
-                    self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss)
-                # the last stage's derivative is only needed inside its own call (no FSAL)
-                kernels.rk_stage(self.U, self.U if i == 0 else self.Y, self.G, self.K, i,
-                                 0 if last else 1, self.products.inv_n, self.h_work, self.param,
-                                 active, self.live, kernels.MODE_NEXT_INPUT,
-                                 self.B if last else self.A[i + 1], i + 1,
-                                 self.U if last else self.Y, self.theta, self.rtol, self.atol,
-                                 self.err_partial, self.scratch)
-            all_live = _finish_fixed(active, self.live, self.dt, tab.stages, self.max_steps, st)
+            self._fixed_step(active)
+            all_live = _finish_fixed(active, self.live, self.dt, self.tableau.stages,
+                                     self.max_steps, st)
             # theta rows now hold theta of the new layers, for the live seeds
             self._theta_rows = active if all_live else None
+
+    def _fixed_step(self, active) -> None:
+        """One step of the active seeds from U (theta rows of U in ``self.theta``): seeds whose
+        loss stops them get ``live = 0``; the others move, with theta of their new layers left
+        in ``self.theta``. Subclasses replace this step (e.g. stochastic gradient descent)."""
+        st, tab = self.state, self.tableau
+        self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss)
+        self.live[: active.size] = 1
+        controller.screen_losses(active, self.live, self.stage_loss, self.loss_tol, st)
+        if tab.stages == 1:
+            kernels.euler_step(self.U, self.G, self.products.inv_n, self.h_work, self.param,
+                               active, self.live, self.theta, self.scratch)
+        for i in range(tab.stages if tab.stages > 1 else 0):
+            last = i == tab.stages - 1
+            if i > 0:
+                self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss)
+            # the last stage's derivative is only needed inside its own call (no FSAL)
+            kernels.rk_stage(self.U, self.U if i == 0 else self.Y, self.G, self.K, i,
+                             0 if last else 1, self.products.inv_n, self.h_work, self.param,
+                             active, self.live, kernels.MODE_NEXT_INPUT,
+                             self.B if last else self.A[i + 1], i + 1,
+                             self.U if last else self.Y, self.theta, self.rtol, self.atol,
+                             self.err_partial, self.scratch)
 
     def _start_adaptive(self, active) -> None:
         """f(u0) (the first stage and the initial loss), then Hairer's starting step per seed."""

@@ -687,13 +687,13 @@ def per_seed_products(X, y, theta, active, R, G, inv_2n, loss, gradient):
 
 
 @njit(**JIT_OPTIONS)
-def shared_products_serial(X, y, theta, m, R, G, inv_2n, loss, gradient):
-    """Both products with a shared X for the first ``m`` rows of ``theta``, in the calling
-    thread (see :func:`one_seed_products`). For a few seeds there is too little work to pay
-    for waking a thread team (Numba's or the BLAS's), which on a busy machine can cost more
-    than the products."""
+def shared_products_serial(X, y, y_rows, theta, m, R, G, inv_2n, loss, gradient):
+    """Both products with a shared X for the first ``m`` rows of ``theta`` (targets
+    ``y[y_rows[a]]``), in the calling thread (see :func:`one_seed_products`). For a few seeds
+    there is too little work to pay for waking a thread team (Numba's or the BLAS's), which on
+    a busy machine can cost more than the products."""
     for a in range(m):
-        loss[a] = one_seed_products(X, y[0], theta[a], R[a], G[a], inv_2n, gradient)
+        loss[a] = one_seed_products(X, y[y_rows[a]], theta[a], R[a], G[a], inv_2n, gradient)
 
 
 @njit(**JIT_OPTIONS)

@@ -17,29 +17,43 @@ from .tableaus import DOPRI5, TABLEAUS, Tableau
 @dataclass(frozen=True)
 class Method:
     """``tableau``: what the solver steps with (``tableau.adaptive``: step-size control);
-    ``build(problem, u0, dt=, rtol=, atol=, loss_tol=, max_steps=, dtype=, parametrization=)``:
-    the solver (``parametrization``: a :class:`ddln_fast.parametrization.Parametrization`)."""
+    ``build(problem, u0, descent=, dt=, rtol=, atol=, loss_tol=, max_steps=, dtype=,
+    parametrization=)``: the solver (``descent``: the :class:`ddln_fast.stochastic.DescentOptions`
+    of gradient descent and sgd, None for the other methods; ``parametrization``: a
+    :class:`ddln_fast.parametrization.Parametrization`)."""
 
     tableau: Tableau
     build: Callable
 
 
 def _layer_method(name: str) -> Method:
-    def build(problem, u0, **options):
+    def build(problem, u0, descent=None, **options):
         from .integrators import Integrator
 
+        if descent is not None and not descent.plain:  # momentum, label noise, ...: SGD's solver
+            from .stochastic import StochasticGradientDescent
+
+            return StochasticGradientDescent(name, problem, u0, descent, **options)
         return Integrator(name, problem, u0, **options)
 
     return Method(TABLEAUS[name], build)
 
 
-def _mirror(problem, u0, **options):
+def _sgd(problem, u0, descent=None, **options):
+    from .stochastic import StochasticGradientDescent
+
+    return StochasticGradientDescent("sgd", problem, u0, descent, **options)
+
+
+def _mirror(problem, u0, descent=None, **options):
     from .mirror import MirrorIntegrator  # imports the theory (scipy): only when asked for
 
     return MirrorIntegrator(problem, u0, **options)
 
 
 METHODS = {name: _layer_method(name) for name in ("euler", "rk4", "dopri5")}
+#: minibatch gradient descent: Euler steps on each step's batch loss
+METHODS["sgd"] = Method(TABLEAUS["euler"], _sgd)
 #: dopri5 on theta in the mirror geometry (an independent reference route, one seed at a time)
 METHODS["mirror"] = Method(DOPRI5, _mirror)
 

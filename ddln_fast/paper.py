@@ -10,6 +10,9 @@
 (d) which_l1_minimizer.png: on a problem with a segment of minimum-l1 interpolators, where the
     predicted limit of theta = u^D - v^D (u = v = alpha) lands as alpha^D -> 0, D in 2, 2.5, 3,
     4 (``predict``; dopri5 runs at three alphas as a cross-check).
+(e) step_size.png: l1 norm of the limit of gradient descent and of SGD at depth 2 against the
+    step size, next to the gradient-flow prediction and the minimum l1 norm (runs, and the
+    prediction from each run's effective initialization).
 """
 
 from __future__ import annotations
@@ -299,6 +302,75 @@ def which_l1_minimizer(spec: dict, base_dir: Path, out: Path) -> dict:
             **{f"D{D:g}": {**curves[D], "runs": runs[D]} for D in powers}}
 
 
+def step_size(spec: dict, base_dir: Path, out: Path) -> dict:
+    """Figure (d); returns the numbers it plots."""
+    import warnings
+
+    from .effective import step_size_bias
+    from .init import initial_layers
+    from .problem import make_problem
+    from .simulate import simulate
+    from .prediction import min_l1_interpolator, predict_arrays
+
+    base = Config.from_toml(base_dir / spec["config"])
+    problem = make_problem(base)
+    u0 = initial_layers(base, problem.d)
+    flow_l1 = float(np.abs(predict_arrays(problem.X, problem.y, u0[:1]).theta[0]).sum())
+    min_l1 = float(np.abs(min_l1_interpolator(problem.X, problem.y)).sum())
+    batch = spec["batch_size"]
+    methods = {"gradient descent": ({"integrator.method": "euler", "run.seeds": 1}, spec["gd_steps"]),
+               f"SGD, batch {batch}": ({"integrator.method": "sgd", "integrator.batch_size": batch},
+                                       spec["sgd_steps"])}
+    results = {}
+    for name, (overrides, steps) in methods.items():
+        rows = []
+        for dt in steps:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # steps near the stability limit are the point
+                run = simulate(base.with_overrides({**overrides, "integrator.dt": dt}))
+            converged = np.array(run.status_names()) == "loss_tol"
+            l1 = np.abs(run.theta[-1]).sum(axis=-1)
+            bias = step_size_bias(run)
+            predicted = np.array([b.descent_l1_norm for b in bias])[converged]
+            rows.append({"dt": dt, "converged": int(converged.sum()), "seeds": int(converged.size),
+                         "l1_norm": float(l1[converged].mean()) if converged.any() else None,
+                         # undefined (NaN) for a seed with a step of |step * gradient| >= 1
+                         "predicted_l1_norm": float(predicted.mean())
+                         if predicted.size and np.all(np.isfinite(predicted)) else None})
+        results[name] = rows
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(10.5, 4.8))
+    for name, rows in results.items():
+        done = [r for r in rows if r["l1_norm"] is not None]
+        line, = ax.semilogx([r["dt"] for r in done], [r["l1_norm"] for r in done], "o-", label=f"{name}: runs")
+        ax.semilogx([r["dt"] for r in done], [np.nan if r["predicted_l1_norm"] is None else r["predicted_l1_norm"]
+                                              for r in done], "x", ms=9, color=line.get_color(),
+                    label=f"{name}: prediction from the effective initialization (none once |step g| >= 1)")
+        partial = [r for r in done if r["converged"] < r["seeds"]]
+        if partial:
+            ax.semilogx([r["dt"] for r in partial], [r["l1_norm"] for r in partial], "o", mfc="white",
+                        color=line.get_color(), label=f"{name}: some seeds diverged (mean of the others)")
+        stable = [r["dt"] for r in rows if r["converged"] == r["seeds"]]
+        if stable:
+            ax.axvline(max(stable), color=line.get_color(), ls=":", lw=1,
+                       label=f"{name}: largest step with every seed converged")
+    ax.axhline(flow_l1, color="k", ls="--", lw=1, label="gradient flow (predicted)")
+    ax.axhline(min_l1, color="0.5", ls="-.", lw=1, label="minimum l1 norm")
+    m = base.model
+    ticks = spec["gd_steps"]  # (all steps would crowd the axis)
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=8)
+    ax.minorticks_off()
+    ax.set_xlabel("step size")
+    ax.set_ylabel("||theta_inf||_1 (mean over the converged seeds)")
+    ax.set_title(f"Step size and the implicit bias: depth 2, alpha {m.alpha:g}, n = {problem.n}, d = {problem.d}")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(out / "step_size.png", dpi=120)
+    plt.close(fig)
+    return {"gradient_flow_l1_norm": flow_l1, "min_l1_norm": min_l1, **results}
+
+
 def main(argv=None) -> None:
     import json
 
@@ -322,7 +394,7 @@ def main(argv=None) -> None:
 
 
 FIGURES = {"implicit_bias": implicit_bias, "time_to_epsilon": time_to_epsilon, "pl_bound": pl_bound,
-           "which_l1_minimizer": which_l1_minimizer}
+           "which_l1_minimizer": which_l1_minimizer, "step_size": step_size}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -179,9 +179,13 @@ def top_hessian_eigenvalue(X, y, layers, *, rtol: float = 1e-10, max_iter: int =
     return float(estimate[0]) if single else estimate
 
 
-def stability_limits(method: str, X, y, layers, **kwargs) -> np.ndarray:
+def stability_limits(method: str, X, y, layers, bound: float | None = None, shift: float = 0.0,
+                     **kwargs) -> np.ndarray:
     """Largest stable step of a fixed-step method at the layers of every seed: the method's
-    stability bound over lambda_max (inf where lambda_max <= 0), shape (S,)."""
-    lam = np.atleast_1d(top_hessian_eigenvalue(X, y, layers, **kwargs))
+    stability bound (``bound``, default :data:`STABILITY_BOUNDS` of ``method``) over
+    lambda_max + ``shift`` (weight decay adds it to every eigenvalue; inf where that is <= 0),
+    shape (S,)."""
+    lam = np.atleast_1d(top_hessian_eigenvalue(X, y, layers, **kwargs)) + shift
+    bound = STABILITY_BOUNDS[method] if bound is None else bound
     with np.errstate(divide="ignore"):
-        return np.where(lam > 0, STABILITY_BOUNDS[method] / np.where(lam > 0, lam, 1.0), np.inf)
+        return np.where(lam > 0, bound / np.where(lam > 0, lam, 1.0), np.inf)

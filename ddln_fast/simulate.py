@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config
+from .config import DESCENT_METHODS, Config, check_batch_size
 from .controller import LOSS_TOL, MAX_STEPS, RUNNING, T_END
+from .diagnostics import CheckpointDiagnostics
 from .errors import AlreadyComplete, InputError
 from .init import initial_layers, sign_trap_coordinates
 from .methods import METHODS, is_adaptive
@@ -25,7 +26,7 @@ from .parametrization import Parametrization
 from .problem import make_problem
 # imported with the package, not inside limit_threads: scipy's own OpenBLAS, loaded by it, then
 # gets the thread limit like numpy's (a library loaded inside the limit keeps its default pool)
-from .sharpness import stability_limits
+from .sharpness import STABILITY_BOUNDS, stability_limits
 from .solver import Solver
 from .store import Run, RunWriter, extend_run, open_h5, provenance
 from .threads import limit_threads
@@ -145,7 +146,11 @@ def check_seeds_differ(config: Config, problem, u0: np.ndarray) -> None:
     u0 : ndarray of shape (S, L, d)
     """
     seeds = u0.shape[0]
-    if seeds < 2 or problem.per_seed or not np.all(u0 == u0[:1]):
+    integ = config.integrator
+    # each seed draws its own batches or label noise: the seeds differ through those
+    own_draws = integ.label_noise > 0 or (integ.method == "sgd" and (
+        integ.batch_size < problem.n or integ.sampling == "with_replacement"))
+    if seeds < 2 or problem.per_seed or own_draws or not np.all(u0 == u0[:1]):
         return
     fixes = ["problem.per_seed_data = true"] if config.problem.kind == "gaussian" else [
         "a data file with X of shape (S, n, d)"]
@@ -164,18 +169,26 @@ def check_step_stability(config: Config, problem, u0: np.ndarray) -> None:
     bound / lambda_max (gradient descent: 2 / lambda_max, lambda_max the largest eigenvalue of
     the loss Hessian in layer space), and print the limit. Large steps stay allowed (the edge
     of stability is a regime worth simulating)."""
-    method, dt = config.integrator.method, config.integrator.dt
+    integ = config.integrator
+    method, dt = integ.method, integ.dt
     if is_adaptive(method):
         return
-    limits = stability_limits(method, problem.X, problem.y, u0, rtol=1e-6, max_iter=100,
-                              parametrization=Parametrization.from_config(config))
+    bound, what = STABILITY_BOUNDS.get(method), method
+    if method in DESCENT_METHODS:
+        from .stochastic import DescentOptions
+
+        bound = DescentOptions.from_config(config).stability_bound
+        if integ.momentum:
+            what += f" with {'Nesterov' if integ.nesterov else 'heavy-ball'} momentum {integ.momentum:g}"
+    limits = stability_limits(method, problem.X, problem.y, u0, bound=bound, shift=integ.weight_decay,
+                              rtol=1e-6, max_iter=100, parametrization=Parametrization.from_config(config))
     above = np.flatnonzero(dt > limits)
     if above.size:
         worst = int(np.argmin(limits))
-        bound = "2" if method == "euler" else "2.785"
-        warnings.warn(f"integrator.dt = {dt:g} is above the stability limit of {method} at the "
-                      f"initialization, {bound}/lambda_max = {limits[worst]:.4g} (seed {worst}; "
-                      f"lambda_max: largest eigenvalue of the loss Hessian in the layers), for "
+        hessian = "the loss Hessian" + (" plus weight decay" if integ.weight_decay else "")
+        warnings.warn(f"integrator.dt = {dt:g} is above the stability limit of {what} at the "
+                      f"initialization, {bound:.4g}/lambda_max = {limits[worst]:.4g} (seed {worst}; "
+                      f"lambda_max: largest eigenvalue of {hessian} in the layers), for "
                       f"{above.size} of {limits.size} seeds: expect oscillation or divergence",
                       StabilityWarning, stacklevel=3)
 
@@ -295,6 +308,7 @@ def _start_or_resume(config, path, progress, resume, threads, on_checkpoint, sto
             return report
         # killed before its first checkpoint was committed: nothing to keep, start again
     problem = make_problem(config)
+    check_batch_size(config, problem.n)
     u0 = initial_layers(config, problem.d)
     check_initialization(config, u0)
     check_seeds_differ(config, problem, u0)
@@ -303,19 +317,27 @@ def _start_or_resume(config, path, progress, resume, threads, on_checkpoint, sto
     with limit_threads(n_threads) as used_threads:
         check_step_stability(config, problem, u0)
         integrator = _make_integrator(config, problem, u0)
+        diagnostics = CheckpointDiagnostics(config, problem)
         shapes = integrator.state_shapes()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         # the parametrization travels with the provenance: root attributes written at creation
-        attributes = {**provenance(used_threads), **Parametrization.from_config(config).run_attributes()}
-        writer = RunWriter.create(path, config, problem, u0, attributes, shapes)
-        return _drive(config, integrator, writer, times, 0, progress, on_checkpoint, stops)
+        attributes = {**provenance(used_threads), **Parametrization.from_config(config).run_attributes(),
+                      **integrator.run_attributes()}
+        writer = RunWriter.create(path, config, problem, u0, attributes, shapes,
+                                  {**integrator.checkpoint_rows(), **diagnostics.rows(u0.shape[0])})
+        return _drive(config, integrator, diagnostics, writer, times, 0, progress, on_checkpoint,
+                      stops)
 
 
 def _make_integrator(config: Config, problem, u0) -> Solver:
+    from .stochastic import DescentOptions
+
     integ = config.integrator
-    return METHODS[integ.method].build(problem, u0, dt=integ.dt, rtol=integ.rtol, atol=integ.atol,
-                                       loss_tol=integ.loss_tol, max_steps=integ.max_steps,
+    descent = DescentOptions.from_config(config) if integ.method in DESCENT_METHODS else None
+    return METHODS[integ.method].build(problem, u0, descent=descent, dt=integ.dt, rtol=integ.rtol,
+                                       atol=integ.atol, loss_tol=integ.loss_tol,
+                                       max_steps=integ.max_steps,
                                        dtype=np.dtype(config.run.dtype).type,
                                        parametrization=Parametrization.from_config(config))
 
@@ -411,8 +433,8 @@ def _resume(config: Config, path: Path, progress, threads, on_checkpoint, stops)
         integrator = _make_integrator(config, problem, u0)
         integrator.restore_state(state)
         writer = RunWriter.reopen(str(path), config.run.swmr)
-        return _drive(config, integrator, writer, times, index + 1, progress, on_checkpoint, stops,
-                      resumed_from=index)
+        return _drive(config, integrator, CheckpointDiagnostics(config, problem), writer, times,
+                      index + 1, progress, on_checkpoint, stops, resumed_from=index)
 
 
 class ResumeMismatchWarning(UserWarning):
@@ -429,16 +451,15 @@ def _blas_identity(blas_json: str) -> str:
                      for i in infos) or "none"
 
 
-def _checkpoint_row(integrator: Solver, t: float, save_layers: bool) -> dict:
+def _checkpoint_row(integrator: Solver, diagnostics: CheckpointDiagnostics, t: float,
+                    save_layers: bool) -> dict:
     """The checkpoint's rows (the solver marks a running seed whose loss is not finite here as
-    diverged first: ``t_seed`` and ``status`` are read after it)."""
+    diverged first, or one that reached loss_tol as converged: ``t_seed`` and ``status`` are read
+    after it); the solver's own rows and the diagnostics follow."""
     values = integrator.checkpoint_values(save_layers)
     st = integrator.state
-    row = {"t": t, "t_seed": st.t_seed(), "loss": values["loss"], "theta": values["theta"],
-           "invariant_drift": values["invariant_drift"], "nfev": st.nfev.copy(),
-           "status": st.status.copy()}
-    if save_layers:
-        row["u"] = values["u"]
+    row = {"t": t, "t_seed": st.t_seed(), **values, "nfev": st.nfev.copy(), "status": st.status.copy()}
+    row.update(diagnostics.values(integrator))
     return row
 
 
@@ -447,8 +468,8 @@ def _checkpoint_row(integrator: Solver, t: float, save_layers: bool) -> dict:
 _NON_FINITE_IS_A_STATUS = dict(over="ignore", invalid="ignore", divide="ignore")
 
 
-def _drive(config, integrator: Solver, writer: RunWriter, times, first_index, progress,
-           on_checkpoint, stops, resumed_from=None) -> RunReport:
+def _drive(config, integrator: Solver, diagnostics: CheckpointDiagnostics, writer: RunWriter,
+           times, first_index, progress, on_checkpoint, stops, resumed_from=None) -> RunReport:
     """Advance checkpoint by checkpoint, appending each one (rows, state, then the counter).
 
     A stop request (SIGINT/SIGTERM) is honoured at a step boundary, not only at the next
@@ -479,7 +500,7 @@ def _drive(config, integrator: Solver, writer: RunWriter, times, first_index, pr
             if k == len(times) - 1:
                 integrator.finish()
             with np.errstate(**_NON_FINITE_IS_A_STATUS):
-                row = _checkpoint_row(integrator, times[k], save_layers)
+                row = _checkpoint_row(integrator, diagnostics, times[k], save_layers)
             writer.append(row, integrator.state_arrays())
             written += 1
             bar.update(1)

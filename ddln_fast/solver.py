@@ -104,6 +104,17 @@ class Solver(ABC):
             values["u"] = self.layers()
         return values
 
+    def checkpoint_rows(self) -> dict[str, tuple]:
+        """Datasets a checkpoint stores besides those of :meth:`checkpoint_values`' base keys,
+        by name: (shape of one row, dtype, axis labels, meaning); their values come with
+        :meth:`checkpoint_values`. None by default."""
+        return {}
+
+    def run_attributes(self) -> dict[str, str]:
+        """Root attributes of the run file that describe the solver (e.g. the seed material of
+        its random draws). None by default."""
+        return {}
+
     # -- exact resume -----------------------------------------------------------------------------
     @abstractmethod
     def state_arrays(self) -> dict[str, np.ndarray]:

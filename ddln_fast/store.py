@@ -143,15 +143,18 @@ class RunWriter:
     # -- creation -------------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | Path | None, config: Config, problem: Problem, u0: np.ndarray,
-               provenance: dict, state_shapes: dict[str, tuple]) -> "RunWriter":
+               provenance: dict, state_shapes: dict[str, tuple],
+               extra_rows: dict[str, tuple] | None = None) -> "RunWriter":
         """Create every group, dataset and attribute (before SWMR starts, as SWMR requires),
         under ``path.creating``, then rename it to ``path``.
 
         ``path=None`` keeps the file in memory (Python API without an output file).
+        ``extra_rows``: more checkpoint datasets, name -> (shape of one row, dtype, axis labels,
+        meaning), e.g. the diagnostics a config switches on.
         """
         if path is None:
             f = h5py.File(f"ddln-{uuid.uuid4().hex}.h5", "w", driver="core", backing_store=False)
-            cls._write_schema(f, config, problem, u0, provenance, state_shapes)
+            cls._write_schema(f, config, problem, u0, provenance, state_shapes, extra_rows)
             return cls(f, None, False)
         path = str(path)
         check_not_being_written(path)
@@ -163,7 +166,7 @@ class RunWriter:
         except OSError as err:
             raise OutputError(f"cannot create the output file {tmp}: {_reason(err)}") from None
         try:
-            cls._write_schema(f, config, problem, u0, provenance, state_shapes)
+            cls._write_schema(f, config, problem, u0, provenance, state_shapes, extra_rows)
             if swmr:
                 f.swmr_mode = True
             f.flush()
@@ -184,7 +187,7 @@ class RunWriter:
         return cls(f, path, swmr, lock)
 
     @staticmethod
-    def _write_schema(f, config, problem, u0, provenance, state_shapes):
+    def _write_schema(f, config, problem, u0, provenance, state_shapes, extra_rows=None):
         S, L, d = u0.shape
         dtype = np.dtype(config.run.dtype)
         f.attrs["schema_version"] = SCHEMA_VERSION
@@ -222,11 +225,16 @@ class RunWriter:
         labels = {"t": (), "t_seed": ("seed",), "loss": ("seed",), "theta": ("seed", "coordinate"),
                   "invariant_drift": ("seed",), "nfev": ("seed",), "status": ("seed",),
                   "u": ("seed", "layer", "coordinate")}
+        meanings = {}
+        for name, (shape, dt, axes, meaning) in (extra_rows or {}).items():
+            per_checkpoint[name], labels[name], meanings[name] = (tuple(shape), dt), tuple(axes), meaning
         for name, (shape, dt) in per_checkpoint.items():
             chunks = _chunks(shape, np.dtype(dt).itemsize) if shape else (1024,)
             ds = c.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dt, chunks=chunks)
             for axis, label in enumerate(("checkpoint", *labels[name])):
                 ds.dims[axis].label = label
+            if name in meanings:
+                ds.attrs["meaning"] = meanings[name]
         c["status"].attrs["names"] = json.dumps(list(STATUS_NAMES))
         c["t_seed"].attrs["meaning"] = "flow time of each seed's state (the time it stopped, if it did)"
         c.create_dataset("committed", data=np.zeros(1, dtype=np.int64))

@@ -38,7 +38,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .config import SECTIONS, Config, _suggest, read_toml
+from .config import ADDED_KEYS, SECTIONS, Config, _suggest, read_toml
 from .errors import InputError
 
 SWEEP_KEYS = ("base", "set", "grid", "zip")
@@ -81,14 +81,16 @@ def task_id(config: Config) -> str:
     """A stable id from the resolved config: the first 16 hex digits of SHA-256 of its TOML.
 
     ``run.threads`` is left out: it changes how fast a task runs, not which run it is, and the
-    sweep sets the threads of every task itself. So are ``model.parametrization`` and
-    ``model.power`` at their defaults (product, 0): the ids of sweeps made before they existed
-    stay the same.
+    sweep sets the threads of every task itself. So are the keys of ``config.ADDED_KEYS`` at
+    their defaults (a sweep from before they existed keeps its ids).
     """
     tables = config.to_dict()
     tables["run"].pop("threads", None)
-    if tables["model"].get("parametrization") == "product" and tables["model"].get("power") == 0.0:
-        del tables["model"]["parametrization"], tables["model"]["power"]
+    defaults = Config().to_dict()
+    for dotted in ADDED_KEYS:
+        section, key = dotted.split(".")
+        if tables[section][key] == defaults[section][key]:
+            del tables[section][key]
     import tomli_w
 
     return hashlib.sha256(tomli_w.dumps(tables).encode()).hexdigest()[:16]
@@ -774,8 +776,33 @@ def _sort_key(value):
     return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
 
 
-def plot_report(xs, bys, table, metric: str, x: str, by: str | None, out: Path) -> Path:
-    """metric against x, one line per value of ``by`` (log axes when the values span decades)."""
+#: The swept key whose report marks the largest value at which every seed converged.
+STEP_SIZE_KEY = "integrator.dt"
+
+
+def largest_converged_step(rows: list[dict], x: str, by: str | None) -> dict:
+    """For each value of ``by`` (the key None without one): the largest ``x`` (a step size) at
+    which every task is complete and every seed of every task reached integrator.loss_tol
+    (status loss_tol only; tasks that differ in other keys are pooled), or None when no x
+    qualifies. A step above it may still have converged for some seeds: it is not marked."""
+    def converged(row):
+        counts = [part.split("x", 1) for part in str(row.get("seed_status", "")).split()]
+        return row.get("status") == "complete" and bool(counts) and all(name == "loss_tol" for _, name in counts)
+
+    out = {}
+    for bv in sorted({r[by] for r in rows}, key=_sort_key) if by else [None]:
+        group = [r for r in rows if by is None or r[by] == bv]
+        good = [xv for xv in {r[x] for r in group}
+                if isinstance(xv, (int, float)) and all(converged(r) for r in group if r[x] == xv)]
+        out[bv] = max(good) if good else None
+    return out
+
+
+def plot_report(xs, bys, table, metric: str, x: str, by: str | None, out: Path,
+                converged: dict | None = None) -> Path:
+    """metric against x, one line per value of ``by`` (log axes when the values span decades);
+    ``converged`` (by value -> x, see :func:`largest_converged_step`): a dashed vertical line at
+    the largest step of each line at which every seed converged."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -785,7 +812,10 @@ def plot_report(xs, bys, table, metric: str, x: str, by: str | None, out: Path) 
     numeric_x = all(isinstance(v, (int, float)) for v in xs)
     xpos = np.asarray(xs, dtype=float) if numeric_x else np.arange(len(xs))
     for j, bv in enumerate(bys):
-        ax.plot(xpos, table[:, j], marker="o", label=f"{by} = {bv}" if by else None)
+        line, = ax.plot(xpos, table[:, j], marker="o", label=f"{by} = {bv}" if by else None)
+        if converged and converged.get(bv) is not None and numeric_x:
+            ax.axvline(converged[bv], color=line.get_color(), ls="--", lw=1,
+                       label=f"largest {x} with every seed at loss_tol" + (f" ({by} = {bv})" if by else ""))
     finite = table[np.isfinite(table)]
     if finite.size and np.all(finite > 0) and finite.max() / finite.min() >= 10:  # a decade or more
         ax.set_yscale("log")
@@ -799,7 +829,7 @@ def plot_report(xs, bys, table, metric: str, x: str, by: str | None, out: Path) 
     ax.set_xlabel(x)
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} against {x}" + (f", one line per {by}" if by else "") + " (median over tasks)")
-    if by:  # outside the axes: the legend never hides a curve
+    if by or converged:  # outside the axes: the legend never hides a curve
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()

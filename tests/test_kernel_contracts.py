@@ -20,9 +20,10 @@ SCRIPT = textwrap.dedent("""
     import json
     import numpy as np
     from numba.core.runtime import rtsys
-    from ddln_fast import controller, integrators, kernels
+    from ddln_fast import controller, integrators, kernels, stochastic, stochastic_kernels
     from ddln_fast.integrators import Integrator
     from ddln_fast.problem import Problem
+    from ddln_fast.stochastic import DescentOptions, StochasticGradientDescent
 
     # Every compiled function the integrators call, wrapped: Numba counts one allocation per
     # array argument it receives (its MemInfo; also each array inside a tuple argument), so
@@ -47,9 +48,40 @@ SCRIPT = textwrap.dedent("""
         return wrapper
 
     kernels.n_blocks(1)  # starts Numba's runtime (and its counters)
-    # Wrap what the integrators call from Python, through stand-ins for their `kernels` and
-    # `controller` modules: the modules' own globals stay compiled functions, so a kernel that
-    # compiles now (cold cache) still sees its njit callees, not these Python wrappers.
+    rng = np.random.default_rng(0)
+    S, L, n, d = 3, 3, 8, 700   # d > BLOCK: two coordinate blocks per seed
+    u0 = 0.5 * (1 + 0.1 * rng.standard_normal((S, L, d)))
+    problems = [(rng.standard_normal((n, d)) / np.sqrt(d), rng.standard_normal(n)),
+                (rng.standard_normal((S, n, d)) / np.sqrt(d), rng.standard_normal((S, n))),
+                # large enough for the BLAS path and two threads
+                (rng.standard_normal((100, 4000)) / 60, rng.standard_normal(100))]
+
+    descent = [DescentOptions(batch_size=4, momentum=0.5, label_noise=0.1),
+               DescentOptions(batch_size=4, momentum=0.5, nesterov=True, sampling="with_replacement"),
+               DescentOptions(weight_decay=0.1, label_noise=0.1, gain=True),
+               DescentOptions(batch_size=3, schedule="step", decay_every=2)]
+
+    def run_all():
+        for X, y in problems:
+            layers = u0 if X.shape[-1] == d else 0.5 * np.ones((4, L, X.shape[-1]))
+            for dtype in (np.float64, np.float32):
+                solvers = [Integrator(method, Problem(X, y), layers, dt=1e-3, rtol=1e-6,
+                                      atol=1e-9, dtype=dtype)
+                           for method in ("euler", "rk4", "dopri5", "cash_karp")]
+                for options in descent:  # SGD's solver (the gain needs depth 2)
+                    solvers.append(StochasticGradientDescent(
+                        "sgd", Problem(X, y), layers[:, :2 if options.gain else L], options,
+                        dt=1e-3, dtype=dtype))
+                for it in solvers:
+                    it.advance_to(0.005)
+                    it.current_losses(); it.theta_of_all(); it.invariant_drift()
+
+    # Compile (or load from the cache) everything first: compiled code resolves its callees
+    # through its module's globals at compile time, and the wrapping below replaces some of them
+    # with Python functions. Later compilations would show up in the signature counts below.
+    run_all()
+    # Then wrap what the integrators call from Python, through stand-ins for their `kernels`
+    # and `controller` modules, and run again, counting allocations per call.
     import types
     for module in (kernels, controller):
         stand_in = types.SimpleNamespace(**{k: getattr(module, k) for k in dir(module)})
@@ -58,28 +90,24 @@ SCRIPT = textwrap.dedent("""
             if hasattr(fn, "signatures"):
                 setattr(stand_in, name, counting(name, fn))
         setattr(integrators, module.__name__.rsplit(".", 1)[1], stand_in)
-    for name in dir(integrators):  # the integrators' own compiled helpers call no other one
+        setattr(stochastic, module.__name__.rsplit(".", 1)[1], stand_in)
+    stand_in = types.SimpleNamespace(**{k: getattr(stochastic_kernels, k) for k in dir(stochastic_kernels)})
+    for name in ("gathered_products", "accumulate_gain"):
+        setattr(stand_in, name, counting(name, getattr(stochastic_kernels, name)))
+    stochastic.stochastic_kernels = stand_in
+    for key, fn in list(stochastic_kernels.MOMENTUM_STEP_KERNELS.items()):
+        stochastic_kernels.MOMENTUM_STEP_KERNELS[key] = counting(f"momentum_step{key}", fn)
+    for name in dir(integrators):  # the integrators' own compiled helpers, called from Python
         fn = getattr(integrators, name)
         if hasattr(fn, "signatures") and name.startswith("_"):
             setattr(integrators, name, counting(name, fn))
 
-    rng = np.random.default_rng(0)
-    S, L, n, d = 3, 3, 8, 700   # d > BLOCK: two coordinate blocks per seed
-    u0 = 0.5 * (1 + 0.1 * rng.standard_normal((S, L, d)))
-    problems = [(rng.standard_normal((n, d)) / np.sqrt(d), rng.standard_normal(n)),
-                (rng.standard_normal((S, n, d)) / np.sqrt(d), rng.standard_normal((S, n))),
-                # large enough for the BLAS path and two threads
-                (rng.standard_normal((100, 4000)) / 60, rng.standard_normal(100))]
-    for X, y in problems:
-        layers = u0 if X.shape[-1] == d else 0.5 * np.ones((4, L, X.shape[-1]))
-        for dtype in (np.float64, np.float32):
-            for method in ("euler", "rk4", "dopri5", "cash_karp"):
-                it = Integrator(method, Problem(X, y), layers, dt=1e-3, rtol=1e-6, atol=1e-9,
-                                dtype=dtype)
-                it.advance_to(0.005)
-                it.current_losses(); it.theta_of_all(); it.invariant_drift()
+    run_all()
     signatures = {}
-    for module in (kernels, controller, integrators):
+    for key, fn in stochastic_kernels.MOMENTUM_STEP_KERNELS.items():  # wrapped: the kernel is a cell
+        kernel = next(c.cell_contents for c in fn.__closure__ if hasattr(c.cell_contents, "signatures"))
+        signatures[f"momentum_step{key}"] = len(kernel.signatures)
+    for module in (kernels, controller, integrators, stochastic_kernels):
         for name in dir(module):
             fn = getattr(module, name)
             cells = [c.cell_contents for c in getattr(fn, "__closure__", None) or ()]
@@ -103,7 +131,9 @@ def test_kernels_allocate_nothing_and_compile_once_per_dtype():
     assert {"rk_stage", "euler_step", "stage_input", "layer_products", "per_seed_products",
             "shared_products_serial", "residual_and_loss", "accept_steps", "rms_of_blocks",
             "invariant_drift_blocks", "screen_losses", "_finish_fixed", "control_steps_fastmath",
-            "propose_steps_fastmath"} <= set(result["calls"])
+            "propose_steps_fastmath", "gathered_products", "accumulate_gain",
+            "momentum_step(False, False)", "momentum_step(True, False)",
+            "momentum_step(True, True)"} <= set(result["calls"])
     for name, extra in result["excess"].items():
         assert extra == 0, f"{name} allocates {extra} array(s) per call (the time loop must not)"
     assert {"rk_stage", "euler_step", "control_steps_fastmath"} <= set(result["signatures"])
