@@ -35,6 +35,17 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, axes, path: Path, title: str) -> None:
+    """Legends and grids on ``axes``, the title over them, then the PNG at ``path``."""
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def implicit_bias(spec: dict, base_dir: Path, out: Path) -> dict:
     """Figure (a); returns the numbers it plots."""
     from .init import initial_layers
@@ -69,14 +80,9 @@ def implicit_bias(spec: dict, base_dir: Path, out: Path) -> dict:
     axes[1].set_xlabel("initialization scale alpha")
     axes[1].set_ylabel("||theta_inf - theta_l1|| / ||theta_l1||")
     axes[1].set_title("distance to the minimum-l1 interpolator")
-    for ax in axes:
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3, which="both")
-    fig.suptitle(f"Implicit bias (predicted, no training): n = {problem.n}, d = {problem.d}, "
-                 f"{base.problem.sparsity}-sparse, first layer zero")
-    fig.tight_layout()
-    fig.savefig(out / "implicit_bias.png", dpi=120)
-    plt.close(fig)
+    _save(plt, fig, axes, out / "implicit_bias.png",
+          f"Implicit bias (predicted, no training): n = {problem.n}, d = {problem.d}, "
+          f"{base.problem.sparsity}-sparse, first layer zero")
     return {"alphas": alphas, "l1_norm_min_l1": float(np.abs(l1_ref).sum()),
             **{f"depth{d}": {"l1_norm": r[0], "relative_distance_to_min_l1": r[1]} for d, r in results.items()}}
 
@@ -291,13 +297,9 @@ def which_l1_minimizer(spec: dict, base_dir: Path, out: Path) -> dict:
     for ax in axes:
         ax.set_xlabel("alpha^D (theta = u^D - v^D from u = v = alpha)")
         ax.invert_xaxis()
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3, which="both")
-    fig.suptitle(f"Non-unique minimum-l1 interpolator: n = {X.shape[0]}, d = {d}, column 2 = "
-                 f"(x_0 + {ratio:g} x_1) / {1 + ratio:g}; each point one predict")
-    fig.tight_layout()
-    fig.savefig(out / "which_l1_minimizer.png", dpi=120)
-    plt.close(fig)
+    _save(plt, fig, axes, out / "which_l1_minimizer.png",
+          f"Non-unique minimum-l1 interpolator: n = {X.shape[0]}, d = {d}, column 2 = "
+          f"(x_0 + {ratio:g} x_1) / {1 + ratio:g}; each point one predict")
     return {"scales": scales.tolist(), "l1_min": l1_min, "lp_ends": [e[:3].tolist() for e in ends],
             **{f"D{D:g}": {**curves[D], "runs": runs[D]} for D in powers}}
 

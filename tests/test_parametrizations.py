@@ -236,6 +236,10 @@ def test_first_layer_zero_and_shapes_apply_to_each_half(name, depth, power):
      "entries <= 0"),
     ({"model.parametrization": "difference", "model.init": "shape", "model.layer_scales": [1.0, 2.0]},
      "layer_scales has 2 entries"),
+    ({"model.parametrization": "difference", "integrator.method": "euler", "integrator.momentum": 0.5},
+     "product parametrization only"),
+    ({"model.parametrization": "power", "model.power": 2.0, "model.init": "balanced", "model.depth": 2,
+      "integrator.method": "euler", "run.gain": True}, "product parametrization only"),
     ({"model.parametrization": "power", "model.power": 2.0, "model.init": "shape",
       "model.layer_scales": [1.0, 2.0, 3.0]}, "layer_scales has 3 entries"),
 ])
@@ -559,3 +563,15 @@ def test_which_l1_minimizer_the_small_alpha_limit_picks_depends_on_D(power):
     # (a minimum located from function values: to about sqrt(eps))
     assert abs(tie_break_position(power, 9.0) - expected) < 5e-8
     assert abs(expected - 1 / 3) > 0.05 and abs(tie_break_position(2.0, 9.0) - tie_break_position(4.0, 9.0)) > 0.03
+
+
+@pytest.mark.parametrize("name, depth, power", [("difference", 2, 0.0), ("power", 1, 2.5)])
+def test_sgd_with_the_full_batch_is_gradient_descent_for_every_parametrization(name, depth, power):
+    """sgd with b = n (the data in its natural order, no label noise) takes euler's steps, the
+    same bits: its step is the parametrized Euler kernel (which the numpy-loop test checks)."""
+    common = {"integrator.dt": 0.02, "integrator.t_end": 0.4, "run.checkpoints": 5}
+    euler = simulate(config_for(name, depth, power, **{**common, "integrator.method": "euler"}))
+    sgd = simulate(config_for(name, depth, power, **{**common, "integrator.method": "sgd",
+                                                    "integrator.batch_size": 10}))
+    np.testing.assert_array_equal(sgd.u, euler.u)
+    np.testing.assert_array_equal(sgd.theta, euler.theta)
