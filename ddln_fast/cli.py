@@ -412,8 +412,11 @@ def analyze(run_path, as_json, plots, seeds):
             raise InputError("--plots needs matplotlib: pip install 'ddln_fast[plot]'") from None
         if Path(plots).exists() and not Path(plots).is_dir():
             raise InputError(f"--plots {plots}: exists and is not a folder")
+    from .events import events_of, format_events
+
     _recover_crashed(run_path)
     result = analyze_path(run_path)
+    events = events_of(run_path)
     bias, descent_notes = _step_size_bias(run_path)
     if chosen == "all":
         chosen = list(range(len(result.seeds)))
@@ -421,6 +424,7 @@ def analyze(run_path, as_json, plots, seeds):
     written = plot(result, plots, shown) if plots else []
     if as_json:
         out = result.as_dict()
+        out["events"] = events.as_dict() if events is not None else None
         out["plots"] = written
         if bias is not None:
             out["step_size_bias"] = [b.as_dict() for b in bias]
@@ -444,6 +448,8 @@ def analyze(run_path, as_json, plots, seeds):
     for sa in result.seeds:
         if sa.note:
             click.echo(f"seed {sa.seed}: {sa.note}")
+    for line in format_events(events) if events is not None else ():
+        click.echo(line)
     if bias is not None:
         _print_step_size_bias(bias)
     for note in descent_notes:

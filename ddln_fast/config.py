@@ -24,7 +24,7 @@ PROBLEM_KINDS = ("gaussian", "file")
 INITS = ("first_layer_zero", "balanced", "gaussian", "shape", "file")
 SIGNS = ("positive", "random")
 INIT_FROM = ("initial", "last")
-METHODS = ("euler", "rk4", "dopri5", "mirror", "sgd")
+METHODS = ("euler", "rk4", "dopri5", "mirror", "sgd", "dual")
 #: Methods that take steps of exactly integrator.dt (checkpoints fall on whole steps).
 FIXED_STEP_METHODS = ("euler", "rk4", "sgd")
 #: Gradient descent and its stochastic variant: the methods that take momentum, label noise,
@@ -32,12 +32,13 @@ FIXED_STEP_METHODS = ("euler", "rk4", "sgd")
 DESCENT_METHODS = ("euler", "sgd")
 SAMPLINGS = ("without_replacement", "with_replacement")
 SCHEDULES = ("constant", "step")
-#: Keys added after the first schema (issue 12): a sweep task's id leaves them out while they hold
+#: Keys added after the first schema (issues 12 and 10): a sweep task's id leaves them out while they hold
 #: their defaults, so the tasks of a sweep run before they existed keep their ids and files.
 ADDED_KEYS = ("integrator.batch_size", "integrator.sampling", "integrator.momentum",
               "integrator.nesterov", "integrator.label_noise", "integrator.weight_decay",
               "integrator.schedule", "integrator.decay_every", "integrator.decay_factor",
-              "run.sharpness", "run.gain", "model.parametrization", "model.power")
+              "run.sharpness", "run.gain", "model.parametrization", "model.power",
+              "integrator.activation_level")
 SPACINGS = ("log", "linear")
 DTYPES = ("float64", "float32")
 
@@ -111,6 +112,8 @@ class IntegratorConfig:
     schedule: str = _key(str, "constant", *_choice(SCHEDULES))
     decay_every: int = _key(int, 0, _non_negative, "an integer >= 1 (steps; 0: not set)")
     decay_factor: float = _key(float, 0.1, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+    activation_level: float = _key(float, 0.0, lambda v: math.isfinite(v) and v >= 0,
+                                   "a finite number >= 0 (0: a fraction of the predicted limit)")
 
 
 @dataclass(frozen=True)
@@ -304,6 +307,8 @@ def _check_consistency(config: Config) -> None:
     if i.method in FIXED_STEP_METHODS and i.t_end < i.dt:
         raise InputError(f"integrator.t_end = {i.t_end:g} is shorter than one step of {i.method} "
                          f"(integrator.dt = {i.dt:g}): nothing to integrate; lower dt or raise t_end")
+    if i.method == "dual":
+        _check_dual(config)
     if m.init_from == "last" and m.init != "file":
         raise InputError(f'model.init_from = "last" (warm start from the last layers of a run file) needs '
                          f'model.init = "file", got "{m.init}"')
@@ -420,6 +425,16 @@ def _check_parametrization(m: ModelConfig) -> None:
     if why:
         raise InputError(f'parametrization = "power" needs u, v > 0 at initialization, but {why}; use '
                          f'init = "balanced" (u = v = alpha), "gaussian" or positive layer_scales')
+
+
+def _check_dual(config: Config) -> None:
+    """Settings the dual method cannot honour."""
+    if config.run.dtype != "float64":
+        raise InputError('integrator.method = "dual" runs in float64 only (run.dtype = '
+                         f'"{config.run.dtype}"); set run.dtype = "float64"')
+    if config.integrator.atol == 0:
+        raise InputError('integrator.atol = 0 with method "dual": the clocks start at 0, where a '
+                         "purely relative tolerance is undefined; set atol > 0")
 
 
 def read_toml(path: str | Path) -> dict:

@@ -778,3 +778,15 @@ def invariant_drift_blocks(U, u0, param, partial):
             if not spread <= worst:  # also carries NaN forward
                 worst = spread
         partial[s, block] = worst
+
+
+def serial_and_parallel(loop):
+    """``loop`` (a function whose outer loop is a ``prange``) compiled twice: serial, for small
+    batches (no thread start-up; callable from other compiled code), and parallel."""
+    return njit(**JIT_OPTIONS)(loop), njit(**PARALLEL_OPTIONS)(loop)
+
+
+def call_by_size(kernels, items, *args):
+    """Call the serial kernel of a :func:`serial_and_parallel` pair for at most
+    ``SERIAL_STATE_WORK`` items of work, else the parallel one."""
+    return kernels[items > SERIAL_STATE_WORK](*args)

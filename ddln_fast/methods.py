@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from .radau import RADAU_IIA5
 from .tableaus import DOPRI5, TABLEAUS, Tableau
 
 
@@ -51,11 +52,19 @@ def _mirror(problem, u0, descent=None, **options):
     return MirrorIntegrator(problem, u0, **options)
 
 
+def _dual(problem, u0, descent=None, **options):
+    from .dual import DualIntegrator  # builds clock maps: only when asked for
+
+    return DualIntegrator(problem, u0, **options)
+
+
 METHODS = {name: _layer_method(name) for name in ("euler", "rk4", "dopri5")}
 #: minibatch gradient descent: Euler steps on each step's batch loss
 METHODS["sgd"] = Method(TABLEAUS["euler"], _sgd)
 #: dopri5 on theta in the mirror geometry (an independent reference route, one seed at a time)
 METHODS["mirror"] = Method(DOPRI5, _mirror)
+#: Radau IIA(5) on the n-dimensional dual flow (the rich regime: small scales, stiff)
+METHODS["dual"] = Method(RADAU_IIA5, _dual)
 
 
 def is_adaptive(method: str) -> bool:

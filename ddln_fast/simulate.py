@@ -120,7 +120,7 @@ def check_initialization(config: Config, u0: np.ndarray) -> None:
                 SignTrapWarning, stacklevel=3)
     tiny = np.finfo(np.dtype(config.run.dtype)).tiny
     nonzero = np.abs(u0[u0 != 0])
-    if nonzero.size:
+    if nonzero.size and config.integrator.method != "dual":  # dual: clock maps in log form
         # in log10, so that the number can be printed even below float64's range
         exponent = float(np.log10(nonzero.min())) * param.degree
         if exponent < np.log10(tiny):
@@ -325,7 +325,8 @@ def _start_or_resume(config, path, progress, resume, threads, on_checkpoint, sto
         attributes = {**provenance(used_threads), **Parametrization.from_config(config).run_attributes(),
                       **integrator.run_attributes()}
         writer = RunWriter.create(path, config, problem, u0, attributes, shapes,
-                                  {**integrator.checkpoint_rows(), **diagnostics.rows(u0.shape[0])})
+                                  {**integrator.checkpoint_rows(), **diagnostics.rows(u0.shape[0])},
+                                  _fixed_shapes(integrator))
         return _drive(config, integrator, diagnostics, writer, times, 0, progress, on_checkpoint,
                       stops)
 
@@ -335,11 +336,26 @@ def _make_integrator(config: Config, problem, u0) -> Solver:
 
     integ = config.integrator
     descent = DescentOptions.from_config(config) if integ.method in DESCENT_METHODS else None
-    return METHODS[integ.method].build(problem, u0, descent=descent, dt=integ.dt, rtol=integ.rtol,
-                                       atol=integ.atol, loss_tol=integ.loss_tol,
-                                       max_steps=integ.max_steps,
-                                       dtype=np.dtype(config.run.dtype).type,
-                                       parametrization=Parametrization.from_config(config))
+    options = dict(descent=descent, dt=integ.dt, rtol=integ.rtol, atol=integ.atol,
+                   loss_tol=integ.loss_tol, max_steps=integ.max_steps,
+                   dtype=np.dtype(config.run.dtype).type,
+                   parametrization=Parametrization.from_config(config))
+    if integ.method == "dual":  # it records activation events, at a level set from the config
+        from .events import activation_levels
+
+        options["activation_level"] = activation_levels(config, problem, u0)
+    return METHODS[integ.method].build(problem, u0, **options)
+
+
+def _fixed_shapes(integrator: Solver) -> dict:
+    """Datasets rewritten in place at every checkpoint: the dual method's events."""
+    events = getattr(integrator, "events", None)
+    return {} if events is None else events.file_shapes(integrator.seeds, integrator.dim)
+
+
+def _fixed_rows(integrator: Solver) -> dict:
+    events = getattr(integrator, "events", None)
+    return {} if events is None else events.file_rows()
 
 
 #: Keys a finished or interrupted run may be resumed with, when they relax the limit (the
@@ -501,7 +517,7 @@ def _drive(config, integrator: Solver, diagnostics: CheckpointDiagnostics, write
                 integrator.finish()
             with np.errstate(**_NON_FINITE_IS_A_STATUS):
                 row = _checkpoint_row(integrator, diagnostics, times[k], save_layers)
-            writer.append(row, integrator.state_arrays())
+            writer.append(row, integrator.state_arrays(), _fixed_rows(integrator))
             written += 1
             bar.update(1)
             if on_checkpoint is not None:

@@ -129,6 +129,8 @@ class RunWriter:
         # between the explicit flushes, so a write error surfaces there, in order.
         self.rows = {name: ds for name, ds in file["checkpoints"].items() if name != "committed"}
         self.counter = file["checkpoints/committed"]
+        # datasets of fixed shape rewritten at every checkpoint (the dual method's /events)
+        self.fixed = dict(file["events"].items()) if "events" in file else {}
         self.slots = [dict(file[f"state/slot{slot}"].items()) for slot in range(STATE_SLOTS)]
         self.lengths = {name: ds.shape[0] for name, ds in self.rows.items()}
         self.row_shapes = {name: ds.shape[1:] for name, ds in self.rows.items()}
@@ -144,17 +146,21 @@ class RunWriter:
     @classmethod
     def create(cls, path: str | Path | None, config: Config, problem: Problem, u0: np.ndarray,
                provenance: dict, state_shapes: dict[str, tuple],
-               extra_rows: dict[str, tuple] | None = None) -> "RunWriter":
+               extra_rows: dict[str, tuple] | None = None,
+               fixed_shapes: dict[str, tuple] | None = None) -> "RunWriter":
         """Create every group, dataset and attribute (before SWMR starts, as SWMR requires),
         under ``path.creating``, then rename it to ``path``.
 
         ``path=None`` keeps the file in memory (Python API without an output file).
         ``extra_rows``: more checkpoint datasets, name -> (shape of one row, dtype, axis labels,
-        meaning), e.g. the diagnostics a config switches on.
+        meaning), e.g. the diagnostics a config switches on. ``fixed_shapes``: datasets of
+        ``/events`` (name: (shape, dtype)), NaN-filled, rewritten in place by every
+        :meth:`append` (the dual method's events).
         """
         if path is None:
             f = h5py.File(f"ddln-{uuid.uuid4().hex}.h5", "w", driver="core", backing_store=False)
-            cls._write_schema(f, config, problem, u0, provenance, state_shapes, extra_rows)
+            cls._write_schema(f, config, problem, u0, provenance, state_shapes, extra_rows,
+                              fixed_shapes)
             return cls(f, None, False)
         path = str(path)
         check_not_being_written(path)
@@ -166,7 +172,8 @@ class RunWriter:
         except OSError as err:
             raise OutputError(f"cannot create the output file {tmp}: {_reason(err)}") from None
         try:
-            cls._write_schema(f, config, problem, u0, provenance, state_shapes, extra_rows)
+            cls._write_schema(f, config, problem, u0, provenance, state_shapes, extra_rows,
+                              fixed_shapes)
             if swmr:
                 f.swmr_mode = True
             f.flush()
@@ -187,7 +194,8 @@ class RunWriter:
         return cls(f, path, swmr, lock)
 
     @staticmethod
-    def _write_schema(f, config, problem, u0, provenance, state_shapes, extra_rows=None):
+    def _write_schema(f, config, problem, u0, provenance, state_shapes, extra_rows=None,
+                      fixed_shapes=None):
         S, L, d = u0.shape
         dtype = np.dtype(config.run.dtype)
         f.attrs["schema_version"] = SCHEMA_VERSION
@@ -238,6 +246,11 @@ class RunWriter:
         c["status"].attrs["names"] = json.dumps(list(STATUS_NAMES))
         c["t_seed"].attrs["meaning"] = "flow time of each seed's state (the time it stopped, if it did)"
         c.create_dataset("committed", data=np.zeros(1, dtype=np.int64))
+        if fixed_shapes:
+            events = f.create_group("events")
+            for name, (shape, dt) in fixed_shapes.items():
+                fill = np.nan if np.dtype(dt).kind == "f" else 0
+                events.create_dataset(name, shape=shape, dtype=dt, fillvalue=fill)
         state = f.create_group("state")
         for slot in range(STATE_SLOTS):
             sg = state.create_group(f"slot{slot}")
@@ -284,8 +297,10 @@ class RunWriter:
         self._flush()
         self.latest_slot, self.sequence = slot_number, self.sequence + 1
 
-    def append(self, row: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> None:
-        """Write checkpoint number ``committed``: its rows, then the state, then the counter."""
+    def append(self, row: dict[str, np.ndarray], state: dict[str, np.ndarray],
+               fixed: dict[str, np.ndarray] | None = None) -> None:
+        """Write checkpoint number ``committed``: its rows (and the ``fixed`` datasets), then the
+        state, then the counter."""
         k = self.committed
         try:
             for name, value in row.items():
@@ -294,6 +309,8 @@ class RunWriter:
                     ds.resize(k + 1, axis=0)
                     self.lengths[name] = k + 1
                 _write_row(ds, k, value, self.row_shapes[name])
+            for name, value in (fixed or {}).items():
+                _write_all(self.fixed[name], value)
             self._write_state(state, k)
             _write_all(self.counter, k + 1)
             self._flush()

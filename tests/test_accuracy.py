@@ -205,12 +205,13 @@ def test_loss_decreases_under_stable_gradient_descent(make_config):
 # --- depth 1: linear regression -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("method", ["dopri5", "dual"])
 @pytest.mark.parametrize("n,d", [(10, 6), (6, 10)])
-def test_depth_one_flow_is_linear_regression(make_config, n, d):
+def test_depth_one_flow_is_linear_regression(make_config, n, d, method):
     """Depth 1: theta = u^1 and the layer flow is the gradient flow of least squares (over- and
-    under-determined). dopri5 at rtol 1e-10 vs the matrix-exponential solution: 1e-8."""
+    under-determined). dopri5 and dual at rtol 1e-10 vs the matrix-exponential solution: 1e-8."""
     config = make_config({"problem.n": n, "problem.d": d, "problem.sparsity": 2, "model.depth": 1,
-                          "integrator.t_end": 3.0})
+                          "integrator.t_end": 3.0, "integrator.method": method})
     run = simulate(config)
     for s in range(config.run.seeds):
         for k, t in enumerate(run.t):

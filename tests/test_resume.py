@@ -49,10 +49,11 @@ def reference_run(cfg, path):
     return path
 
 
-def stop_request(at_checkpoint: int, after_evaluations: int):
+def stop_request(at_checkpoint: int, after_evaluations: int, product: str = "residual_and_gradient"):
     """An on_checkpoint hook that, after checkpoint ``at_checkpoint``, sends SIGINT to this
-    process at the ``after_evaluations``-th gradient evaluation (0: right away, i.e. at the
-    checkpoint). The handler only sets a flag; the integrator stops before its next step."""
+    process at the ``after_evaluations``-th call of the solver's ``products.<product>`` (a
+    gradient evaluation; 0: right away, i.e. at the checkpoint). The handler only sets a flag;
+    the integrator stops before its next step."""
 
     def hook(k, t, integrator):
         if k != at_checkpoint:
@@ -62,7 +63,7 @@ def stop_request(at_checkpoint: int, after_evaluations: int):
             return
         integrator.compiled_loop_work = -1  # every step from Python, through the products below
         products = integrator.products
-        original = products.residual_and_gradient
+        original = getattr(products, product)
         calls = [0]
 
         def counting(*args, **kwargs):
@@ -71,7 +72,7 @@ def stop_request(at_checkpoint: int, after_evaluations: int):
                 os.kill(os.getpid(), signal.SIGINT)
             return original(*args, **kwargs)
 
-        products.residual_and_gradient = counting
+        setattr(products, product, counting)
 
     return hook
 

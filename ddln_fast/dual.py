@@ -1,0 +1,688 @@
+"""The ``dual`` method: the layer flow integrated in dual coordinates by Radau IIA(5).
+
+Along the layer flow every coordinate follows its own clock, theta_i(t) = F_i(s_i(t)), and the
+clocks are s(t) = X^T nu(t) / n with nu(t) = int_0^t (X theta - y) (Labarrière et al.,
+arXiv:2412.16765: the clock view of the layer flow). The whole flow is therefore the
+n-dimensional ODE
+
+    nu' = X F(X^T nu / n) - y,   nu(0) = 0,   J = -X diag(h) X^T / n   (h_i = -F_i' >= 0),
+
+for every initialization (frozen coordinates have h = 0; a rank-deficient X makes J singular,
+which the implicit step does not mind). J is symmetric negative semidefinite, and the flow is
+stiff at small scales (h spans many decades), so the default scheme is the L-stable Radau IIA
+method of order 5 (:mod:`ddln_fast.radau`) with the exact Jacobian, simplified Newton with the
+Jacobian kept while Newton converges fast, and one eigendecomposition per Jacobian instead of
+one factorization per step size.
+
+The right-hand side depends on nu only through the clocks, so the integrator carries the clocks
+s (d numbers per seed) next to nu and advances them by the step's own increment,
+s_new = s + X^T Z_3 / n: their rounding error then scales with the increments, not with |nu|
+(which grows like t in plateaus and without bound when X theta = y has no solution).
+
+Error norm. What the clocks must get right is each coordinate's clock: theta_i = F_i(s_i), and
+the activation of coordinate i is the moment s_i reaches a fixed clock. Local errors are
+therefore measured on the clocks, delta s = X^T delta nu / n, coordinate by coordinate, as an
+RMS over the d coordinates of delta s_i / tol_i with
+
+    tol_i = max(min(atol + rtol |s_i|, (atol + rtol |theta_i|) / h_i), 64 eps |s_i|):
+
+the clock relative to itself (which places activations to a relative rtol in time), and tight
+enough that the induced change h_i delta s_i of theta_i stays within atol + rtol |theta_i|,
+but never below what float64 can represent of s_i (at depth >= 3 and tiny scales a clock near
+its blow-up is known to eps |s_i| only; the accuracy of theta is then limited by that, not by
+the tolerance). Nor below the rounding of a step's own increment: the clock derivative
+X^T (X theta - y) / n is computed with an absolute error of about eps (|X|^T |y|)_i / n (near
+a fit, X theta - y cancels), so a step of size h cannot place a clock better than h times that;
+late in a run, where steps grow like t, a tolerance below this floor would make Newton chase
+rounding noise. A norm on nu itself would let absolute errors ~ rtol |nu| through, which grow
+with t in plateaus and move the clocks of coordinates about to activate. The tolerances at
+both ends of a step are used (the smaller one).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numba
+from numba import njit, prange
+
+from . import kernels, radau
+from .controller import (DIVERGED, LOSS_TOL, RUNNING, SeedState, Trial, control_for, control_steps,
+                         first_trial_step, propose_steps, reject_steps, starting_step)
+from .errors import InputError
+from .kernels import JIT_OPTIONS, SERIAL_STATE_WORK, call_by_size, serial_and_parallel
+from .problem import Problem
+from .solver import Solver
+
+#: For depth >= 3 a coordinate activates when its clock nears its blow-up clock, of size about
+#: alpha^(2-L); float64 resolves a clock only to eps times its size, so theta near activation
+#: carries a relative error of about eps times that clock, and the loss cannot be brought below
+#: about (eps * clock)^2 |y|^2 (measured: a seed with blow-up clocks at 1e10 stalled at loss
+#: 1.7e-10 against that estimate's 1.2e-10). At 1e9 the floor is ~1e-12, below the usual loss
+#: tolerances; beyond it the method refuses (at 1e11 and 1e12 runs stalled or lost the fit).
+CLOCK_LIMIT = 1e9
+#: The floor of the clock tolerance, in units of eps |s_i| (see the module docstring).
+CLOCK_FLOOR_ULPS = 64.0
+#: The rounding floor of a step's clock increments, in units of eps (|X|^T |y|)_i / n per unit
+#: of flow time (see the module docstring).
+CLOCK_NOISE_ULPS = 32.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+def _add_start(out, start, row_seeds, scale):
+    """out[r] = start[row_seeds[r]] + scale * out[r] (a clock from a product X^T Z)."""
+    R, d = out.shape
+    for item in prange(R * d):
+        r = item // d
+        i = item - r * d
+        out[r, i] = start[row_seeds[r], i] + scale * out[r, i]
+
+
+ADD_START_KERNELS = serial_and_parallel(_add_start)
+
+
+def _subtract_targets(out, y, row_seeds):
+    """out[r] -= y[row_seeds[r]] (y of shape (S or 1, n); row 0 when shared)."""
+    R, n = out.shape
+    shared = y.shape[0] == 1
+    for r in prange(R):
+        src = y[0] if shared else y[row_seeds[r]]
+        for i in range(n):
+            out[r, i] -= src[i]
+
+
+SUBTRACT_TARGETS_KERNELS = serial_and_parallel(_subtract_targets)
+
+
+def _per_seed_clocks(X, Z, start, row_seeds, inv_n, use_start, out):
+    """out[r] = start[seed] + X[seed]^T Z[r] / n for per-seed data X of shape (S, n, d)."""
+    R, n = Z.shape
+    d = X.shape[2]
+    for r in prange(R):
+        seed = row_seeds[r]
+        o = out[r]
+        for i in range(d):
+            o[i] = 0.0
+        for k in range(n):
+            z = Z[r, k]
+            xr = X[seed, k]
+            for i in range(d):
+                o[i] += z * xr[i]
+        for i in range(d):
+            o[i] = (start[seed, i] if use_start else 0.0) + inv_n * o[i]
+
+
+PER_SEED_CLOCKS_KERNELS = serial_and_parallel(_per_seed_clocks)
+
+
+def _per_seed_residuals(X, y, theta, row_seeds, out):
+    """out[r] = X[seed] theta[r] - y[seed] for per-seed data."""
+    R, d = theta.shape
+    n = X.shape[1]
+    for r in prange(R):
+        seed = row_seeds[r]
+        th = theta[r]
+        for k in range(n):
+            xr = X[seed, k]
+            acc = 0.0
+            for i in range(d):
+                acc += xr[i] * th[i]
+            out[r, k] = acc - y[seed, k]
+
+
+PER_SEED_RESIDUALS_KERNELS = serial_and_parallel(_per_seed_residuals)
+
+
+def _clock_tolerance(s, theta, h, rows, rtol, atol, newton_floor, out, out_newton):
+    """out[rows[a]] = the clock tolerance of every coordinate (module docstring) at (s, theta, h)
+    of row a; out_newton[rows[a]] the same with the floor ``newton_floor`` eps |s| (what
+    Newton's increments are measured against)."""
+    R, d = s.shape
+    eps = np.finfo(np.float64).eps
+    for item in prange(R * d):
+        a = item // d
+        i = item - a * d
+        si = abs(s[a, i])
+        tol = atol + rtol * si
+        hi = h[a, i]
+        if hi > 0:
+            tol = min(tol, (atol + rtol * abs(theta[a, i])) / hi)
+        out[rows[a], i] = max(tol, CLOCK_FLOOR_ULPS * eps * si)
+        out_newton[rows[a], i] = max(tol, newton_floor * eps * si)
+
+
+CLOCK_TOLERANCE_KERNELS = serial_and_parallel(_clock_tolerance)
+
+
+@njit(inline="always")
+def _floored(tol, step, noise):
+    """A clock tolerance raised to the rounding floor step * noise of a step of that size."""
+    return max(tol, step * noise)
+
+
+@njit(**JIT_OPTIONS)
+def _weighted_rms(delta, tol, row_seeds, tol_other, use_other, step, noise, out):
+    """out[r] = RMS over stages and coordinates of delta[r] / tol, with tol = tol[seed] (or the
+    smaller of it and tol_other[r] when ``use_other``), raised to the rounding floor
+    step[r] * noise[seed] of a step of that size. delta : (R, K, d); tol, noise : (S, d);
+    tol_other : (R, d); step : (R,)."""
+    R, K, d = delta.shape
+    for r in range(R):
+        seed = row_seeds[r]
+        acc = 0.0
+        for k in range(K):
+            for i in range(d):
+                t = min(tol[seed, i], tol_other[r, i]) if use_other else tol[seed, i]
+                q = delta[r, k, i] / _floored(t, step[r], noise[seed, i])
+                acc += q * q
+        out[r] = np.sqrt(acc / (K * d))
+
+
+@njit(**JIT_OPTIONS)
+def _move_stage_clocks(increments, start, seeds, sigma, tol, step, noise, finite, out):
+    """One Newton update of the stage clocks: sigma_new = start[seed] + increments (X^T Z / n),
+    out[r] = RMS of (sigma_new - sigma) / tol (floored as in :func:`_weighted_rms`; inf where
+    the row's stage values were not finite), then sigma = sigma_new.
+
+    increments, sigma : (R, 3, d); start, tol, noise : (S, d); seeds, step, finite : (R,)."""
+    R, K, d = sigma.shape
+    for r in range(R):
+        seed = seeds[r]
+        acc = 0.0
+        for k in range(K):
+            for i in range(d):
+                new = start[seed, i] + increments[r, k, i]
+                q = (new - sigma[r, k, i]) / _floored(tol[seed, i], step[r], noise[seed, i])
+                acc += q * q
+                sigma[r, k, i] = new
+        out[r] = np.sqrt(acc / (K * d)) if finite[r] else np.inf
+
+
+@njit(**JIT_OPTIONS)
+def _rows_finite(values, out):
+    """out[r] = 1 if every value of row r (R, ...) is finite."""
+    R = values.shape[0]
+    flat = values.reshape(R, -1)
+    for r in range(R):
+        ok = 1
+        for v in flat[r]:
+            if not np.isfinite(v):
+                ok = 0
+                break
+        out[r] = ok
+
+
+# ---------------------------------------------------------------------------------------------
+# Products with X
+# ---------------------------------------------------------------------------------------------
+class DualProducts:
+    """The two products of the dual field, for rows of any batch (row r belongs to seed
+    ``row_seeds[r]``): clocks X^T Z / n (+ a start) and residuals X theta - y. Shared X: one
+    GEMM for every row of the batch; per-seed X: a parallel kernel over rows."""
+
+    def __init__(self, problem: Problem):
+        self.X = np.ascontiguousarray(problem.X, dtype=np.float64)
+        self.per_seed = problem.per_seed
+        y = np.asarray(problem.y, dtype=np.float64)
+        self.y = np.ascontiguousarray(y if self.per_seed else y[None, :])
+        self.n, self.d = problem.n, problem.d
+        self.inv_n = 1.0 / self.n
+        self.XT = None if self.per_seed else np.ascontiguousarray(self.X.T)
+
+    def clocks(self, Z, row_seeds, start, out):
+        """out = start[row_seeds] + X^T Z / n (``start`` None: no start). Z : (R, n); out : (R, d)."""
+        if self.per_seed:
+            call_by_size(PER_SEED_CLOCKS_KERNELS, out.size * self.n, self.X, Z,
+                         start if start is not None else out, row_seeds, self.inv_n, start is not None, out)
+            return out
+        np.matmul(Z, self.X, out=out)
+        if start is None:
+            out *= self.inv_n
+        else:
+            call_by_size(ADD_START_KERNELS, out.size, out, start, row_seeds, self.inv_n)
+        return out
+
+    def residuals(self, theta, row_seeds, out):
+        """out = X theta - y for rows of theta (R, d); out : (R, n)."""
+        if self.per_seed:
+            call_by_size(PER_SEED_RESIDUALS_KERNELS, theta.size * self.n, self.X, self.y, theta,
+                         row_seeds, out)
+            return out
+        np.matmul(theta, self.XT, out=out)
+        call_by_size(SUBTRACT_TARGETS_KERNELS, out.size, out, self.y, row_seeds)
+        return out
+
+    def clock_noise_rate(self, seeds: int) -> np.ndarray:
+        """eps (|X|^T |y|)_i / n of every seed, shape (S, d): the size of the rounding error of
+        a clock derivative X^T (X theta - y) / n near a fit (where X theta cancels y)."""
+        X = np.abs(self.X)
+        y = np.abs(self.y)
+        rate = np.einsum("...ki,...k->...i", X, y if self.per_seed else y[0]) * self.inv_n
+        return np.finfo(np.float64).eps * np.broadcast_to(rate, (seeds, self.d)).copy()
+
+    def jacobian_matrices(self, h, seeds, out):
+        """out[a] = X diag(h[a]) X^T / n of seed ``seeds[a]`` (the negative Jacobian A)."""
+        for a, seed in enumerate(seeds):
+            X = self.X[seed] if self.per_seed else self.X
+            np.matmul(X * h[a], X.T, out=out[a])
+            out[a] *= self.inv_n
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The solver
+# ---------------------------------------------------------------------------------------------
+class DualIntegrator(Solver):
+    """Radau IIA(5) on the dual flow of every seed, one step size per seed, seeds batched: a
+    :class:`ddln_fast.solver.Solver` (its state is the clocks and nu, not the layers, which are
+    recovered from the clocks for checkpoints).
+
+    Parameters
+    ----------
+    problem : Problem
+    u0 : ndarray of shape (S, P, d)
+        Initial layers (P rows of the parametrization).
+    dt : float
+        Upper bound of the first step.
+    rtol, atol : float
+        Tolerances of the clock error norm (module docstring).
+    loss_tol, max_steps : stopping rules, as for the layer integrator.
+    activation_level : ndarray of shape (S,), optional
+        Level of |theta_i| whose first crossing is recorded per coordinate (see
+        :mod:`ddln_fast.events`); zero or None: no activation events.
+    clock_map : ClockMap, optional
+        The clock map of ``u0`` (built when not given).
+    parametrization : Parametrization, optional
+        How theta is made of the layers (default: their product); the clock map is built for it.
+    """
+
+    method = "dual"
+    #: The step-size control of the Radau solver: Gustafsson's predictive controller (RADAU5)
+    #: with the exponent of the order-3 error estimate.
+    control = control_for(radau.ERROR_ORDER, beta=0.0, predictive=True)
+
+    def __init__(self, problem: Problem, u0, dt=0.01, rtol=1e-8, atol=1e-12, loss_tol=0.0,
+                 max_steps=10_000_000, dtype=np.float64, activation_level=None, clock_map=None,
+                 parametrization=None):
+        from .clockmap import ClockMap
+        from .events import EventRecorder
+        from .parametrization import Parametrization
+
+        super().__init__()
+        self.dtype = np.dtype(dtype).type
+        if self.dtype is not np.float64:
+            raise InputError('integrator.method = "dual" runs in float64 only (set run.dtype = "float64")')
+        if not atol > 0:
+            raise InputError('integrator.atol = 0 with method "dual": the clocks start at 0, where a '
+                             'purely relative tolerance is undefined; set atol > 0')
+        self.u0 = np.array(u0, dtype=np.float64)
+        S, L, d = self.u0.shape
+        self.seeds, self.depth, self.dim = S, L, d
+        self.parametrization = param = parametrization or Parametrization.of_layers("product", L)
+        self.clock = clock_map if clock_map is not None else ClockMap.from_layers(
+            self.u0, param.name, param.power if param.name == "power" else None)
+        check_clock_range(self.clock, param.degree)
+        self.products = DualProducts(problem)
+        if problem.per_seed and problem.X.shape[0] != S:
+            raise ValueError(f"per-seed data of {problem.X.shape[0]} seeds for {S} initial layers")
+        n = self.products.n
+        self.n = n
+        self.dt = float(dt)
+        # The embedded estimate has order 3, the solution order 5: RADAU5's conversion of the
+        # user's tolerances into those of the estimate, so that the error in theta is about rtol.
+        self.rtol, self.atol = radau.estimate_tolerances(float(rtol), float(atol))
+        self.loss_tol, self.max_steps = float(loss_tol), int(max_steps)
+        self.newton_tol = radau.newton_tolerance(self.rtol)
+        # Newton increments need not be resolved below ~10 ulps of a clock (RADAU5's
+        # 10 eps / rtol term of its Newton tolerance, per coordinate): in tolerance units
+        # that is a floor of 10 / newton_tol ulps
+        self.newton_floor = 10.0 / self.newton_tol
+        # the state (saved and restored)
+        self.state = SeedState.fresh(S, self.dt)
+        self.nu = np.zeros((S, n))
+        self.s = np.zeros((S, d))
+        self.f = np.zeros((S, n))            # nu' at the current state (the step start)
+        self.Z_prev = np.zeros((S, 3, n))    # stage increments of the last accepted step
+        self.h_old = np.zeros(S)             # its size
+        self.faccon = np.ones(S)             # Newton contraction factor carried between steps
+        self.jac_h = np.zeros((S, d))        # h at the point of each seed's Jacobian
+        self.flags = np.zeros((S, 4), dtype=np.int8)  # started, has_previous, current_jac, need_jac
+        self.counters = np.zeros((S, 3), dtype=np.int64)  # jacobians, newton failures, rejections
+        # derived from the data or the state
+        self.noise = CLOCK_NOISE_ULPS * self.products.clock_noise_rate(S)  # (module docstring)
+        self.theta = np.zeros((S, d))
+        self.hvec = np.zeros((S, d))
+        self.tol = np.zeros((S, d))
+        self.tol_newton = np.zeros((S, d))
+        self.V = np.zeros((S, n, n))
+        self.lam = np.zeros((S, n))
+        self.trial = Trial.empty(S)
+        self.events = EventRecorder(self.clock, activation_level, S, d)
+        self._threads_wanted = numba.get_num_threads()
+
+    # -- flags ----------------------------------------------------------------------------------
+    STARTED, HAS_PREVIOUS, CURRENT_JAC, NEED_JAC = range(4)
+
+    # -- what a checkpoint stores ---------------------------------------------------------------
+    def theta_of_all(self) -> np.ndarray:
+        theta, _ = self.clock.evaluate(self.s)
+        return theta
+
+    def layers(self) -> np.ndarray:
+        """Layers recovered from the clocks, shape (S, L, d)."""
+        return self.clock.layers(self.s)
+
+    def current_losses(self, theta=None) -> np.ndarray:
+        if theta is None:
+            theta = self.theta_of_all()
+        r = np.empty((self.seeds, self.n))
+        self.products.residuals(theta, np.arange(self.seeds), r)
+        return np.einsum("ij,ij->i", r, r) / (2 * self.n)
+
+    def invariant_drift(self) -> np.ndarray:
+        """The layer methods' drift (:func:`ddln_fast.kernels.invariant_drift_blocks`: within each
+        half; power: its conserved quantity) of the layers recovered from the clocks: computed,
+        not assumed to be zero."""
+        partial = np.zeros((self.seeds, kernels.n_blocks(self.dim)))
+        kernels.invariant_drift_blocks(self.layers(), self.u0, self.parametrization.kernel(), partial)
+        return partial.max(axis=1)
+
+    # -- exact resume -------------------------------------------------------------------------------
+    _ARRAYS = ("nu", "s", "f", "Z_prev", "h_old", "faccon", "jac_h", "flags", "counters")
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        arrays = {name: getattr(self, name) for name in self._ARRAYS}
+        arrays.update(self.state.as_dict())
+        arrays.update(self.events.state_arrays())
+        return arrays
+
+    def restore_state(self, arrays) -> None:
+        """Continue from :meth:`state_arrays` of a saved run (bit-identical: the derived arrays
+        are recomputed by the same code from the same numbers)."""
+        for name in self._ARRAYS:
+            getattr(self, name)[...] = arrays[name]
+        self.state = SeedState.from_dict(arrays)
+        self.events.restore(arrays)
+        started = np.flatnonzero(self.flags[:, self.STARTED] == 1)
+        if started.size:
+            self._derive(started)
+            self._eigen(started, self.jac_h[started])
+
+    def _derive(self, seeds):
+        """theta, h and the clock tolerance at the current clocks of ``seeds``."""
+        theta = np.empty((seeds.size, self.dim))
+        h = np.empty((seeds.size, self.dim))
+        self.clock.evaluate(self.s[seeds], theta=theta, h=h, rows=seeds)
+        self.theta[seeds] = theta
+        self.hvec[seeds] = h
+        call_by_size(CLOCK_TOLERANCE_KERNELS, theta.size, self.s[seeds], theta, h, seeds, self.rtol,
+                     self.atol, self.newton_floor, self.tol, self.tol_newton)
+
+    # -- Jacobians --------------------------------------------------------------------------------
+    def _eigen(self, seeds, h):
+        """Eigendecomposition of A = X diag(h) X^T / n for ``seeds`` (h : (m, d))."""
+        A = np.empty((seeds.size, self.n, self.n))
+        self.products.jacobian_matrices(h, seeds, A)
+        lam, V = np.linalg.eigh(A)
+        # A is positive semidefinite: eigenvalues below zero are rounding
+        self.lam[seeds] = np.maximum(lam, 0.0)
+        self.V[seeds] = V
+
+    def _refresh_jacobians(self, seeds):
+        self.jac_h[seeds] = self.hvec[seeds]
+        self._eigen(seeds, self.jac_h[seeds])
+        self.flags[seeds, self.CURRENT_JAC] = 1
+        self.flags[seeds, self.NEED_JAC] = 0
+        self.counters[seeds, 0] += 1
+
+    # -- start ------------------------------------------------------------------------------------
+    def _start(self, seeds):
+        """f(0), the loss, the Jacobian and Hairer's starting step of fresh seeds."""
+        st = self.state
+        m = seeds.size
+        self._derive(seeds)
+        r = np.empty((m, self.n))
+        self.products.residuals(self.theta[seeds], seeds, r)
+        self.f[seeds] = r
+        st.loss[seeds] = np.einsum("ij,ij->i", r, r) / (2 * self.n)
+        st.nfev[seeds] += 1
+        bad = seeds[~np.isfinite(st.loss[seeds])]
+        st.status[bad] = DIVERGED
+        st.t_stop[bad] = st.t[bad]
+        self.events.start(seeds, st.loss)
+        self._refresh_jacobians(seeds)
+        # Hairer's starting step, measured in the clock norm: y0 is the clock s = 0, f0 its
+        # derivative X^T f / n, and f1 the derivative after an Euler step of size h0
+        never = np.zeros(m)
+        g0 = np.empty((m, self.dim))
+        self.products.clocks(np.ascontiguousarray(self.f[seeds]), seeds, None, g0)
+        d1 = np.empty(m)
+        _weighted_rms(g0[:, None, :], self.tol, seeds, g0, False, never, self.noise, d1)
+        d0 = np.empty(m)
+        _weighted_rms(self.s[seeds][:, None, :], self.tol, seeds, g0, False, never, self.noise, d0)
+        h0 = first_trial_step(d0, d1, self.dt)
+        theta1, _ = self.clock.evaluate(self.s[seeds] + h0[:, None] * g0, rows=seeds)
+        f1 = np.empty((m, self.n))
+        self.products.residuals(theta1, seeds, f1)
+        st.nfev[seeds] += 1
+        g1 = np.empty((m, self.dim))
+        self.products.clocks(np.ascontiguousarray(f1 - self.f[seeds]), seeds, None, g1)
+        d2 = np.empty(m)
+        _weighted_rms((g1 / h0[:, None])[:, None, :], self.tol, seeds, g0, False, never, self.noise, d2)
+        with np.errstate(invalid="ignore", over="ignore"):
+            h = starting_step(h0, d1, d2, radau.ERROR_ORDER, self.dt)
+        st.h[seeds] = np.where(np.isfinite(h), h, h0)
+        self.flags[seeds, self.STARTED] = 1
+
+    # -- stepping ---------------------------------------------------------------------------------
+    def _pick_threads(self, m: int) -> None:
+        small = m * 3 * max(self.dim, self.n) <= SERIAL_STATE_WORK
+        numba.set_num_threads(1 if small else self._threads_wanted)
+
+    def advance_to(self, t_target: float) -> bool:
+        """Advance every running seed to flow time ``t_target`` (exactly), or until it stops;
+        False if ``stop_check`` stopped it first (at a step boundary)."""
+        self._threads_wanted = numba.get_num_threads()
+        try:
+            # Newton trial points may overflow F (rejected, with a smaller step): not a warning
+            with np.errstate(over="ignore", invalid="ignore"):
+                return self._advance(float(t_target))
+        finally:
+            numba.set_num_threads(self._threads_wanted)
+
+    def _advance(self, t_target) -> bool:
+        st = self.state
+        fresh = np.flatnonzero((st.status == RUNNING) & (self.flags[:, self.STARTED] == 0))
+        if fresh.size:
+            self._start(fresh)
+        targets = np.full(self.seeds, t_target)
+        while True:
+            active = np.flatnonzero((st.status == RUNNING) & (st.t < t_target))
+            if active.size == 0:
+                return True
+            if self.stop_requested():
+                return False
+            self._pick_threads(active.size)
+            propose_steps(active, targets, st, self.trial)
+            need = active[self.flags[active, self.NEED_JAC] == 1]
+            if need.size:
+                self._refresh_jacobians(need)
+            self._attempt(active, targets)
+
+    def _attempt(self, active, targets):
+        """One step attempt of every active seed: Newton, error estimate, accept or reject."""
+        st = self.state
+        m = active.size
+        n, d = self.n, self.dim
+        h_step = self.trial.h[active]
+        inv_h = 1.0 / h_step
+        Z = np.empty((m, 3, n))
+        W = np.empty((m, 3, n))
+        radau.starting_guess(self.Z_prev[active], self.h_old[active], h_step,
+                             self.flags[active, self.HAS_PREVIOUS], Z, W)
+        self.faccon[active] = np.maximum(self.faccon[active], np.finfo(np.float64).eps) ** 0.8
+        sigma = np.empty((m, 3, d))
+        self.products.clocks(Z.reshape(3 * m, n), np.repeat(active, 3), self.s, sigma.reshape(3 * m, d))
+        outcome = np.zeros(m, dtype=np.int8)
+        iterations = np.zeros(m, dtype=np.int64)
+        rate = np.zeros(m)
+        h_factor = np.ones(m)
+        faccon = self.faccon[active]
+        # the rows still iterating, compacted when some finish (no copies while none has)
+        rows = np.arange(m)
+        Zw, Ww, sw = Z, W, sigma
+        seeds_w, stage_rows = active, np.repeat(active, 3)
+        inv_h_w, h_w = inv_h, h_step
+        faccon_w, outcome_w, factor_w, rate_w = faccon.copy(), outcome.copy(), h_factor.copy(), rate.copy()
+        increment_old, theta_old = np.ones(m), np.zeros(m)
+        theta = np.empty((3 * m, d))
+        stage_f = np.empty((3 * m, n))
+        new_sigma = np.empty((m, 3, d))
+        increment = np.empty(m)
+        finite = np.empty(m, dtype=np.uint8)
+        work = np.empty((m, 6, n))
+        for iteration in range(1, radau.NEWTON_MAXITER + 1):
+            k = rows.size
+            st.nfev[seeds_w] += 3
+            self.clock.evaluate(sw.reshape(3 * k, d), theta=theta[:3 * k], rows=stage_rows)
+            self.products.residuals(theta[:3 * k], stage_rows, stage_f[:3 * k])
+            stage_fk = stage_f[:3 * k].reshape(k, 3, n)
+            _rows_finite(stage_fk, finite[:k])
+            call_by_size(radau.NEWTON_UPDATE_KERNELS, k * n * n, stage_fk, Ww, Zw, self.V, self.lam,
+                         seeds_w, inv_h_w, finite[:k], work[:k])
+            self.products.clocks(Zw.reshape(3 * k, n), stage_rows, None, new_sigma[:k].reshape(3 * k, d))
+            _move_stage_clocks(new_sigma[:k], self.s, seeds_w, sw, self.tol_newton, h_w, self.noise,
+                               finite[:k], increment[:k])
+            radau.newton_decide(iteration, increment[:k], increment_old, theta_old, faccon_w,
+                                self.newton_tol, outcome_w, factor_w, rate_w)
+            finished = outcome_w != radau.NEWTON_GOING
+            if not finished.any():
+                continue
+            # hand the finished rows' results back, keep iterating the others
+            done_rows = rows[finished]
+            iterations[done_rows] = iteration
+            outcome[done_rows], h_factor[done_rows] = outcome_w[finished], factor_w[finished]
+            rate[done_rows], faccon[done_rows] = rate_w[finished], faccon_w[finished]
+            if Zw is not Z:
+                Z[done_rows], W[done_rows], sigma[done_rows] = Zw[finished], Ww[finished], sw[finished]
+            if finished.all():
+                break
+            keep = ~finished
+            if Zw is Z:  # the first compaction: from here on the working rows are copies
+                Zw, Ww, sw = Z[rows[keep]], W[rows[keep]], sigma[rows[keep]]
+            else:
+                Zw, Ww, sw = Zw[keep], Ww[keep], sw[keep]
+            rows, seeds_w = rows[keep], seeds_w[keep]
+            stage_rows = np.repeat(seeds_w, 3)
+            inv_h_w, h_w = inv_h_w[keep], h_w[keep]
+            faccon_w, outcome_w = faccon_w[keep], outcome_w[keep]
+            factor_w, rate_w = factor_w[keep], rate_w[keep]
+            increment_old, theta_old = increment_old[keep], theta_old[keep]
+        self.faccon[active] = faccon
+        # Newton failed: a smaller step (RADAU5's factor), and a fresh Jacobian if this one was old
+        for a in np.flatnonzero(outcome != radau.NEWTON_CONVERGED):
+            reject_steps(active[a:a + 1], np.ones(1, dtype=np.uint8), h_factor[a], st, self.trial,
+                         self.max_steps)
+            seed = active[a]
+            self.counters[seed, 1] += 1
+            if self.flags[seed, self.CURRENT_JAC] == 0:
+                self.flags[seed, self.NEED_JAC] = 1
+        done = np.flatnonzero(outcome == radau.NEWTON_CONVERGED)
+        if done.size:
+            self._finish(active[done], Z[done], sigma[done], h_step[done], iterations[done], rate[done],
+                         targets)
+
+    def _finish(self, seeds, Z, sigma, h_step, iterations, rate, targets):
+        """Error estimate, accept or reject, and the new state of the accepted ``seeds`` (rows of
+        Z (c, 3, n), stage clocks sigma (c, 3, d), step sizes h_step (c,))."""
+        st = self.state
+        n, d = self.n, self.dim
+        c = seeds.size
+        inv_h = 1.0 / h_step
+        err_nu = np.empty((c, n))
+        f_start = self.f[seeds]
+        call_by_size(radau.ERROR_SOLVE_KERNELS, c * n * n, f_start, Z, self.V, self.lam, seeds,
+                     inv_h, f_start, np.zeros(c, dtype=np.uint8), err_nu, np.empty((c, 6, n)))
+        delta = np.empty((c, d))
+        self.products.clocks(err_nu, seeds, None, delta)
+        s_new = np.ascontiguousarray(sigma[:, 2])
+        theta_new = np.empty((c, d))
+        h_new = np.empty((c, d))
+        self.clock.evaluate(s_new, theta=theta_new, h=h_new, rows=seeds)
+        tol_end = np.empty((c, d))
+        call_by_size(CLOCK_TOLERANCE_KERNELS, s_new.size, s_new, theta_new, h_new, np.arange(c),
+                     self.rtol, self.atol, self.newton_floor, tol_end, tol_end)
+        err = np.empty(c)
+        _weighted_rms(delta[:, None, :], self.tol, seeds, tol_end, True, h_step, self.noise, err)
+        # Hairer's second estimate after a rejection: f at y0 + err instead of f(y0)
+        again = np.flatnonzero((st.rejected[seeds] == 1) & ~(err <= 1.0) & np.isfinite(err))
+        if again.size:
+            sg = seeds[again]
+            theta1, _ = self.clock.evaluate(self.s[sg] + delta[again], rows=sg)
+            f1 = np.empty((again.size, n))
+            self.products.residuals(theta1, sg, f1)
+            st.nfev[sg] += 1
+            err2 = np.empty((again.size, n))
+            call_by_size(radau.ERROR_SOLVE_KERNELS, again.size * n * n, f1, Z[again], self.V,
+                         self.lam, sg, inv_h[again], f1, np.zeros(again.size, dtype=np.uint8),
+                         err2, np.empty((again.size, 6, n)))
+            delta2 = np.empty((again.size, d))
+            self.products.clocks(err2, sg, None, delta2)
+            e2 = np.empty(again.size)
+            _weighted_rms(delta2[:, None, :], self.tol, sg, tol_end[again], True, h_step[again],
+                          self.noise, e2)
+            err[again] = e2
+        t_old, loss_old = st.t[seeds].copy(), st.loss[seeds].copy()
+        # the loss at the new state is computed for accepted seeds only (below): NaN here
+        control_steps(seeds, np.ones(c, dtype=np.uint8), err, np.full(c, np.nan), targets, st,
+                      self.trial, self.control, 0, self.loss_tol, self.max_steps)
+        ok = np.flatnonzero(self.trial.accepted[seeds] == 1)
+        self.counters[seeds, 2] += self.trial.accepted[seeds] == 0
+        if ok.size == 0:
+            return
+        sa = seeds[ok]
+        s_old = self.s[sa].copy()
+        self.nu[sa] += Z[ok, 2]
+        self.s[sa] = s_new[ok]
+        self.theta[sa] = theta_new[ok]
+        self.hvec[sa] = h_new[ok]
+        self.Z_prev[sa] = Z[ok]
+        self.h_old[sa] = h_step[ok]
+        self.flags[sa, self.HAS_PREVIOUS] = 1
+        call_by_size(CLOCK_TOLERANCE_KERNELS, ok.size * d, s_new[ok], theta_new[ok], h_new[ok], sa,
+                     self.rtol, self.atol, self.newton_floor, self.tol, self.tol_newton)
+        f_new = np.empty((ok.size, n))
+        self.products.residuals(theta_new[ok], sa, f_new)
+        self.f[sa] = f_new
+        st.nfev[sa] += 1
+        loss = np.einsum("ij,ij->i", f_new, f_new) / (2 * n)
+        st.loss[sa] = loss
+        self.events.step(self, sa, t_old[ok], h_step[ok], s_old, sigma[ok], loss_old[ok], loss)
+        running = st.status[sa] == RUNNING
+        for code, stop in ((LOSS_TOL, loss < self.loss_tol), (DIVERGED, ~np.isfinite(loss))):
+            stopped = sa[running & stop]
+            st.status[stopped] = code
+            st.t_stop[stopped] = st.t[stopped]
+        # keep the Jacobian while Newton converges fast (scipy's Radau rule)
+        refresh = (iterations[ok] > 2) & (rate[ok] > 1e-3)
+        self.flags[sa, self.CURRENT_JAC] = 0
+        self.flags[sa[refresh], self.NEED_JAC] = 1
+
+
+def check_clock_range(clock, depth: float) -> None:
+    """Refuse initializations whose blow-up clocks float64 cannot resolve (depth, or the power's
+    exponent, above 2 at tiny scales: blow-up clocks ~ alpha^(2-L), see CLOCK_LIMIT)."""
+    if depth <= 2:
+        return
+    low, high = clock.blow_up
+    finite = np.concatenate([np.abs(low[np.isfinite(low)]), np.abs(high[np.isfinite(high)])])
+    if finite.size == 0:
+        return
+    worst = float(finite.max())
+    if worst > CLOCK_LIMIT:
+        raise InputError(
+            f'integrator.method = "dual" at depth {depth}: a blow-up clock of {worst:.3g} (clocks '
+            f"scale like alpha^(2-L)) is beyond the float64 limit {CLOCK_LIMIT:.0e} of the dual "
+            f"method (about alpha^(L-2) >= 1e-9; theta near activation would carry errors of eps "
+            f"times the clock); raise model.alpha or use a layer method")

@@ -1,0 +1,350 @@
+"""Events of a run: when each coordinate activates, and when the loss falls below each decade.
+
+Saddle-to-saddle dynamics at small scales (Pesme & Flammarion 2023; Labarrière et al.,
+arXiv:2412.16765) are long plateaus separated by fast jumps in which one coordinate after the
+other leaves the neighbourhood of zero. Two kinds of events measure that picture:
+
+- **activation**: for seed s and coordinate i, the first flow time at which |theta_i| reaches
+  the seed's activation level. Since theta_i = F_i(s_i) with F_i decreasing, |theta_i| >= level
+  exactly when the clock s_i leaves the interval (c_up_i, c_down_i) with F_i(c_up_i) = +level
+  and F_i(c_down_i) = -level, computed once per run. On each step the clock of every coordinate
+  is a cubic in time (the Radau collocation polynomial mapped by X^T / n), so the crossing is
+  located on it to the last bit of its argument: the event is as accurate as the dense output,
+  i.e. the solver tolerance.
+- **loss decades**: the first time f(theta(t)) < 10^k for k = 10, 9, ..., -30, located by a
+  root search on the dense output (each evaluation: F at the interpolated clocks and one product
+  with X).
+
+The activation level is ``integrator.activation_level`` when it is positive; by default (0) it
+is ``ACTIVATION_FRACTION`` times max_i |theta_inf,i|, the largest coordinate of the seed's
+predicted limit (the Bregman projection of its initialization onto the interpolators); where
+there is no prediction (an initialization violating assumption (A)) or it does not converge
+(very small scales), of the minimum-l2 interpolator. A coordinate already at or above the level at t = 0 activates at 0.
+
+In the run file (method ``dual``): ``/events/activation_level`` (S,), ``/events/activation_time``
+(S, d) (NaN: not activated), ``/events/loss_decades`` (D,) (the exponents k) and
+``/events/loss_decade_time`` (S, D) (NaN: not reached; 0: below from the start), rewritten at
+every checkpoint. Readers keep only the events up to each seed's time at the last committed
+checkpoint (:func:`read_events`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+from .kernels import call_by_size, serial_and_parallel
+
+#: Default activation level: this fraction of max_i |theta_inf,i| of the seed.
+ACTIVATION_FRACTION = 0.1
+#: The predicted limit sets the default level only if its dual residual is below this.
+PREDICTION_RESIDUAL = 1e-8
+#: Exponents k of the loss decades 10^k whose first crossing is recorded.
+LOSS_DECADES = np.arange(10, -31, -1, dtype=np.int64)
+_BISECTIONS = 80
+
+
+def _activation_crossings(s_old, coef, seeds, t_old, h, up, down, times):
+    """First crossing of c_up (from above) or c_down (from below) by the cubic clock
+    p(x) = s_old + coef[0] x + coef[1] x^2 + coef[2] x^3 on x in [0, 1], for every coordinate of
+    every row not yet activated; times[seed, i] = t_old + x h.
+
+    s_old : (R, d); coef : (R, 3, d); up, down, times : (S, d).
+    """
+    R, d = s_old.shape
+    for item in prange(R * d):
+        r = item // d
+        i = item - r * d
+        seed = seeds[r]
+        if times[seed, i] == times[seed, i]:  # already activated (not NaN)
+            continue
+        lo_clock, hi_clock = up[seed, i], down[seed, i]
+        p0, p1, p2, p3 = s_old[r, i], coef[r, 0, i], coef[r, 1, i], coef[r, 2, i]
+        reach = abs(p1) + abs(p2) + abs(p3)  # |p(x) - p0| <= reach on [0, 1]
+        if lo_clock < p0 - reach and p0 + reach < hi_clock:
+            continue
+        # monotone pieces of p on [0, 1], split at the roots of p' = p1 + 2 p2 x + 3 p3 x^2
+        cuts = np.empty(4)
+        count = 0
+        cuts[count] = 0.0
+        count += 1
+        a, b, c = 3.0 * p3, 2.0 * p2, p1
+        if a != 0.0:
+            disc = b * b - 4.0 * a * c
+            if disc > 0:
+                q = -0.5 * (b + np.copysign(np.sqrt(disc), b))
+                r1 = q / a
+                r2 = c / q if q != 0 else r1
+                first, second = min(r1, r2), max(r1, r2)
+                if 0.0 < first < 1.0:
+                    cuts[count] = first
+                    count += 1
+                if 0.0 < second < 1.0 and second != first:
+                    cuts[count] = second
+                    count += 1
+        elif b != 0.0:
+            root = -c / b
+            if 0.0 < root < 1.0:
+                cuts[count] = root
+                count += 1
+        cuts[count] = 1.0
+        count += 1
+        for j in range(count - 1):
+            xa, xb = cuts[j], cuts[j + 1]
+            vb = p0 + xb * (p1 + xb * (p2 + xb * p3))
+            if vb <= lo_clock:
+                target = lo_clock
+            elif vb >= hi_clock:
+                target = hi_clock
+            else:
+                continue
+            va = p0 + xa * (p1 + xa * (p2 + xa * p3))
+            rising = vb > va
+            for _ in range(_BISECTIONS):
+                xm = 0.5 * (xa + xb)
+                if xm <= xa or xm >= xb:
+                    break
+                vm = p0 + xm * (p1 + xm * (p2 + xm * p3))
+                if (vm >= target) == rising:
+                    xb = xm
+                else:
+                    xa = xm
+            times[seed, i] = t_old[r] + xb * h[r]
+            break
+
+
+ACTIVATION_CROSSINGS_KERNELS = serial_and_parallel(_activation_crossings)
+
+
+class EventRecorder:
+    """Activation and loss-decade events of every seed, found step by step (module docstring).
+
+    Parameters
+    ----------
+    clock : clock map
+        With ``evaluate`` and ``clock_of(values (S, d)) -> clocks`` (NaN: never reached).
+    levels : ndarray of shape (S,) or None
+        Activation level of each seed (None or 0: no activation events for it).
+    """
+
+    def __init__(self, clock, levels, seeds: int, dim: int):
+        self.clock = clock
+        self.level = np.zeros(seeds) if levels is None else np.broadcast_to(
+            np.asarray(levels, dtype=np.float64), (seeds,)).copy()
+        self.activation_time = np.full((seeds, dim), np.nan)
+        self.decade_time = np.full((seeds, LOSS_DECADES.size), np.nan)
+        self.theta0, _ = clock.evaluate(np.zeros((seeds, dim)))
+        self._clocks()
+
+    def _clocks(self):
+        level = self.level[:, None] * np.ones_like(self.theta0)
+        # NaN: F never reaches the level on that side (e.g. a frozen coordinate)
+        self.clock_up = np.nan_to_num(self.clock.clock_of(level), nan=-np.inf)
+        self.clock_down = np.nan_to_num(self.clock.clock_of(-level), nan=np.inf)
+        off = self.level <= 0
+        self.clock_up[off] = -np.inf
+        self.clock_down[off] = np.inf
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {"activation_level": self.level, "activation_time": self.activation_time,
+                "loss_decade_time": self.decade_time}
+
+    def state_shapes(self) -> dict[str, tuple]:
+        return {name: (value.shape, value.dtype) for name, value in self.state_arrays().items()}
+
+    def restore(self, arrays) -> None:
+        self.level[...] = arrays["activation_level"]
+        self.activation_time[...] = arrays["activation_time"]
+        self.decade_time[...] = arrays["loss_decade_time"]
+        self._clocks()
+
+    def file_rows(self) -> dict[str, np.ndarray]:
+        """The /events datasets (rewritten at every checkpoint)."""
+        return {"activation_level": self.level, "activation_time": self.activation_time,
+                "loss_decades": LOSS_DECADES, "loss_decade_time": self.decade_time}
+
+    @staticmethod
+    def file_shapes(seeds: int, dim: int) -> dict[str, tuple]:
+        return {"activation_level": ((seeds,), np.float64), "activation_time": ((seeds, dim), np.float64),
+                "loss_decades": ((LOSS_DECADES.size,), np.int64),
+                "loss_decade_time": ((seeds, LOSS_DECADES.size), np.float64)}
+
+    # -- detection ------------------------------------------------------------------------------
+    def start(self, seeds, loss) -> None:
+        """Events at t = 0 of fresh seeds: coordinates already at the level, decades above f(0)."""
+        theta0 = self.theta0[seeds]
+        on = (self.level[seeds, None] > 0) & (np.abs(theta0) >= self.level[seeds, None])
+        self.activation_time[seeds] = np.where(on, 0.0, self.activation_time[seeds])
+        below = loss[seeds, None] < 10.0 ** LOSS_DECADES[None, :].astype(np.float64)
+        self.decade_time[seeds] = np.where(below, 0.0, self.decade_time[seeds])
+
+    def step(self, integrator, seeds, t_old, h, s_old, sigma, loss_old, loss_new) -> None:
+        """Events inside the accepted steps of ``seeds`` (from t_old, size h): clocks s_old (m, d)
+        at the start, stage clocks sigma (m, 3, d), losses at both ends."""
+        from .radau import dense_coefficients
+
+        m, d = s_old.shape
+        coef = np.empty((m, 3, d))
+        dense_coefficients(s_old, sigma, coef)
+        call_by_size(ACTIVATION_CROSSINGS_KERNELS, s_old.size, s_old, coef, seeds, t_old, h,
+                     self.clock_up, self.clock_down, self.activation_time)
+        thresholds = 10.0 ** LOSS_DECADES.astype(np.float64)
+        for r in np.flatnonzero(loss_new < loss_old):
+            seed = seeds[r]
+            crossed = np.flatnonzero((loss_new[r] < thresholds) & (thresholds <= loss_old[r])
+                                     & np.isnan(self.decade_time[seed]))
+            for k in crossed:
+                x = _loss_crossing(integrator, seed, s_old[r], coef[r], thresholds[k],
+                                   loss_old[r], loss_new[r])
+                self.decade_time[seed, k] = t_old[r] + x * h[r]
+
+
+def _loss_crossing(integrator, seed, s_old, coef, level, loss_start, loss_end) -> float:
+    """x in [0, 1] where the loss along the step's dense output equals ``level`` (Illinois
+    regula falsi on log f, bracketed by the step's ends)."""
+    rows = np.array([seed])
+    theta = np.empty((1, s_old.size))
+    r = np.empty((1, integrator.n))
+
+    def gap(x):
+        clocks = s_old + x * (coef[0] + x * (coef[1] + x * coef[2]))
+        integrator.clock.evaluate(clocks[None, :], theta=theta, rows=rows)
+        integrator.products.residuals(theta, rows, r)
+        value = float(r[0] @ r[0]) / (2 * integrator.n)
+        return np.log(max(value, 1e-300)) - np.log(level)
+
+    a, b = 0.0, 1.0
+    fa, fb = np.log(loss_start) - np.log(level), np.log(max(loss_end, 1e-300)) - np.log(level)
+    side = 0
+    for _ in range(60):
+        x = b - fb * (b - a) / (fb - fa) if fb != fa else 0.5 * (a + b)
+        if not a < x < b:
+            x = 0.5 * (a + b)
+        fx = gap(x)
+        if fx > 0:
+            a, fa = x, fx
+            if side == -1:
+                fb *= 0.5
+            side = -1
+        else:
+            b, fb = x, fx
+            if side == 1:
+                fa *= 0.5
+            side = 1
+        if b - a <= 1e-14 or fx == 0:
+            break
+    return b
+
+
+def activation_levels(config, problem, u0) -> np.ndarray:
+    """The activation level of every seed, shape (S,) (module docstring)."""
+    level = config.integrator.activation_level
+    S = u0.shape[0]
+    if level > 0:
+        return np.full(S, level)
+    from .parametrization import Parametrization
+    from .prediction import bregman_projection, constraints, min_l2_interpolator
+    from .theory import Geometry, assumption_a, serial_blas
+
+    param = Parametrization.from_config(config)
+    out = np.empty(S)
+    with serial_blas():
+        geometry = Geometry.from_layers(u0, param)
+        shared = None if problem.per_seed else constraints(problem.X, problem.y)
+        for s in range(S):
+            data = problem.for_seed(s)
+            cons = shared if shared is not None else constraints(data.X, data.y)
+            limit = None
+            # no prediction for a product initialization in the sign trap
+            if param.name != "product" or assumption_a(u0[s]).holds:
+                with np.errstate(all="ignore"):
+                    prediction = bregman_projection(geometry, s, cons)
+                if prediction.residual <= PREDICTION_RESIDUAL and np.all(np.isfinite(prediction.theta)):
+                    limit = prediction.theta
+            if limit is None:  # none, or not converged (tiny scales)
+                limit = min_l2_interpolator(data.X, data.y)
+            out[s] = ACTIVATION_FRACTION * float(np.max(np.abs(limit)))
+    return out
+
+
+@dataclass
+class RunEvents:
+    """The events of a run file up to its last committed checkpoint.
+
+    Attributes
+    ----------
+    level : ndarray of shape (S,)
+    activation_time : ndarray of shape (S, d)
+        NaN where the coordinate had not activated by the seed's last committed time.
+    decades : ndarray of shape (D,)
+    decade_time : ndarray of shape (S, D)
+    """
+
+    level: np.ndarray
+    activation_time: np.ndarray
+    decades: np.ndarray
+    decade_time: np.ndarray
+
+    def as_dict(self) -> dict:
+        def clean(a):
+            return [None if not np.isfinite(v) else float(v) for v in a]
+
+        seeds = []
+        for s in range(self.level.size):
+            order = np.argsort(self.activation_time[s])
+            order = order[np.isfinite(self.activation_time[s, order])]
+            seeds.append({"seed": s, "activation_level": float(self.level[s]),
+                          "activated": [{"coordinate": int(i), "t": float(self.activation_time[s, i])}
+                                        for i in order],
+                          "loss_decade_time": {f"1e{int(k)}": v for k, v in
+                                               zip(self.decades, clean(self.decade_time[s]))
+                                               if v is not None}})
+        return {"seeds": seeds}
+
+
+def read_events(run) -> RunEvents | None:
+    """The events of an open :class:`~ddln_fast.store.Run`, or None (not a dual run)."""
+    f = run.file
+    if "events" not in f or run.committed == 0:
+        return None
+    g = f["events"]
+    for name in g:
+        if hasattr(g[name], "refresh") and f.swmr_mode:
+            g[name].refresh()
+    t_last = run.t_seed[-1]
+    activation = np.array(g["activation_time"])
+    decade = np.array(g["loss_decade_time"])
+    # events found after the last committed checkpoint (a run killed between the two writes)
+    # are not part of the committed run
+    activation = np.where(activation <= t_last[:, None], activation, np.nan)
+    decade = np.where(decade <= t_last[:, None], decade, np.nan)
+    return RunEvents(np.array(g["activation_level"]), activation, np.array(g["loss_decades"]), decade)
+
+
+def events_of(path) -> RunEvents | None:
+    """:func:`read_events` of the run file at ``path`` (None: the run has no events)."""
+    from .store import open_run
+
+    with open_run(path) as run:
+        return read_events(run)
+
+
+def format_events(events: RunEvents, shown: int = 8) -> list[str]:
+    """Lines for ``ddln analyze``: per seed, the activation level, how many coordinates
+    activated, the first activations in time order, and the loss-decade times."""
+    lines = ["events (activation: first t with |theta_i| >= level; loss: first t with f < 10^k):"]
+    for s in range(events.level.size):
+        times = events.activation_time[s]
+        order = np.argsort(times)
+        order = order[np.isfinite(times[order])]
+        first = ", ".join(f"{int(i)}@{times[i]:.4g}" for i in order[:shown])
+        more = f", ... ({order.size - shown} more)" if order.size > shown else ""
+        lines.append(f"  seed {s}: level {events.level[s]:.3g}, {order.size} activated: {first}{more}")
+        dec = events.decade_time[s]
+        reached = [(int(k), t) for k, t in zip(events.decades, dec) if np.isfinite(t) and t > 0]
+        if reached:
+            lines.append("    loss below " + ", ".join(f"1e{k}@{t:.4g}" for k, t in reached))
+    return lines

@@ -1,0 +1,324 @@
+"""Radau IIA of order 5 (three stages), batched over seeds: the tableau as data and the
+compiled pieces of one simplified-Newton step.
+
+The method and its implementation follow Hairer & Wanner, "Solving ODEs II", section IV.8
+(the Fortran code RADAU5); scipy's ``scipy/integrate/_ivp/radau.py`` was read as a second
+reference. For y' = f(y), a step of size h solves the collocation system for the stage
+increments Z (3 x N) with the constant matrix J (the Jacobian at the step start). In the
+coordinates W = T^{-1} Z that diagonalise the Runge–Kutta matrix, the 3N x 3N Newton matrix
+splits into one real system (MU_REAL / h - J) and one complex system (MU_COMPLEX / h - J).
+
+Here J is symmetric negative semidefinite (J = -A, A = V diag(lam) V^T with lam >= 0), so both
+systems are solved through one eigendecomposition per Jacobian: (mu / h + A)^{-1} =
+V diag(1 / (mu / h + lam)) V^T for the real and the complex mu alike. A new step size costs
+no factorization; a singular J (lam = 0) is harmless, since mu / h has a positive real part.
+
+Kernels work on "rows": row r of a batch belongs to seed ``seeds[r]``; per-seed arrays (V, lam)
+are indexed by seed, batch arrays by row. Every reduction of a row runs in one thread, in a
+fixed order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .kernels import JIT_OPTIONS, serial_and_parallel
+
+SQRT6 = 6.0 ** 0.5
+
+#: Collocation nodes c_i (the last is 1: the method is stiffly accurate).
+C = np.array([(4.0 - SQRT6) / 10.0, (4.0 + SQRT6) / 10.0, 1.0])
+#: Weights of the embedded third-order error estimate (Hairer–Wanner IV.8, eq. (8.20)),
+#: applied as err = (MU_REAL / h + A)^{-1} (f(y0) + sum_i E_i Z_i / h).
+E = np.array([-13.0 - 7.0 * SQRT6, -13.0 + 7.0 * SQRT6, -1.0]) / 3.0
+#: Eigenvalues of the inverse Runge–Kutta matrix: one real, one complex pair.
+MU_REAL = 3.0 + 3.0 ** (2.0 / 3.0) - 3.0 ** (1.0 / 3.0)
+MU_COMPLEX = (3.0 + 0.5 * (3.0 ** (1.0 / 3.0) - 3.0 ** (2.0 / 3.0))
+              - 0.5j * (3.0 ** (5.0 / 6.0) + 3.0 ** (7.0 / 6.0)))
+MU_COMPLEX_RE, MU_COMPLEX_IM = MU_COMPLEX.real, MU_COMPLEX.imag
+#: Z = T W and W = TI Z (T's columns: eigenvectors of the inverse Runge–Kutta matrix).
+T = np.array([
+    [0.09443876248897524, -0.14125529502095421, 0.03002919410514742],
+    [0.25021312296533332, 0.20412935229379994, -0.38294211275726192],
+    [1.0, 1.0, 0.0]])
+TI = np.array([
+    [4.17871859155190428, 0.32768282076106237, 0.52337644549944951],
+    [-4.17871859155190428, -0.32768282076106237, 0.47662355450055044],
+    [0.50287263494578682, -2.57192694985560522, 0.59603920482822492]])
+#: Dense output: the collocation polynomial on a step from t0 with size h is
+#: y(t0 + x h) = y0 + sum_k (sum_i Z_i P[i, k]) x^(k + 1), x in [0, 1].
+P = np.array([
+    [13.0 / 3.0 + 7.0 * SQRT6 / 3.0, -23.0 / 3.0 - 22.0 * SQRT6 / 3.0, 10.0 / 3.0 + 5.0 * SQRT6],
+    [13.0 / 3.0 - 7.0 * SQRT6 / 3.0, -23.0 / 3.0 + 22.0 * SQRT6 / 3.0, 10.0 / 3.0 - 5.0 * SQRT6],
+    [1.0 / 3.0, -8.0 / 3.0, 10.0 / 3.0]])
+
+ORDER = 5
+#: Order of the embedded error estimate: the step-size exponent is 1 / (ERROR_ORDER + 1).
+ERROR_ORDER = 3
+#: Newton iterations per step before the step is given up (RADAU5's NIT).
+NEWTON_MAXITER = 7
+STAGES = 3
+
+
+class RadauTableau:
+    """What the method table asks of a method (:mod:`ddln_fast.methods`): it chooses its steps
+    (an embedded error estimate of order ERROR_ORDER); the coefficients are the constants of
+    this module."""
+
+    adaptive = True
+    stages = STAGES
+    order = ORDER
+    error_order = ERROR_ORDER
+
+
+RADAU_IIA5 = RadauTableau()
+
+
+def estimate_tolerances(rtol: float, atol: float) -> tuple[float, float]:
+    """The tolerances the embedded error estimate is held to, for a requested (rtol, atol): the
+    estimate has order 3 while the solution has order 5, so RADAU5 loosens them to
+    0.1 rtol^(2/3) (and atol in proportion)."""
+    inner = 0.1 * rtol ** (2.0 / 3.0)
+    return inner, atol * inner / rtol
+
+
+def newton_tolerance(rtol: float) -> float:
+    """Stopping tolerance of the simplified Newton iteration, in units of the error norm
+    (RADAU5's FNEWT: max(10 eps / rtol, min(0.03, sqrt(rtol))))."""
+    eps = np.finfo(np.float64).eps
+    return max(10.0 * eps / rtol, min(0.03, rtol ** 0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear algebra through the eigendecomposition of A = -J
+# ---------------------------------------------------------------------------------------------
+@njit(**JIT_OPTIONS)
+def _project(Vs, rhs, n, out):
+    """out[j] = sum_i Vs[i, j] rhs[i] (V^T rhs), row-major friendly."""
+    for j in range(n):
+        out[j] = 0.0
+    for i in range(n):
+        ri = rhs[i]
+        row = Vs[i]
+        for j in range(n):
+            out[j] += row[j] * ri
+
+
+@njit(**JIT_OPTIONS)
+def _expand(Vs, coef, n, out):
+    """out[i] = sum_j Vs[i, j] coef[j] (V coef)."""
+    for i in range(n):
+        row = Vs[i]
+        acc = 0.0
+        for j in range(n):
+            acc += row[j] * coef[j]
+        out[i] = acc
+
+
+def newton_update(stage_f, W, Z, V, lam, seeds, inv_h, live, work):
+    """One simplified-Newton update of the collocation system, for every live row.
+
+    Parameters
+    ----------
+    stage_f : ndarray of shape (rows, 3, N)
+        f(y0 + Z_i) at the current stage increments.
+    W, Z : ndarray of shape (rows, 3, N)
+        Transformed and plain stage increments; updated in place (W += dW, Z = T W).
+    V, lam : ndarray of shape (S, N, N), (S, N)
+        Eigendecomposition of A = -J of each seed.
+    seeds : ndarray of shape (rows,)
+    inv_h : ndarray of shape (rows,)
+        1 / step size.
+    live : ndarray of shape (rows,), uint8
+        Rows to update (others are left untouched).
+    work : ndarray of shape (rows, 6, N)
+        Scratch.
+    """
+    rows, _, n = W.shape
+    t00, t01, t02 = TI[0, 0], TI[0, 1], TI[0, 2]
+    t10, t11, t12 = TI[1, 0], TI[1, 1], TI[1, 2]
+    t20, t21, t22 = TI[2, 0], TI[2, 1], TI[2, 2]
+    for r in prange(rows):
+        if live[r] == 0:
+            continue
+        s = seeds[r]
+        Vs = V[s]
+        mr = MU_REAL * inv_h[r]
+        mcr = MU_COMPLEX_RE * inv_h[r]
+        mci = MU_COMPLEX_IM * inv_h[r]
+        f0, f1, f2 = stage_f[r, 0], stage_f[r, 1], stage_f[r, 2]
+        w0, w1, w2 = W[r, 0], W[r, 1], W[r, 2]
+        rr, rc, ri = work[r, 0], work[r, 1], work[r, 2]
+        # residuals in the transformed coordinates: TI f - (mu / h) W (complex pair as re, im)
+        for i in range(n):
+            rr[i] = t00 * f0[i] + t01 * f1[i] + t02 * f2[i] - mr * w0[i]
+            a = t10 * f0[i] + t11 * f1[i] + t12 * f2[i]
+            b = t20 * f0[i] + t21 * f1[i] + t22 * f2[i]
+            rc[i] = a - (mcr * w1[i] - mci * w2[i])
+            ri[i] = b - (mcr * w2[i] + mci * w1[i])
+        cr, cc, ci = work[r, 3], work[r, 4], work[r, 5]
+        _project(Vs, rr, n, cr)
+        _project(Vs, rc, n, cc)
+        _project(Vs, ri, n, ci)
+        for j in range(n):
+            lj = lam[s, j]
+            cr[j] = cr[j] / (mr + lj)
+            dr = mcr + lj
+            den = dr * dr + mci * mci
+            re, im = cc[j], ci[j]
+            cc[j] = (re * dr + im * mci) / den
+            ci[j] = (im * dr - re * mci) / den
+        _expand(Vs, cr, n, rr)
+        _expand(Vs, cc, n, rc)
+        _expand(Vs, ci, n, ri)
+        z0, z1, z2 = Z[r, 0], Z[r, 1], Z[r, 2]
+        for i in range(n):
+            a0 = w0[i] + rr[i]
+            a1 = w1[i] + rc[i]
+            a2 = w2[i] + ri[i]
+            w0[i] = a0
+            w1[i] = a1
+            w2[i] = a2
+            z0[i] = T[0, 0] * a0 + T[0, 1] * a1 + T[0, 2] * a2
+            z1[i] = T[1, 0] * a0 + T[1, 1] * a1 + T[1, 2] * a2
+            z2[i] = T[2, 0] * a0 + T[2, 1] * a1 + T[2, 2] * a2
+
+
+NEWTON_UPDATE_KERNELS = serial_and_parallel(newton_update)
+
+
+def error_solve(f_start, Z, V, lam, seeds, inv_h, extra, use_extra, out, work):
+    """The embedded error estimate of every row: (MU_REAL / h + A)^{-1} (f + sum_i E_i Z_i / h),
+    with f = f_start (the derivative at the step start), or ``extra`` where ``use_extra[r]``
+    (Hairer's second estimate after a rejection: f at y0 + the first estimate).
+
+    f_start, extra, out : ndarray of shape (rows, N); Z : (rows, 3, N); work : (rows, 6, N).
+    """
+    rows, _, n = Z.shape
+    e0, e1, e2 = E[0], E[1], E[2]
+    for r in prange(rows):
+        s = seeds[r]
+        ih = inv_h[r]
+        src = extra[r] if use_extra[r] else f_start[r]
+        rhs, coef = work[r, 0], work[r, 1]
+        for i in range(n):
+            rhs[i] = src[i] + (e0 * Z[r, 0, i] + e1 * Z[r, 1, i] + e2 * Z[r, 2, i]) * ih
+        _project(V[s], rhs, n, coef)
+        mr = MU_REAL * ih
+        for j in range(n):
+            coef[j] = coef[j] / (mr + lam[s, j])
+        _expand(V[s], coef, n, out[r])
+
+
+ERROR_SOLVE_KERNELS = serial_and_parallel(error_solve)
+
+
+@njit(**JIT_OPTIONS)
+def starting_guess(Z_prev, h_prev, h, has_previous, Z, W):
+    """Stage increments to start Newton from: the previous step's collocation polynomial
+    extrapolated to the new nodes (zero on a seed's first step), and W = TI Z.
+
+    Z_prev, Z, W : ndarray of shape (rows, 3, N); h_prev, h : (rows,); has_previous : (rows,).
+    """
+    rows, _, n = Z.shape
+    for r in range(rows):
+        if has_previous[r] == 0:
+            for k in range(3):
+                for i in range(n):
+                    Z[r, k, i] = 0.0
+                    W[r, k, i] = 0.0
+            continue
+        ratio = h[r] / h_prev[r]
+        for k in range(3):
+            x = 1.0 + C[k] * ratio
+            x2 = x * x
+            x3 = x2 * x
+            for i in range(n):
+                # y(t_prev + x h_prev) - y(t_prev + h_prev), from the previous step's polynomial
+                q0 = P[0, 0] * Z_prev[r, 0, i] + P[1, 0] * Z_prev[r, 1, i] + P[2, 0] * Z_prev[r, 2, i]
+                q1 = P[0, 1] * Z_prev[r, 0, i] + P[1, 1] * Z_prev[r, 1, i] + P[2, 1] * Z_prev[r, 2, i]
+                q2 = P[0, 2] * Z_prev[r, 0, i] + P[1, 2] * Z_prev[r, 1, i] + P[2, 2] * Z_prev[r, 2, i]
+                Z[r, k, i] = q0 * x + q1 * x2 + q2 * x3 - Z_prev[r, 2, i]
+        for k in range(3):
+            for i in range(n):
+                W[r, k, i] = TI[k, 0] * Z[r, 0, i] + TI[k, 1] * Z[r, 1, i] + TI[k, 2] * Z[r, 2, i]
+
+
+@njit(**JIT_OPTIONS)
+def dense_coefficients(start, nodes, out):
+    """Monomial coefficients of the collocation polynomial of each row:
+    p(x) = start + out[0] x + out[1] x^2 + out[2] x^3 passes through ``nodes[i]`` at x = C[i].
+
+    start : (R, M); nodes : (R, 3, M); out : (R, 3, M). Works for any linear image of the state
+    (the clocks X^T nu / n of the dual flow)."""
+    R, m = start.shape
+    for r in range(R):
+        for k in range(3):
+            for i in range(m):
+                out[r, k, i] = (P[0, k] * (nodes[r, 0, i] - start[r, i])
+                                + P[1, k] * (nodes[r, 1, i] - start[r, i])
+                                + P[2, k] * (nodes[r, 2, i] - start[r, i]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Newton convergence (RADAU5's rules, per row)
+# ---------------------------------------------------------------------------------------------
+#: Outcome codes of a row's Newton iteration.
+NEWTON_GOING, NEWTON_CONVERGED, NEWTON_FAILED = 0, 1, 2
+
+
+@njit(**JIT_OPTIONS)
+def newton_decide(iteration, increment, increment_old, theta_old, faccon, tol, state, h_factor,
+                  theta_out):
+    """Decide, for each row, after Newton update number ``iteration`` (1-based) whose size in the
+    error norm is ``increment``: converged, failed (with a step-size factor), or go on.
+
+    RADAU5 (Hairer–Wanner IV.8): the contraction rate theta is the ratio of successive
+    increments (geometric mean of the last two from the third update on); the iteration fails
+    when theta >= 0.99 or when the predicted error after the remaining iterations exceeds
+    ``tol``; it has converged when faccon * increment <= tol, with faccon = theta / (1 - theta),
+    carried over from the previous step (so a step can converge after one update).
+
+    An increment below ``tol`` itself ends the iteration at once: it is at the resolution of the
+    state (or far below the error tolerance), where the rate is only rounding noise.
+
+    Arrays of shape (rows,): increment_old and theta_old are updated in place; faccon too;
+    ``state`` gets NEWTON_* codes; ``h_factor`` the proposed step-size factor of failed rows;
+    ``theta_out`` the current rate estimate (for the Jacobian-reuse decision).
+    """
+    rows = increment.shape[0]
+    for r in range(rows):
+        if state[r] != NEWTON_GOING:
+            continue
+        dyno = increment[r]
+        if not np.isfinite(dyno):
+            state[r] = NEWTON_FAILED
+            h_factor[r] = 0.5
+            continue
+        if dyno <= tol:
+            state[r] = NEWTON_CONVERGED
+            continue
+        if iteration > 1:
+            thq = dyno / increment_old[r]
+            theta = thq if iteration == 2 else np.sqrt(thq * theta_old[r])
+            theta_old[r] = thq
+            theta_out[r] = theta
+            if theta < 0.99:
+                faccon[r] = theta / (1.0 - theta)
+                predicted = faccon[r] * dyno * theta ** (NEWTON_MAXITER - 1 - iteration) / tol
+                if predicted >= 1.0:
+                    q = max(1e-4, min(20.0, predicted))
+                    state[r] = NEWTON_FAILED
+                    h_factor[r] = 0.8 * q ** (-1.0 / (4.0 + NEWTON_MAXITER - 1 - iteration))
+                    continue
+            else:
+                state[r] = NEWTON_FAILED
+                h_factor[r] = 0.5
+                continue
+        increment_old[r] = max(dyno, np.finfo(np.float64).eps)
+        if faccon[r] * dyno <= tol:
+            state[r] = NEWTON_CONVERGED
+        elif iteration >= NEWTON_MAXITER:
+            state[r] = NEWTON_FAILED
+            h_factor[r] = 0.5
