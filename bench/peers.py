@@ -161,9 +161,10 @@ class DdlnSteps(Timed):
     dopri5 advances ``t_per_call`` of flow time (its steps and evaluations are counted)."""
 
     def __init__(self, method, problem, u0, dt, dtype=np.float64, steps_per_call=4,
-                 rtol=1e-8, atol=1e-12, t_per_call=None, solver=None):
+                 rtol=1e-8, atol=1e-12, t_per_call=None, solver=None, parametrization=None):
         super().__init__()
-        self.it = solver or Integrator(method, problem, u0, dt=dt, rtol=rtol, atol=atol, dtype=dtype)
+        self.it = solver or Integrator(method, problem, u0, dt=dt, rtol=rtol, atol=atol, dtype=dtype,
+                                       parametrization=parametrization)
         self.method, self.dt = method, dt
         self.steps_per_call = steps_per_call
         self.t_per_call = t_per_call

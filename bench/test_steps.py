@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import problem_and_layers, record, side_by_side
+from conftest import CONFIGS, problem_and_layers, record, side_by_side
 from ddln_fast.threads import limit_threads
 from peers import DdlnSteps, Floor, NumpyGD, TorchGD, torch_available
 
@@ -67,6 +67,35 @@ def test_method_step(benchmark, name, method):
     side_by_side(benchmark, ours, [floor])
     record(benchmark, name, f"{method} gradient evaluation / floor", ours.best_eval / floor.best_step,
            note=f"{ours.best_step * 1e3:.2f} ms per step, {ours.best_eval * 1e3:.2f} ms per evaluation")
+
+
+@pytest.mark.parametrize("method", ["euler", "dopri5"])
+@pytest.mark.parametrize("name", ["A", "B"])
+def test_difference_step(benchmark, name, method):
+    """The difference parametrization of depth L (2L layer rows) against the product of depth
+    2L, side by side: the same state size and the same products with X, so a difference step
+    should cost no more (issue 11). Power D = 2.5 (2 rows, pow per entry) against the product
+    of depth 2 is recorded too."""
+    from ddln_fast.parametrization import Parametrization
+
+    depth = CONFIGS[name]["depth"]
+    problem, u0 = problem_and_layers(name, model__parametrization="difference")
+    _, u0_product = problem_and_layers(name, model__depth=2 * depth)
+    _, u0_power = problem_and_layers(name, model__parametrization="power", model__power=2.5)
+    _, u0_depth2 = problem_and_layers(name, model__depth=2)
+    kwargs = dict(steps_per_call=EULER_STEPS_PER_CALL) if method == "euler" else dict(steps_per_call=2, t_per_call=2 * DT)
+    difference = DdlnSteps(method, problem, u0, DT, parametrization=Parametrization("difference", depth), **kwargs)
+    product = DdlnSteps(method, problem, u0_product, DT, **kwargs)
+    power = DdlnSteps(method, problem, u0_power, DT, parametrization=Parametrization("power", 1, 2.5), **kwargs)
+    depth2 = DdlnSteps(method, problem, u0_depth2, DT, **kwargs)
+    side_by_side(benchmark, difference, [product, power, depth2])
+    per = "step" if method == "euler" else "evaluation"
+    best = (lambda r: r.best_step) if method == "euler" else (lambda r: r.best_eval)
+    record(benchmark, name, f"{method}: difference L={depth} {per} / product L={2 * depth} {per}",
+           best(difference) / best(product), 1.0,
+           note=f"{best(difference) * 1e3:.2f} ms vs {best(product) * 1e3:.2f} ms")
+    record(benchmark, name, f"{method}: power D=2.5 {per} / product L=2 {per}", best(power) / best(depth2),
+           note=f"{best(power) * 1e3:.2f} ms vs {best(depth2) * 1e3:.2f} ms")
 
 
 class Limited:

@@ -17,6 +17,6 @@ from .config import Config  # noqa: E402
 from .errors import InputError  # noqa: E402
 from .simulate import simulate  # noqa: E402
 from .store import open_run  # noqa: E402
-from .theory import predict_limit  # noqa: E402
+from .prediction import predict_limit  # noqa: E402
 
 __all__ = ["Config", "InputError", "simulate", "open_run", "predict_limit", "__version__"]

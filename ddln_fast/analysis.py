@@ -1,5 +1,6 @@
 """Read a run and put the theory next to it: the predicted limit, the KKT residual, the rates and
-the convergence bounds of THEORY.md, checked at every committed checkpoint; and the plots.
+the convergence bounds (:mod:`ddln_fast.bounds`), checked at every committed checkpoint; and the
+plots. Every parametrization; the product's needs assumption (A).
 
 The bounds are theorems about the exact gradient flow: a dopri5 or rk4 run follows it to its
 tolerance, gradient descent (euler) only to O(dt), so a "violated" bound on an euler run with a
@@ -14,17 +15,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from . import bounds
 from .errors import InputError
-from .theory import (MirrorGeometry, assumption_a, bregman_projection, c_a, constraints, pl_constant,
-                     serial_blas, warn_if_not_converged)
+from .parametrization import Parametrization
+from .prediction import bregman_projection, constraints, warn_if_not_converged
+from .theory import Geometry, assumption_a, serial_blas
 
 # Relative loss at which the "time to epsilon" is read off.
 EPSILON = 1e-6
-# A bound "holds" at a checkpoint when f - f* <= bound * (1 + BOUND_RTOL) + BOUND_ATOL * (f0 - f*):
-# the simulated loss carries the integrator's error (rtol ~ 1e-8 on theta), and f - f* cannot be
-# resolved below rounding of f itself.
-BOUND_RTOL = 1e-6
-BOUND_ATOL = 1e-13
 # Relative residual of the dual Newton iteration for the predicted limit (as ``ddln predict``).
 PREDICTION_TOL = 1e-12
 
@@ -42,7 +40,7 @@ class SeedAnalysis:
     gap_to_prediction: float          # ||theta_K - theta_inf|| / ||theta_inf||
     kkt_residual: float               # ||P_null(X) (phi(theta_K) - phi(theta_0))||
     fitted_rate: float                # slope of -log(f - f*) over its last decades
-    pl_rate: float                    # 2 mu c_A
+    pl_rate: float                    # 2 mu c_A, c_A = min_i min_theta h_i
     pl_rate_at_limit: float           # 2 mu min_i h_i(theta_inf): the asymptotic PL rate
     time_to_epsilon: float            # first t with (f - f*) / (f0 - f*) <= EPSILON (nan: not reached)
     bound_pl_c_a_held: bool | None   # None: not defined (assumption (A) fails)
@@ -69,11 +67,14 @@ class RunAnalysis:
     mu: list
     projected: bool
     seeds: list[SeedAnalysis]
+    parametrization: Parametrization = field(default_factory=Parametrization)
 
     def as_dict(self) -> dict:
         return {"path": self.path, "complete": self.complete, "committed_checkpoints": self.committed,
-                "depth": self.depth, "pl_constant": self.mu, "projected_onto_argmin_f": self.projected,
-                "epsilon": EPSILON, "seeds": [s.as_dict() for s in self.seeds]}
+                "depth": self.depth, "parametrization": self.parametrization.name,
+                "power": self.parametrization.power, "pl_constant": self.mu,
+                "projected_onto_argmin_f": self.projected, "epsilon": EPSILON,
+                "seeds": [s.as_dict() for s in self.seeds]}
 
 
 def _distinct_rows(t_seed: np.ndarray) -> np.ndarray:
@@ -110,12 +111,14 @@ def _fitted_rate(t, gap, gap0):
     return float(-slope)
 
 
-def analyze_seed(s, t, loss, theta, u0, X, y, drift, status, cons=None, mu=None) -> SeedAnalysis:
+def analyze_seed(s, t, loss, theta, u0, X, y, drift, status, cons=None, mu=None,
+                 parametrization: Parametrization | None = None) -> SeedAnalysis:
     """Analysis of one seed from its checkpoints.
 
-    Under assumption (A) everything is computed; without it (a sign trap, e.g. ``balanced``)
-    the mirror geometry is undefined, so only what the losses give (f - f*, drift, fitted rate,
-    time to epsilon) is, and the rest is NaN (bounds: None) with ``note`` saying why.
+    Everything is computed, except for a product run whose initialization violates assumption
+    (A) (a sign trap, e.g. ``balanced``): its mirror geometry does not cover R, so only what the
+    losses give (f - f*, drift, fitted rate, time to epsilon) is, and the rest is NaN (bounds:
+    None) with ``note`` saying why.
 
     Parameters
     ----------
@@ -123,11 +126,14 @@ def analyze_seed(s, t, loss, theta, u0, X, y, drift, status, cons=None, mu=None)
         The seed's own times (``t_seed``).
     loss : ndarray of shape (K,)
     theta : ndarray of shape (K, d)
-    u0 : ndarray of shape (L, d)
+    u0 : ndarray of shape (P, d)
     X, y : ndarray of shape (n, d), (n,)
+    parametrization : Parametrization, optional
+        Default: the product of the P layers.
     """
+    param = parametrization or Parametrization.of_layers("product", u0.shape[0])
     cons = constraints(X, y) if cons is None else cons
-    mu = pl_constant(X) if mu is None else mu
+    mu = bounds.pl_constant(X) if mu is None else mu
     f_star = cons.f_star
     rows = _distinct_rows(t)
     # a diverged seed's last rows are not finite: the theory speaks about the rows before
@@ -142,8 +148,8 @@ def analyze_seed(s, t, loss, theta, u0, X, y, drift, status, cons=None, mu=None)
                   max_invariant_drift=float(drift), fitted_rate=_fitted_rate(t, gap, gap0),
                   time_to_epsilon=_time_to(t, rel, EPSILON) if gap0 > 0 else 0.0,
                   l1_norm=float(np.abs(theta[-1]).sum()))
-    trap = assumption_a(u0)
-    if not trap.holds:
+    trap = assumption_a(u0) if param.name == "product" else None
+    if trap is not None and not trap.holds:
         nan = float("nan")
         return SeedAnalysis(
             **common, gap_to_prediction=nan, kkt_residual=nan, pl_rate=nan, pl_rate_at_limit=nan,
@@ -152,33 +158,29 @@ def analyze_seed(s, t, loss, theta, u0, X, y, drift, status, cons=None, mu=None)
             note=f"assumption (A) fails at {int(trap.violating.sum())} of {trap.violating.size} coordinates "
                  f"(sign trap): no predicted limit, KKT residual, PL rates or bounds",
             curves={"t": t, "gap": gap, "theta": theta})
-    geo = MirrorGeometry.from_layers(u0)
-    limit = bregman_projection(geo, cons, PREDICTION_TOL)
+    geo = Geometry.from_layers(u0[None], param)
+    limit = bregman_projection(geo, 0, cons, PREDICTION_TOL)
     warn_if_not_converged(limit, s, PREDICTION_TOL)
     # PL bounds: with c_A, and with the integral of min_i h_i(theta(s)) along the checkpoints
-    # (left/right minimum on each interval: the checkpoints are dense where h changes)
-    cA = c_a(geo)
-    h_min = np.min(geo.h(theta), axis=1)
-    integral = np.concatenate([[0.0], np.cumsum(np.minimum(h_min[1:], h_min[:-1]) * np.diff(t))])
-    bound_ca = gap0 * np.exp(-2 * mu * cA * t)
-    bound_traj = gap0 * np.exp(-2 * mu * integral)
-    d_q = float(geo.bregman_divergence(limit.theta, geo.theta0))
-    with np.errstate(divide="ignore"):
-        bound_sub = np.where(t > 0, d_q / np.where(t > 0, t, 1.0), np.inf)
-    slack = BOUND_ATOL * gap0
-
-    def held(bound):
-        return bool(np.all(gap <= bound * (1 + BOUND_RTOL) + slack))
-
-    v = geo.mirror_map(theta[-1]) - geo.phi0
+    cA = float(bounds.c_a(geo)[0])
+    h_min = np.min(geo.h(theta, 0), axis=1)
+    bound_ca = bounds.pl_bound(gap0, mu, cA * t)
+    bound_traj = bounds.pl_bound(gap0, mu, bounds.rate_integral(t, h_min))
+    # D_Q(theta*, theta0) = G(s*) - theta* s* with the limit's clocks s* = A^T mu
+    s_star = cons.A.T @ limit.mu
+    d_q = float(np.sum(geo.evaluate(s_star, 0, G=True)[2] - limit.theta * s_star))
+    bound_sub = bounds.sublinear_bound(t, d_q)
+    v = geo.mirror_map(theta[-1], 0)  # phi(theta_K) - phi(theta_0)
     kkt = float(np.linalg.norm(v - cons.A.T @ (cons.A @ v)))
     ref = max(float(np.linalg.norm(limit.theta)), 1e-300)
     gaps_t = np.linalg.norm(theta - limit.theta, axis=1) / ref
+    h_limit = geo.evaluate(s_star, 0)[1]
     return SeedAnalysis(
         **common, gap_to_prediction=float(gaps_t[-1]), kkt_residual=kkt,
-        pl_rate=float(2 * mu * cA), pl_rate_at_limit=float(2 * mu * np.min(geo.h(limit.theta))),
-        bound_pl_c_a_held=held(bound_ca), bound_pl_trajectory_held=held(bound_traj),
-        bound_sublinear_held=held(bound_sub), predicted_l1_norm=float(np.abs(limit.theta).sum()),
+        pl_rate=float(2 * mu * cA), pl_rate_at_limit=float(2 * mu * np.min(h_limit)),
+        bound_pl_c_a_held=bounds.bound_held(gap, bound_ca),
+        bound_pl_trajectory_held=bounds.bound_held(gap, bound_traj),
+        bound_sublinear_held=bounds.bound_held(gap, bound_sub), predicted_l1_norm=float(np.abs(limit.theta).sum()),
         curves={"t": t, "gap": gap, "bound_pl_c_a": bound_ca, "bound_pl_trajectory": bound_traj,
                 "bound_sublinear": bound_sub, "theta": theta, "limit": limit.theta, "gap_t": gaps_t})
 
@@ -192,22 +194,25 @@ def analyze_run(run) -> RunAnalysis:
     if k == 0:
         raise InputError(f"run file {run.path} has no committed checkpoint yet")
     u0 = run.u0
-    S, L, d = u0.shape
+    S = u0.shape[0]
+    config = run.config
+    param = Parametrization.from_config(config)
     X, y = run.X, run.y
     t_seed, loss, theta = run.t_seed, run.loss, run.theta
     drift, status = run.max_invariant_drift(), run.status
     per_seed = X.ndim == 3
-    shared = None if per_seed else (constraints(X, y), pl_constant(X))
+    shared = None if per_seed else (constraints(X, y), bounds.pl_constant(X))
     seeds, mus = [], []
     projected = False
     for s in range(S):
         Xs, ys = (X[s], y[s]) if per_seed else (X, y)
-        cons, mu = shared if shared else (constraints(Xs, ys), pl_constant(Xs))
+        cons, mu = shared if shared else (constraints(Xs, ys), bounds.pl_constant(Xs))
         projected |= cons.projected
         mus.append(mu)
         seeds.append(analyze_seed(s, t_seed[:, s], loss[:, s], theta[:, s].astype(np.float64), u0[s], Xs, ys,
-                                  float(drift[s]), STATUS_NAMES[int(status[-1, s])], cons, mu))
-    return RunAnalysis(str(run.path), run.complete, k, L, mus if per_seed else mus[:1], projected, seeds)
+                                  float(drift[s]), STATUS_NAMES[int(status[-1, s])], cons, mu, param))
+    return RunAnalysis(str(run.path), run.complete, k, config.model.depth, mus if per_seed else mus[:1],
+                       projected, seeds, param)
 
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -320,7 +325,7 @@ def plot(analysis: RunAnalysis, folder, seeds=None) -> list[str]:
     ax.set_ylim(bottom=max(floor / 10, 1e-32))
     ax.set_xlabel("flow time t")
     ax.set_ylabel("f(theta(t)) - f*")
-    ax.set_title(f"loss and convergence bounds (depth {analysis.depth}; seeds {listed})")
+    ax.set_title(f"loss and convergence bounds ({analysis.parametrization.describe()}; seeds {listed})")
     save(fig, ax, "loss.png")
 
     for sa in shown:

@@ -16,6 +16,7 @@ import click
 import numpy as np
 
 from .errors import InputError
+from .parametrization import Parametrization
 
 
 class BadInput(click.ClickException):
@@ -88,8 +89,8 @@ def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
     if not quiet:
         m, p, i = config.model, config.problem, config.integrator
         what = f"rtol {i.rtol:g}" if is_adaptive(i.method) else f"dt {i.dt:g}" + _descent_summary(i)
-        click.echo(f"ddln run: {config.run.seeds} seeds, depth {m.depth}, alpha {m.alpha:g}, "
-                   f"init {m.init}, {i.method} ({what}), t_end {i.t_end:g}")
+        click.echo(f"ddln run: {config.run.seeds} seeds, {Parametrization.from_config(config).describe()}, "
+                   f"alpha {m.alpha:g}, init {m.init}, {i.method} ({what}), t_end {i.t_end:g}")
         if not _kernels_cached():
             click.echo("compiling the kernels (first run only; later runs start in seconds)...")
     try:
@@ -352,7 +353,7 @@ def predict(config_path, sets, as_json):
     """Predict where training ends (the implicit-bias limit), without training."""
     import json
 
-    from .theory import predict as predict_config
+    from .prediction import predict as predict_config
 
     config = _load_config(config_path, sets)
     pred = predict_config(config, interpolators=True)
@@ -375,7 +376,8 @@ def predict(config_path, sets, as_json):
                                "seeds": rows, "theta_inf": pred.theta.tolist()}))
         return
     m = config.model
-    click.echo(f"ddln predict: depth {m.depth}, alpha {m.alpha:g}, init {m.init}; {pred.message}")
+    click.echo(f"ddln predict: {Parametrization.from_config(config).describe()}, alpha {m.alpha:g}, "
+               f"init {m.init}; {pred.message}")
     click.echo(f"{'seed':>4} {'l1 norm':>10} {'support':>8} {'|.-min l1|':>11} {'|.-min l2|':>11} "
                f"{'min l1 norm':>11} {'residual':>9} {'newton':>6}")
     for r in rows:
@@ -429,7 +431,7 @@ def analyze(run_path, as_json, plots, seeds):
         click.echo(json.dumps(out))
         return
     state = "complete" if result.complete else "still being written / incomplete"
-    click.echo(f"{run_path}: {state}, {result.committed} committed checkpoints, depth {result.depth}"
+    click.echo(f"{run_path}: {state}, {result.committed} committed checkpoints, {result.parametrization.describe()}"
                + ("; X rank deficient: limit = projection onto argmin f" if result.projected else ""))
     click.echo(f"{'seed':>4} {'status':>9} {'t':>8} {'f - f*':>9} {'max drift':>9} {'gap':>9} {'kkt':>8} "
                f"{'rate':>9} {'PL rate':>9} {'PL@lim':>9} {'t(1e-6)':>9} bounds(PL cA, PL int h, D/t)")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import InputError
+from .parametrization import PARAMETRIZATIONS
 
 PROBLEM_KINDS = ("gaussian", "file")
 INITS = ("first_layer_zero", "balanced", "gaussian", "shape", "file")
@@ -36,7 +37,8 @@ SCHEDULES = ("constant", "step")
 ADDED_KEYS = ("integrator.batch_size", "integrator.sampling", "integrator.momentum",
               "integrator.nesterov", "integrator.label_noise", "integrator.weight_decay",
               "integrator.schedule", "integrator.decay_every", "integrator.decay_factor",
-              "run.sharpness", "run.gain", "integrator.activation_level")
+              "run.sharpness", "run.gain", "model.parametrization", "model.power",
+              "integrator.activation_level")
 SPACINGS = ("log", "linear")
 DTYPES = ("float64", "float32")
 
@@ -76,7 +78,10 @@ class ProblemConfig:
 class ModelConfig:
     """``[model]``: depth and initialization of the diagonal network."""
 
+    parametrization: str = _key(str, "product", *_choice(PARAMETRIZATIONS))
     depth: int = _key(int, 3, lambda v: 1 <= v <= 64, "an integer between 1 and 64")
+    power: float = _key(float, 0.0, lambda v: math.isfinite(v) and v >= 0,
+                        "a finite number (D >= 2 for parametrization = \"power\"; 0: not set)")
     alpha: float = _key(float, 0.1, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
     init: str = _key(str, "first_layer_zero", *_choice(INITS))
     jitter: float = _key(float, 0.0, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
@@ -294,10 +299,8 @@ def _check_consistency(config: Config) -> None:
                          f'data): leave out problem.kind (a path means kind = "file") or the path')
     if p.kind == "file" and not p.path:
         raise InputError('problem.kind = "file" needs problem.path (.npz with X, y or .h5 with /X, /y)')
+    _check_parametrization(m)
     if m.init == "shape":
-        if len(m.layer_scales) != m.depth:
-            raise InputError(f'model.layer_scales has {len(m.layer_scales)} entries: init = "shape" '
-                             f"needs one per layer (model.depth = {m.depth})")
         if not all(math.isfinite(v) for v in m.layer_scales):
             raise InputError("model.layer_scales: expected finite numbers")
     i = config.integrator
@@ -352,7 +355,14 @@ def _check_descent_keys(config: Config) -> None:
     p = config.problem
     if i.method == "sgd" and p.kind == "gaussian" and i.batch_size > p.n:
         raise InputError(f"integrator.batch_size = {i.batch_size} exceeds problem.n = {p.n} samples")
+    if config.model.parametrization != "product" and (i.momentum > 0 or i.weight_decay > 0):
+        key = "momentum" if i.momentum > 0 else "weight_decay"
+        raise InputError(f"integrator.{key} > 0 takes the product parametrization only, not "
+                         f'"{config.model.parametrization}" (plain gradient descent and sgd take every one)')
     r = config.run
+    if r.gain and config.model.parametrization != "product":
+        raise InputError(f"run.gain = true (the depth-2 effective initialization of gradient descent) "
+                         f'takes the product parametrization only, not "{config.model.parametrization}"')
     if r.gain:
         if config.model.depth != 2 or i.method not in DESCENT_METHODS:
             raise InputError(f"run.gain = true (the accumulated gain and effective initialization of "
@@ -372,6 +382,49 @@ def check_batch_size(config: Config, n: int) -> None:
     if config.integrator.method == "sgd" and b > n:
         raise InputError(f"integrator.batch_size = {b} exceeds the {n} samples of the data "
                          f"(problem.n)")
+
+
+def shape_scale_counts(model: ModelConfig) -> tuple[int, ...]:
+    """The lengths ``model.layer_scales`` may have: one per layer of the product (L), one per
+    layer of a half or of both halves for the others (L or 2L; 1 or 2 for power)."""
+    if model.parametrization == "product":
+        return (model.depth,)
+    per_half = 1 if model.parametrization == "power" else model.depth
+    return (per_half, 2 * per_half)
+
+
+def _check_parametrization(m: ModelConfig) -> None:
+    """model.parametrization against model.power, the layer scales and (power) positivity."""
+    if m.parametrization == "power":
+        if m.power < 2:
+            raise InputError(f'model.power = {m.power:g}: parametrization = "power" (theta = u^D - v^D) '
+                             f"needs a real exponent D >= 2")
+    elif m.power != 0:
+        raise InputError(f'model.power = {m.power:g} is only read by parametrization = "power", '
+                         f'not "{m.parametrization}": remove it or set model.parametrization = "power"')
+    if m.init == "shape":
+        counts = shape_scale_counts(m)
+        if len(m.layer_scales) not in counts:
+            if m.parametrization == "product":
+                needs = f"one per layer (model.depth = {m.depth})"
+            else:
+                layers = "1 layer" if m.parametrization == "power" else f"{m.depth} layers"
+                needs = (f"{counts[0]} (the same for both halves) or {counts[1]} (the u half, then "
+                         f"the v half) for the {m.parametrization} parametrization ({layers} per half)")
+            raise InputError(f'model.layer_scales has {len(m.layer_scales)} entries: init = "shape" '
+                             f"needs {needs}")
+    if m.parametrization != "power":
+        return
+    why = None
+    if m.init == "first_layer_zero":
+        why = 'init = "first_layer_zero" sets a layer to 0'
+    elif m.signs == "random":
+        why = 'model.signs = "random" makes layers negative'
+    elif m.init == "shape" and any(v <= 0 for v in m.layer_scales):
+        why = "model.layer_scales has an entry <= 0"
+    if why:
+        raise InputError(f'parametrization = "power" needs u, v > 0 at initialization, but {why}; use '
+                         f'init = "balanced" (u = v = alpha), "gaussian" or positive layer_scales')
 
 
 def _check_dual(config: Config) -> None:

@@ -34,7 +34,10 @@ class CheckpointDiagnostics:
         from .sharpness import STABILITY_BOUNDS
         from .stochastic import DescentOptions
 
+        from .parametrization import Parametrization
+
         self.problem = problem
+        self.parametrization = Parametrization.from_config(config)
         self.sharpness = config.run.sharpness
         integ = config.integrator
         self.weight_decay = integ.weight_decay
@@ -73,7 +76,8 @@ class CheckpointDiagnostics:
             if X.ndim == 3:
                 X, y = X[finite], y[finite]
             sharpness[finite] = np.atleast_1d(top_hessian_eigenvalue(
-                X, y, layers[finite], rtol=LANCZOS_RTOL, max_iter=LANCZOS_ITERATIONS)) + self.weight_decay
+                X, y, layers[finite], rtol=LANCZOS_RTOL, max_iter=LANCZOS_ITERATIONS,
+                parametrization=self.parametrization)) + self.weight_decay
         steps = (self.options.step_sizes(self.dt, solver.state.steps) if self.options is not None
                  else np.full(S, self.dt))
         return {"sharpness": sharpness, "stability_threshold": self.bound / steps}

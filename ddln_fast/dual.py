@@ -45,7 +45,7 @@ import numpy as np
 import numba
 from numba import njit, prange
 
-from . import radau
+from . import kernels, radau
 from .controller import (DIVERGED, LOSS_TOL, RUNNING, SeedState, Trial, control_for, control_steps,
                          first_trial_step, propose_steps, reject_steps, starting_step)
 from .errors import InputError
@@ -281,8 +281,8 @@ class DualIntegrator(Solver):
     Parameters
     ----------
     problem : Problem
-    u0 : ndarray of shape (S, L, d)
-        Initial layers.
+    u0 : ndarray of shape (S, P, d)
+        Initial layers (P rows of the parametrization).
     dt : float
         Upper bound of the first step.
     rtol, atol : float
@@ -293,6 +293,8 @@ class DualIntegrator(Solver):
         :mod:`ddln_fast.events`); zero or None: no activation events.
     clock_map : ClockMap, optional
         The clock map of ``u0`` (built when not given).
+    parametrization : Parametrization, optional
+        How theta is made of the layers (default: their product); the clock map is built for it.
     """
 
     method = "dual"
@@ -301,9 +303,11 @@ class DualIntegrator(Solver):
     control = control_for(radau.ERROR_ORDER, beta=0.0, predictive=True)
 
     def __init__(self, problem: Problem, u0, dt=0.01, rtol=1e-8, atol=1e-12, loss_tol=0.0,
-                 max_steps=10_000_000, dtype=np.float64, activation_level=None, clock_map=None):
+                 max_steps=10_000_000, dtype=np.float64, activation_level=None, clock_map=None,
+                 parametrization=None):
         from .clockmap import ClockMap
         from .events import EventRecorder
+        from .parametrization import Parametrization
 
         super().__init__()
         self.dtype = np.dtype(dtype).type
@@ -315,8 +319,10 @@ class DualIntegrator(Solver):
         self.u0 = np.array(u0, dtype=np.float64)
         S, L, d = self.u0.shape
         self.seeds, self.depth, self.dim = S, L, d
-        self.clock = clock_map if clock_map is not None else ClockMap.from_layers(self.u0)
-        check_clock_range(self.clock, L)
+        self.parametrization = param = parametrization or Parametrization.of_layers("product", L)
+        self.clock = clock_map if clock_map is not None else ClockMap.from_layers(
+            self.u0, param.name, param.power if param.name == "power" else None)
+        check_clock_range(self.clock, param.degree)
         self.products = DualProducts(problem)
         if problem.per_seed and problem.X.shape[0] != S:
             raise ValueError(f"per-seed data of {problem.X.shape[0]} seeds for {S} initial layers")
@@ -375,11 +381,12 @@ class DualIntegrator(Solver):
         return np.einsum("ij,ij->i", r, r) / (2 * self.n)
 
     def invariant_drift(self) -> np.ndarray:
-        """max_i (max_j D_ij - min_j D_ij), D_ij = (u^j_i)^2 - (u0^j_i)^2, of the layers recovered
-        from the clocks (the layer methods' definition): computed, not assumed to be zero."""
-        U = self.layers()
-        change = (U - self.u0) * (U + self.u0)
-        return np.max(change.max(axis=1) - change.min(axis=1), axis=1)
+        """The layer methods' drift (:func:`ddln_fast.kernels.invariant_drift_blocks`: within each
+        half; power: its conserved quantity) of the layers recovered from the clocks: computed,
+        not assumed to be zero."""
+        partial = np.zeros((self.seeds, kernels.n_blocks(self.dim)))
+        kernels.invariant_drift_blocks(self.layers(), self.u0, self.parametrization.kernel(), partial)
+        return partial.max(axis=1)
 
     # -- exact resume -------------------------------------------------------------------------------
     _ARRAYS = ("nu", "s", "f", "Z_prev", "h_old", "faccon", "jac_h", "flags", "counters")
@@ -663,10 +670,10 @@ class DualIntegrator(Solver):
         self.flags[sa[refresh], self.NEED_JAC] = 1
 
 
-def check_clock_range(clock, depth: int) -> None:
-    """Refuse initializations whose blow-up clocks float64 cannot resolve (depth >= 3 at tiny
-    scales: blow-up clocks ~ alpha^(2-L), see CLOCK_LIMIT)."""
-    if depth < 3:
+def check_clock_range(clock, depth: float) -> None:
+    """Refuse initializations whose blow-up clocks float64 cannot resolve (depth, or the power's
+    exponent, above 2 at tiny scales: blow-up clocks ~ alpha^(2-L), see CLOCK_LIMIT)."""
+    if depth <= 2:
         return
     low, high = clock.blow_up
     finite = np.concatenate([np.abs(low[np.isfinite(low)]), np.abs(high[np.isfinite(high)])])

@@ -101,7 +101,8 @@ def step_size_bias(run) -> list[StepSizeBias] | None:
 
     None when the run has no ``effective_init`` rows (not a depth-2 descent run with
     ``run.gain = true``)."""
-    from .theory import assumption_a, predict_arrays
+    from .prediction import predict_arrays
+    from .theory import assumption_a
 
     if "effective_init" not in run.file["checkpoints"] or run.committed == 0:
         return None

@@ -245,24 +245,25 @@ def activation_levels(config, problem, u0) -> np.ndarray:
     S = u0.shape[0]
     if level > 0:
         return np.full(S, level)
-    from .errors import InputError
-    from .theory import (MirrorGeometry, bregman_projection, constraints, min_l2_interpolator,
-                         serial_blas)
+    from .parametrization import Parametrization
+    from .prediction import bregman_projection, constraints, min_l2_interpolator
+    from .theory import Geometry, assumption_a, serial_blas
 
+    param = Parametrization.from_config(config)
     out = np.empty(S)
     with serial_blas():
+        geometry = Geometry.from_layers(u0, param)
         shared = None if problem.per_seed else constraints(problem.X, problem.y)
         for s in range(S):
             data = problem.for_seed(s)
             cons = shared if shared is not None else constraints(data.X, data.y)
             limit = None
-            try:
+            # no prediction for a product initialization in the sign trap
+            if param.name != "product" or assumption_a(u0[s]).holds:
                 with np.errstate(all="ignore"):
-                    prediction = bregman_projection(MirrorGeometry.from_layers(u0[s]), cons)
+                    prediction = bregman_projection(geometry, s, cons)
                 if prediction.residual <= PREDICTION_RESIDUAL and np.all(np.isfinite(prediction.theta)):
                     limit = prediction.theta
-            except InputError:  # no prediction for this initialization (sign trap)
-                pass
             if limit is None:  # none, or not converged (tiny scales)
                 limit = min_l2_interpolator(data.X, data.y)
             out[s] = ACTIVATION_FRACTION * float(np.max(np.abs(limit)))

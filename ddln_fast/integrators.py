@@ -1,4 +1,7 @@
-"""The batched integrator of the layer flow du^j/dt = -g(theta) * prod_{k != j} u^k.
+"""The batched integrator of the layer flow du^j/dt = -g(theta) * d theta / d u^j.
+
+theta is the product of the layers, or the difference or power form of
+:mod:`ddln_fast.parametrization` (for the product, d theta / d u^j = prod_{k != j} u^k).
 
 A method is its Butcher tableau (:mod:`ddln_fast.tableaus`): ``euler``, ``rk4`` and the
 adaptive Dormand–Prince 5(4) pair ``dopri5`` drive the same fused stage kernel, and the
@@ -21,6 +24,7 @@ from numba import njit
 from . import controller, kernels
 from .controller import MAX_STEPS, RUNNING, STATUS_NAMES, SeedState, Trial
 from .kernels import JIT_OPTIONS
+from .parametrization import Parametrization
 from .problem import Problem
 from .solver import Solver
 from .tableaus import TABLEAUS
@@ -132,7 +136,7 @@ STEPS_PER_CALL = 32
 
 
 @njit(**JIT_OPTIONS)
-def _adaptive_steps_serial(U, Y, K, theta, G, R, X, y, per_seed, inv_n, inv_2n, h_work, live,
+def _adaptive_steps_serial(U, Y, K, theta, G, R, X, y, per_seed, inv_n, inv_2n, param, h_work, live,
                            stage_loss, err, err_partial, scratch, first_input, plan, fsal,
                            evaluations, expo1, t_target, targets, st, trial, loss_tol, max_steps,
                            rtol, atol, seeds_buffer, accepted_buffer):
@@ -154,9 +158,9 @@ def _adaptive_steps_serial(U, Y, K, theta, G, R, X, y, per_seed, inv_n, inv_2n, 
         live[:m] = 1
         controller.propose_steps_fastmath(active, targets, st, trial, h_work)
         if fsal:
-            kernels.stage_input_serial(U, K, first_input, 1, h_work, active, Y, theta, scratch)
+            kernels.stage_input_serial(U, K, first_input, 1, h_work, param, active, Y, theta, scratch)
         else:
-            kernels.layer_products_serial(U, active, theta)
+            kernels.layer_products_serial(U, param, active, theta)
         for p in range(plan.stage.shape[0]):
             stage = plan.stage[p]
             if stage >= 0:
@@ -165,7 +169,7 @@ def _adaptive_steps_serial(U, Y, K, theta, G, R, X, y, per_seed, inv_n, inv_2n, 
                     stage_loss[a] = kernels.one_seed_products(X[k], y[k], theta[a], R[a], G[a],
                                                               inv_2n, 1)
             kernels.rk_stage_serial(U, U if stage == 0 else Y, G, K, stage, 1 if stage >= 0 else 0,
-                                    inv_n, h_work, active, live, plan.mode[p], plan.coeffs[p],
+                                    inv_n, h_work, param, active, live, plan.mode[p], plan.coeffs[p],
                                     plan.terms[p], Y, theta, rtol, atol, err_partial, scratch)
             if stage == 0:
                 controller.screen_losses(active, live, stage_loss, loss_tol, st)
@@ -193,8 +197,9 @@ class Integrator(Solver):
     method : str
         A key of :data:`ddln_fast.tableaus.TABLEAUS` ("euler", "rk4", "dopri5", ...).
     problem : Problem
-    u0 : ndarray of shape (S, L, d)
-        Initial layers (copied, cast to ``dtype``).
+    u0 : ndarray of shape (S, P, d)
+        Initial layers (copied, cast to ``dtype``): P = L (product), 2L (difference: the u
+        half, then the v half) or 2 (power: u, v).
     dt : float
         Step (fixed-step methods); upper bound of the first step (embedded pairs).
     rtol, atol : float
@@ -204,10 +209,13 @@ class Integrator(Solver):
         A seed stops once its loss is below this (0: never).
     max_steps : int
         A seed stops after this many attempted steps.
+    parametrization : Parametrization, optional
+        How theta is made of the P layer rows (default: their product).
     """
 
     def __init__(self, method, problem: Problem, u0, dt=0.01, rtol=1e-8, atol=1e-12,
-                 loss_tol=0.0, max_steps=10_000_000, dtype=np.float64):
+                 loss_tol=0.0, max_steps=10_000_000, dtype=np.float64,
+                 parametrization: Parametrization | None = None):
         super().__init__()
         self.method = method
         self.tableau = TABLEAUS[method]
@@ -215,6 +223,12 @@ class Integrator(Solver):
         self.U = np.array(u0, dtype=self.dtype, order="C")
         S, L, d = self.U.shape
         self.seeds, self.depth, self.dim = S, L, d
+        self.parametrization = parametrization or Parametrization.of_layers("product", L)
+        if self.parametrization.layer_count != L:
+            raise ValueError(f"u0 has {L} layer rows, the {self.parametrization.describe()} "
+                             f"parametrization {self.parametrization.layer_count}")
+        #: the parametrization as the kernels take it
+        self.param = self.parametrization.kernel()
         # u0 is only read (invariant drift): keep the caller's array when no cast is needed, a
         # read-only view, rather than one more state-sized copy (memory at d = 10^6).
         self.u0 = np.asarray(u0, dtype=self.dtype, order="C").view()
@@ -296,12 +310,12 @@ class Integrator(Solver):
 
     def invariant_drift(self) -> np.ndarray:
         partial = np.zeros((self.seeds, kernels.n_blocks(self.dim)))
-        kernels.invariant_drift_blocks(self.U, self.u0, partial)
+        kernels.invariant_drift_blocks(self.U, self.u0, self.param, partial)
         return partial.max(axis=1)
 
     def theta_of_all(self) -> np.ndarray:
         out = np.empty((self.seeds, self.dim), dtype=self.dtype)
-        kernels.layer_products(self.U, np.arange(self.seeds), out)
+        kernels.layer_products(self.U, self.param, np.arange(self.seeds), out)
         return out
 
     def layers(self) -> np.ndarray:
@@ -332,11 +346,11 @@ class Integrator(Solver):
         """Products for the rows in ``self.theta`` (theta of ``Y``), then the fused stage."""
         self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss)
         kernels.rk_stage(self.U, Y, self.G, self.K, stage, keep, self.products.inv_n, self.h_work,
-                         active, self.live, mode, coeffs, n_terms, Y if Y_out is None else Y_out,
+                         self.param, active, self.live, mode, coeffs, n_terms, Y if Y_out is None else Y_out,
                          self.theta, self.rtol, self.atol, self.err_partial, self.scratch)
 
     def _theta_of_U(self, active):
-        kernels.layer_products(self.U, active, self.theta)
+        kernels.layer_products(self.U, self.param, active, self.theta)
         self._theta_rows = active
 
     def _advance_fixed(self, target_step: int) -> bool:
@@ -365,16 +379,16 @@ class Integrator(Solver):
         self.live[: active.size] = 1
         controller.screen_losses(active, self.live, self.stage_loss, self.loss_tol, st)
         if tab.stages == 1:
-            kernels.euler_step(self.U, self.G, self.products.inv_n, self.h_work, active,
-                               self.live, self.theta, self.scratch)
+            kernels.euler_step(self.U, self.G, self.products.inv_n, self.h_work, self.param,
+                               active, self.live, self.theta, self.scratch)
         for i in range(tab.stages if tab.stages > 1 else 0):
             last = i == tab.stages - 1
             if i > 0:
                 self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss)
             # the last stage's derivative is only needed inside its own call (no FSAL)
             kernels.rk_stage(self.U, self.U if i == 0 else self.Y, self.G, self.K, i,
-                             0 if last else 1, self.products.inv_n, self.h_work, active,
-                             self.live, kernels.MODE_NEXT_INPUT,
+                             0 if last else 1, self.products.inv_n, self.h_work, self.param,
+                             active, self.live, kernels.MODE_NEXT_INPUT,
                              self.B if last else self.A[i + 1], i + 1,
                              self.U if last else self.Y, self.theta, self.rtol, self.atol,
                              self.err_partial, self.scratch)
@@ -396,8 +410,8 @@ class Integrator(Solver):
         d1 = rms(f0)
         h0 = controller.first_trial_step(rms(U), d1, self.dt)
         self.h_work[active] = h0
-        kernels.stage_input(self.U, self.K, self.one, 1, self.h_work, active, self.Y, self.theta,
-                            self.scratch)
+        kernels.stage_input(self.U, self.K, self.one, 1, self.h_work, self.param, active, self.Y,
+                            self.theta, self.scratch)
         self._evaluate(active, self.Y, 1, kernels.MODE_DERIVATIVE, self.B, 0)
         st.nfev[active] += 1
         d2 = rms(self.K[1][active].astype(np.float64) - f0) / h0
@@ -425,7 +439,8 @@ class Integrator(Solver):
             if self.products.serial(m) and m * self.depth * self.dim <= self.compiled_loop_work:
                 p = self.products
                 _adaptive_steps_serial(self.U, self.Y, self.K, self.theta, self.G, self.R,
-                                       p.X_by_seed, p.y, p.per_seed, p.inv_n, p.inv_2n, self.h_work,
+                                       p.X_by_seed, p.y, p.per_seed, p.inv_n, p.inv_2n, self.param,
+                                       self.h_work,
                                        self.live, self.stage_loss, self.err, self.err_partial,
                                        self.scratch, self.A[1], self.plan, tab.fsal,
                                        tab.evaluations, expo1, t_target, targets, st, trial,
@@ -445,17 +460,17 @@ class Integrator(Solver):
         self.live[:m] = 1
         controller.propose_steps_fastmath(active, targets, st, trial, self.h_work)
         if tab.fsal:
-            kernels.stage_input(self.U, self.K, self.A[1], 1, self.h_work, active, self.Y,
-                                self.theta, self.scratch)
+            kernels.stage_input(self.U, self.K, self.A[1], 1, self.h_work, self.param, active,
+                                self.Y, self.theta, self.scratch)
         else:
-            kernels.layer_products(self.U, active, self.theta)
+            kernels.layer_products(self.U, self.param, active, self.theta)
         for p, stage in enumerate(plan.stage):
             if stage >= 0:
                 self.products.residual_and_gradient(self.theta, active, self.R, self.G,
                                                     self.stage_loss)
             kernels.rk_stage(self.U, self.U if stage == 0 else self.Y, self.G, self.K, stage,
-                             1 if stage >= 0 else 0, self.products.inv_n, self.h_work, active,
-                             self.live, plan.mode[p], plan.coeffs[p], plan.terms[p], self.Y,
+                             1 if stage >= 0 else 0, self.products.inv_n, self.h_work, self.param,
+                             active, self.live, plan.mode[p], plan.coeffs[p], plan.terms[p], self.Y,
                              self.theta, self.rtol, self.atol, self.err_partial, self.scratch)
             if stage == 0:
                 controller.screen_losses(active, self.live, self.stage_loss, self.loss_tol, st)

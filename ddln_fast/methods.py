@@ -18,9 +18,10 @@ from .tableaus import DOPRI5, TABLEAUS, Tableau
 @dataclass(frozen=True)
 class Method:
     """``tableau``: what the solver steps with (``tableau.adaptive``: step-size control);
-    ``build(problem, u0, descent=, dt=, rtol=, atol=, loss_tol=, max_steps=, dtype=)``: the
-    solver (``descent``: the :class:`ddln_fast.stochastic.DescentOptions` of gradient descent
-    and sgd, None for the other methods)."""
+    ``build(problem, u0, descent=, dt=, rtol=, atol=, loss_tol=, max_steps=, dtype=,
+    parametrization=)``: the solver (``descent``: the :class:`ddln_fast.stochastic.DescentOptions`
+    of gradient descent and sgd, None for the other methods; ``parametrization``: a
+    :class:`ddln_fast.parametrization.Parametrization`)."""
 
     tableau: Tableau
     build: Callable

@@ -1,23 +1,25 @@
 """The ``mirror`` method: dopri5 on the mirror flow d theta/dt = -h(theta) * g(theta) in theta space.
 
-An independent route to the trajectory of the layer flow: under assumption (A) the layers are
-a function of theta (the invariants), so the integrator advances theta (S, d) and rebuilds the
-layers (S, L, d) from it for the run file, which keeps its schema. A
-:class:`ddln_fast.solver.Solver` in plain numpy, one seed at a time, with the package's step-size
-controller (a reference method, not a fast one).
+An independent route to the trajectory of the layer flow: the layers are a function of theta on
+the invariant manifold of the initialization (the product parametrization needs assumption (A)
+for that), so the integrator advances theta (S, d), takes h(theta) from the clock map
+(:class:`ddln_fast.theory.Geometry`) and rebuilds the layers (S, P, d) from it for the run file,
+which keeps its schema. A :class:`ddln_fast.solver.Solver` in plain numpy, one seed at a time,
+with the package's step-size controller (a reference method, not a fast one).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import controller
+from . import controller, kernels
 from .controller import DIVERGED, RUNNING, SeedState, Trial
 from .errors import InputError
+from .parametrization import Parametrization
 from .problem import Problem
 from .solver import Solver
 from .tableaus import DOPRI5
-from .theory import MirrorGeometry, assumption_a
+from .theory import Geometry, assumption_a
 
 
 class MirrorIntegrator(Solver):
@@ -26,20 +28,22 @@ class MirrorIntegrator(Solver):
     Parameters
     ----------
     problem : Problem
-    u0 : ndarray of shape (S, L, d)
-        Initial layers; every seed must satisfy (A) (else InputError).
+    u0 : ndarray of shape (S, P, d)
+        Initial layers; for the product every seed must satisfy (A) (else InputError).
     dt : float
         Upper bound of the first step.
     rtol, atol : float
         Error control on theta (RMS norm over the d coordinates).
     loss_tol, max_steps : stopping rules, as for :class:`ddln_fast.integrators.Integrator`.
+    parametrization : Parametrization, optional
+        Default: the product of the P layers.
     """
 
     tableau = DOPRI5
     method = "mirror"
 
     def __init__(self, problem: Problem, u0, dt=0.01, rtol=1e-8, atol=1e-12, loss_tol=0.0,
-                 max_steps=10_000_000, dtype=np.float64):
+                 max_steps=10_000_000, dtype=np.float64, parametrization=None):
         super().__init__()
         self.dtype = np.dtype(dtype).type
         if self.dtype is not np.float64:
@@ -47,17 +51,18 @@ class MirrorIntegrator(Solver):
         self.u0 = np.array(u0, dtype=np.float64)
         S, L, d = self.u0.shape
         self.seeds, self.depth, self.dim = S, L, d
-        for s in range(S):
+        self.parametrization = parametrization or Parametrization.of_layers("product", L)
+        for s in range(S if self.parametrization.name == "product" else 0):
             if not assumption_a(self.u0[s]).holds:
                 count = int(assumption_a(self.u0[s]).violating.sum())
                 raise InputError(f'integrator.method = "mirror" needs assumption (A): seed {s} has {count} '
                                  f"coordinates where two layers share the smallest |u_i(0)| (sign trap); "
                                  f"use another init or method")
-        self.geometry = [MirrorGeometry.from_layers(self.u0[s]) for s in range(S)]
+        self.geometry = Geometry.from_layers(self.u0, self.parametrization)
         self.problem = problem
         self.dt, self.rtol, self.atol = float(dt), float(rtol), float(atol)
         self.loss_tol, self.max_steps = float(loss_tol), int(max_steps)
-        self.theta = np.prod(self.u0, axis=1)
+        self.theta = self.parametrization.theta(self.u0)
         self.derivative = np.zeros((S, d))
         self._ready = np.zeros(S, dtype=bool)  # FSAL derivative computed, per seed
         self.state = SeedState.fresh(S, self.dt)
@@ -74,12 +79,12 @@ class MirrorIntegrator(Solver):
 
     def _field(self, s, theta):
         loss, g = self._loss_and_gradient(s, theta)
-        return -self.geometry[s].h(theta) * g, loss
+        return -self.geometry.h(theta, s) * g, loss
 
     # -- the Solver interface ------------------------------------------------------------------
     def layers(self) -> np.ndarray:
-        """Layers rebuilt from theta through the invariants, shape (S, L, d)."""
-        return np.stack([self.geometry[s].layers(self.theta[s]) for s in range(self.seeds)])
+        """Layers rebuilt from theta through the invariants, shape (S, P, d)."""
+        return self.geometry.layers(self.theta)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """The layer integrator's names and shapes (one run-file layout for every method):
@@ -110,12 +115,9 @@ class MirrorIntegrator(Solver):
 
     def invariant_drift(self) -> np.ndarray:
         """Zero up to rounding by construction (the layers are rebuilt on the invariant manifold)."""
-        U = self.layers()
-        drift = np.zeros(self.seeds)
-        for s in range(self.seeds):
-            sq, sq0 = U[s] ** 2, self.u0[s] ** 2
-            drift[s] = np.max(np.abs((sq - sq[:1]) - (sq0 - sq0[:1])))
-        return drift
+        partial = np.zeros((self.seeds, kernels.n_blocks(self.dim)))
+        kernels.invariant_drift_blocks(self.layers(), self.u0, self.parametrization.kernel(), partial)
+        return partial.max(axis=1)
 
     def advance_to(self, t_target: float) -> bool:
         for s in range(self.seeds):

@@ -7,7 +7,10 @@
 (b) time_to_epsilon.png: flow time to a relative loss of 1e-6 against alpha, depths 2-5 (dopri5
     runs, analyzed);
 (c) pl_bound.png: loss decay of a run against the PL bounds and D_Q(theta*, theta0) / t;
-(d) step_size.png: l1 norm of the limit of gradient descent and of SGD at depth 2 against the
+(d) which_l1_minimizer.png: on a problem with a segment of minimum-l1 interpolators, where the
+    predicted limit of theta = u^D - v^D (u = v = alpha) lands as alpha^D -> 0, D in 2, 2.5, 3,
+    4 (``predict``; dopri5 runs at three alphas as a cross-check).
+(e) step_size.png: l1 norm of the limit of gradient descent and of SGD at depth 2 against the
     step size, next to the gradient-flow prediction and the minimum l1 norm (runs, and the
     prediction from each run's effective initialization).
 """
@@ -32,11 +35,22 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, axes, path: Path, title: str) -> None:
+    """Legends and grids on ``axes``, the title over them, then the PNG at ``path``."""
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def implicit_bias(spec: dict, base_dir: Path, out: Path) -> dict:
     """Figure (a); returns the numbers it plots."""
     from .init import initial_layers
     from .problem import make_problem
-    from .theory import min_l1_interpolator, predict_arrays
+    from .prediction import min_l1_interpolator, predict_arrays
 
     base = Config.from_toml(base_dir / spec["config"])
     problem = make_problem(base)
@@ -66,14 +80,9 @@ def implicit_bias(spec: dict, base_dir: Path, out: Path) -> dict:
     axes[1].set_xlabel("initialization scale alpha")
     axes[1].set_ylabel("||theta_inf - theta_l1|| / ||theta_l1||")
     axes[1].set_title("distance to the minimum-l1 interpolator")
-    for ax in axes:
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3, which="both")
-    fig.suptitle(f"Implicit bias (predicted, no training): n = {problem.n}, d = {problem.d}, "
-                 f"{base.problem.sparsity}-sparse, first layer zero")
-    fig.tight_layout()
-    fig.savefig(out / "implicit_bias.png", dpi=120)
-    plt.close(fig)
+    _save(plt, fig, axes, out / "implicit_bias.png",
+          f"Implicit bias (predicted, no training): n = {problem.n}, d = {problem.d}, "
+          f"{base.problem.sparsity}-sparse, first layer zero")
     return {"alphas": alphas, "l1_norm_min_l1": float(np.abs(l1_ref).sum()),
             **{f"depth{d}": {"l1_norm": r[0], "relative_distance_to_min_l1": r[1]} for d, r in results.items()}}
 
@@ -82,7 +91,8 @@ def time_to_epsilon(spec: dict, base_dir: Path, out: Path) -> dict:
     """Figure (b)."""
     from .analysis import _time_to
     from .simulate import simulate
-    from .theory import constraints, serial_blas
+    from .prediction import constraints
+    from .theory import serial_blas
 
     base = Config.from_toml(base_dir / spec["config"])
     eps = float(spec.get("epsilon", 1e-6))
@@ -157,6 +167,143 @@ def pl_bound(spec: dict, base_dir: Path, out: Path) -> dict:
     return {"seeds": [sa.as_dict() for sa in result.seeds]}
 
 
+def tied_l1_problem(n: int, d: int, ratio: float, seed: int):
+    """X (n, d), y (n,) whose minimum-l1 interpolators form a segment: column 2 is
+    (x_0 + ratio x_1) / (1 + ratio) and y = x_0 + ratio x_1, so every
+    theta(t) = (1 - t) (e_0 + ratio e_1) + t (1 + ratio) e_2, t in [0, 1], interpolates with the
+    same l1 norm 1 + ratio (the other columns are Gaussian)."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d))
+    X[:, 2] = (X[:, 0] + ratio * X[:, 1]) / (1 + ratio)
+    return X, X[:, 0] + ratio * X[:, 1]
+
+
+def tie_break_position(power: float, ratio: float) -> float:
+    """t*(D): where on the segment of :func:`tied_l1_problem` the small-alpha limit of theta =
+    u^D - v^D from u = v = alpha ends.
+
+    At small alpha the potential is (a scale times) the l1 norm plus a next-order term that
+    breaks the tie: sum theta log theta for D = 2 (the hyperbolic entropy, theta arcsinh(theta /
+    beta) ~ theta log(2 theta / beta)), -(D/2) sum theta^(2/D) for D > 2 (Woodworth's
+    q_D(x) ~ x - (D/2) x^(2/D)). Its stationary point on ((1-t), ratio (1-t), (1+ratio) t):
+    t / (1 - t) = ratio^(ratio/(1+ratio)) / (1 + ratio) for D = 2, and
+    (t / (1 - t))^(1 - 2/D) = (1 + ratio)^(2/D) / (1 + ratio^(2/D)) for D > 2."""
+    k = ratio
+    if power == 2:
+        odds = k ** (k / (1 + k)) / (1 + k)
+    else:
+        e = 2.0 / power
+        odds = ((1 + k) ** e / (1 + k ** e)) ** (1.0 / (1.0 - e))
+    return odds / (1 + odds)
+
+
+def l1_distance_to_minimizers(X, y, theta, l1_min: float) -> float:
+    """min ||theta - x||_1 over the minimum-l1 interpolators {X x = y, ||x||_1 <= l1_min} (an LP,
+    HiGHS; the l1 bound loosened by 1e-9 relative for the LP's own tolerance)."""
+    from scipy.optimize import linprog
+
+    d = X.shape[1]
+    eye, one = np.eye(d), np.ones(d)
+    A_ub = np.block([[eye, -eye, -eye], [-eye, eye, -eye],
+                     [one[None], one[None], np.zeros((1, d))]])
+    b_ub = np.concatenate([theta, -theta, [l1_min * (1 + 1e-9)]])
+    A_eq = np.hstack([X, -X, np.zeros_like(X)])
+    res = linprog(np.concatenate([np.zeros(2 * d), one]), A_ub=A_ub, b_ub=b_ub, A_eq=A_eq, b_eq=y,
+                  bounds=(0, None), method="highs")
+    if res.status != 0:
+        raise RuntimeError(f"the l1 distance LP failed: {res.message}")
+    return float(res.fun)
+
+
+#: Relative l1 distances below this are within the tolerance of the distance LP.
+LP_FLOOR = 1e-9
+
+
+def which_l1_minimizer(spec: dict, base_dir: Path, out: Path) -> dict:
+    """Figure (d): on a problem whose minimum-l1 interpolator is not unique, the predicted limit
+    of theta = u^D - v^D from u = v = alpha against alpha^D, for several D (each point one
+    prediction), cross-checked by dopri5 runs at three alphas."""
+    import tempfile
+
+    from .parametrization import Parametrization
+    from .prediction import min_l1_interpolator, predict_arrays, weighted_l1_interpolator
+    from .simulate import simulate
+
+    del base_dir
+    ratio = float(spec["tie_ratio"])
+    X, y = tied_l1_problem(int(spec["n"]), int(spec["d"]), ratio, int(spec["seed"]))
+    d = X.shape[1]
+    l1_min = float(np.abs(min_l1_interpolator(X, y)).sum())
+    # non-uniqueness: two tie-breaking weightings pick different minimum-l1 interpolators
+    ends = []
+    for favoured in ([2], [0, 1]):
+        weights = np.ones(d)
+        weights[favoured] = 1 + 1e-3
+        ends.append(weighted_l1_interpolator(X, y, weights))
+    norms = [float(np.abs(e).sum()) for e in ends]
+    if max(abs(m - l1_min) for m in norms) > 1e-8 * l1_min or np.abs(ends[0] - ends[1]).sum() < 1e-3 * l1_min:
+        raise RuntimeError(f"the constructed problem has a unique minimum-l1 interpolator (l1 norms "
+                           f"{norms}, minimum {l1_min}): change which_l1.seed or n, d")
+    scales = np.asarray(spec["scales"], dtype=np.float64)
+    powers = [float(p) for p in spec["powers"]]
+    curves = {}
+    for D in powers:
+        param = Parametrization("power", 1, D)
+        u0 = np.ones((len(scales), 2, d)) * (scales ** (1.0 / D))[:, None, None]
+        theta = predict_arrays(X, y, u0, parametrization=param).theta
+        curves[D] = {"position": (theta[:, 2] / (1 + ratio)).tolist(),
+                     "distance": [l1_distance_to_minimizers(X, y, th, l1_min) / l1_min for th in theta],
+                     "tie_break": tie_break_position(D, ratio)}
+    runs = {}
+    with tempfile.TemporaryDirectory() as folder:
+        data = Path(folder) / "tied_l1.npz"
+        np.savez(data, X=X, y=y)
+        for D in powers:
+            for scale in spec["run_scales"]:
+                cfg = Config.from_dict({
+                    "problem": {"path": str(data)},
+                    "model": {"parametrization": "power", "power": D, "alpha": scale ** (1.0 / D),
+                              "init": "balanced"},
+                    "integrator": {"rtol": 1e-10, "atol": 1e-14, "t_end": 1e6, "loss_tol": 1e-16},
+                    "run": {"seeds": 1, "checkpoints": 2}})
+                run = simulate(cfg)
+                theta_run = run.theta[-1, 0]
+                predicted = predict_arrays(X, y, run.u0, parametrization=Parametrization("power", 1, D)).theta[0]
+                runs.setdefault(D, []).append({
+                    "scale": scale, "position": float(theta_run[2] / (1 + ratio)),
+                    "distance": l1_distance_to_minimizers(X, y, theta_run, l1_min) / l1_min,
+                    "max_difference_to_prediction": float(np.abs(theta_run - predicted).max()),
+                    "t": float(run.t_seed[-1, 0]), "loss": float(run.loss[-1, 0])})
+                run.close()
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, D in enumerate(powers):
+        c, color = curves[D], colors[i % len(colors)]
+        axes[0].loglog(scales, np.maximum(c["distance"], LP_FLOOR), "o-", color=color, label=f"D = {D:g}")
+        axes[1].semilogx(scales, c["position"], "o-", color=color, label=f"D = {D:g}")
+        axes[1].axhline(c["tie_break"], color=color, ls="--", lw=1)
+        r = runs[D]
+        axes[0].loglog([x["scale"] for x in r], [max(x["distance"], LP_FLOOR) for x in r], "s", mfc="none", ms=10,
+                       color=color, label="dopri5 runs" if i == 0 else None)
+        axes[1].semilogx([x["scale"] for x in r], [x["position"] for x in r], "s", mfc="none", ms=10,
+                         color=color, label="dopri5 runs" if i == 0 else None)
+    # the LP's l1 bound is loosened by 1e-9 relative: closer than that is a distance of 0
+    axes[0].axhspan(LP_FLOOR / 10, LP_FLOOR, color="0.85", zorder=0, label="LP tolerance")
+    axes[0].set_ylabel("l1 distance to the minimum-l1 set / min l1 norm")
+    axes[0].set_title("the limit reaches the set of l1 minimizers")
+    axes[1].set_ylabel("t: theta_2 / (1 + r) along the segment of minimizers")
+    axes[1].set_title("which l1 minimizer (dashed: small-alpha tie-break)")
+    for ax in axes:
+        ax.set_xlabel("alpha^D (theta = u^D - v^D from u = v = alpha)")
+        ax.invert_xaxis()
+    _save(plt, fig, axes, out / "which_l1_minimizer.png",
+          f"Non-unique minimum-l1 interpolator: n = {X.shape[0]}, d = {d}, column 2 = "
+          f"(x_0 + {ratio:g} x_1) / {1 + ratio:g}; each point one predict")
+    return {"scales": scales.tolist(), "l1_min": l1_min, "lp_ends": [e[:3].tolist() for e in ends],
+            **{f"D{D:g}": {**curves[D], "runs": runs[D]} for D in powers}}
+
+
 def step_size(spec: dict, base_dir: Path, out: Path) -> dict:
     """Figure (d); returns the numbers it plots."""
     import warnings
@@ -165,7 +312,7 @@ def step_size(spec: dict, base_dir: Path, out: Path) -> dict:
     from .init import initial_layers
     from .problem import make_problem
     from .simulate import simulate
-    from .theory import min_l1_interpolator, predict_arrays
+    from .prediction import min_l1_interpolator, predict_arrays
 
     base = Config.from_toml(base_dir / spec["config"])
     problem = make_problem(base)
@@ -232,22 +379,24 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="data/paper", help="folder with figures.toml")
     parser.add_argument("--out", default="figures", help="output folder for the PNGs")
-    parser.add_argument("--only", choices=["implicit_bias", "time_to_epsilon", "pl_bound", "step_size"],
-                        action="append")
+    parser.add_argument("--only", choices=list(FIGURES), action="append")
     args = parser.parse_args(argv)
     base_dir = Path(args.configs)
     spec = read_toml(base_dir / "figures.toml")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     numbers = {}
-    for name, fn in (("implicit_bias", implicit_bias), ("time_to_epsilon", time_to_epsilon),
-                     ("pl_bound", pl_bound), ("step_size", step_size)):
+    for name, fn in FIGURES.items():
         if args.only and name not in args.only:
             continue
         start = time.perf_counter()
         numbers[name] = fn(spec[name], base_dir, out)
         print(f"{out / (name + '.png')}: {time.perf_counter() - start:.1f} s", flush=True)
     (out / "numbers.json").write_text(json.dumps(numbers, indent=1))
+
+
+FIGURES = {"implicit_bias": implicit_bias, "time_to_epsilon": time_to_epsilon, "pl_bound": pl_bound,
+           "which_l1_minimizer": which_l1_minimizer, "step_size": step_size}
 
 
 if __name__ == "__main__":  # pragma: no cover

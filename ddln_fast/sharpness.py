@@ -1,14 +1,16 @@
 """Sharpness: the largest eigenvalue of the loss Hessian in layer space, per seed.
 
-The loss of the layers is F(U) = ||X theta(U) - y||^2 / (2n) with theta = u^1 * ... * u^L. With
-P^j = prod_{k != j} u^k (the all-but-one products) and g = X^T (X theta - y) / n, its Hessian
-applied to a direction V = (v^1, ..., v^L) is
+The loss of the layers is F(U) = ||X theta(U) - y||^2 / (2n). With J^j = d theta / d u^j (for the
+product theta = u^1 * ... * u^L the all-but-one products P^j = prod_{k != j} u^k) and
+g = X^T (X theta - y) / n, its Hessian applied to a direction V = (v^1, ..., v^L) is
 
-    (H V)^j = (X^T X dtheta / n) * P^j + g * dP^j[V],   dtheta = sum_k v^k * P^k,
+    (H V)^j = (X^T X dtheta / n) * J^j + g * dJ^j[V],   dtheta = sum_k v^k * J^k,
 
-where dP^j[V] = sum_{k != j} v^k prod_{m != j, k} u^m is the derivative of P^j along V. Both
+where dJ^j[V] is the derivative of J^j along V (product: sum_{k != j} v^k prod_{m != j, k} u^m).
 P^j and dP^j come from prefix and suffix products of the dual numbers (u^k, v^k), so nothing is
 divided by a layer (layers may be exactly zero, e.g. the first layer of ``first_layer_zero``).
+The difference parametrization (:mod:`ddln_fast.parametrization`) has these per half, the v half
+negated; the power one J = +-D u^(D-1) and dJ = +-D (D - 1) u^(D-2) v.
 
 The largest (algebraic) eigenvalue lambda_max is found by the Lanczos iteration on these exact
 products, all seeds together; gradient descent with step dt is linearly stable at U only if
@@ -19,6 +21,7 @@ dt ~ 2 / lambda_max). Every product is in float64.
 from __future__ import annotations
 
 import numpy as np
+from scipy.linalg import eigvalsh_tridiagonal
 
 #: Where the stability interval of each fixed-step method on the negative real axis ends:
 #: z = -dt * lambda is stable for z in [-bound, 0] (Euler: |1 + z| <= 1; classical RK4: the
@@ -71,7 +74,21 @@ def _products_and_derivatives(layers, V):
     return P, dP
 
 
-def hessian_vector_product(X, y, layers, V) -> np.ndarray:
+def _jacobian_and_derivative(layers, V, parametrization):
+    """J = d theta / d layers and its derivative along V, both (S, P, d)."""
+    if parametrization is None or parametrization.name == "product":
+        return _products_and_derivatives(layers, V)
+    if parametrization.name == "power":
+        D = parametrization.power
+        sign = np.array([1.0, -1.0])[None, :, None]
+        return sign * D * layers ** (D - 1), sign * (D * (D - 1)) * layers ** (D - 2) * V
+    L = parametrization.depth
+    Pu, dPu = _products_and_derivatives(layers[:, :L], V[:, :L])
+    Pv, dPv = _products_and_derivatives(layers[:, L:], V[:, L:])
+    return np.concatenate([Pu, -Pv], axis=1), np.concatenate([dPu, -dPv], axis=1)
+
+
+def hessian_vector_product(X, y, layers, V, parametrization=None) -> np.ndarray:
     """H V for the loss F(U) = ||X theta(U) - y||^2 / (2n) of every seed (exact).
 
     Parameters
@@ -79,20 +96,22 @@ def hessian_vector_product(X, y, layers, V) -> np.ndarray:
     X : ndarray of shape (n, d) or (S, n, d)
         Shared design or one per seed.
     y : ndarray of shape (n,) or (S, n)
-    layers : ndarray of shape (S, L, d)
+    layers : ndarray of shape (S, P, d)
         The point U of every seed.
-    V : ndarray of shape (S, L, d)
+    V : ndarray of shape (S, P, d)
         The directions.
+    parametrization : Parametrization, optional
+        How theta is made of the layers (default: their product).
 
     Returns
     -------
-    ndarray of shape (S, L, d)
+    ndarray of shape (S, P, d)
     """
     X, y, layers, _ = _as_batches(X, y, layers)
     V = np.asarray(V, dtype=np.float64).reshape(layers.shape)
     n = X.shape[-2]
-    P, dP = _products_and_derivatives(layers, V)
-    theta = layers.prod(axis=1)
+    P, dP = _jacobian_and_derivative(layers, V, parametrization)
+    theta = layers.prod(axis=1) if parametrization is None else parametrization.theta(layers)
     g = _times_XT(X, _times_X(X, theta) - y) / n
     dtheta = np.sum(V * P, axis=1)
     q = _times_XT(X, _times_X(X, dtheta)) / n
@@ -100,7 +119,7 @@ def hessian_vector_product(X, y, layers, V) -> np.ndarray:
 
 
 def top_hessian_eigenvalue(X, y, layers, *, rtol: float = 1e-10, max_iter: int = 300,
-                           seed: int = 0) -> np.ndarray | float:
+                           seed: int = 0, parametrization=None) -> np.ndarray | float:
     """lambda_max, the largest eigenvalue of the loss Hessian in layer space, per seed.
 
     Lanczos on exact Hessian-vector products, all seeds at once, from a random start (fixed
@@ -118,13 +137,13 @@ def top_hessian_eigenvalue(X, y, layers, *, rtol: float = 1e-10, max_iter: int =
         Relative change of the estimate that ends the iteration.
     max_iter : int
         At most this many Hessian-vector products per seed (and at most L * d).
+    parametrization : Parametrization, optional
+        How theta is made of the layers (default: their product).
 
     Returns
     -------
     ndarray of shape (S,), or a float for layers of shape (L, d)
     """
-    from scipy.linalg import eigvalsh_tridiagonal
-
     X, y, layers, single = _as_batches(X, y, layers)
     S, L, d = layers.shape
     size = L * d
@@ -139,7 +158,7 @@ def top_hessian_eigenvalue(X, y, layers, *, rtol: float = 1e-10, max_iter: int =
     done = np.zeros(S, dtype=bool)
     steps = np.zeros(S, dtype=np.int64)
     for k in range(iterations):
-        w = hessian_vector_product(X, y, layers, v.reshape(S, L, d)).reshape(S, size)
+        w = hessian_vector_product(X, y, layers, v.reshape(S, L, d), parametrization).reshape(S, size)
         alpha = np.einsum("si,si->s", w, v)
         w -= alpha[:, None] * v + betas[:, k - 1][:, None] * v_prev if k else alpha[:, None] * v
         beta = np.linalg.norm(w, axis=1)

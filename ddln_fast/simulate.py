@@ -22,7 +22,11 @@ from .diagnostics import CheckpointDiagnostics
 from .errors import AlreadyComplete, InputError
 from .init import initial_layers, sign_trap_coordinates
 from .methods import METHODS, is_adaptive
+from .parametrization import Parametrization
 from .problem import make_problem
+# imported with the package, not inside limit_threads: scipy's own OpenBLAS, loaded by it, then
+# gets the thread limit like numpy's (a library loaded inside the limit keeps its default pool)
+from .sharpness import STABILITY_BOUNDS, stability_limits
 from .solver import Solver
 from .store import Run, RunWriter, extend_run, open_h5, provenance
 from .threads import limit_threads
@@ -101,8 +105,11 @@ def _strictly_increasing_steps(targets: np.ndarray, last: int) -> np.ndarray:
 
 
 def check_initialization(config: Config, u0: np.ndarray) -> None:
-    """Warn about the sign trap (violated assumption (A)) and about underflow of theta."""
-    if config.model.depth > 1:
+    """Warn about the sign trap (violated assumption (A); the product parametrization only: the
+    difference and power forms change sign through their two halves) and about underflow of
+    theta."""
+    param = Parametrization.from_config(config)
+    if param.name == "product" and config.model.depth > 1:
         trapped = sign_trap_coordinates(u0)
         count = int(trapped.sum())
         if count:
@@ -115,7 +122,7 @@ def check_initialization(config: Config, u0: np.ndarray) -> None:
     nonzero = np.abs(u0[u0 != 0])
     if nonzero.size and config.integrator.method != "dual":  # dual: clock maps in log form
         # in log10, so that the number can be printed even below float64's range
-        exponent = float(np.log10(nonzero.min())) * config.model.depth
+        exponent = float(np.log10(nonzero.min())) * param.degree
         if exponent < np.log10(tiny):
             whole = int(np.floor(exponent))
             warnings.warn(
@@ -162,8 +169,6 @@ def check_step_stability(config: Config, problem, u0: np.ndarray) -> None:
     bound / lambda_max (gradient descent: 2 / lambda_max, lambda_max the largest eigenvalue of
     the loss Hessian in layer space), and print the limit. Large steps stay allowed (the edge
     of stability is a regime worth simulating)."""
-    from .sharpness import STABILITY_BOUNDS, stability_limits
-
     integ = config.integrator
     method, dt = integ.method, integ.dt
     if is_adaptive(method):
@@ -176,7 +181,7 @@ def check_step_stability(config: Config, problem, u0: np.ndarray) -> None:
         if integ.momentum:
             what += f" with {'Nesterov' if integ.nesterov else 'heavy-ball'} momentum {integ.momentum:g}"
     limits = stability_limits(method, problem.X, problem.y, u0, bound=bound, shift=integ.weight_decay,
-                              rtol=1e-6, max_iter=100)
+                              rtol=1e-6, max_iter=100, parametrization=Parametrization.from_config(config))
     above = np.flatnonzero(dt > limits)
     if above.size:
         worst = int(np.argmin(limits))
@@ -316,8 +321,10 @@ def _start_or_resume(config, path, progress, resume, threads, on_checkpoint, sto
         shapes = integrator.state_shapes()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        writer = RunWriter.create(path, config, problem, u0,
-                                  {**provenance(used_threads), **integrator.run_attributes()}, shapes,
+        # the parametrization travels with the provenance: root attributes written at creation
+        attributes = {**provenance(used_threads), **Parametrization.from_config(config).run_attributes(),
+                      **integrator.run_attributes()}
+        writer = RunWriter.create(path, config, problem, u0, attributes, shapes,
                                   {**integrator.checkpoint_rows(), **diagnostics.rows(u0.shape[0])},
                                   _fixed_shapes(integrator))
         return _drive(config, integrator, diagnostics, writer, times, 0, progress, on_checkpoint,
@@ -331,7 +338,8 @@ def _make_integrator(config: Config, problem, u0) -> Solver:
     descent = DescentOptions.from_config(config) if integ.method in DESCENT_METHODS else None
     options = dict(descent=descent, dt=integ.dt, rtol=integ.rtol, atol=integ.atol,
                    loss_tol=integ.loss_tol, max_steps=integ.max_steps,
-                   dtype=np.dtype(config.run.dtype).type)
+                   dtype=np.dtype(config.run.dtype).type,
+                   parametrization=Parametrization.from_config(config))
     if integ.method == "dual":  # it records activation events, at a level set from the config
         from .events import activation_levels
 

@@ -198,16 +198,22 @@ class StochasticGradientDescent(Integrator):
     method : str
         ``"sgd"`` or ``"euler"`` (the run file's method name).
     problem : Problem
-    u0 : ndarray of shape (S, L, d)
+    u0 : ndarray of shape (S, P, d)
     options : DescentOptions
-    dt, loss_tol, max_steps, dtype
-        As for :class:`ddln_fast.integrators.Integrator` (``dt`` is the first step size).
+    dt, loss_tol, max_steps, dtype, parametrization
+        As for :class:`ddln_fast.integrators.Integrator` (``dt`` is the first step size). The
+        momentum and weight-decay kernels take the product parametrization only (the config
+        refuses the others with them).
     """
 
     def __init__(self, method: str, problem: Problem, u0, options: DescentOptions, dt=0.01,
-                 rtol=1e-8, atol=1e-12, loss_tol=0.0, max_steps=10_000_000, dtype=np.float64):
+                 rtol=1e-8, atol=1e-12, loss_tol=0.0, max_steps=10_000_000, dtype=np.float64,
+                 parametrization=None):
         super().__init__("euler", problem, u0, dt=dt, rtol=rtol, atol=atol, loss_tol=loss_tol,
-                         max_steps=max_steps, dtype=dtype)
+                         max_steps=max_steps, dtype=dtype, parametrization=parametrization)
+        if (options.momentum or options.weight_decay) and self.parametrization.name != "product":
+            raise InputError(f"momentum and weight decay take the product parametrization only, not "
+                             f'"{self.parametrization.name}"')
         self.method = method
         self.options = o = options
         n, S = problem.n, self.seeds
@@ -277,8 +283,8 @@ class StochasticGradientDescent(Integrator):
                                              active, self.live, o.momentum, o.nesterov,
                                              o.weight_decay, self.theta, self.scratch)
         else:
-            kernels.euler_step(self.U, self.G, self.inv_batch, self.h_work, active, self.live,
-                               self.theta, self.scratch)
+            kernels.euler_step(self.U, self.G, self.inv_batch, self.h_work, self.param, active,
+                               self.live, self.theta, self.scratch)
 
     def _draw_batches(self, active) -> None:
         """Each active seed's next batch: ``order[s, starts[s]:starts[s] + b]``."""

@@ -121,3 +121,69 @@ def small_config_tables(overrides: dict | None = None) -> dict:
         section, name = key.split(".")
         tables.setdefault(section, {})[name] = value
     return tables
+
+
+# -- the difference and power parametrizations ----------------------------------------------------
+# theta = prod_j u^j - prod_j v^j (layers (2L, d), the u half first) or u^D - v^D (layers (2, d));
+# every layer row moves by -g times the derivative of theta in that row.
+def parametrized_theta(name: str, U: np.ndarray, power: float = 0.0) -> np.ndarray:
+    """theta of layers U (P, d) for ``name`` in product, difference, power."""
+    if name == "power":
+        return U[0] ** power - U[1] ** power
+    if name == "difference":
+        L = U.shape[0] // 2
+        return np.prod(U[:L], axis=0) - np.prod(U[L:], axis=0)
+    return np.prod(U, axis=0)
+
+
+def parametrized_theta_gradient(name: str, U: np.ndarray, power: float = 0.0) -> np.ndarray:
+    """d theta / d U, shape (P, d): all-but-one products (v half negated), or +-D u^(D-1)."""
+    if name == "power":
+        return np.stack([power * U[0] ** (power - 1), -power * U[1] ** (power - 1)])
+    if name == "difference":
+        L = U.shape[0] // 2
+        return np.concatenate([all_but_one_products(U[:L]), -all_but_one_products(U[L:])])
+    return all_but_one_products(U)
+
+
+def parametrized_flow_rhs(X, y, name: str, rows: int, power: float = 0.0, clock: bool = False):
+    """The flattened layer flow vec(U) (P*d,) -> d vec(U)/dt, for ``solve_ivp``; with ``clock``
+    the state carries s = int_0^t g(theta) after the layers (P*d + d,)."""
+    d = X.shape[1]
+
+    def rhs(t, z):
+        U = z[: rows * d].reshape(rows, d)
+        g = gradient(X, y, parametrized_theta(name, U, power))
+        du = (-g[None, :] * parametrized_theta_gradient(name, U, power)).ravel()
+        return np.concatenate([du, g]) if clock else du
+
+    return rhs
+
+
+def parametrized_reference_layers(X, y, u0, times, name: str, power: float = 0.0, clock=False):
+    """Layers (and with ``clock`` the clocks s) at ``times`` by DOP853 (rtol 1e-12, atol 1e-14),
+    one interval at a time. u0 (P, d); returns (len(times), P, d) [, (len(times), d)]."""
+    rows, d = u0.shape
+    rhs = parametrized_flow_rhs(X, y, name, rows, power, clock)
+    z = np.concatenate([u0.ravel(), np.zeros(d)]) if clock else u0.ravel().copy()
+    out = [z.copy()]
+    for k in range(1, len(times)):
+        sol = solve_ivp(rhs, (times[k - 1], times[k]), z, method="DOP853",
+                        rtol=REFERENCE_RTOL, atol=REFERENCE_ATOL)
+        assert sol.success, sol.message
+        z = sol.y[:, -1]
+        out.append(z.copy())
+    out = np.array(out)
+    layers = out[:, : rows * d].reshape(len(times), rows, d)
+    return (layers, out[:, rows * d:]) if clock else layers
+
+
+def parametrized_gradient_descent(X, y, u0, eta: float, steps: int, name: str, power: float = 0.0):
+    """Plain gradient descent on the layers of ``name``; every iterate, (steps + 1, P, d)."""
+    U = np.array(u0, dtype=np.float64)
+    out = [U.copy()]
+    for _ in range(steps):
+        g = gradient(X, y, parametrized_theta(name, U, power))
+        U = U - eta * g[None, :] * parametrized_theta_gradient(name, U, power)
+        out.append(U.copy())
+    return np.array(out)

@@ -410,3 +410,30 @@ def test_analyze_prints_the_events_of_a_dual_run(tmp_path):
     data = json.loads(proc.stdout)
     assert len(data["events"]["seeds"]) == 2
     assert all(seed["activated"] for seed in data["events"]["seeds"])
+
+
+# --- the difference and power parametrizations ----------------------------------------------------
+
+@pytest.mark.parametrize("name, depth, power", [("difference", 2, 0.0), ("difference", 3, 0.0),
+                                                ("power", 1, 2.0), ("power", 1, 2.5)])
+def test_dual_method_for_the_difference_and_power_parametrizations(name, depth, power):
+    """The dual method on the parametrized clock map against DOP853 on the flattened layer flow
+    of the parametrization (references.parametrized_reference_layers), to 1e-8; a long run ends
+    at predict_limit; the drift of each half (power: its conserved quantity) stays at rounding."""
+    from ddln_fast import predict_limit, simulate
+    from references import parametrized_reference_layers
+
+    model = {"model.parametrization": name, "model.depth": depth, "model.power": power}
+    if name == "power":
+        model.update({"model.signs": "positive", "model.jitter": 0.2})
+    config = dual_config({**model, "integrator.t_end": 3.0, "run.checkpoints": 4})
+    run = simulate(config)
+    for s in range(config.run.seeds):
+        ref = parametrized_reference_layers(run.X, run.y, run.u0[s], run.t, name, power)
+        np.testing.assert_allclose(run.u[:, s], ref, rtol=0, atol=TRAJECTORY_TOLERANCE * np.abs(ref).max())
+        assert np.all(run.invariant_drift[:, s] < 1e-10)
+    long = dual_config({**model, "integrator.t_end": 1e4, "integrator.loss_tol": 1e-24,
+                        "run.checkpoints": 3, "run.spacing": "log"})
+    run = simulate(long)
+    limit = predict_limit(long)
+    np.testing.assert_allclose(run.theta[-1], limit, rtol=0, atol=1e-8 * np.abs(limit).max())

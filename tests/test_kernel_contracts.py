@@ -22,6 +22,7 @@ SCRIPT = textwrap.dedent("""
     from numba.core.runtime import rtsys
     from ddln_fast import controller, integrators, kernels, stochastic, stochastic_kernels
     from ddln_fast.integrators import Integrator
+    from ddln_fast.parametrization import Parametrization
     from ddln_fast.problem import Problem
     from ddln_fast.stochastic import DescentOptions, StochasticGradientDescent
 
@@ -68,6 +69,15 @@ SCRIPT = textwrap.dedent("""
                 solvers = [Integrator(method, Problem(X, y), layers, dt=1e-3, rtol=1e-6,
                                       atol=1e-9, dtype=dtype)
                            for method in ("euler", "rk4", "dopri5", "cash_karp")]
+                # the difference (2L rows) and power (2 rows) parametrizations: same kernels,
+                # same signatures (the parametrization is one (int, float) argument)
+                for method in ("euler", "rk4", "dopri5"):
+                    solvers.append(Integrator(method, Problem(X, y), np.concatenate([layers, layers], axis=1),
+                                              dt=1e-3, rtol=1e-6, atol=1e-9, dtype=dtype,
+                                              parametrization=Parametrization("difference", L)))
+                    solvers.append(Integrator(method, Problem(X, y), layers[:, :2], dt=1e-3, rtol=1e-6,
+                                              atol=1e-9, dtype=dtype,
+                                              parametrization=Parametrization("power", 1, 2.5)))
                 for options in descent:  # SGD's solver (the gain needs depth 2)
                     solvers.append(StochasticGradientDescent(
                         "sgd", Problem(X, y), layers[:, :2 if options.gain else L], options,

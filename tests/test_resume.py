@@ -110,6 +110,29 @@ def test_stop_then_resume_is_bit_identical(tmp_path, method, evaluations):
     assert_same_run_file(ref, out)
 
 
+@pytest.mark.parametrize("method, evaluations, model", [
+    ("euler", 3, {"parametrization": "difference", "depth": 3}),
+    ("dopri5", 2, {"parametrization": "difference", "depth": 2}),
+    ("rk4", 5, {"parametrization": "power", "power": 2.5, "init": "balanced"}),
+    ("dopri5", 2, {"parametrization": "power", "power": 3.0, "init": "gaussian", "jitter": 0.1})])
+def test_stop_then_resume_is_bit_identical_for_every_parametrization(tmp_path, method, evaluations, model):
+    """As above, for the difference and power parametrizations (2L or 2 layer rows)."""
+    from ddln_fast import Config
+    from ddln_fast.simulate import run_simulation
+
+    tables = {k: dict(v) for k, v in BASE.items()}
+    tables["integrator"]["method"] = method
+    tables["model"].update(model)
+    cfg = Config.from_dict(tables)
+    ref = reference_run(cfg, tmp_path / "reference.h5")
+    out = tmp_path / "stopped.h5"
+    report = run_simulation(cfg, out, threads=1, on_checkpoint=stop_request(3, evaluations))
+    report.run.close()
+    assert report.interrupted == "SIGINT" and committed_arrays(out)[0] == 4
+    run_simulation(cfg, out, resume=True, threads=1).run.close()
+    assert_same_run_file(ref, out)
+
+
 def test_dopri5_resume_from_its_first_checkpoint(tmp_path):
     """At checkpoint 0 dopri5 has no FSAL stage yet (it is computed by the first step): the
     resume must start it, not reuse the zeros of the slot."""

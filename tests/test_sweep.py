@@ -286,7 +286,7 @@ def test_summary_theory_columns(local_sweep, tasks, references):
         for row in rows.values():
             assert row["gap_to_prediction"] == "nan" and "no ddln_fast.analysis" in row["message"]
         return
-    from ddln_fast.theory import predict_limit
+    from ddln_fast.prediction import predict_limit
 
     for task in tasks:
         row = rows[task.id]

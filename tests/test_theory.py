@@ -1,4 +1,5 @@
-"""theory.py against independent references.
+"""theory.py (the mirror geometry on the clock map) and prediction.py against independent
+references.
 
 References (written here, not taken from the package):
 - ``quad_psi``: the mirror map psi(s) = int_0^s dr / prod_k sqrt(r^2 + delta_k) by scipy's quad;
@@ -7,6 +8,8 @@ References (written here, not taken from the package):
 - ``layer_ode``: the clock flow du^j/dtau = -prod_{k != j} u^k solved by scipy's solve_ivp (DOP853,
   rtol 1e-12), and the layer gradient flow augmented with the clock dtau/dt = g(theta);
 - ``naive_h``: h from the layers, sum_j prod_{k != j} (u^k)^2, as a loop over layers;
+- ``smallest_layer``: the unique smallest layer s with theta = sigma s prod_k sqrt(s^2 + delta_k),
+  by scipy's brentq (the geometry under (A): phi(theta) = sign(theta) psi(|s|));
 - scipy's linprog (HiGHS) on the split LP for the (weighted) minimum-l1 interpolator.
 Tolerances: quad's 1e-13 relative, solve_ivp's rtol 1e-12 over O(1) clock times (-> 1e-9), the
 dopri5 tolerance of the runs (rtol 1e-11 -> 1e-7 on limits reached at t ~ 1e3).
@@ -20,8 +23,8 @@ from scipy.integrate import quad, solve_ivp
 from scipy.optimize import linprog
 
 from ddln_fast import Config, InputError, simulate
-from ddln_fast.theory import (MirrorGeometry, assumption_a, clock_flow, min_l1_interpolator, predict,
-                              predict_limit, small_init_weights, weighted_l1_interpolator)
+from ddln_fast.prediction import min_l1_interpolator, predict, predict_limit, weighted_l1_interpolator
+from ddln_fast.theory import Geometry, assumption_a, clock_flow
 
 
 # -- references -----------------------------------------------------------------------------------
@@ -56,6 +59,28 @@ def clock_ode(u0_col, tau):
     return np.prod(sol.y[:, -1])
 
 
+def smallest_layer(theta, u0_col):
+    """s with theta = sigma s prod_{k != j*} sqrt(s^2 + delta_k) for one coordinate under (A)."""
+    from scipy.optimize import brentq
+
+    mags = np.abs(u0_col)
+    j = int(np.argmin(mags))
+    others = np.delete(u0_col, j)
+    gaps = others ** 2 - u0_col[j] ** 2
+    sigma = np.prod(np.sign(others))
+    f = lambda s: sigma * s * np.prod(np.sqrt(s * s + gaps)) - theta  # noqa: E731
+    hi = 1.0
+    while f(hi) * f(-hi) > 0:
+        hi *= 2
+    return brentq(f, -hi, hi, xtol=1e-300, rtol=1e-15, maxiter=500), gaps
+
+
+def psi_of_theta(theta, u0_col):
+    """phi(theta) with phi(0) = 0: sign(theta) psi(|s(theta)|) by quad."""
+    s, gaps = smallest_layer(theta, u0_col)
+    return np.sign(theta) * quad_psi(abs(s), gaps)
+
+
 def random_layers(rng, L, d, low=0.2, high=1.5):
     return rng.uniform(low, high, (L, d)) * rng.choice([-1.0, 1.0], (L, d))
 
@@ -69,24 +94,26 @@ def lp_l1(X, y, w_plus, w_minus):
 
 # -- closed forms ---------------------------------------------------------------------------------
 def test_depth2_closed_forms():
+    """phi, h, Q (normalized at theta0) and the clock map against the closed forms."""
     rng = np.random.default_rng(20)
     u0 = random_layers(rng, 2, 7)
-    geo = MirrorGeometry.from_layers(u0)
+    geo = Geometry.from_layers(u0)
     a, b = u0
     delta = np.abs(a ** 2 - b ** 2)
+    theta0 = a * b
     theta = rng.normal(size=7) * 3
-    np.testing.assert_allclose(geo.mirror_map(theta), 0.5 * np.arcsinh(2 * theta / delta), rtol=1e-13, atol=1e-15)
-    np.testing.assert_allclose(geo.h(theta), np.sqrt(delta ** 2 + 4 * theta ** 2), rtol=1e-13)
-    # potential: Q(theta) = int_0^theta phi, by quad of the closed-form phi
-    Q_ref = [quad(lambda x: 0.5 * np.arcsinh(2 * x / dl), 0, t, epsabs=0, epsrel=1e-13)[0]
-             for t, dl in zip(theta, delta)]
-    np.testing.assert_allclose(geo.potential(theta), Q_ref, rtol=1e-11)
+    phi = lambda x: 0.5 * np.arcsinh(2 * x / delta)  # noqa: E731
+    np.testing.assert_allclose(geo.mirror_map(theta, 0), phi(theta) - phi(theta0), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(geo.h(theta, 0), np.sqrt(delta ** 2 + 4 * theta ** 2), rtol=1e-13)
+    # potential: Q(theta) = int_theta0^theta (phi - phi(theta0)), by quad of the closed-form phi
+    Q_ref = [quad(lambda x: 0.5 * np.arcsinh(2 * x / dl) - 0.5 * np.arcsinh(2 * t0 / dl), t0, t,
+                  epsabs=0, epsrel=1e-13)[0] for t, t0, dl in zip(theta, theta0, delta)]
+    np.testing.assert_allclose(geo.potential(theta, 0), Q_ref, rtol=1e-11, atol=1e-15)
     for tau in (-0.7, 0.4, 2.0):
         ref = ((a + b) ** 2 * np.exp(-2 * tau) - (a - b) ** 2 * np.exp(2 * tau)) / 4
-        got, blown = geo.clock_map(np.full(7, tau))
-        assert not blown.any()
+        got = geo.evaluate(np.full(7, tau), 0)[0]
         np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14)
-    assert np.all(np.isinf(geo.bound))
+    assert np.all(np.isinf(geo.blow_up[0])) and np.all(np.isinf(geo.blow_up[1]))
 
 
 @pytest.mark.parametrize("L", [3, 4, 5, 7])
@@ -94,38 +121,40 @@ def test_mirror_map_and_bound_vs_quadrature(L):
     """depth 3: elliptic integrals; depth >= 4: the quadrature table; both against quad."""
     rng = np.random.default_rng(30 + L)
     u0 = random_layers(rng, L, 6, 0.05, 1.5)
-    geo = MirrorGeometry.from_layers(u0)
+    geo = Geometry.from_layers(u0)
+    theta0 = np.prod(u0, axis=0)
     theta = np.concatenate([rng.normal(size=3) * 2, [1e-7, -40.0, 3e3]])
-    s = geo.smallest_layer(theta)
-    np.testing.assert_allclose(geo.theta_of_smallest(s), theta, rtol=1e-14)
-    ref = [np.sign(t) * quad_psi(abs(si), geo.a.gaps[:, i]) for i, (t, si) in enumerate(zip(theta, s))]
-    np.testing.assert_allclose(geo.mirror_map(theta), ref, rtol=1e-12)
-    bound_ref = [quad_psi(np.inf, geo.a.gaps[:, i]) for i in range(6)]
-    np.testing.assert_allclose(geo.bound, bound_ref, rtol=1e-12)
-    # inverse: round trip, also close to the bound of the dual range
-    v = np.array([-0.9, -0.5, 0.0, 0.3, 0.99, 0.999999]) * geo.bound
-    back = geo.mirror_map(geo.inverse_mirror_map(v))
-    np.testing.assert_allclose(back, v, rtol=1e-12, atol=1e-15)
-    # conjugate identity theta phi - Q = s^2 / 2 with Q = int_0^theta phi by quad
+    phi0 = np.array([psi_of_theta(t0, u0[:, i]) for i, t0 in enumerate(theta0)])
+    ref = np.array([psi_of_theta(t, u0[:, i]) for i, t in enumerate(theta)]) - phi0
+    np.testing.assert_allclose(geo.mirror_map(theta, 0), ref, rtol=1e-12, atol=1e-14)
+    # the blow-up clocks are the ends of the dual range phi - phi0 in (-b - phi0, b - phi0)
+    bound_ref = np.array([quad_psi(np.inf, smallest_layer(0.0, u0[:, i])[1]) for i in range(6)])
+    np.testing.assert_allclose(geo.blow_up[0][0], phi0 - bound_ref, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(geo.blow_up[1][0], phi0 + bound_ref, rtol=1e-12, atol=1e-14)
+    # inverse: round trip, also close to the blow-up clocks
+    lower, upper = geo.blow_up[0][0], geo.blow_up[1][0]
+    s = lower + np.array([0.05, 0.25, 0.5, 0.65, 0.995, 0.9999995]) * (upper - lower)
+    back = geo.clock(geo.evaluate(s, 0)[0], 0)
+    np.testing.assert_allclose(back, s, rtol=1e-12, atol=1e-15)
+    # Q = int_theta0^theta (phi - phi0) by quad over the mirror map
     i = 0
-    Q_ref = quad(lambda x: geo.mirror_map(np.full(6, x))[i], 0, theta[i], epsabs=0, epsrel=1e-12)[0]
-    np.testing.assert_allclose(geo.potential(theta)[i], Q_ref, rtol=1e-10)
+    Q_ref = quad(lambda x: geo.mirror_map(np.full(6, x), 0)[i], theta0[i], theta[i], epsabs=0, epsrel=1e-12)[0]
+    np.testing.assert_allclose(geo.potential(theta, 0)[i], Q_ref, rtol=1e-10)
 
 
 def test_equal_gaps_hypergeometric_vs_quadrature():
     u0 = np.full((5, 4), 0.3)
-    u0[0] = 0.0  # first layer zero: all four gaps equal 0.09
-    geo = MirrorGeometry.from_layers(u0)
-    assert geo._equal_gaps
+    u0[0] = 0.0  # first layer zero: all four gaps equal 0.09, theta0 = phi0 = 0
+    geo = Geometry.from_layers(u0)
     theta = np.array([1e-6, 0.3, -5.0, 1e4])
-    s = geo.smallest_layer(theta)
-    ref = [np.sign(t) * quad_psi(abs(si), geo.a.gaps[:, 0]) for t, si in zip(theta, s)]
-    np.testing.assert_allclose(geo.mirror_map(theta), ref, rtol=1e-12)
+    ref = [psi_of_theta(t, u0[:, 0]) for t in theta]
+    np.testing.assert_allclose(geo.mirror_map(theta, 0), ref, rtol=1e-12)
     from scipy.special import gamma
 
     delta, L = 0.09, 5  # b = delta^{(2-L)/2} sqrt(pi) Gamma((L-2)/2) / (2 Gamma((L-1)/2))
-    np.testing.assert_allclose(geo.bound, delta ** ((2 - L) / 2) * np.sqrt(np.pi) * gamma(1.5) / (2 * gamma(2.0)),
-                               rtol=1e-13)
+    b = delta ** ((2 - L) / 2) * np.sqrt(np.pi) * gamma(1.5) / (2 * gamma(2.0))
+    np.testing.assert_allclose(geo.blow_up[1][0], b, rtol=1e-13)
+    np.testing.assert_allclose(geo.blow_up[0][0], -b, rtol=1e-13)
 
 
 # -- h, mirror identity and the clock map along trajectories ------------------------------------
@@ -140,12 +169,12 @@ def small_problem(L, seeds=2, t_end=5.0, **model):
 @pytest.mark.parametrize("L", [2, 3, 4])
 def test_h_from_theta_equals_h_from_layers(L):
     run = simulate(small_problem(L))
+    geo = Geometry.from_layers(run.u0)
     for s in range(2):
-        geo = MirrorGeometry.from_layers(run.u0[s])
         u = run.u[:, s]  # (K, L, d)
-        np.testing.assert_allclose(geo.h(run.theta[:, s]), naive_h(np.moveaxis(u, 1, 0)), rtol=1e-10)
+        np.testing.assert_allclose(geo.h(run.theta[:, s], s), naive_h(np.moveaxis(u, 1, 0)), rtol=1e-10)
         # the layers rebuilt from theta are the simulated ones (invariants)
-        np.testing.assert_allclose(np.moveaxis(geo.layers(run.theta[:, s]), 0, 1), u, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(geo.layers(run.theta[:, s], s), u, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("L", [2, 3, 5])
@@ -166,13 +195,12 @@ def test_mirror_identity_with_carried_clock(L):
     times = [0.5, 2.0, 6.0]
     sol = solve_ivp(rhs, (0, times[-1]), np.concatenate([u0.ravel(), np.zeros(d)]), method="DOP853",
                     rtol=1e-12, atol=1e-14, t_eval=times)
-    geo = MirrorGeometry.from_layers(u0)
+    geo = Geometry.from_layers(u0)
     for k in range(len(times)):
         theta = np.prod(sol.y[: L * d, k].reshape(L, d), axis=0)
         tau = sol.y[L * d:, k]
-        np.testing.assert_allclose(geo.mirror_map(theta) - geo.phi0, -tau, atol=1e-9)
-        clock, blown = geo.clock_map(tau)
-        assert not blown.any()
+        np.testing.assert_allclose(geo.mirror_map(theta, 0), -tau, atol=1e-9)
+        clock = geo.evaluate(tau, 0)[0]
         np.testing.assert_allclose(clock, theta, rtol=1e-8, atol=1e-10)
 
 
@@ -180,18 +208,17 @@ def test_mirror_identity_with_carried_clock(L):
 def test_clock_map_vs_layer_ode_and_blow_up_both_ways(L):
     rng = np.random.default_rng(50 + L)
     u0 = random_layers(rng, L, 3, 0.3, 1.2)
-    geo = MirrorGeometry.from_layers(u0)
+    geo = Geometry.from_layers(u0)
     for i in range(3):
-        lo, hi = geo.phi0[i] - geo.bound[i], geo.phi0[i] + geo.bound[i]  # tau range without blow-up
+        lo, hi = geo.blow_up[0][0, i], geo.blow_up[1][0, i]  # tau range without blow-up
         for frac in (0.05, 0.5, 0.9):
             for tau in (lo + frac * (hi - lo),):
-                tau_vec = np.full(3, tau)
-                got, blown = geo.clock_map(tau_vec)
-                assert not blown[i]
+                got = geo.evaluate(np.full(3, tau), 0)[0]
+                assert np.isfinite(got[i])
                 assert abs(got[i] - clock_ode(u0[:, i], tau)) <= 1e-8 * max(1.0, abs(got[i]))
         for tau in (hi * 1.0001 + 1e-3, lo * 1.0001 - 1e-3):
-            got, blown = geo.clock_map(np.full(3, tau))
-            assert blown[i] and np.isinf(got[i])
+            got = geo.evaluate(np.full(3, tau), 0)[0]
+            assert np.isinf(got[i])
             # the reference ODE blows up before tau: it cannot reach it with bounded layers
             event = lambda _, u: np.max(np.abs(u)) - 1e6  # noqa: E731
             event.terminal = True
@@ -207,14 +234,14 @@ def test_clock_flow_integrator_equals_mirror_inverse(L):
     both flag blow-up past them in either direction; solve_ivp checks one coordinate."""
     rng = np.random.default_rng(60 + L)
     u0 = random_layers(rng, L, 6, 0.3, 1.2)
-    geo = MirrorGeometry.from_layers(u0)
-    half = np.where(np.isinf(geo.bound), 3.0, geo.bound)
-    lo, hi = geo.phi0 - half, geo.phi0 + half
+    geo = Geometry.from_layers(u0)
+    lo = np.where(np.isinf(geo.blow_up[0][0]), -3.0, geo.blow_up[0][0])
+    hi = np.where(np.isinf(geo.blow_up[1][0]), 3.0, geo.blow_up[1][0])
     for frac in (0.02, 0.3, 0.7, 0.98):
         tau = lo + frac * (hi - lo)
         got, blown = clock_flow(u0, tau)
-        ref, ref_blown = geo.clock_map(tau)
-        assert not blown.any() and not ref_blown.any()
+        ref = geo.evaluate(tau, 0)[0]
+        assert not blown.any() and np.all(np.isfinite(ref))
         np.testing.assert_allclose(got, ref, rtol=1e-8, atol=1e-8)
     np.testing.assert_allclose(got[0], clock_ode(u0[:, 0], tau[0]), rtol=1e-8)
     if L >= 3:
@@ -237,8 +264,8 @@ def test_predict_limit_equals_long_dopri5_run(L):
         # the limit interpolates, and satisfies KKT: phi(theta) - phi(theta0) in range(X^T)
         X, y = run.X[s], run.y[s]
         np.testing.assert_allclose(X @ limit[s], y, atol=1e-10)
-        geo = MirrorGeometry.from_layers(run.u0[s])
-        kkt = geo.mirror_map(limit[s]) - geo.phi0
+        geo = Geometry.from_layers(run.u0[s])
+        kkt = geo.mirror_map(limit[s], 0)
         null_part = kkt - X.T @ np.linalg.lstsq(X.T, kkt, rcond=None)[0]
         assert np.linalg.norm(null_part) <= 1e-9 * max(1.0, np.linalg.norm(kkt))
 
@@ -299,8 +326,7 @@ def test_small_random_shape_init_approaches_weighted_l1():
     dists = []
     for alpha in (0.3, 0.03, 0.003):
         cfg = base.with_overrides({"model.alpha": alpha})
-        geo = MirrorGeometry.from_layers(initial_layers(cfg, 16)[0])
-        w_plus, w_minus = small_init_weights(geo)
+        w_plus, w_minus = (w[0] for w in Geometry.from_layers(initial_layers(cfg, 16)[:1]).small_init_weights())
         ref = lp_l1(p.X, p.y, w_plus, w_minus)
         np.testing.assert_allclose(weighted_l1_interpolator(p.X, p.y, w_plus, w_minus), ref, atol=1e-8)
         dists.append(np.linalg.norm(predict_limit(cfg)[0] - ref) / np.linalg.norm(ref))
