@@ -210,47 +210,10 @@ def analyze_run(run) -> RunAnalysis:
     return RunAnalysis(str(run.path), run.complete, k, L, mus if per_seed else mus[:1], projected, seeds)
 
 
-_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-
-def check_not_truncated(path) -> None:
-    """InputError when the file is shorter than the end-of-file address its HDF5 superblock
-    records (a truncated copy): HDF5 itself can spin for minutes retrying such a file's
-    metadata under SWMR. Superblock layouts: HDF5 file format specification, section II.A."""
-    from pathlib import Path
-
-    path = Path(path)
-    if not path.is_file():
-        return  # open_run names the problem
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(64 * 1024)
-    base = next((k for k in (0, 512, 1024, 2048, 4096, 8192, 16384, 32768) if head[k:k + 8] == _SIGNATURE), None)
-    if base is None:
-        return
-    sb = head[base:]
-    version = sb[8]
-    if version in (0, 1):
-        offsets = sb[13]
-        start = 24 + (4 if version == 1 else 0)
-        eof_at = start + 2 * offsets  # base address, free-space address, then end of file
-    elif version in (2, 3):
-        offsets = sb[9]
-        eof_at = 12 + 2 * offsets  # base address, extension address, then end of file
-    else:
-        return
-    if len(sb) < eof_at + offsets or offsets not in (2, 4, 8):
-        return
-    base_address = int.from_bytes(sb[start if version in (0, 1) else 12:][:offsets], "little")
-    eof = int.from_bytes(sb[eof_at:eof_at + offsets], "little")
-    if base_address + eof > size:
-        raise InputError(f"run file {path} is truncated: {size} bytes, its HDF5 superblock says "
-                         f"{base_address + eof} bytes")
-
-
 def analyze(path) -> RunAnalysis:
     """Open a run file (complete or still being written) and analyze it."""
     from .store import open_run
+    from .store.safety import check_not_truncated
 
     check_not_truncated(path)
     run = open_run(path)

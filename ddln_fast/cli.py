@@ -187,12 +187,8 @@ def inspect(run_path):
             loss = run.loss[-1]
             click.echo(f"last loss: min {_format_value(np.nanmin(loss))}, max {_format_value(np.nanmax(loss))}")
         click.echo("datasets:")
-
-        def show(name, obj):
-            if hasattr(obj, "shape") and not name.startswith("state/"):
-                click.echo(f"  /{name:<28} {str(obj.shape):<22} {obj.dtype}")
-
-        f.visititems(show)
+        for name, ds in run.datasets().items():
+            click.echo(f"  /{name:<28} {str(ds.shape):<22} {ds.dtype}")
         for key in ("created", "ddln_fast_version", "threads", "threading_layer", "hostname", "extensions"):
             if key in f.attrs:
                 click.echo(f"{key}: {f.attrs[key]}")
@@ -456,12 +452,6 @@ def main(argv=None) -> None:
         sys.exit(130)
     except OSError as err:  # output trouble (full disk, I/O error): not bad input, exit 1
         click.echo(f"Error: {' '.join(str(err).split())}", err=True)
-        from .store import OutputError
-
-        if isinstance(err, OutputError):  # h5py/HDF5 crash cleaning up a file whose write failed
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
         sys.exit(1)
     sys.exit(code or 0)
 
