@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .errors import InputError
+from .threads import serial_blas
 from .theory import (MirrorGeometry, assumption_a, bregman_projection, c_a, constraints, pl_constant,
-                     serial_blas, warn_if_not_converged)
+                     warn_if_not_converged)
 
 # Relative loss at which the "time to epsilon" is read off.
 EPSILON = 1e-6

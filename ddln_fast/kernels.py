@@ -31,12 +31,6 @@ STRICT_JIT_OPTIONS = dict(cache=True, error_model="numpy", nogil=True)
 #: Coordinates per work item; a stage's rows for one item stay in the L1/L2 cache.
 BLOCK = 512
 
-#: Below these sizes (multiply-adds of one product with X; elements of the active state) the
-#: integrators run in the calling thread: waking two threads costs tens of microseconds, and
-#: on a loaded machine far more, while the work takes less (a straggler seed of dopri5).
-SERIAL_PRODUCT_WORK = 1_000_000
-SERIAL_STATE_WORK = 32_768
-
 MODE_DERIVATIVE = 0  # stage derivative only
 MODE_NEXT_INPUT = 1  # ... then the next stage input and its theta
 MODE_ERROR = 2  # ... then the embedded error norm (adaptive methods)

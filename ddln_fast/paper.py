@@ -79,7 +79,8 @@ def time_to_epsilon(spec: dict, base_dir: Path, out: Path) -> dict:
     """Figure (b)."""
     from .analysis import _time_to
     from .simulate import simulate
-    from .theory import constraints, serial_blas
+    from .theory import constraints
+    from .threads import serial_blas
 
     base = Config.from_toml(base_dir / spec["config"])
     eps = float(spec.get("epsilon", 1e-6))
@@ -120,7 +121,7 @@ def pl_bound(spec: dict, base_dir: Path, out: Path) -> dict:
     """Figure (c)."""
     from .analysis import analyze_run
     from .simulate import simulate
-    from .theory import serial_blas
+    from .threads import serial_blas
 
     cfg = Config.from_toml(base_dir / spec["config"])
     run = simulate(cfg)

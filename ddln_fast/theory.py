@@ -31,6 +31,7 @@ import numpy as np
 from scipy import special
 
 from .errors import InputError
+from .threads import serial_blas
 
 # Gauss–Legendre nodes per panel; panels at most PANEL_WIDTH wide in x (and 1.5 / (L - 2) so that
 # the e^{-(L-2) x} decay of the integrand is resolved): the integrand is analytic in
@@ -40,16 +41,6 @@ PANEL_WIDTH = 0.5
 # The table stops where s^2 > TAIL_RATIO * delta_max: there the tail int_s^inf dr / P(r) equals
 # s^(2-L) / (L-2) to a relative 1 / TAIL_RATIO.
 TAIL_RATIO = 1e17
-
-
-def serial_blas():
-    """One BLAS thread for the theory's small dense algebra (SVDs of n x d, n x n solves).
-
-    Measured on the shared 2-core machine under load: an SVD of a 100 x 1000 matrix took 3.4 s
-    with the default OpenBLAS pool and 0.046 s with one thread."""
-    import threadpoolctl
-
-    return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
 
 
 @lru_cache(maxsize=None)
