@@ -14,13 +14,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .epsilon import EPSILON, time_to_epsilon
 from .errors import InputError
 from .threads import serial_blas
 from .theory import (MirrorGeometry, assumption_a, bregman_projection, c_a, constraints, pl_constant,
                      warn_if_not_converged)
 
-# Relative loss at which the "time to epsilon" is read off.
-EPSILON = 1e-6
 # A bound "holds" at a checkpoint when f - f* <= bound * (1 + BOUND_RTOL) + BOUND_ATOL * (f0 - f*):
 # the simulated loss carries the integrator's error (rtol ~ 1e-8 on theta), and f - f* cannot be
 # resolved below rounding of f itself.
@@ -86,19 +85,6 @@ def _distinct_rows(t_seed: np.ndarray) -> np.ndarray:
     return np.array(keep)
 
 
-def _time_to(t, rel, level):
-    below = np.flatnonzero(rel <= level)
-    if below.size == 0:
-        return float("nan")
-    k = below[0]
-    if k == 0:
-        return float(t[0])
-    # log-linear interpolation between the two checkpoints around the crossing
-    lo, hi = np.log(rel[k - 1]), np.log(max(rel[k], 1e-300))
-    frac = (lo - np.log(level)) / (lo - hi) if lo > hi else 1.0
-    return float(t[k - 1] + frac * (t[k] - t[k - 1]))
-
-
 def _fitted_rate(t, gap, gap0):
     """Least-squares slope of -log(f - f*) where 1e-14 <= (f - f*) / (f0 - f*) <= 1e-5: late
     enough for the slowest mode to dominate, above the floor that rounding and the integrator's
@@ -138,10 +124,9 @@ def analyze_seed(s, t, loss, theta, u0, X, y, drift, status, cons=None, mu=None)
     t, loss, theta = t[rows], loss[rows], theta[rows]
     gap = np.maximum(loss - f_star, 0.0)
     gap0 = gap[0]
-    rel = gap / gap0 if gap0 > 0 else np.zeros_like(gap)
     common = dict(seed=s, status=status, t_final=float(t[-1]), final_loss=float(loss[-1]), f_star=f_star,
                   max_invariant_drift=float(drift), fitted_rate=_fitted_rate(t, gap, gap0),
-                  time_to_epsilon=_time_to(t, rel, EPSILON) if gap0 > 0 else 0.0,
+                  time_to_epsilon=time_to_epsilon(t, loss, f_star, EPSILON),
                   l1_norm=float(np.abs(theta[-1]).sum()))
     trap = assumption_a(u0)
     if not trap.holds:

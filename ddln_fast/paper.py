@@ -77,7 +77,7 @@ def implicit_bias(spec: dict, base_dir: Path, out: Path) -> dict:
 
 def time_to_epsilon(spec: dict, base_dir: Path, out: Path) -> dict:
     """Figure (b)."""
-    from .analysis import _time_to
+    from .epsilon import time_to_epsilon
     from .simulate import simulate
     from .theory import constraints
     from .threads import serial_blas
@@ -95,8 +95,7 @@ def time_to_epsilon(spec: dict, base_dir: Path, out: Path) -> dict:
                 f_star = constraints(X, y).f_star
             per_seed = []
             for s in range(cfg.run.seeds):
-                gap = np.maximum(run.loss[:, s] - f_star, 0.0)
-                per_seed.append(_time_to(run.t_seed[:, s], gap / gap[0], eps))
+                per_seed.append(time_to_epsilon(run.t_seed[:, s], run.loss[:, s], f_star, eps))
             times.append(float(np.mean(per_seed)))
             run.close() if hasattr(run, "close") else None
         results[depth] = times
