@@ -6,7 +6,6 @@ ends in exit code 1.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import warnings
@@ -51,17 +50,6 @@ def _default_output(config_path) -> Path:
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.h5"
 
 
-def _kernels_cached() -> bool:
-    """Whether Numba's cache already holds compiled kernels (else the first run compiles)."""
-    import os
-
-    from . import kernels
-
-    cache_dir = os.environ.get("NUMBA_CACHE_DIR")
-    folder = Path(cache_dir) if cache_dir else Path(kernels.__file__).parent / "__pycache__"
-    return any(folder.rglob("kernels.rk_stage*.nbi")) if folder.exists() else False
-
-
 @cli.command()
 @click.argument("config_path", metavar="[CONFIG.toml]", required=False)
 @click.option("-o", "--output", "output", metavar="OUT.h5", help="Output HDF5 file (default: runs/NAME-TIME.h5).")
@@ -75,6 +63,8 @@ def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
     """Simulate the layer flow of every seed and stream checkpoints to HDF5."""
     from .errors import AlreadyComplete
     from .methods import is_adaptive
+    from .numba_cache import kernels_cached
+    from .reports import any_seed_finished
     from .simulate import run_simulation
 
     if threads is not None and threads < 0:
@@ -90,7 +80,7 @@ def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
         what = f"rtol {i.rtol:g}" if is_adaptive(i.method) else f"dt {i.dt:g}"
         click.echo(f"ddln run: {config.run.seeds} seeds, depth {m.depth}, alpha {m.alpha:g}, "
                    f"init {m.init}, {i.method} ({what}), t_end {i.t_end:g}")
-        if not _kernels_cached():
+        if not kernels_cached():
             click.echo("compiling the kernels (first run only; later runs start in seconds)...")
     try:
         report = run_simulation(config, out, progress=progress, overwrite=overwrite, resume=resume,
@@ -113,51 +103,36 @@ def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
                    f"checkpoints and the state where it stopped (incomplete, resumable); resume "
                    f"with: {shlex.join(again)}", err=True)
         sys.exit(128 + getattr(signal, report.interrupted, signal.SIGINT))
-    if report.run.committed and not _any_seed_finished(report.run):
+    if report.run.committed and not any_seed_finished(report.run):
         click.echo(f"no seed finished normally (every seed diverged or stalled; see the status in {out})",
                    err=True)
         sys.exit(1)
 
 
-def _any_seed_finished(run) -> bool:
-    """Whether some seed ended by t_end, loss_tol or max_steps (not diverged or stalled)."""
-    from .integrators import STATUS_NAMES
-
-    return any(STATUS_NAMES[int(v)] not in ("diverged", "stalled") for v in run.status[-1])
-
-
 def _print_summary(report, out):
-    from .integrators import STATUS_NAMES
+    from .reports import FAILED_STATUSES, loss_quantiles, seed_rows, status_counts
 
     run = report.run
-    loss, t_seed, nfev = run.loss[-1], run.t_seed[-1], run.nfev[-1]
-    drift, status = run.max_invariant_drift(), run.status[-1]
-    star = run.theta_star
-    theta = run.theta[-1]
-    S = loss.shape[0]
-    if S <= 8:
+    rows = seed_rows(run)
+    nfev = run.nfev[-1]
+    if len(rows) <= 8:
+        star = rows[0]["distance_to_theta_star"] is not None
         header = f"{'seed':>4} {'status':>9} {'t':>9} {'loss':>9} {'grad evals':>10} {'max drift':>9}"
-        header += f" {'|theta-theta*|/|theta*|':>24}" if star is not None else ""
-        click.echo(header)
-        for s in range(S):
-            line = (f"{s:>4} {STATUS_NAMES[status[s]]:>9} {t_seed[s]:>9.4g} {_format_value(loss[s]):>9} "
-                    f"{nfev[s]:>10} {_format_value(drift[s]):>9}")
-            if star is not None:
-                ref = star[s] if star.ndim == 2 else star
-                with np.errstate(over="ignore", invalid="ignore"):  # a diverged seed: inf, said so
-                    rel = np.linalg.norm(theta[s] - ref) / max(np.linalg.norm(ref), 1e-300)
-                line += f" {_format_value(rel):>24}"
-            click.echo(line)
+        click.echo(header + (f" {'|theta-theta*|/|theta*|':>24}" if star else ""))
+        for r in rows:
+            line = (f"{r['seed']:>4} {r['status']:>9} {r['t']:>9.4g} {_format_value(r['loss']):>9} "
+                    f"{r['nfev']:>10} {_format_value(r['max_drift']):>9}")
+            click.echo(line + (f" {_format_value(r['distance_to_theta_star']):>24}" if star else ""))
     else:
-        q = np.nanquantile(loss, [0.0, 0.5, 1.0]) if np.any(np.isfinite(loss)) else [np.nan] * 3
-        click.echo(f"final loss over {S} seeds: min {_format_value(q[0])}, median {_format_value(q[1])}, "
+        q = loss_quantiles(run.loss[-1])
+        click.echo(f"final loss over {len(rows)} seeds: min {_format_value(q[0])}, median {_format_value(q[1])}, "
                    f"max {_format_value(q[2])}")
-        counts = {STATUS_NAMES[v]: int(np.sum(status == v)) for v in np.unique(status)}
+        counts = status_counts(run.status[-1])
         click.echo("status: " + ", ".join(f"{c} {name}" for name, c in counts.items()))
         click.echo(f"gradient evaluations per seed: median {int(np.median(nfev))}, max {int(nfev.max())}")
-    bad = [s for s in range(S) if STATUS_NAMES[status[s]] in ("diverged", "stalled")]
+    bad = [f"{r['seed']} ({r['status']})" for r in rows if r["status"] in FAILED_STATUSES]
     if bad:
-        click.echo(f"seeds that did not finish: {', '.join(f'{s} ({STATUS_NAMES[status[s]]})' for s in bad)}")
+        click.echo(f"seeds that did not finish: {', '.join(bad)}")
     click.echo(f"wall time {report.wall_seconds:.2f} s, {int(nfev.sum())} gradient evaluations, "
                f"{run.committed} checkpoints")
     state = "complete" if run.complete else "incomplete, resumable"
@@ -168,7 +143,7 @@ def _print_summary(report, out):
 @click.argument("run_path", metavar="RUN.h5")
 def inspect(run_path):
     """Print the config, shapes and status of a run file."""
-    from .integrators import STATUS_NAMES
+    from .reports import loss_quantiles, status_counts
     from .store import open_run
 
     _recover_crashed(run_path)
@@ -180,12 +155,10 @@ def inspect(run_path):
         if k:
             t = run.t
             click.echo(f"time: {t[0]:g} .. {t[-1]:g}")
-            counts = {}
-            for v in run.status[-1]:
-                counts[STATUS_NAMES[int(v)]] = counts.get(STATUS_NAMES[int(v)], 0) + 1
+            counts = status_counts(run.status[-1])
             click.echo("seed status: " + ", ".join(f"{c} {name}" for name, c in counts.items()))
-            loss = run.loss[-1]
-            click.echo(f"last loss: min {_format_value(np.nanmin(loss))}, max {_format_value(np.nanmax(loss))}")
+            low, _, high = loss_quantiles(run.loss[-1])
+            click.echo(f"last loss: min {_format_value(low)}, max {_format_value(high)}")
         click.echo("datasets:")
         for name, ds in run.datasets().items():
             click.echo(f"  /{name:<28} {str(ds.shape):<22} {ds.dtype}")
@@ -326,26 +299,16 @@ def predict(config_path, sets, as_json):
     """Predict where training ends (the implicit-bias limit), without training."""
     import json
 
+    from .reports import SUPPORT_THRESHOLD, prediction_rows
     from .theory import predict as predict_config
 
     config = _load_config(config_path, sets)
     pred = predict_config(config, interpolators=True)
-    rows = []
-    for s in range(pred.theta.shape[0]):
-        theta = pred.theta[s]
-        scale = max(float(np.max(np.abs(theta))), 1e-300)
-        rows.append({
-            "seed": s, "l1_norm": float(np.abs(theta).sum()),
-            "support": int(np.sum(np.abs(theta) > 1e-6 * scale)),
-            "distance_to_min_l1": float(np.linalg.norm(theta - pred.min_l1[s])),
-            "distance_to_min_l2": float(np.linalg.norm(theta - pred.min_l2[s])),
-            "min_l1_norm": float(np.abs(pred.min_l1[s]).sum()),
-            "dual_residual": float(pred.residual[s]), "newton_iterations": int(pred.iterations[s]),
-        })
+    rows = prediction_rows(pred)
     if as_json:
         click.echo(json.dumps({"config": config_path, "what": pred.message, "projected": pred.projected,
                                "seconds": pred.seconds, "interpolator_seconds": pred.interpolator_seconds,
-                               "support_threshold": "|theta_i| > 1e-6 max_i |theta_i|",
+                               "support_threshold": f"|theta_i| > {SUPPORT_THRESHOLD:g} max_i |theta_i|",
                                "seeds": rows, "theta_inf": pred.theta.tolist()}))
         return
     m = config.model
@@ -356,7 +319,7 @@ def predict(config_path, sets, as_json):
         click.echo(f"{r['seed']:>4} {r['l1_norm']:>10.5g} {r['support']:>8} {r['distance_to_min_l1']:>11.4g} "
                    f"{r['distance_to_min_l2']:>11.4g} {r['min_l1_norm']:>11.5g} {r['dual_residual']:>9.2g} "
                    f"{r['newton_iterations']:>6}")
-    click.echo(f"support: |theta_i| > 1e-6 max|theta|; prediction {pred.seconds:.2f} s, "
+    click.echo(f"support: |theta_i| > {SUPPORT_THRESHOLD:g} max|theta|; prediction {pred.seconds:.2f} s, "
                f"min-l1 LP and min-l2 {pred.interpolator_seconds:.2f} s")
 
 
