@@ -273,3 +273,15 @@ def test_state_at_a_checkpoint_refers_to_its_layers_row(make_config, tmp_path):
             assert latest["from_rows"][0] == 1 and int(latest["checkpoint_index"][0]) == index == K - 1
             u_last = f["checkpoints/u"][K - 1]
     assert state["U"].tobytes() == u_last.tobytes()
+
+
+def test_every_root_attribute_is_in_the_schema_table(make_config, tmp_path):
+    """A run file's root attributes are all documented in ROOT_ATTRIBUTES (an attribute added
+    without its meaning fails here)."""
+    from ddln_fast.store.schema import ROOT_ATTRIBUTES
+
+    path = tmp_path / "run.h5"
+    simulate(_config(make_config), out=path).close()
+    with h5py.File(path, "r") as f:
+        assert set(f.attrs) <= set(ROOT_ATTRIBUTES), set(f.attrs) - set(ROOT_ATTRIBUTES)
+        assert {"schema_version", "config", "complete", "status_names", "blas"} <= set(f.attrs)

@@ -274,6 +274,7 @@ def test_task_ids_do_not_depend_on_where_the_sweep_lives(tmp_path):
 
 # -- LocalCluster --------------------------------------------------------------------------------------
 def test_local_sweep_matches_plain_runs(local_sweep, sweep_file, tasks, references):
+    from ddln_fast.store.schema import ROOT_ATTRIBUTES
     from ddln_fast.threads import available_cores
 
     outdir, stdout = local_sweep
@@ -306,6 +307,7 @@ def test_local_sweep_matches_plain_runs(local_sweep, sweep_file, tasks, referenc
     for task, row in zip(tasks, rows):  # the task's attributes, added atomically to a closed file
         with h5py.File(outdir / "runs" / f"{task.id}.h5", "r") as f:
             assert f.attrs["sweep_task"] == task.id and int(f.attrs["sweep_threads"]) == per_task
+            assert set(f.attrs) <= set(ROOT_ATTRIBUTES), "every attribute documented in the schema table"
             assert json.loads(f.attrs["sweep_summary"])["final_loss_max"] == float(row["final_loss_max"])
     starts = [e for e in log_events(outdir) if e[0] == "start"]
     assert sorted(t for _, t, _ in starts) == sorted(t.id for t in tasks)

@@ -15,7 +15,7 @@ Dimensions (sizes S seeds, L layers, d coordinates, n samples, K checkpoints):
 - ``counter``: the one element of ``/checkpoints/committed``.
 
 Adding a dataset: append a :class:`Field` to :data:`FIELDS` (with ``when`` if only some runs
-have it). A checkpoint field (``checkpoints/NAME``) is then created with the file, grows one row
+have it; a new axis name also needs its size in :meth:`Layout.size`). A checkpoint field (``checkpoints/NAME``) is then created with the file, grows one row
 per checkpoint, and its row is the value ``NAME`` that the driver's checkpoint row holds (the
 solver's :meth:`~ddln_fast.solver.Solver.checkpoint_values` may return it); the writer refuses
 a row that lacks a field of the file or has a name that is not one. A field of ``/problem`` or
@@ -38,8 +38,6 @@ SCHEMA_VERSION = 2
 CHECKPOINT_AXIS = "checkpoint"
 #: The dataset whose values are the coordinate of the checkpoint axis.
 CHECKPOINT_COORDINATE = "checkpoints/t"
-#: The dimensions without coordinate values, created at the root of the file.
-PLAIN_DIMENSIONS = ("seed", "layer", "coordinate", "sample")
 COUNTER_DIMENSION = "counter"
 #: netCDF's mark of a dimension that is not a variable (netCDF-4 format specification; followed
 #: by the size in ten characters), read by h5netcdf and netCDF-C.
@@ -166,8 +164,10 @@ FIELDS: tuple[Field, ...] = (
           "seed status code (names in the attribute names)"),
 )
 
-#: Root attributes: name -> meaning. The first group is written when the file is created; the
-#: ones in PLACEHOLDERS get their value when the run ends (changed in place, which SWMR allows).
+#: Root attributes: name -> meaning. Every attribute a run file's root may carry is here (a
+#: test checks it); the writer creates them before SWMR starts, with the placeholder values of
+#: PLACEHOLDERS for those that get their value when the run ends (changed in place, which SWMR
+#: allows), and atomic copies add the others to closed files (extensions, sweep_*).
 ROOT_ATTRIBUTES = {
     "schema_version": "version of this layout",
     "config": "the resolved config (TOML)",
@@ -175,8 +175,22 @@ ROOT_ATTRIBUTES = {
     "complete": "whether the run reached its end",
     "wall_seconds": "wall time of the run (NaN until it ends)",
     "status_names": "JSON list: status code -> name",
+    "ddln_fast_version": "provenance: ddln_fast's version",
+    "numpy_version": "provenance: numpy's version",
+    "numba_version": "provenance: Numba's version",
+    "h5py_version": "provenance: h5py's version",
+    "hdf5_version": "provenance: the HDF5 library's version",
+    "threads": "provenance: Numba and BLAS threads of the run",
+    "threading_layer": "provenance: Numba's threading layer",
+    "blas": "provenance: JSON list of the BLAS libraries (API, version, kernel architecture)",
+    "hostname": "provenance: the machine",
+    "pid": "provenance: the writing process",
     "extensions": "JSON list of the extensions of a finished run (written by a resume that "
                   "relaxed t_end, max_steps or loss_tol)",
+    "sweep_task": "sweep: the task id",
+    "sweep_seconds": "sweep: wall time of the task's last attempt",
+    "sweep_threads": "sweep: threads of the task",
+    "sweep_summary": "sweep: the task's summary row (JSON)",
 }
 PLACEHOLDERS = {"complete": False, "wall_seconds": np.nan}
 
