@@ -151,6 +151,50 @@ def test_hdf5_streaming_A(benchmark, tmp_path):
            note=f"{per['writer thread']:.1f} ms per checkpoint (CPU time ratio {thread[1]:.3f})")
 
 
+END_TO_END_ROUNDS = int(os.environ.get("DDLN_BENCH_HDF5_ROUNDS", "3"))
+
+
+@pytest.mark.timeout(1800)
+def test_checkpoints_end_to_end_A(benchmark, tmp_path):
+    """The whole cost of checkpoints as a user sees it: the driver's wall time of an Euler run
+    on A with a checkpoint every 10 steps (streamed to a file) against the same steps with only
+    the first and last checkpoint, alternating, the minimum over rounds of each. Unlike the
+    accounting above, this includes what the writer thread takes from the integration when no
+    core is free (then the writes cannot overlap)."""
+    import importlib
+
+    simulate_module = importlib.import_module("ddln_fast.simulate")
+    steps = max(20, HDF5_STEPS // 5)
+    drive = simulate_module._drive
+    seconds = {}
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return drive(*args, **kwargs)
+        finally:
+            seconds["drive"] = time.perf_counter() - start
+
+    simulate_module._drive = timed
+    best = {}
+    try:
+        small = bench_config("A", problem__d=64, integrator__t_end=0.01, run__checkpoints=3)
+        run_simulation(small, out=tmp_path / "warm.h5", overwrite=True)  # compile
+        for _ in range(END_TO_END_ROUNDS):
+            for count in (steps // 10 + 1, 2):
+                config = bench_config("A", integrator__t_end=steps * 1e-3, run__checkpoints=count,
+                                      run__spacing="linear")
+                run_simulation(config, out=tmp_path / f"e{count}.h5", overwrite=True).run.close()
+                best[count] = min(best.get(count, float("inf")), seconds["drive"])
+        benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    finally:
+        simulate_module._drive = drive
+    many, two = best[steps // 10 + 1], best[2]
+    record(benchmark, "A", f"checkpoint every 10 steps, end to end ({steps} Euler steps)", many / two - 1,
+           note=f"{many:.2f} s against {two:.2f} s with 2 checkpoints (min of {END_TO_END_ROUNDS} "
+                f"alternating rounds); the checkpoint values alone are about 0.05")
+
+
 TINY = ["--set", "problem.d=50", "--set", "run.seeds=2", "--set", "integrator.t_end=1.0",
         "--set", "run.checkpoints=5"]
 
