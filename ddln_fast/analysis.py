@@ -19,10 +19,9 @@ from . import bounds
 from .errors import InputError
 from .parametrization import Parametrization
 from .prediction import bregman_projection, constraints, warn_if_not_converged
-from .theory import Geometry, assumption_a, serial_blas
-
-# Relative loss at which the "time to epsilon" is read off.
-EPSILON = 1e-6
+from .epsilon import EPSILON, time_to_epsilon
+from .theory import Geometry, assumption_a
+from .threads import serial_blas
 # Relative residual of the dual Newton iteration for the predicted limit (as ``ddln predict``).
 PREDICTION_TOL = 1e-12
 
@@ -86,19 +85,6 @@ def _distinct_rows(t_seed: np.ndarray) -> np.ndarray:
     return np.array(keep)
 
 
-def _time_to(t, rel, level):
-    below = np.flatnonzero(rel <= level)
-    if below.size == 0:
-        return float("nan")
-    k = below[0]
-    if k == 0:
-        return float(t[0])
-    # log-linear interpolation between the two checkpoints around the crossing
-    lo, hi = np.log(rel[k - 1]), np.log(max(rel[k], 1e-300))
-    frac = (lo - np.log(level)) / (lo - hi) if lo > hi else 1.0
-    return float(t[k - 1] + frac * (t[k] - t[k - 1]))
-
-
 def _fitted_rate(t, gap, gap0):
     """Least-squares slope of -log(f - f*) where 1e-14 <= (f - f*) / (f0 - f*) <= 1e-5: late
     enough for the slowest mode to dominate, above the floor that rounding and the integrator's
@@ -143,10 +129,9 @@ def analyze_seed(s, t, loss, theta, u0, X, y, drift, status, cons=None, mu=None,
     t, loss, theta = t[rows], loss[rows], theta[rows]
     gap = np.maximum(loss - f_star, 0.0)
     gap0 = gap[0]
-    rel = gap / gap0 if gap0 > 0 else np.zeros_like(gap)
     common = dict(seed=s, status=status, t_final=float(t[-1]), final_loss=float(loss[-1]), f_star=f_star,
                   max_invariant_drift=float(drift), fitted_rate=_fitted_rate(t, gap, gap0),
-                  time_to_epsilon=_time_to(t, rel, EPSILON) if gap0 > 0 else 0.0,
+                  time_to_epsilon=time_to_epsilon(t, loss, f_star, EPSILON),
                   l1_norm=float(np.abs(theta[-1]).sum()))
     trap = assumption_a(u0) if param.name == "product" else None
     if trap is not None and not trap.holds:
@@ -215,47 +200,10 @@ def analyze_run(run) -> RunAnalysis:
                        projected, seeds, param)
 
 
-_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-
-def check_not_truncated(path) -> None:
-    """InputError when the file is shorter than the end-of-file address its HDF5 superblock
-    records (a truncated copy): HDF5 itself can spin for minutes retrying such a file's
-    metadata under SWMR. Superblock layouts: HDF5 file format specification, section II.A."""
-    from pathlib import Path
-
-    path = Path(path)
-    if not path.is_file():
-        return  # open_run names the problem
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(64 * 1024)
-    base = next((k for k in (0, 512, 1024, 2048, 4096, 8192, 16384, 32768) if head[k:k + 8] == _SIGNATURE), None)
-    if base is None:
-        return
-    sb = head[base:]
-    version = sb[8]
-    if version in (0, 1):
-        offsets = sb[13]
-        start = 24 + (4 if version == 1 else 0)
-        eof_at = start + 2 * offsets  # base address, free-space address, then end of file
-    elif version in (2, 3):
-        offsets = sb[9]
-        eof_at = 12 + 2 * offsets  # base address, extension address, then end of file
-    else:
-        return
-    if len(sb) < eof_at + offsets or offsets not in (2, 4, 8):
-        return
-    base_address = int.from_bytes(sb[start if version in (0, 1) else 12:][:offsets], "little")
-    eof = int.from_bytes(sb[eof_at:eof_at + offsets], "little")
-    if base_address + eof > size:
-        raise InputError(f"run file {path} is truncated: {size} bytes, its HDF5 superblock says "
-                         f"{base_address + eof} bytes")
-
-
 def analyze(path) -> RunAnalysis:
     """Open a run file (complete or still being written) and analyze it."""
     from .store import open_run
+    from .store.safety import check_not_truncated
 
     check_not_truncated(path)
     run = open_run(path)

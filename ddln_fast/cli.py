@@ -6,7 +6,6 @@ ends in exit code 1.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import warnings
@@ -52,17 +51,6 @@ def _default_output(config_path) -> Path:
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.h5"
 
 
-def _kernels_cached() -> bool:
-    """Whether Numba's cache already holds compiled kernels (else the first run compiles)."""
-    import os
-
-    from . import kernels
-
-    cache_dir = os.environ.get("NUMBA_CACHE_DIR")
-    folder = Path(cache_dir) if cache_dir else Path(kernels.__file__).parent / "__pycache__"
-    return any(folder.rglob("kernels.rk_stage*.nbi")) if folder.exists() else False
-
-
 @cli.command()
 @click.argument("config_path", metavar="[CONFIG.toml]", required=False)
 @click.option("-o", "--output", "output", metavar="OUT.h5", help="Output HDF5 file (default: runs/NAME-TIME.h5).")
@@ -76,6 +64,8 @@ def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
     """Simulate the layer flow of every seed and stream checkpoints to HDF5."""
     from .errors import AlreadyComplete
     from .methods import is_adaptive
+    from .numba_cache import kernels_cached
+    from .reports import any_seed_finished, descent_summary
     from .simulate import run_simulation
 
     if threads is not None and threads < 0:
@@ -87,11 +77,11 @@ def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
     config = _load_config(config_path, sets)
     out = Path(output) if output else _default_output(config_path)
     if not quiet:
-        m, p, i = config.model, config.problem, config.integrator
-        what = f"rtol {i.rtol:g}" if is_adaptive(i.method) else f"dt {i.dt:g}" + _descent_summary(i)
+        m, i = config.model, config.integrator
+        what = f"rtol {i.rtol:g}" if is_adaptive(i.method) else f"dt {i.dt:g}" + descent_summary(i)
         click.echo(f"ddln run: {config.run.seeds} seeds, {Parametrization.from_config(config).describe()}, "
                    f"alpha {m.alpha:g}, init {m.init}, {i.method} ({what}), t_end {i.t_end:g}")
-        if not _kernels_cached():
+        if not kernels_cached():
             click.echo("compiling the kernels (first run only; later runs start in seconds)...")
     try:
         report = run_simulation(config, out, progress=progress, overwrite=overwrite, resume=resume,
@@ -114,66 +104,36 @@ def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
                    f"checkpoints and the state where it stopped (incomplete, resumable); resume "
                    f"with: {shlex.join(again)}", err=True)
         sys.exit(128 + getattr(signal, report.interrupted, signal.SIGINT))
-    if report.run.committed and not _any_seed_finished(report.run):
+    if report.run.committed and not any_seed_finished(report.run):
         click.echo(f"no seed finished normally (every seed diverged or stalled; see the status in {out})",
                    err=True)
         sys.exit(1)
 
 
-def _descent_summary(integ) -> str:
-    """What makes a gradient-descent run more than plain gradient descent, for the header line."""
-    parts = [f"batch {integ.batch_size}" + (", with replacement" if integ.sampling == "with_replacement" else "")
-             ] if integ.method == "sgd" else []
-    if integ.momentum:
-        parts.append(f"{'Nesterov' if integ.nesterov else 'heavy-ball'} momentum {integ.momentum:g}")
-    if integ.label_noise:
-        parts.append(f"label noise {integ.label_noise:g}")
-    if integ.weight_decay:
-        parts.append(f"weight decay {integ.weight_decay:g}")
-    if integ.schedule == "step":
-        parts.append(f"step x {integ.decay_factor:g} every {integ.decay_every} steps")
-    return "".join(f", {part}" for part in parts)
-
-
-def _any_seed_finished(run) -> bool:
-    """Whether some seed ended by t_end, loss_tol or max_steps (not diverged or stalled)."""
-    from .integrators import STATUS_NAMES
-
-    return any(STATUS_NAMES[int(v)] not in ("diverged", "stalled") for v in run.status[-1])
-
-
 def _print_summary(report, out):
-    from .integrators import STATUS_NAMES
+    from .reports import FAILED_STATUSES, loss_quantiles, seed_rows, status_counts
 
     run = report.run
-    loss, t_seed, nfev = run.loss[-1], run.t_seed[-1], run.nfev[-1]
-    drift, status = run.max_invariant_drift(), run.status[-1]
-    star = run.theta_star
-    theta = run.theta[-1]
-    S = loss.shape[0]
-    if S <= 8:
+    rows = seed_rows(run)
+    nfev = run.nfev[-1]
+    if len(rows) <= 8:
+        star = rows[0]["distance_to_theta_star"] is not None
         header = f"{'seed':>4} {'status':>9} {'t':>9} {'loss':>9} {'grad evals':>10} {'max drift':>9}"
-        header += f" {'|theta-theta*|/|theta*|':>24}" if star is not None else ""
-        click.echo(header)
-        for s in range(S):
-            line = (f"{s:>4} {STATUS_NAMES[status[s]]:>9} {t_seed[s]:>9.4g} {_format_value(loss[s]):>9} "
-                    f"{nfev[s]:>10} {_format_value(drift[s]):>9}")
-            if star is not None:
-                ref = star[s] if star.ndim == 2 else star
-                with np.errstate(over="ignore", invalid="ignore"):  # a diverged seed: inf, said so
-                    rel = np.linalg.norm(theta[s] - ref) / max(np.linalg.norm(ref), 1e-300)
-                line += f" {_format_value(rel):>24}"
-            click.echo(line)
+        click.echo(header + (f" {'|theta-theta*|/|theta*|':>24}" if star else ""))
+        for r in rows:
+            line = (f"{r['seed']:>4} {r['status']:>9} {r['t']:>9.4g} {_format_value(r['loss']):>9} "
+                    f"{r['nfev']:>10} {_format_value(r['max_drift']):>9}")
+            click.echo(line + (f" {_format_value(r['distance_to_theta_star']):>24}" if star else ""))
     else:
-        q = np.nanquantile(loss, [0.0, 0.5, 1.0]) if np.any(np.isfinite(loss)) else [np.nan] * 3
-        click.echo(f"final loss over {S} seeds: min {_format_value(q[0])}, median {_format_value(q[1])}, "
+        q = loss_quantiles(run.loss[-1])
+        click.echo(f"final loss over {len(rows)} seeds: min {_format_value(q[0])}, median {_format_value(q[1])}, "
                    f"max {_format_value(q[2])}")
-        counts = {STATUS_NAMES[v]: int(np.sum(status == v)) for v in np.unique(status)}
+        counts = status_counts(run.status[-1])
         click.echo("status: " + ", ".join(f"{c} {name}" for name, c in counts.items()))
         click.echo(f"gradient evaluations per seed: median {int(np.median(nfev))}, max {int(nfev.max())}")
-    bad = [s for s in range(S) if STATUS_NAMES[status[s]] in ("diverged", "stalled")]
+    bad = [f"{r['seed']} ({r['status']})" for r in rows if r["status"] in FAILED_STATUSES]
     if bad:
-        click.echo(f"seeds that did not finish: {', '.join(f'{s} ({STATUS_NAMES[status[s]]})' for s in bad)}")
+        click.echo(f"seeds that did not finish: {', '.join(bad)}")
     click.echo(f"wall time {report.wall_seconds:.2f} s, {int(nfev.sum())} gradient evaluations, "
                f"{run.committed} checkpoints")
     state = "complete" if run.complete else "incomplete, resumable"
@@ -184,7 +144,7 @@ def _print_summary(report, out):
 @click.argument("run_path", metavar="RUN.h5")
 def inspect(run_path):
     """Print the config, shapes and status of a run file."""
-    from .integrators import STATUS_NAMES
+    from .reports import loss_quantiles, status_counts
     from .store import open_run
 
     _recover_crashed(run_path)
@@ -196,19 +156,13 @@ def inspect(run_path):
         if k:
             t = run.t
             click.echo(f"time: {t[0]:g} .. {t[-1]:g}")
-            counts = {}
-            for v in run.status[-1]:
-                counts[STATUS_NAMES[int(v)]] = counts.get(STATUS_NAMES[int(v)], 0) + 1
+            counts = status_counts(run.status[-1])
             click.echo("seed status: " + ", ".join(f"{c} {name}" for name, c in counts.items()))
-            loss = run.loss[-1]
-            click.echo(f"last loss: min {_format_value(np.nanmin(loss))}, max {_format_value(np.nanmax(loss))}")
+            low, _, high = loss_quantiles(run.loss[-1])
+            click.echo(f"last loss: min {_format_value(low)}, max {_format_value(high)}")
         click.echo("datasets:")
-
-        def show(name, obj):
-            if hasattr(obj, "shape") and not name.startswith("state/"):
-                click.echo(f"  /{name:<28} {str(obj.shape):<22} {obj.dtype}")
-
-        f.visititems(show)
+        for name, ds in run.datasets().items():
+            click.echo(f"  /{name:<28} {str(ds.shape):<22} {ds.dtype}")
         for key in ("created", "ddln_fast_version", "threads", "threading_layer", "hostname", "extensions"):
             if key in f.attrs:
                 click.echo(f"{key}: {f.attrs[key]}")
@@ -354,25 +308,15 @@ def predict(config_path, sets, as_json):
     import json
 
     from .prediction import predict as predict_config
+    from .reports import SUPPORT_THRESHOLD, prediction_rows
 
     config = _load_config(config_path, sets)
     pred = predict_config(config, interpolators=True)
-    rows = []
-    for s in range(pred.theta.shape[0]):
-        theta = pred.theta[s]
-        scale = max(float(np.max(np.abs(theta))), 1e-300)
-        rows.append({
-            "seed": s, "l1_norm": float(np.abs(theta).sum()),
-            "support": int(np.sum(np.abs(theta) > 1e-6 * scale)),
-            "distance_to_min_l1": float(np.linalg.norm(theta - pred.min_l1[s])),
-            "distance_to_min_l2": float(np.linalg.norm(theta - pred.min_l2[s])),
-            "min_l1_norm": float(np.abs(pred.min_l1[s]).sum()),
-            "dual_residual": float(pred.residual[s]), "newton_iterations": int(pred.iterations[s]),
-        })
+    rows = prediction_rows(pred)
     if as_json:
         click.echo(json.dumps({"config": config_path, "what": pred.message, "projected": pred.projected,
                                "seconds": pred.seconds, "interpolator_seconds": pred.interpolator_seconds,
-                               "support_threshold": "|theta_i| > 1e-6 max_i |theta_i|",
+                               "support_threshold": f"|theta_i| > {SUPPORT_THRESHOLD:g} max_i |theta_i|",
                                "seeds": rows, "theta_inf": pred.theta.tolist()}))
         return
     m = config.model
@@ -384,7 +328,7 @@ def predict(config_path, sets, as_json):
         click.echo(f"{r['seed']:>4} {r['l1_norm']:>10.5g} {r['support']:>8} {r['distance_to_min_l1']:>11.4g} "
                    f"{r['distance_to_min_l2']:>11.4g} {r['min_l1_norm']:>11.5g} {r['dual_residual']:>9.2g} "
                    f"{r['newton_iterations']:>6}")
-    click.echo(f"support: |theta_i| > 1e-6 max|theta|; prediction {pred.seconds:.2f} s, "
+    click.echo(f"support: |theta_i| > {SUPPORT_THRESHOLD:g} max|theta|; prediction {pred.seconds:.2f} s, "
                f"min-l1 LP and min-l2 {pred.interpolator_seconds:.2f} s")
 
 
@@ -413,11 +357,12 @@ def analyze(run_path, as_json, plots, seeds):
         if Path(plots).exists() and not Path(plots).is_dir():
             raise InputError(f"--plots {plots}: exists and is not a folder")
     from .events import events_of, format_events
+    from .reports import step_size_bias_report
 
     _recover_crashed(run_path)
     result = analyze_path(run_path)
     events = events_of(run_path)
-    bias, descent_notes = _step_size_bias(run_path)
+    bias, descent_notes = step_size_bias_report(run_path)
     if chosen == "all":
         chosen = list(range(len(result.seeds)))
     shown = plotted_seeds(result, chosen) if plots else []
@@ -459,28 +404,6 @@ def analyze(run_path, as_json, plots, seeds):
         click.echo(f"plots of seeds {', '.join(map(str, shown))} of {len(result.seeds)}{others}")
     for path in written:
         click.echo(f"wrote {path}")
-
-
-def _step_size_bias(run_path):
-    """The effective-initialization section of ``ddln analyze`` (depth-2 gradient descent or sgd
-    with ``run.gain = true``, else None) and notes on what the theory means for a descent run."""
-    from .config import DESCENT_METHODS
-    from .effective import step_size_bias
-    from .store import open_run
-    from .stochastic import DescentOptions
-    from .theory import serial_blas
-
-    with open_run(run_path) as run, serial_blas():
-        config = run.config
-        bias = step_size_bias(run)
-    i, notes = config.integrator, []
-    if i.method in DESCENT_METHODS and not DescentOptions.from_config(config.with_overrides({"run.gain": False})).plain:
-        notes.append(f"{i.method}{_descent_summary(i)}: the gap, the kkt residual and the bounds are "
-                     f"about gradient flow, which these steps follow only approximately")
-    if bias is None and config.model.depth == 2 and i.method in DESCENT_METHODS and not (i.momentum or i.weight_decay):
-        notes.append("run.gain = true would add each seed's prediction from its effective initialization "
-                     "(the implicit bias of the steps)")
-    return bias, notes
 
 
 def _print_step_size_bias(bias) -> None:
@@ -532,12 +455,6 @@ def main(argv=None) -> None:
         sys.exit(130)
     except OSError as err:  # output trouble (full disk, I/O error): not bad input, exit 1
         click.echo(f"Error: {' '.join(str(err).split())}", err=True)
-        from .store import OutputError
-
-        if isinstance(err, OutputError):  # h5py/HDF5 crash cleaning up a file whose write failed
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
         sys.exit(1)
     sys.exit(code or 0)
 

@@ -65,12 +65,11 @@ from .clock_kernels import (clock_of_parallel, clock_of_serial, evaluate_paralle
 from .clock_series import STRICT_OPTIONS, two_product, two_sum
 from .clock_tables import TIE, UNIQUE, TableSet, build_tables, table_clock
 from .errors import InputError
+from .threads import SERIAL_CLOCK_ITEMS
 
 PARAMETRIZATIONS = ("product", "difference", "power")
 #: depth >= 3: the normalized clock scale alpha^(L-2) must lie within 10^(+-CLOCK_DECADES)
 CLOCK_DECADES = 100.0
-#: below this many row x coordinate items the loops run in the calling thread
-SERIAL_ITEMS = 2048
 
 PackedClockMap = namedtuple("PackedClockMap", ["ip", "fp", "lsign", "lgap", "lzero", "half_sign", "tab"])
 
@@ -583,7 +582,7 @@ class ClockMap:
         h = self._out(h, s.shape)
         G_out = self._out(G, s.shape) if want_g else theta
         p = self.packed
-        kernel = evaluate_serial if s.size < SERIAL_ITEMS else evaluate_parallel
+        kernel = evaluate_serial if s.size < SERIAL_CLOCK_ITEMS else evaluate_parallel
         kernel(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, want_g, theta, h, G_out)
         return (theta, h, G_out) if want_g else (theta, h)
 
@@ -596,7 +595,7 @@ class ClockMap:
         n_halves = p.half_sign.shape[0]
         shape = (s.shape[0], n_halves * lh, self.dim)
         out = self._out(out, shape)
-        kernel = layers_serial if s.size < SERIAL_ITEMS else layers_parallel
+        kernel = layers_serial if s.size < SERIAL_CLOCK_ITEMS else layers_parallel
         kernel(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, p.lzero, *p.tab, p.half_sign, out)
         return out
 
@@ -607,7 +606,7 @@ class ClockMap:
         p = self.packed
         out = np.empty(theta.shape)
         lower, upper = self._blow_up
-        kernel = clock_of_serial if theta.size < SERIAL_ITEMS else clock_of_parallel
+        kernel = clock_of_serial if theta.size < SERIAL_CLOCK_ITEMS else clock_of_parallel
         kernel(theta, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign,
                np.ascontiguousarray(lower), np.ascontiguousarray(upper), out)
         return out

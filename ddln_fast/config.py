@@ -139,10 +139,12 @@ SECTIONS: dict[str, type] = {
     "integrator": IntegratorConfig,
     "run": RunConfig,
 }
-_PATH_KEYS = {("problem", "path"), ("model", "init_path")}
+#: Keys that name files, (table, key): relative paths are taken relative to the config file.
+PATH_KEYS = {("problem", "path"), ("model", "init_path")}
 
 
-def _suggest(name: str, options) -> str:
+def suggest(name: str, options) -> str:
+    """' (did you mean "X"?)' for the closest of ``options`` to a misspelled ``name``, or ''."""
     close = difflib.get_close_matches(name, list(options), n=1)
     return f' (did you mean "{close[0]}"?)' if close else ""
 
@@ -196,12 +198,12 @@ def _build_section(name: str, table: Any, base_dir: Path | None):
     for key, value in table.items():
         dotted = f"{name}.{key}"
         if key not in fields:
-            raise InputError(f"unknown config key {dotted}{_suggest(key, fields)}")
+            raise InputError(f"unknown config key {dotted}{suggest(key, fields)}")
         meta = fields[key].metadata
         value = _coerce(dotted, value, meta["kind"])
         if meta["check"] is not None and not meta["check"](value):
             raise InputError(f"{dotted} = {value!r}: expected {meta['expected']}")
-        if (name, key) in _PATH_KEYS and value and base_dir is not None:
+        if (name, key) in PATH_KEYS and value and base_dir is not None:
             value = str((base_dir / value).resolve()) if not Path(value).is_absolute() else value
         values[key] = value
     return cls(**values)
@@ -233,7 +235,7 @@ class Config:
         sections = {}
         for name, table in tables.items():
             if name not in SECTIONS:
-                raise InputError(f"unknown config table [{name}]{_suggest(name, SECTIONS)}; "
+                raise InputError(f"unknown config table [{name}]{suggest(name, SECTIONS)}; "
                                  f"expected one of [problem], [model], [integrator], [run]")
             sections[name] = _build_section(name, table, base)
         return cls(**sections)
@@ -258,7 +260,7 @@ class Config:
                 raise InputError(f'override key "{dotted}": expected SECTION.KEY, e.g. model.depth')
             if section not in SECTIONS:
                 raise InputError(f"unknown config table [{section}] in override {dotted}"
-                                 f"{_suggest(section, SECTIONS)}")
+                                 f"{suggest(section, SECTIONS)}")
             tables[section][key] = value
         if "problem.path" in overrides and "problem.kind" not in overrides and not self.problem.path:
             del tables["problem"]["kind"]  # a new data file without a kind: the data is that file

@@ -49,7 +49,8 @@ from . import kernels, radau
 from .controller import (DIVERGED, LOSS_TOL, RUNNING, SeedState, Trial, control_for, control_steps,
                          first_trial_step, propose_steps, reject_steps, starting_step)
 from .errors import InputError
-from .kernels import JIT_OPTIONS, SERIAL_STATE_WORK, call_by_size, serial_and_parallel
+from .kernels import JIT_OPTIONS, call_by_size, serial_and_parallel
+from .threads import kernel_threads
 from .problem import Problem
 from .solver import Solver
 
@@ -477,8 +478,7 @@ class DualIntegrator(Solver):
 
     # -- stepping ---------------------------------------------------------------------------------
     def _pick_threads(self, m: int) -> None:
-        small = m * 3 * max(self.dim, self.n) <= SERIAL_STATE_WORK
-        numba.set_num_threads(1 if small else self._threads_wanted)
+        numba.set_num_threads(kernel_threads(m * 3 * max(self.dim, self.n), self._threads_wanted))
 
     def advance_to(self, t_target: float) -> bool:
         """Advance every running seed to flow time ``t_target`` (exactly), or until it stops;

@@ -247,7 +247,8 @@ def activation_levels(config, problem, u0) -> np.ndarray:
         return np.full(S, level)
     from .parametrization import Parametrization
     from .prediction import bregman_projection, constraints, min_l2_interpolator
-    from .theory import Geometry, assumption_a, serial_blas
+    from .theory import Geometry, assumption_a
+    from .threads import serial_blas
 
     param = Parametrization.from_config(config)
     out = np.empty(S)

@@ -21,7 +21,7 @@ import numpy as np
 import numba
 from numba import njit
 
-from . import controller, kernels
+from . import controller, kernels, threads
 from .controller import MAX_STEPS, RUNNING, STATUS_NAMES, SeedState, Trial
 from .kernels import JIT_OPTIONS
 from .parametrization import Parametrization
@@ -55,8 +55,8 @@ class Products:
 
     def serial(self, m: int) -> bool:
         """Whether the products of ``m`` seeds run seed by seed in the calling thread (no
-        GEMM): per-seed data always, a shared X when it is small (see SERIAL_PRODUCT_WORK)."""
-        return self.per_seed or m * self.X.size <= kernels.SERIAL_PRODUCT_WORK
+        GEMM): per-seed data always, a shared X when it is small (threads.SERIAL_PRODUCT_WORK)."""
+        return self.per_seed or m * self.X.size <= threads.SERIAL_PRODUCT_WORK
 
     def residual_and_gradient(self, theta, active, R, G, loss, gradient=True, labels=None):
         """R[a] = X theta[a] - y, loss[a] = f, G[a] = X^T R[a] (not yet divided by n; skipped
@@ -131,7 +131,7 @@ def stage_plan(tableau, dtype) -> StagePlan:
 
 
 #: Steps per call of the compiled loop: a stop request (a signal) waits for the call's end, a
-#: few milliseconds at the state sizes that take the loop (SERIAL_STATE_WORK elements).
+#: few milliseconds at the state sizes that take the loop (threads.SERIAL_STATE_WORK elements).
 STEPS_PER_CALL = 32
 
 
@@ -257,7 +257,7 @@ class Integrator(Solver):
         self.plan = stage_plan(self.tableau, self.dtype) if self.tableau.adaptive else None
         #: largest active state (m L d elements) whose adaptive steps run as one compiled loop
         #: (results are the same either way; the loop saves the calls from Python per step)
-        self.compiled_loop_work = kernels.SERIAL_STATE_WORK
+        self.compiled_loop_work = threads.SERIAL_STATE_WORK
         self.state = SeedState.fresh(S, self.dt)
         #: an embedded pair has chosen its starting steps (and, FSAL, holds f(U) in K[0])
         self.started = False
@@ -323,24 +323,22 @@ class Integrator(Solver):
 
     # -- time stepping --------------------------------------------------------------------------
     def advance_to(self, t_target: float) -> bool:
-        threads = self._threads_wanted = numba.get_num_threads()
+        wanted = self._threads_wanted = numba.get_num_threads()
         try:
             if self.tableau.adaptive:
                 done = self._advance_adaptive(float(t_target))
             else:
                 done = self._advance_fixed(int(round(t_target / self.dt)))
         finally:
-            numba.set_num_threads(threads)
+            numba.set_num_threads(wanted)
         if done:  # (a stop keeps the cache: it is saved, see state_arrays)
             self._theta_rows = None  # the next interval starts from a clean slate (exact resume)
         return done
 
     def _pick_threads(self, m: int) -> None:
-        """One thread for the parallel kernels while the active state is small (see
-        kernels.SERIAL_STATE_WORK), else the caller's setting (restored by advance_to).
-        Results do not change: per-seed sums never depend on the thread count."""
-        small = m * self.depth * self.dim <= kernels.SERIAL_STATE_WORK
-        numba.set_num_threads(1 if small else self._threads_wanted)
+        """The threads of the parallel kernels for ``m`` active seeds (threads.kernel_threads;
+        the caller's setting is restored by advance_to)."""
+        numba.set_num_threads(threads.kernel_threads(m * self.depth * self.dim, self._threads_wanted))
 
     def _evaluate(self, active, Y, stage, mode, coeffs, n_terms, Y_out=None, keep=1):
         """Products for the rows in ``self.theta`` (theta of ``Y``), then the fused stage."""
@@ -421,7 +419,7 @@ class Integrator(Solver):
     def _advance_adaptive(self, t_target: float) -> bool:
         """Steps of the embedded pair, all active seeds together, until every running seed is
         at ``t_target``. While the active state is small (the products seed by seed, the state
-        within SERIAL_STATE_WORK) whole runs of steps are one compiled call."""
+        within threads.SERIAL_STATE_WORK) whole runs of steps are one compiled call."""
         st, tab = self.state, self.tableau
         if not self.started:
             self._start_adaptive(np.flatnonzero(st.status == RUNNING))

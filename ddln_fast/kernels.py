@@ -33,6 +33,8 @@ from collections import namedtuple
 import numpy as np
 from numba import get_thread_id, njit, prange
 
+from . import threads
+
 #: Fast-math without ``nnan``/``ninf``: those would delete the divergence (non-finite) checks.
 FASTMATH_FLAGS = {"nsz", "arcp", "contract", "afn", "reassoc"}
 JIT_OPTIONS = dict(cache=True, fastmath=FASTMATH_FLAGS, error_model="numpy", nogil=True)
@@ -42,12 +44,6 @@ STRICT_JIT_OPTIONS = dict(cache=True, error_model="numpy", nogil=True)
 
 #: Coordinates per work item; a stage's rows for one item stay in the L1/L2 cache.
 BLOCK = 512
-
-#: Below these sizes (multiply-adds of one product with X; elements of the active state) the
-#: integrators run in the calling thread: waking two threads costs tens of microseconds, and
-#: on a loaded machine far more, while the work takes less (a straggler seed of dopri5).
-SERIAL_PRODUCT_WORK = 1_000_000
-SERIAL_STATE_WORK = 32_768
 
 #: How theta is made of the layer rows (see the module docstring); build it with ``int`` halves
 #: and ``float`` power so that every parametrization shares one compiled signature.
@@ -788,5 +784,5 @@ def serial_and_parallel(loop):
 
 def call_by_size(kernels, items, *args):
     """Call the serial kernel of a :func:`serial_and_parallel` pair for at most
-    ``SERIAL_STATE_WORK`` items of work, else the parallel one."""
-    return kernels[items > SERIAL_STATE_WORK](*args)
+    ``threads.SERIAL_STATE_WORK`` items of work, else the parallel one."""
+    return kernels[items > threads.SERIAL_STATE_WORK](*args)

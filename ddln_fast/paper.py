@@ -89,10 +89,10 @@ def implicit_bias(spec: dict, base_dir: Path, out: Path) -> dict:
 
 def time_to_epsilon(spec: dict, base_dir: Path, out: Path) -> dict:
     """Figure (b)."""
-    from .analysis import _time_to
+    from .epsilon import time_to_epsilon
     from .simulate import simulate
     from .prediction import constraints
-    from .theory import serial_blas
+    from .threads import serial_blas
 
     base = Config.from_toml(base_dir / spec["config"])
     eps = float(spec.get("epsilon", 1e-6))
@@ -107,8 +107,7 @@ def time_to_epsilon(spec: dict, base_dir: Path, out: Path) -> dict:
                 f_star = constraints(X, y).f_star
             per_seed = []
             for s in range(cfg.run.seeds):
-                gap = np.maximum(run.loss[:, s] - f_star, 0.0)
-                per_seed.append(_time_to(run.t_seed[:, s], gap / gap[0], eps))
+                per_seed.append(time_to_epsilon(run.t_seed[:, s], run.loss[:, s], f_star, eps))
             times.append(float(np.mean(per_seed)))
             run.close() if hasattr(run, "close") else None
         results[depth] = times
@@ -133,7 +132,7 @@ def pl_bound(spec: dict, base_dir: Path, out: Path) -> dict:
     """Figure (c)."""
     from .analysis import analyze_run
     from .simulate import simulate
-    from .theory import serial_blas
+    from .threads import serial_blas
 
     cfg = Config.from_toml(base_dir / spec["config"])
     run = simulate(cfg)

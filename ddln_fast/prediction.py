@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .parametrization import Parametrization
-from .theory import Geometry, require_assumption_a, serial_blas
+from .theory import Geometry, require_assumption_a
+from .threads import serial_blas
 
 
 @dataclass

@@ -6,7 +6,6 @@ checked before the output file is created, so bad input never leaves a half-writ
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -28,7 +27,8 @@ from .problem import make_problem
 # gets the thread limit like numpy's (a library loaded inside the limit keeps its default pool)
 from .sharpness import STABILITY_BOUNDS, stability_limits
 from .solver import Solver
-from .store import Run, RunWriter, extend_run, open_h5, provenance
+from .provenance import blas_identity, provenance
+from .store import Run, RunWriter, extend_run, open_h5
 from .threads import limit_threads
 
 
@@ -441,8 +441,8 @@ def _resume(config: Config, path: Path, progress, threads, on_checkpoint, stops)
     with limit_threads(n_threads) as used_threads:
         now = provenance(used_threads)
         mismatch = [f"threads {stored_threads} -> {used_threads}"] if stored_threads != used_threads else []
-        if _blas_identity(stored_blas) != _blas_identity(now["blas"]):
-            mismatch.append(f"BLAS {_blas_identity(stored_blas)} -> {_blas_identity(now['blas'])}")
+        if blas_identity(stored_blas) != blas_identity(now["blas"]):
+            mismatch.append(f"BLAS {blas_identity(stored_blas)} -> {blas_identity(now['blas'])}")
         if mismatch:
             warnings.warn(f"resuming {path} with {'; '.join(mismatch)}: the rest of the run will not be "
                           f"bit-identical to an uninterrupted run", ResumeMismatchWarning, stacklevel=2)
@@ -457,24 +457,16 @@ class ResumeMismatchWarning(UserWarning):
     """A run is resumed with another thread count or BLAS than it started with."""
 
 
-def _blas_identity(blas_json: str) -> str:
-    """What of the BLAS decides its rounding: library, version and kernel architecture."""
-    try:
-        infos = json.loads(blas_json) if blas_json else []
-    except ValueError:
-        return "unknown"
-    return ", ".join(f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')}"
-                     for i in infos) or "none"
-
-
 def _checkpoint_row(integrator: Solver, diagnostics: CheckpointDiagnostics, t: float,
                     save_layers: bool) -> dict:
-    """The checkpoint's rows (the solver marks a running seed whose loss is not finite here as
-    diverged first, or one that reached loss_tol as converged: ``t_seed`` and ``status`` are read
-    after it); the solver's own rows and the diagnostics follow."""
+    """The checkpoint's row, one value per dataset of ``/checkpoints``: the solver's
+    checkpoint values (it marks a running seed whose loss is not finite as diverged first, or
+    one that reached loss_tol as converged: ``t_seed`` and ``status`` are read after it), the
+    time, each seed's time, evaluations and status, and the diagnostics. (The writer copies
+    every value: the solver's own arrays may be passed.)"""
     values = integrator.checkpoint_values(save_layers)
     st = integrator.state
-    row = {"t": t, "t_seed": st.t_seed(), **values, "nfev": st.nfev.copy(), "status": st.status.copy()}
+    row = {"t": t, "t_seed": st.t_seed(), "nfev": st.nfev, "status": st.status, **values}
     row.update(diagnostics.values(integrator))
     return row
 
@@ -488,10 +480,12 @@ def _drive(config, integrator: Solver, diagnostics: CheckpointDiagnostics, write
            times, first_index, progress, on_checkpoint, stops, resumed_from=None) -> RunReport:
     """Advance checkpoint by checkpoint, appending each one (rows, state, then the counter).
 
-    A stop request (SIGINT/SIGTERM) is honoured at a step boundary, not only at the next
-    checkpoint: the integrator checks it between steps (see Solver.stop_check), and the state
-    where it stopped is
-    saved (a long interval between checkpoints would otherwise outlast a scheduler's grace time).
+    The writer writes a checkpoint in its own thread while the next interval is computed. A
+    stop request (SIGINT/SIGTERM), or a failed write, is honoured at a step boundary, not only
+    at the next checkpoint: the integrator checks it between steps (see Solver.stop_check). The
+    state where a stop request stopped it is saved (a long interval between checkpoints would
+    otherwise outlast a scheduler's grace time). ``on_checkpoint(k, t, integrator)`` is called
+    once checkpoint k is committed to the file.
     """
     from tqdm import tqdm
 
@@ -502,15 +496,15 @@ def _drive(config, integrator: Solver, diagnostics: CheckpointDiagnostics, write
     written = 0
     interrupted = None
     try:
-        integrator.stop_check = stops.pending
+        integrator.stop_check = lambda: stops.pending() or writer.failed
         for k in range(first_index, len(times)):
             if k > 0:
                 if not np.any(integrator.running):  # every seed stopped: no more rows
                     break
                 with np.errstate(**_NON_FINITE_IS_A_STATUS):
                     reached = integrator.advance_to(times[k])
-                if not reached:  # a stop request, between two steps
-                    writer.save_state(integrator.state_arrays())
+                if not reached:  # a stop request or a failed write, between two steps
+                    writer.save_state(integrator.state_arrays())  # (raises the write error)
                     interrupted = stops.requested
                     break
             if k == len(times) - 1:
@@ -521,18 +515,17 @@ def _drive(config, integrator: Solver, diagnostics: CheckpointDiagnostics, write
             written += 1
             bar.update(1)
             if on_checkpoint is not None:
+                writer.wait()
                 on_checkpoint(k, times[k], integrator)
             if stops.requested and k < len(times) - 1 and np.any(integrator.running):
                 interrupted = stops.requested
                 break
         integrator.stop_check = None
+        writer.wait()
         wall = time.perf_counter() - start
         if interrupted:
-            if writer.path is None:
-                run = Run(writer.file, None)
-            else:
-                writer.close()
-                run = Run(open_h5(writer.path), writer.path)
+            writer.close()
+            run = Run(writer.file, None) if writer.path is None else Run(open_h5(writer.path), writer.path)
             return RunReport(run, wall, written, interrupted=interrupted, resumed_from=resumed_from)
         writer.finish({"wall_seconds": wall})
     except BaseException:

@@ -28,16 +28,6 @@ from .errors import InputError
 from .parametrization import Parametrization
 
 
-def serial_blas():
-    """One BLAS thread for the theory's small dense algebra (SVDs of n x d, n x n solves).
-
-    Measured on the shared 2-core machine under load: an SVD of a 100 x 1000 matrix took 3.4 s
-    with the default OpenBLAS pool and 0.046 s with one thread."""
-    import threadpoolctl
-
-    return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
-
-
 # ---------------------------------------------------------------------------------------------
 # Assumption (A)
 # ---------------------------------------------------------------------------------------------

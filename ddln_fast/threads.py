@@ -1,5 +1,7 @@
-"""Thread policy, in one place: the OpenMP runtime Numba's kernels run on, and one ``threads``
-setting for Numba's parallel kernels and the BLAS pool together.
+"""Thread policy, in one place: the OpenMP runtime Numba's kernels run on; one ``threads``
+setting for Numba's parallel kernels and the BLAS pool together; when a small piece of work
+runs in the calling thread instead; one BLAS thread for the theory's small dense algebra; and
+the threads of each task of a sweep.
 
 Two facts decide the OpenMP set-up (both measured on 2 cores, Euler steps of n = 200,
 d = 5000, 64 seeds, depth 3):
@@ -150,3 +152,61 @@ def limit_threads(threads: int):
             yield n
     finally:
         numba.set_num_threads(previous)
+
+
+#: Below these sizes the integrators run in the calling thread: multiply-adds of one product
+#: with X (a GEMM below this runs seed by seed, no BLAS call), and elements of the active state
+#: (m L d; the parallel kernels then run on one thread, and an adaptive run takes whole runs of
+#: steps in one compiled call). Waking two threads costs tens of microseconds, and on a loaded
+#: machine far more, while the work takes less (a straggler seed of dopri5). Results do not
+#: depend on these: per-seed sums never depend on the thread count.
+SERIAL_PRODUCT_WORK = 1_000_000
+SERIAL_STATE_WORK = 32_768
+#: Below this many (row x coordinate) items the clock map's loops run in the calling thread.
+SERIAL_CLOCK_ITEMS = 2048
+
+
+def kernel_threads(state_work: int, wanted: int) -> int:
+    """Threads for the parallel kernels on an active state of ``state_work`` elements: one
+    while it is at most :data:`SERIAL_STATE_WORK`, else ``wanted`` (the run's setting)."""
+    return 1 if state_work <= SERIAL_STATE_WORK else wanted
+
+
+def serial_blas():
+    """One BLAS thread for the theory's small dense algebra (SVDs of n x d, n x n solves), as a
+    context manager.
+
+    Measured on the shared 2-core machine under load: an SVD of a 100 x 1000 matrix took 3.4 s
+    with the default OpenBLAS pool and 0.046 s with one thread."""
+    return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a SLURM allocation, taskset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def task_threads(slots_per_host: dict[str, int] | None, threads: int | None) -> int:
+    """Numba + BLAS threads for one task of a sweep: ``threads`` if given, else the cores of
+    this host over the task slots of this host (no oversubscription).
+
+    ``slots_per_host``: host -> task slots (Dask worker threads) when the sweep started; a
+    worker on a host that joined later (adaptive scaling) asks the scheduler."""
+    if threads:
+        return threads
+    cores = available_cores()
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):  # not on a Dask worker
+        return cores
+    host = worker.address.split("://")[-1].rsplit(":", 1)[0]
+    if slots_per_host and host in slots_per_host:
+        slots = slots_per_host[host]
+    else:
+        from distributed import get_client
+
+        info = get_client().scheduler_info()["workers"].values()
+        slots = sum(int(w["nthreads"]) for w in info if w["host"] == host) or worker.state.nthreads
+    return max(1, cores // max(1, slots))

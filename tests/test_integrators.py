@@ -340,9 +340,9 @@ _THREADS_SCRIPT = """
 import json, sys
 import numba
 import numpy as np
-from ddln_fast import Config, integrators, kernels, simulate
+from ddln_fast import Config, integrators, simulate, threads
 
-kernels.SERIAL_STATE_WORK = 0  # the documented knob: every stage kernel runs on the threads asked
+threads.SERIAL_STATE_WORK = 0  # the documented knob: every stage kernel runs on the threads asked
 seen = []
 pick = integrators.Integrator._pick_threads
 def recording(self, m):
@@ -351,12 +351,12 @@ def recording(self, m):
 integrators.Integrator._pick_threads = recording
 config = Config.from_dict(json.loads(sys.argv[1]))
 runs = {}
-for threads in (1, 2):
+for count in (1, 2):
     seen.clear()
-    run = simulate(config, threads=threads)
-    runs[threads] = {name: run.file["checkpoints"][name][:].tobytes().hex()
-                     for name in ("u", "loss", "invariant_drift", "nfev")}
-    runs[threads]["kernel_threads"] = sorted(set(seen))
+    run = simulate(config, threads=count)
+    runs[count] = {name: run.file["checkpoints"][name][:].tobytes().hex()
+                   for name in ("u", "loss", "invariant_drift", "nfev")}
+    runs[count]["kernel_threads"] = sorted(set(seen))
 print(json.dumps(runs))
 """
 

@@ -153,7 +153,8 @@ def test_file_without_a_committed_checkpoint_is_started_again(tmp_path):
     from ddln_fast.integrators import Integrator
     from ddln_fast.problem import make_problem
     from ddln_fast.simulate import run_simulation
-    from ddln_fast.store import RunWriter, provenance
+    from ddln_fast.provenance import provenance
+    from ddln_fast.store import RunWriter
 
     cfg = config("euler")
     ref = reference_run(cfg, tmp_path / "reference.h5")

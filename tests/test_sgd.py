@@ -501,10 +501,10 @@ def test_seeds_on_one_problem_differ_through_their_own_draws(overrides, warned):
 _THREAD_COUNTS_SCRIPT = """
 import json, sys
 import numba
-from ddln_fast import Config, kernels, simulate
+from ddln_fast import Config, simulate, threads
 from ddln_fast.stochastic import StochasticGradientDescent as Solver
 
-kernels.SERIAL_STATE_WORK = 0  # every kernel runs on the threads asked
+threads.SERIAL_STATE_WORK = 0  # every kernel runs on the threads asked
 seen, step = [], Solver._fixed_step
 Solver._fixed_step = lambda self, active: (seen.append(numba.get_num_threads()), step(self, active))
 config = Config().with_overrides(json.loads(sys.argv[1]))

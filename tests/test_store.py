@@ -1,10 +1,12 @@
-"""The HDF5 file of a run against the schema of INTERFACE.md.
+"""The HDF5 file of a run against its documented layout.
 
-Reference: the list of required names, shapes, dtypes, attributes and axis labels copied from
-INTERFACE.md ("HDF5 file of one run") into REQUIRED below, and an independent reader (plain
-h5py in another process, opened with swmr=True) for reading while the run is written. Stored
-values are checked against numpy recomputations (loss of the stored theta, theta as the product
-of the stored layers), never against earlier outputs of the code.
+Reference: the list of required names, shapes, dtypes, attributes and axis labels of the
+interface specification ("HDF5 file of one run"), copied into REQUIRED below; the package's
+schema table (ddln_fast.store.schema.FIELDS) must contain it, and every file must hold what
+that table says; an independent reader (plain h5py in another process, opened with
+swmr=True) for reading while the run is written; xarray with h5netcdf for the dimension scales.
+Stored values are checked against numpy recomputations (loss of the stored theta, theta as the
+product of the stored layers), never against earlier outputs of the code.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from references import loss
 
 S, L, D, N, K = 3, 2, 12, 10, 5
 
-# INTERFACE.md: name -> (shape, dtype kind, axis labels). "run" dtype: float64 or float32 as
+# The interface specification: name -> (shape, dtype kind, axis labels). "run" dtype: float64 or float32 as
 # run.dtype says; "f8": always float64; "int": any integer type.
 REQUIRED = {
     "problem/X": ((N, D), "f8", ("sample", "coordinate")),
@@ -176,12 +178,110 @@ def test_readable_while_being_written(make_config, tmp_path):
 def test_chunks_hold_one_checkpoint_and_at_most_a_few_mib(shape):
     """DESIGN.md: one checkpoint along K, split over seeds/coordinates to about 1-4 MiB per
     chunk (small rows stay whole)."""
-    from ddln_fast.store import _chunks
+    from ddln_fast.store.writer import chunks_for
 
-    chunks = _chunks(shape, 8)
+    chunks = chunks_for(shape, 8)
     assert len(chunks) == len(shape) + 1 and chunks[0] == 1
     assert all(1 <= c <= s for c, s in zip(chunks[1:], shape))
     nbytes = 8 * int(np.prod(chunks))
     assert nbytes <= 4 * 2**20
     if 8 * int(np.prod(shape)) <= 2**20:
         assert chunks[1:] == shape  # a small row is one chunk
+
+
+def test_schema_table_holds_the_required_layout():
+    """The one table the writer, the reader and these tests read contains every required
+    dataset with its axes and dtype (REQUIRED, copied from the specification, is the reference)."""
+    from ddln_fast.store.schema import FIELDS, field
+
+    for name, (shape, kind, labels) in REQUIRED.items():
+        fd = field(name)
+        assert fd.axes_for(len(shape)) == labels, name
+        assert fd.dtype == {"run": "run", "f8": "float64", "int": fd.dtype}[kind], name
+        if kind == "int":
+            assert np.issubdtype(np.dtype(fd.dtype), np.integer)
+    assert len({fd.path for fd in FIELDS}) == len(FIELDS)
+
+
+@pytest.mark.parametrize("save_layers, per_seed_data", [(True, False), (False, True)])
+def test_file_holds_exactly_the_fields_of_the_schema_table(make_config, tmp_path, save_layers, per_seed_data):
+    """Every field the table gives this run, with the shape and dtype it says, and nothing else
+    in /problem, /init and /checkpoints (besides the commit counter)."""
+    from ddln_fast.store.schema import Layout, fields
+
+    config = _config(make_config, save_layers=save_layers, per_seed_data=per_seed_data)
+    path = tmp_path / "run.h5"
+    simulate(config, out=path).close()
+    with open_run(path) as run:
+        layout = Layout.of(config, ddln_fast.problem.Problem(run.X, run.y, run.theta_star))
+        expected = {fd.path: fd for fd in fields(layout)}
+        present = {name for name in run.datasets() if name != "checkpoints/committed"}
+        assert present == set(expected)
+        for name, fd in expected.items():
+            ds = run.file[name]
+            rows = (K,) if fd.grows else ()
+            assert ds.shape == rows + fd.row_shape(layout), name
+            assert ds.dtype == fd.numpy_dtype(layout), name
+            assert getattr(run, fd.run_attribute).shape == ds.shape
+
+
+@pytest.mark.parametrize("per_seed_data", [False, True])
+def test_xarray_sees_named_dimensions_and_t_as_coordinate(make_config, tmp_path, per_seed_data):
+    """xarray with h5netcdf, without phony_dims: every variable has the dimension names of the
+    table, t is the coordinate of the checkpoint axis; Run.to_xarray gives the same."""
+    xarray = pytest.importorskip("xarray")
+    pytest.importorskip("h5netcdf")
+    config = _config(make_config, per_seed_data=per_seed_data)
+    path = tmp_path / "run.h5"
+    simulate(config, out=path).close()
+    with h5py.File(path, "r") as f:
+        t, loss, u = f["checkpoints/t"][:], f["checkpoints/loss"][:], f["checkpoints/u"][:]
+    with xarray.open_dataset(path, group="checkpoints", engine="h5netcdf") as ds:
+        assert ds["loss"].dims == ("t", "seed") and ds["theta"].dims == ("t", "seed", "coordinate")
+        assert ds["u"].dims == ("t", "seed", "layer", "coordinate")
+        assert "t" in ds.coords and ds.sizes == {"t": K, "seed": S, "coordinate": D, "layer": L, "counter": 1}
+        np.testing.assert_array_equal(ds["t"].values, t)
+        assert ds["loss"].values.tobytes() == loss.tobytes()
+        assert ds["loss"].sel(t=t[2]).values.tobytes() == loss[2].tobytes()
+    with xarray.open_dataset(path, group="problem", engine="h5netcdf") as ds:
+        lead = ("seed",) if per_seed_data else ()
+        assert ds["X"].dims == (*lead, "sample", "coordinate") and ds["y"].dims == (*lead, "sample")
+    with xarray.open_dataset(path, group="init", engine="h5netcdf") as ds:
+        assert ds["u"].dims == ("seed", "layer", "coordinate")
+    with open_run(path) as run:
+        ds = run.to_xarray()
+    assert ds["loss"].dims == ("t", "seed") and ds["u0"].dims == ("seed", "layer", "coordinate")
+    np.testing.assert_array_equal(ds["t"].values, t)
+    assert ds["u"].values.tobytes() == u.tobytes()
+    assert ds["X"].dims == ((("seed",) if per_seed_data else ()) + ("sample", "coordinate"))
+    assert Config.from_dict(tomllib.loads(ds.attrs["config"])) == config
+
+
+def test_state_at_a_checkpoint_refers_to_its_layers_row(make_config, tmp_path):
+    """At a checkpoint the saved layers are the row u of that checkpoint (one copy in the
+    file): the slot's from_rows flag is set and Run.state() returns that row; the layers of
+    the resumed state are the stored ones (a bitwise resume is tested in test_resume.py)."""
+    config = _config(make_config)
+    path = tmp_path / "run.h5"
+    simulate(config, out=path).close()
+    with open_run(path) as run:
+        index, state = run.state()
+        with h5py.File(path, "r") as f:
+            slots = [f[f"state/slot{i}"] for i in range(2)]
+            latest = max(slots, key=lambda g: int(g["sequence"][0]))
+            assert dict(json.loads(latest["from_rows"].attrs["names"])) == {"U": "u"}
+            assert latest["from_rows"][0] == 1 and int(latest["checkpoint_index"][0]) == index == K - 1
+            u_last = f["checkpoints/u"][K - 1]
+    assert state["U"].tobytes() == u_last.tobytes()
+
+
+def test_every_root_attribute_is_in_the_schema_table(make_config, tmp_path):
+    """A run file's root attributes are all documented in ROOT_ATTRIBUTES (an attribute added
+    without its meaning fails here)."""
+    from ddln_fast.store.schema import ROOT_ATTRIBUTES
+
+    path = tmp_path / "run.h5"
+    simulate(_config(make_config), out=path).close()
+    with h5py.File(path, "r") as f:
+        assert set(f.attrs) <= set(ROOT_ATTRIBUTES), set(f.attrs) - set(ROOT_ATTRIBUTES)
+        assert {"schema_version", "config", "complete", "status_names", "blas"} <= set(f.attrs)

@@ -21,6 +21,7 @@ import contextlib
 import csv
 import io
 import itertools
+import json
 import os
 import re
 import signal
@@ -238,12 +239,51 @@ def test_tasks_are_the_grid_times_the_zip_with_stable_ids(sweep_file, tasks, tmp
     assert len(changed) == 2 * 4
 
 
+def test_task_ids_do_not_depend_on_where_the_sweep_lives(tmp_path):
+    """The same sweep, with its data file, in two folders gives the same ids (the configs hold
+    absolute paths, which differ); other data content gives other ids; a sweep without files
+    keeps the id of its config (SHA-256 of the TOML without run.threads and without the keys
+    added after the first release at their defaults, recomputed here)."""
+    import hashlib
+
+    import tomli_w
+
+    from ddln_fast.config import ADDED_KEYS, Config
+    from ddln_fast.sweep import load_sweep
+
+    rng = np.random.default_rng(1)
+    X, y = rng.standard_normal((8, 12)), rng.standard_normal(8)
+    text = '[set]\n"problem.path" = "data.npz"\n"run.seeds" = 1\n[grid]\n"model.depth" = [2, 3]\n'
+    sweeps = []
+    for place in ("a", "b/c"):
+        folder = tmp_path / place
+        folder.mkdir(parents=True)
+        np.savez(folder / "data.npz", X=X, y=y)
+        (folder / "s.toml").write_text(text)
+        sweeps.append(load_sweep(folder / "s.toml").tasks)
+    first, second = sweeps
+    assert [t.config.problem.path for t in first] != [t.config.problem.path for t in second]
+    assert [t.id for t in first] == [t.id for t in second]
+    np.savez(tmp_path / "b/c/data.npz", X=X + 1.0, y=y)
+    assert {t.id for t in load_sweep(tmp_path / "b/c/s.toml").tasks}.isdisjoint(t.id for t in first)
+
+    (tmp_path / "plain.toml").write_text('[grid]\n"model.depth" = [2, 3]\n')
+    for task in load_sweep(tmp_path / "plain.toml").tasks:
+        tables, defaults = task.config.to_dict(), Config().to_dict()
+        del tables["run"]["threads"]
+        for section, key in (dotted.split(".") for dotted in ADDED_KEYS):
+            if tables[section][key] == defaults[section][key]:
+                del tables[section][key]
+        assert task.id == hashlib.sha256(tomli_w.dumps(tables).encode()).hexdigest()[:16]
+
+
 # -- LocalCluster --------------------------------------------------------------------------------------
 def test_local_sweep_matches_plain_runs(local_sweep, sweep_file, tasks, references):
-    from ddln_fast.sweep import default_cores
+    from ddln_fast.store.schema import ROOT_ATTRIBUTES
+    from ddln_fast.threads import available_cores
 
     outdir, stdout = local_sweep
-    per_task = max(1, default_cores() // 2)  # cores // workers, whatever this machine has
+    per_task = max(1, available_cores() // 2)  # cores // workers, whatever this machine has
     assert f"LocalCluster of 2 workers x 1 thread, {per_task} Numba/BLAS threads per task" in stdout
     assert_all_tasks_match_references(outdir, tasks, references)
     assert (outdir / "sweep.toml").read_text() == sweep_file.read_text()
@@ -269,6 +309,11 @@ def test_local_sweep_matches_plain_runs(local_sweep, sweep_file, tasks, referenc
     assert [s.decode() for s in table["task"]] == [r["task"] for r in rows]
     np.testing.assert_array_equal(table["final_loss_max"], [float(r["final_loss_max"]) for r in rows])
     np.testing.assert_array_equal(table["model.depth"], [int(r["model.depth"]) for r in rows])
+    for task, row in zip(tasks, rows):  # the task's attributes, added atomically to a closed file
+        with h5py.File(outdir / "runs" / f"{task.id}.h5", "r") as f:
+            assert f.attrs["sweep_task"] == task.id and int(f.attrs["sweep_threads"]) == per_task
+            assert set(f.attrs) <= set(ROOT_ATTRIBUTES), "every attribute documented in the schema table"
+            assert json.loads(f.attrs["sweep_summary"])["final_loss_max"] == float(row["final_loss_max"])
     starts = [e for e in log_events(outdir) if e[0] == "start"]
     assert sorted(t for _, t, _ in starts) == sorted(t.id for t in tasks)
     assert len({pid for *_, pid in starts}) == 2, "both workers ran tasks"
@@ -277,22 +322,20 @@ def test_local_sweep_matches_plain_runs(local_sweep, sweep_file, tasks, referenc
 def test_summary_theory_columns(local_sweep, tasks, references):
     """gap_to_prediction = median over seeds of ||theta_K - theta_inf|| / ||theta_inf||, with
     theta_inf from ``predict_limit`` of the task's config (no run involved) and theta_K from the
-    reference run; NaN with a note when the analysis module is not there."""
-    import importlib.util
+    reference run; time_to_eps = median over seeds of the first time at which
+    (f - f*) / (f0 - f*) <= 1e-6, interpolated log-linearly between checkpoints, recomputed
+    here with f* from numpy's lstsq."""
+    from ddln_fast.prediction import predict_limit
 
     outdir, _ = local_sweep
     rows = {r["task"]: r for r in read_csv(outdir / "summary.csv")}
-    if importlib.util.find_spec("ddln_fast.analysis") is None:
-        for row in rows.values():
-            assert row["gap_to_prediction"] == "nan" and "no ddln_fast.analysis" in row["message"]
-        return
-    from ddln_fast.prediction import predict_limit
-
     for task in tasks:
         row = rows[task.id]
         theta_inf = predict_limit(task.config)  # (S, d)
         with h5py.File(references[task.id], "r") as f:
             theta = f["checkpoints/theta"][-1]
+            loss, t_seed = f["checkpoints/loss"][:], f["checkpoints/t_seed"][:]
+            X, y = f["problem/X"][:], f["problem/y"][:]
         gaps = np.linalg.norm(theta - theta_inf, axis=1) / np.linalg.norm(theta_inf, axis=1)
         # both solve the projection onto {X theta = y} to 1e-12; the gaps here are 1e-10 .. 1e-2
         assert float(row["gap_to_prediction"]) == pytest.approx(np.median(gaps), rel=1e-6, abs=1e-10)
@@ -300,6 +343,33 @@ def test_summary_theory_columns(local_sweep, tasks, references):
                                                                 rel=1e-9)
         rate = float(row["fitted_rate"])
         assert np.isnan(rate) or rate > 0
+        times = []
+        for s in range(loss.shape[1]):
+            solution = np.linalg.lstsq(X[s], y[s], rcond=None)[0]
+            f_star = np.sum((X[s] @ solution - y[s]) ** 2) / (2 * len(y[s]))
+            excess = np.maximum(loss[:, s] - f_star, 0.0) / (loss[0, s] - f_star)
+            k = next((k for k in range(len(excess)) if excess[k] <= 1e-6), None)
+            if k is None:
+                continue
+            lo, hi = np.log(excess[k - 1]), np.log(excess[k])
+            times.append(t_seed[k - 1, s] + (lo - np.log(1e-6)) / (lo - hi) * (t_seed[k, s] - t_seed[k - 1, s]))
+        expected = np.median(times) if times else float("nan")
+        assert float(row["time_to_eps"]) == pytest.approx(expected, rel=1e-6, nan_ok=True)
+
+
+def test_summary_reads_into_pandas(local_sweep, tasks):
+    """summary_frame: pandas' read_csv of summary.csv, metrics as floats, equal to the CSV."""
+    pandas = pytest.importorskip("pandas")
+    from ddln_fast.sweep import METRICS, summary_frame
+
+    outdir, _ = local_sweep
+    frame = summary_frame(outdir)
+    rows = read_csv(outdir / "summary.csv")
+    assert list(frame["task"]) == [t.id for t in tasks]
+    assert list(frame.columns) == list(rows[0])
+    for metric in METRICS:
+        assert pandas.api.types.is_numeric_dtype(frame[metric]), metric
+        np.testing.assert_array_equal(frame[metric].to_numpy(dtype=float), [float(r[metric]) for r in rows])
 
 
 def test_rerun_does_no_simulation_work(local_sweep, sweep_file):
@@ -484,6 +554,7 @@ BAD_SWEEPS = {
     "invalid TOML": ('[grid\n"model.depth" = [2]\n', "is not valid TOML"),
     "swept run.threads": ('[grid]\n"run.threads" = [1, 2]\n', "run.threads cannot be swept"),
     "key without section": ('[grid]\ndepth = [2, 3]\n', "expected SECTION.KEY"),
+    "missing data file": ('[grid]\n"problem.path" = ["nope.npz"]\n', "cannot be read (No such file"),
 }
 
 
