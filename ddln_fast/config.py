@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import InputError
+from .errors import InputError, existing_file
 from .parametrization import PARAMETRIZATIONS
 
 PROBLEM_KINDS = ("gaussian", "file")
@@ -441,11 +441,7 @@ def _check_dual(config: Config) -> None:
 
 def read_toml(path: str | Path) -> dict:
     """Parse a TOML file, turning every failure into a one-line :class:`InputError`."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"config file {path} does not exist")
-    if path.is_dir():
-        raise InputError(f"config file {path} is a directory, expected a TOML file")
+    path = existing_file(path, "config file", "a TOML file")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:

@@ -98,18 +98,12 @@ SUBTRACT_TARGETS_KERNELS = serial_and_parallel(_subtract_targets)
 
 def _per_seed_clocks(X, Z, start, row_seeds, inv_n, use_start, out):
     """out[r] = start[seed] + X[seed]^T Z[r] / n for per-seed data X of shape (S, n, d)."""
-    R, n = Z.shape
+    R = Z.shape[0]
     d = X.shape[2]
     for r in prange(R):
         seed = row_seeds[r]
         o = out[r]
-        for i in range(d):
-            o[i] = 0.0
-        for k in range(n):
-            z = Z[r, k]
-            xr = X[seed, k]
-            for i in range(d):
-                o[i] += z * xr[i]
+        kernels.transposed_product(X[seed], Z[r], o)
         for i in range(d):
             o[i] = (start[seed, i] if use_start else 0.0) + inv_n * o[i]
 
@@ -497,18 +491,16 @@ class DualIntegrator(Solver):
         if fresh.size:
             self._start(fresh)
         targets = np.full(self.seeds, t_target)
-        while True:
-            active = np.flatnonzero((st.status == RUNNING) & (st.t < t_target))
-            if active.size == 0:
-                return True
-            if self.stop_requested():
-                return False
+
+        def step(active):
             self._pick_threads(active.size)
             propose_steps(active, targets, st, self.trial)
             need = active[self.flags[active, self.NEED_JAC] == 1]
             if need.size:
                 self._refresh_jacobians(need)
             self._attempt(active, targets)
+
+        return self.step_rounds(lambda: st.t < t_target, step)
 
     def _attempt(self, active, targets):
         """One step attempt of every active seed: Newton, error estimate, accept or reject."""

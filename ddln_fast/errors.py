@@ -4,6 +4,8 @@ The CLI turns it into exit code 2 with a single line on stderr; the Python API l
 propagate so that notebooks see the same message.
 """
 
+from pathlib import Path
+
 
 class InputError(ValueError):
     """Bad input: the message names what is wrong and what was expected, on one line.
@@ -19,6 +21,17 @@ class InputError(ValueError):
     def for_cli(self) -> str:
         """The message as ``ddln`` prints it."""
         return self.cli_message or str(self)
+
+
+def existing_file(path, what: str, expected: str) -> Path:
+    """``path`` as a Path, or an InputError naming ``what`` (e.g. "config file") when it does not
+    exist or is a directory (``expected`` says what it should be, e.g. "a TOML file")."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a directory, expected {expected}")
+    return path
 
 
 class AlreadyComplete(Exception):

@@ -353,12 +353,8 @@ class Integrator(Solver):
 
     def _advance_fixed(self, target_step: int) -> bool:
         st = self.state
-        while True:
-            active = np.flatnonzero((st.status == RUNNING) & (st.steps < target_step))
-            if active.size == 0:
-                return True
-            if self.stop_requested():
-                return False
+
+        def step(active):
             self._pick_threads(active.size)
             if self._theta_rows is None or not np.array_equal(self._theta_rows, active):
                 self._theta_of_U(active)
@@ -367,6 +363,8 @@ class Integrator(Solver):
                                      self.max_steps, st)
             # theta rows now hold theta of the new layers, for the live seeds
             self._theta_rows = active if all_live else None
+
+        return self.step_rounds(lambda: st.steps < target_step, step)
 
     def _fixed_step(self, active) -> None:
         """One step of the active seeds from U (theta rows of U in ``self.theta``): seeds whose
@@ -427,12 +425,8 @@ class Integrator(Solver):
         targets = np.full(self.seeds, t_target)
         expo1 = controller.control_for(tab.error_order).expo1
         buffers = (np.zeros(self.seeds, dtype=np.int64), np.zeros(self.seeds, dtype=np.int64))
-        while True:
-            active = np.flatnonzero((st.status == RUNNING) & (st.t < t_target))
-            if active.size == 0:
-                return True
-            if self.stop_requested():
-                return False
+
+        def step(active):
             m = active.size
             if self.products.serial(m) and m * self.depth * self.dim <= self.compiled_loop_work:
                 p = self.products
@@ -447,6 +441,8 @@ class Integrator(Solver):
             else:
                 self._pick_threads(m)
                 self._adaptive_step(active, targets, trial, expo1)
+
+        return self.step_rounds(lambda: st.t < t_target, step)
 
     def _adaptive_step(self, active, targets, trial, expo1) -> None:
         """One step of every active seed: FSAL, the first stage is the last one of the

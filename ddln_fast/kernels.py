@@ -642,6 +642,20 @@ def residual_and_loss(R, y, y_rows, m, inv_2n, loss):
 
 
 @njit(**JIT_OPTIONS)
+def transposed_product(A, x, out):
+    """out = A^T x for A of shape (n, d), x (n,), out (d,): row by row (row-major friendly),
+    each sum in the order of the rows."""
+    n, d = A.shape
+    for c in range(d):
+        out[c] = 0.0
+    for i in range(n):
+        row = A[i]
+        xi = x[i]
+        for c in range(d):
+            out[c] += xi * row[c]
+
+
+@njit(**JIT_OPTIONS)
 def one_seed_products(X, y, theta, r, g, inv_2n, gradient):
     """Both products of one seed, in the calling thread, sums in a fixed order:
     r = X theta - y, g = X^T r (not yet divided by n; only if ``gradient``); returns
@@ -657,13 +671,7 @@ def one_seed_products(X, y, theta, r, g, inv_2n, gradient):
         r[i] = ri
         total += np.float64(ri) * np.float64(ri)
     if gradient != 0:
-        for c in range(d):
-            g[c] = 0.0
-        for i in range(n):
-            xi = X[i]
-            ri = r[i]
-            for c in range(d):
-                g[c] += ri * xi[c]
+        transposed_product(X, r, g)
     return total * inv_2n
 
 

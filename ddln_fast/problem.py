@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config
-from .errors import InputError
+from .errors import InputError, existing_file
 
 
 @dataclass
@@ -92,10 +92,7 @@ def make_problem(config: Config) -> Problem:
 
 def read_arrays(path: Path, names: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
     """Read named arrays from .npz (keys) or .h5 (datasets ``/name``); missing names are left out."""
-    if not path.exists():
-        raise InputError(f"{what} file {path} does not exist")
-    if path.is_dir():
-        raise InputError(f"{what} file {path} is a directory")
+    path = existing_file(path, f"{what} file", "an .npz or .h5 file")
     suffix = path.suffix.lower()
     try:
         if suffix in (".npz", ".npy"):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .kernels import JIT_OPTIONS, serial_and_parallel
+from .kernels import JIT_OPTIONS, serial_and_parallel, transposed_product
 
 SQRT6 = 6.0 ** 0.5
 
@@ -94,18 +94,6 @@ def newton_tolerance(rtol: float) -> float:
 # Linear algebra through the eigendecomposition of A = -J
 # ---------------------------------------------------------------------------------------------
 @njit(**JIT_OPTIONS)
-def _project(Vs, rhs, n, out):
-    """out[j] = sum_i Vs[i, j] rhs[i] (V^T rhs), row-major friendly."""
-    for j in range(n):
-        out[j] = 0.0
-    for i in range(n):
-        ri = rhs[i]
-        row = Vs[i]
-        for j in range(n):
-            out[j] += row[j] * ri
-
-
-@njit(**JIT_OPTIONS)
 def _expand(Vs, coef, n, out):
     """out[i] = sum_j Vs[i, j] coef[j] (V coef)."""
     for i in range(n):
@@ -158,9 +146,9 @@ def newton_update(stage_f, W, Z, V, lam, seeds, inv_h, live, work):
             rc[i] = a - (mcr * w1[i] - mci * w2[i])
             ri[i] = b - (mcr * w2[i] + mci * w1[i])
         cr, cc, ci = work[r, 3], work[r, 4], work[r, 5]
-        _project(Vs, rr, n, cr)
-        _project(Vs, rc, n, cc)
-        _project(Vs, ri, n, ci)
+        transposed_product(Vs, rr, cr)
+        transposed_product(Vs, rc, cc)
+        transposed_product(Vs, ri, ci)
         for j in range(n):
             lj = lam[s, j]
             cr[j] = cr[j] / (mr + lj)
@@ -204,7 +192,7 @@ def error_solve(f_start, Z, V, lam, seeds, inv_h, extra, use_extra, out, work):
         rhs, coef = work[r, 0], work[r, 1]
         for i in range(n):
             rhs[i] = src[i] + (e0 * Z[r, 0, i] + e1 * Z[r, 1, i] + e2 * Z[r, 2, i]) * ih
-        _project(V[s], rhs, n, coef)
+        transposed_product(V[s], rhs, coef)
         mr = MU_REAL * ih
         for j in range(n):
             coef[j] = coef[j] / (mr + lam[s, j])

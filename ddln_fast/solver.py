@@ -59,6 +59,18 @@ class Solver(ABC):
         """Whether ``stop_check`` asks to stop now (never without one)."""
         return self.stop_check is not None and self.stop_check()
 
+    def step_rounds(self, unfinished: Callable[[], np.ndarray], step: Callable[[np.ndarray], None]) -> bool:
+        """Call ``step(active)`` with the running seeds for which ``unfinished()`` (a fresh bool
+        mask of shape (S,) each round) holds, until there are none (True) or ``stop_check``
+        asks to stop (False, between two rounds)."""
+        while True:
+            active = np.flatnonzero((self.state.status == RUNNING) & unfinished())
+            if active.size == 0:
+                return True
+            if self.stop_requested():
+                return False
+            step(active)
+
     @property
     def running(self) -> np.ndarray:
         """Seeds still running, bool array of shape (S,)."""

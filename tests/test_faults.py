@@ -21,7 +21,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from faults_support import (DDLN, assert_prefix_equal, assert_same_run_file, committed_arrays, ddln,
@@ -184,7 +183,12 @@ def test_signal_stops_at_a_safe_point_and_the_printed_command_resumes_it(referen
 
 
 def test_reader_process_sees_a_growing_consistent_prefix(reference, tmp_path):
-    """This test process is the reader; the writer is a ``ddln run`` subprocess (SWMR on)."""
+    """This test process is the reader; the writer is a ``ddln run`` subprocess (SWMR on).
+
+    Nothing here depends on how fast either side is: the writer is paused (SIGSTOP) at an
+    arbitrary instant, possibly inside a write, for every read, and continued (SIGCONT) in
+    between; ``ddln inspect`` and ``ddln analyze`` read while it is paused after a committed
+    checkpoint, so they see a run that is incomplete for certain."""
     from ddln_fast import open_run
 
     config_path, ref, ref_arrays = reference
@@ -192,33 +196,38 @@ def test_reader_process_sees_a_growing_consistent_prefix(reference, tmp_path):
     proc = start_ddln("run", config_path, "-o", out, "--threads", 1, "--quiet")
     assert wait_for_writing(out, proc, None)
     counts, refreshed = [], []
-    inspect_output = analyze = None
+    inspect_output = analyze_output = None
     held = None
-    while proc.poll() is None:
-        try:
-            k, arrays, _ = committed_arrays(out)  # a fresh open each time
-        except FileNotFoundError:
-            continue
-        assert_prefix_equal(ref_arrays, arrays, k)
-        assert not counts or k >= counts[-1]
-        counts.append(k)
-        if held is None:
-            held = open_run(out)
-        k_held = held.refresh()  # one handle kept open, refreshed
-        assert k_held >= (refreshed[-1] if refreshed else 0)
-        t = held.t
-        assert t.shape == (k_held,) and t.tobytes() == ref_arrays["t"][:k_held].tobytes()
-        assert held.theta.shape[0] == k_held
-        refreshed.append(k_held)
-        if inspect_output is None and 0 < k < TABLES["run"]["checkpoints"] // 2:
-            # both started at once, while the writer is at checkpoint k
-            readers_from = k
-            analyze = start_ddln("analyze", out, "--json") if "analyze" in _commands() else None
-            inspect_output = ddln("inspect", out)
-            if analyze is not None:
-                analyze_output = analyze.communicate(timeout=120)
-                assert analyze.returncode == 0, analyze_output[1]
-        time.sleep(0.05)
+    try:
+        while proc.poll() is None:
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                k, arrays, _ = committed_arrays(out)  # a fresh open each time
+            except FileNotFoundError:
+                k = None
+            if k is not None:
+                assert_prefix_equal(ref_arrays, arrays, k)
+                assert not counts or k >= counts[-1]
+                counts.append(k)
+                if held is None:
+                    held = open_run(out)
+                k_held = held.refresh()  # one handle kept open, refreshed
+                assert k_held >= (refreshed[-1] if refreshed else 0)
+                t = held.t
+                assert t.shape == (k_held,) and t.tobytes() == ref_arrays["t"][:k_held].tobytes()
+                assert held.theta.shape[0] == k_held
+                refreshed.append(k_held)
+                if inspect_output is None and 0 < k < TABLES["run"]["checkpoints"] // 2:
+                    readers_from = k
+                    if "analyze" in _commands():
+                        analyze = start_ddln("analyze", out, "--json")
+                        analyze_output = analyze.communicate(timeout=120)
+                        assert analyze.returncode == 0, analyze_output[1]
+                    inspect_output = ddln("inspect", out)
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGCONT)
     held.close()
     assert proc.wait() == 0
     K = TABLES["run"]["checkpoints"]
@@ -228,7 +237,7 @@ def test_reader_process_sees_a_growing_consistent_prefix(reference, tmp_path):
     assert inspect_output is not None and inspect_output.returncode == 0, inspect_output
     first = inspect_output.stdout.splitlines()[0]
     assert "incomplete" in first and "committed checkpoints" in first
-    if analyze is not None:  # ddln analyze (another module) reads committed rows only
+    if analyze_output is not None:  # ddln analyze (another module) reads committed rows only
         report = json.loads(analyze_output[0])
         assert report["committed_checkpoints"] >= readers_from
         assert report["complete"] == (report["committed_checkpoints"] == K)

@@ -285,3 +285,39 @@ def test_every_root_attribute_is_in_the_schema_table(make_config, tmp_path):
     with h5py.File(path, "r") as f:
         assert set(f.attrs) <= set(ROOT_ATTRIBUTES), set(f.attrs) - set(ROOT_ATTRIBUTES)
         assert {"schema_version", "config", "complete", "status_names", "blas"} <= set(f.attrs)
+
+
+def test_open_tries_again_only_when_the_file_changed_while_it_was_opened(tmp_path, monkeypatch):
+    """A writer closing its file rewrites the superblock while a reader looks at it: an open
+    that failed while the file changed is tried again; one that failed on an unchanged file is
+    reported at once (a foreign file costs no waiting)."""
+    import os
+
+    from ddln_fast.errors import InputError
+    from ddln_fast.store import reader
+
+    path = tmp_path / "f.h5"
+    path.write_bytes(b"x")
+    calls = []
+
+    def failing_once_while_written(p):
+        calls.append(p)
+        if len(calls) == 1:
+            stamp = os.stat(p).st_mtime_ns + 1_000_000
+            os.utime(p, ns=(stamp, stamp))  # the writer touched the file meanwhile
+            raise InputError("run file f.h5 cannot be opened (file is already open for write)")
+        return "opened"
+
+    monkeypatch.setattr(reader, "_open_once", failing_once_while_written)
+    assert reader.open_h5(path) == "opened" and len(calls) == 2
+
+    calls.clear()
+
+    def always_failing(p):
+        calls.append(p)
+        raise InputError("run file f.h5 is not an HDF5 file")
+
+    monkeypatch.setattr(reader, "_open_once", always_failing)
+    with pytest.raises(InputError, match="not an HDF5 file"):
+        reader.open_h5(path)
+    assert len(calls) == 1

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import h5py
@@ -11,19 +12,45 @@ import numpy as np
 
 from ..config import Config
 from ..controller import STATUS_NAMES
-from ..errors import InputError
+from ..errors import InputError, existing_file
 from .safety import committed_count, reason, swmr_writer_flag
 from .schema import CHECKPOINT_AXIS, FIELDS, STATE_SLOTS, field, is_dimension_only, present_fields
 
 
+#: Opening a file that changes while it is looked at (a writer closing it rewrites the flags in
+#: its superblock) is tried this many times before the failure is reported.
+OPEN_ATTEMPTS = 5
+
+
 def open_h5(path: str | Path) -> h5py.File:
     """Open a run file for reading, also while it is being written (SWMR) or after a crash of a
-    SWMR writer; raises InputError with one line for missing, foreign or broken files."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"run file {path} does not exist")
-    if path.is_dir():
-        raise InputError(f"run file {path} is a directory, expected an .h5 file")
+    SWMR writer; raises InputError with one line for missing, foreign or broken files.
+
+    A reader can catch a writer in the middle of closing the file: the superblock then says
+    "open for write" to the plain open and no longer says so to the SWMR check after it (or
+    is being rewritten). An open that fails while the file changed is therefore tried again."""
+    path = existing_file(path, "run file", "an .h5 file")
+    for attempt in range(OPEN_ATTEMPTS - 1):
+        before = _signature(path)
+        try:
+            return _open_once(path)
+        except InputError:
+            if _signature(path) == before:
+                raise
+        time.sleep(0.01 * (attempt + 1))
+    return _open_once(path)
+
+
+def _signature(path: Path) -> tuple:
+    """What changes when a file is written: modification time and size."""
+    try:
+        st = path.stat()
+    except OSError:
+        return ()
+    return st.st_mtime_ns, st.st_size
+
+
+def _open_once(path: Path) -> h5py.File:
     try:
         is_hdf5 = h5py.is_hdf5(path)
     except OSError as err:
