@@ -20,8 +20,9 @@ from ddln_fast.store.schema import FIELDS, ROOT_ATTRIBUTES
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 RUN_FILES = (DOCS / "run-files.md").read_text(encoding="utf-8")
-#: ``docs/NAME.md`` optionally followed by ``, "Heading"`` (how the code and the tests cite the docs).
-REFERENCE = re.compile(r'docs/([\w.-]+\.md)(?:,\s*"([^"]+)")?')
+#: ``docs/NAME.md`` or ``README.md``, optionally followed by ``, "Heading"`` (how the code and the
+#: tests cite the documents).
+REFERENCE = re.compile(r'(docs/[\w.-]+\.md|README\.md)(?:,\s*"([^"]+)")?')
 
 
 @pytest.mark.parametrize("path", [f.path for f in FIELDS])
@@ -37,3 +38,45 @@ def test_every_root_attribute_is_documented(name):
 def test_status_codes_are_documented_with_their_numbers():
     for code, name in enumerate(STATUS_NAMES):
         assert re.search(rf"^\| {code} \| `{name}` \|", RUN_FILES, re.MULTILINE), (code, name)
+
+
+def headings(doc: Path) -> set[str]:
+    return {line.lstrip("#").strip() for line in doc.read_text(encoding="utf-8").splitlines()
+            if line.startswith("#")}
+
+
+def repository_texts():
+    for pattern in ("ddln_fast/**/*.py", "tests/*.py", "bench/*.py", "examples/*.py",
+                    "data/**/*.toml", "docs/*.md", "README.md", "Makefile"):
+        for path in ROOT.glob(pattern):
+            if path != Path(__file__).resolve():  # this file names the pattern, not a document
+                yield path, path.read_text(encoding="utf-8")
+
+
+def flattened(path: Path, text: str) -> str:
+    """The text with line breaks of comments and docstrings removed, and in Python the
+    concatenation of string literals undone (a reference may be wrapped over two lines)."""
+    flat = re.sub(r"\s*\n\s*(#\s*)?", " ", text)
+    if path.suffix == ".py":
+        flat = re.sub(r'"\s+f?"', "", flat.replace('\\"', '"'))
+    return flat
+
+
+def test_every_reference_to_the_documents_names_an_existing_file_and_heading():
+    found = 0
+    for path, text in repository_texts():
+        for name, heading in REFERENCE.findall(flattened(path, text)):
+            found += 1
+            doc = DOCS / name.removeprefix("docs/") if name.startswith("docs/") else ROOT / name
+            where = path.relative_to(ROOT)
+            assert doc.is_file(), f"{where} cites {name}, which does not exist"
+            if heading:
+                assert heading in headings(doc), f'{where} cites {name}, "{heading}": no such heading'
+    assert found > 10  # the references exist, so this test checks something
+
+
+def test_the_index_lists_every_document():
+    index = (DOCS / "README.md").read_text(encoding="utf-8")
+    for doc in DOCS.glob("*.md"):
+        if doc.name != "README.md":
+            assert f"({doc.name})" in index, f"docs/README.md does not list {doc.name}"
