@@ -80,3 +80,27 @@ def test_the_index_lists_every_document():
     for doc in DOCS.glob("*.md"):
         if doc.name != "README.md":
             assert f"({doc.name})" in index, f"docs/README.md does not list {doc.name}"
+
+
+def python_blocks(doc: Path) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", doc.read_text(encoding="utf-8"), re.MULTILINE | re.DOTALL)
+
+
+def test_the_python_examples_of_run_files_run(tmp_path):
+    """Each python block of docs/run-files.md runs on a real run file (``run.h5``; ``live.h5``
+    is a copy: a finished file opens the same way)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from ddln_fast import Config, simulate
+
+    simulate(Config.from_toml(ROOT / "data" / "live.toml", overrides={"run.threads": 1}),
+             out=str(tmp_path / "run.h5")).close()
+    shutil.copy(tmp_path / "run.h5", tmp_path / "live.h5")
+    blocks = python_blocks(DOCS / "run-files.md")
+    assert len(blocks) >= 3
+    for code in blocks:
+        result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+        assert result.returncode == 0, f"{code}\n{result.stdout}"
