@@ -1,6 +1,6 @@
 """Run configuration: every key with its default, parsed and validated in one place.
 
-The TOML layout is the one of INTERFACE.md: four tables ``[problem]``, ``[model]``,
+The TOML layout (README.md, "Configuration") has four tables ``[problem]``, ``[model]``,
 ``[integrator]`` and ``[run]``. Every key has a default, so an empty file is a valid run.
 Validation happens once, when a :class:`Config` is built; every failure raises
 :class:`~ddln_fast.errors.InputError` with one line naming the key, the bad value and what was

@@ -116,7 +116,8 @@ def check_initialization(config: Config, u0: np.ndarray) -> None:
             warnings.warn(
                 f"{count} of {trapped.size} coordinates (seeds x d) violate assumption (A) (two or "
                 f"more layers share the smallest |u_i(0)|): theta_i cannot change sign there and "
-                f"0 is absorbing (the sign trap of THEORY.md); use first_layer_zero or jitter",
+                f"0 is absorbing (the sign trap, docs/theory.md, \"Assumption (A) and the sign "
+                f"trap\"); use first_layer_zero or jitter",
                 SignTrapWarning, stacklevel=3)
     tiny = np.finfo(np.dtype(config.run.dtype)).tiny
     nonzero = np.abs(u0[u0 != 0])

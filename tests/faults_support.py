@@ -1,8 +1,9 @@
 """Helpers of the fault-tolerance tests (test_faults.py, test_resume.py, test_bad_input_run.py).
 
 The reference of every "bit-identical" check is an uninterrupted run of the same config at the
-same thread count (threads = 1 everywhere): DESIGN.md promises resume equals that run bit for
-bit. Comparisons are on raw bytes (``tobytes``), so NaN payloads and the sign of zero count.
+same thread count (threads = 1 everywhere): docs/design.md, "Crash safety" promises resume equals
+that run bit for bit. Comparisons are on raw bytes (``tobytes``), so NaN payloads and the sign of
+zero count.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Independent references for the simulator tests: plain numpy and scipy, no ddln_fast code.
 
-Everything here is written from THEORY.md directly:
+Everything here is written from the equations of docs/theory.md directly:
 
 - the layer flow du^j/dt = -g(theta) * prod_{k != j} u^k, with theta = prod_j u^j and
   g(theta) = X^T (X theta - y) / n, as a flat right-hand side for ``scipy.integrate.solve_ivp``;

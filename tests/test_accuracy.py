@@ -8,7 +8,8 @@ References (written here or in references.py, no ddln_fast code in them):
   theta(t) = exp(-A t) theta0 + int_0^t exp(-A s) ds b (A = X^T X / n, b = X^T y / n), computed
   as the exponential of the augmented matrix [[-A, b], [0, 0]], and gradient descent
   theta_k = M^k [theta0; 1] with M = [[I - eta A, eta b], [0, 1]];
-- the invariants (u^j)^2 - (u^k)^2 of THEORY.md, recomputed pair by pair from the stored layers.
+- the invariants (u^j)^2 - (u^k)^2 (docs/theory.md, "Invariants"), recomputed pair by pair from the
+  stored layers.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ References (independent of the package): the PL constant as the smallest eigenva
 X X^T / n (numpy eigvalsh), c_A = min_i prod_{k != j*} ((u^k_i)^2 - (u^{j*}_i)^2) by a loop over
 layers, the time to epsilon by a direct scan of the stored losses, the asymptotic rate of the
 linearized mirror flow, between 2 lambda_min^+ and 2 lambda_max of H^{1/2} X^T X H^{1/2} / n at the limit; the convergence
-bounds are theorems (THEORY.md), checked at every checkpoint of dopri5 runs at rtol 1e-10.
-Bad input: exit code 2 and one line on stderr, no traceback.
+bounds are theorems (docs/theory.md, "Convergence bounds"), checked at every checkpoint of dopri5
+runs at rtol 1e-10. Bad input: exit code 2 and one line on stderr, no traceback.
 """
 
 from __future__ import annotations

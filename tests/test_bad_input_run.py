@@ -1,8 +1,8 @@
 """Bad input to ``ddln run`` and ``ddln inspect``: exit code 2, one line on stderr that names
 what is wrong, no traceback, and no file created or changed.
 
-Reference: INTERFACE.md ("Exit code ... 2 on bad input (config, data, file) with ONE line on
-stderr that names the bad key / file / value and what was expected, never a traceback") and
+Reference: the exit codes of README.md, "Command line" (2 on bad input: config, data file,
+init file or argument, with ONE line on stderr that names what is wrong; never a traceback) and
 the issue's "no file created or changed": every file under the test folder (which is also the
 working directory, where a default output would go) is fingerprinted (mtime, size, sha256)
 before and after. Each case lists a word the message must contain, written from the input,

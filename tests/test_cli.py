@@ -1,8 +1,8 @@
 """`ddln run` and `ddln inspect` as a user runs them.
 
-Reference: INTERFACE.md's command line (``ddln run [CONFIG.toml] [-o OUT.h5] [--set KEY=VALUE]``,
-``ddln inspect RUN.h5``) and the issue's promise for the summary (final loss per seed or its
-quantiles, wall time, gradient evaluations, the file path). What the commands print is checked
+Reference: the command line of README.md, "Command line" (``ddln run [CONFIG.toml] [-o OUT.h5]
+[--set KEY=VALUE]``, ``ddln inspect RUN.h5``) and the issue's promise for the summary (final loss
+per seed or its quantiles, wall time, gradient evaluations, the file path). What the commands print is checked
 against the file they wrote, read back with plain h5py, and against the config they were given.
 """
 

@@ -217,8 +217,9 @@ def first_layer_zero(depth, alpha, d, signs=None):
 
 @pytest.mark.parametrize("alpha", [0.7, 1.3e-2])
 def test_first_layer_zero_depth_three_and_four(alpha):
-    """THEORY: L = 3: theta = -alpha^3 tan(alpha s) sec^2(alpha s); L = 4: theta = -alpha^4 t /
-    (1 - t^2)^2, t = alpha^2 s; both blow up at |s*| = B(1/2, (L-2)/2) / (2 alpha^(L-2))."""
+    """docs/theory.md, "Closed forms": L = 3: theta = -alpha^3 tan(alpha s) sec^2(alpha s); L = 4:
+    theta = -alpha^4 t / (1 - t^2)^2, t = alpha^2 s; both blow up at |s*| = B(1/2, (L-2)/2) / (2
+    alpha^(L-2))."""
     for depth in (3, 4):
         star = math.pi / 2 / alpha if depth == 3 else 1 / alpha ** 2
         fractions = np.array([-0.999, -0.7, -1e-7, 0.0, 1e-9, 0.3, 0.9, 0.99999])
@@ -465,8 +466,8 @@ def test_double_double_clock_smooth_for_tables():
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("depth", [2, 3, 4, 5])
 def test_difference_from_equal_halves(depth):
-    """THEORY: L = 2: theta = -2 alpha^2 sinh 2s; L >= 3: alpha^L [(1+z)^(-L/(L-2)) -
-    (1-z)^(-L/(L-2))], z = (L-2) alpha^(L-2) s."""
+    """docs/theory.md, "The difference and power parametrizations": L = 2: theta = -2 alpha^2 sinh
+    2s; L >= 3: alpha^L [(1+z)^(-L/(L-2)) - (1-z)^(-L/(L-2))], z = (L-2) alpha^(L-2) s."""
     alpha = 0.4
     if depth == 2:
         s = np.array([-2.0, -1e-8, 0.3, 1.7])
@@ -491,8 +492,8 @@ def test_difference_from_equal_halves(depth):
 
 @pytest.mark.parametrize("D", [2.0, 2.5, 3.0, 4.0])
 def test_power_from_equal_halves(D):
-    """THEORY: D = 2: theta = -2 alpha^2 sinh 4s; D > 2: alpha^D [(1+z)^(-D/(D-2)) -
-    (1-z)^(-D/(D-2))], z = D (D-2) alpha^(D-2) s."""
+    """docs/theory.md, "The difference and power parametrizations": D = 2: theta = -2 alpha^2 sinh
+    4s; D > 2: alpha^D [(1+z)^(-D/(D-2)) - (1-z)^(-D/(D-2))], z = D (D-2) alpha^(D-2) s."""
     alpha = 0.3
     if D == 2:
         s = np.array([-1.0, 1e-9, 0.4])

@@ -1,10 +1,10 @@
 """Bad input through the real command line: exit code 2, one line "Error: ...", no traceback,
 no output file.
 
-Reference: the contract of INTERFACE.md ("Exit code ... 2 on bad input (config, data, file) with
-ONE line on stderr that names the bad key / file / value and what was expected, never a
-traceback"). Each case below builds its bad input from scratch in a temporary folder and names
-a word the message must contain (the key, file or value at fault).
+Reference: the exit codes of README.md, "Command line" (2 on bad input: config, data file,
+init file or argument, with ONE line on stderr that names what is wrong, and no file created;
+never a traceback). Each case below builds its bad input from scratch in a temporary folder and
+names a word the message must contain (the key, file or value at fault).
 
 Every case runs through ``ddln_fast.cli.main`` in-process (the function the console script
 calls, so the exit-code mapping is the real one); a subset also runs as a real subprocess of
@@ -213,8 +213,8 @@ def test_bad_input_real_process(tmp_path, case_id):
 
 
 def test_empty_file_and_resolved_toml_are_valid(tmp_path):
-    """An empty file is a valid run with every default of INTERFACE.md; the resolved TOML that
-    a run stores reads back to the same config (so a stored config can be re-run)."""
+    """An empty file is a valid run with every default (README.md, "Configuration"); the resolved
+    TOML that a run stores reads back to the same config (so a stored config can be re-run)."""
     from ddln_fast import Config
     from ddln_fast.config import parse_override
 

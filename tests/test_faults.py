@@ -2,7 +2,7 @@
 reader polling a file while it is written.
 
 Reference: an uninterrupted run of the same config at the same thread count (--threads 1
-everywhere), made once per module. DESIGN.md ("Storage design") is the contract: a run killed
+everywhere), made once per module. docs/design.md, "Crash safety" is the contract: a run killed
 at any instant leaves a file that opens and holds every committed checkpoint exactly (here:
 byte-equal to the reference's first K rows), and resuming gives a file whose content equals the
 reference's bit for bit. The config is a tiny Euler run with many checkpoints (1000 over 20000

@@ -3,7 +3,7 @@
 References:
 - a plain numpy gradient-descent loop on the layers (references.gradient_descent: all-but-one
   products by multiplying the other layers, g = X^T (X theta - y) / n);
-- THEORY.md's exact per-step identities of gradient descent at depth 2:
+- the exact per-step identities of gradient descent at depth 2 (docs/theory.md, "Closed forms"):
   (u1 + u2)_{k+1} = (1 - eta g_k)(u1 + u2)_k and (u1 - u2)_{k+1} = (1 + eta g_k)(u1 - u2)_k,
   with g_k recomputed in numpy from the stored layers;
 - for batching, the same seed integrated alone (the batch must not change a seed's result);
@@ -245,8 +245,9 @@ def test_max_steps_stops_fixed_step_methods(make_config):
 @pytest.mark.parametrize("init,scales", [("first_layer_zero", [0.0, 0.4, 0.4]), ("balanced", [0.4, 0.4, 0.4]),
                                          ("shape", [0.4 * 2.0, 0.4 * 0.5, 0.4 * 1.0])])
 def test_deterministic_inits_follow_their_definition(make_config, init, scales):
-    """INTERFACE.md: first_layer_zero: u^1 = 0, the others alpha; balanced: every layer alpha;
-    shape: layer j = alpha * layer_scales[j]. No jitter, positive signs: exact values."""
+    """README.md, "Configuration": first_layer_zero: u^1 = 0, the others alpha; balanced: every
+    layer alpha; shape: layer j = alpha * layer_scales[j]. No jitter, positive signs: exact
+    values."""
     config = make_config({"model.init": init, "model.alpha": 0.4, "model.jitter": 0.0, "model.signs": "positive",
                           "model.layer_scales": [2.0, 0.5, 1.0]})
     u0 = initial_layers(config, 12)
@@ -363,9 +364,9 @@ print(json.dumps(runs))
 
 @pytest.mark.parametrize("method", ["euler", "dopri5"])
 def test_per_seed_results_do_not_depend_on_the_thread_count(method):
-    """DESIGN.md: the kernels reduce per seed in a fixed order, so 1 and 2 threads give the same
-    bits (per-seed data: no BLAS GEMM whose blocking could depend on the thread count). d = 1300
-    gives each seed three blocks of coordinates, so two threads really split a seed's work; the
+    """docs/design.md, "Threads": the kernels reduce per seed in a fixed order, so 1 and 2 threads
+    give the same bits (per-seed data: no BLAS GEMM whose blocking could depend on the thread
+    count). d = 1300 gives each seed three blocks of coordinates, so two threads really split a seed's work; the
     serial threshold is lowered to 0 so that the stage kernels do run on 2 threads (checked),
     in a subprocess with NUMBA_NUM_THREADS = 2, whatever the number of cores here."""
     import json

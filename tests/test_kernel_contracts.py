@@ -1,5 +1,6 @@
-"""Performance contracts of the kernels that results alone cannot show (DESIGN.md, Performance
-design; issue 6): the time loop allocates nothing, and each kernel compiles once per dtype.
+"""Performance contracts of the kernels that results alone cannot show (docs/design.md,
+"Performance rules"; issue 6): the time loop allocates nothing, and each kernel compiles once per
+dtype.
 
 References: Numba's own allocation counter (``NUMBA_NRT_STATS=1``, read with
 ``numba.core.runtime.rtsys.get_allocation_stats()``), which must not grow with the number of

@@ -2,7 +2,7 @@
 
 References:
 - bit-identical resume: an uninterrupted run of the same config at the same thread count
-  (threads = 1), compared byte for byte (DESIGN.md, "Storage design");
+  (threads = 1), compared byte for byte (docs/design.md, "Crash safety");
 - stops between checkpoints: the saved state's times, checked against the checkpoint times of
   ``checkpoint_times`` recomputed here by hand (linspace, whole Euler steps);
 - divergence: numpy's largest eigenvalue of X^T X / n of each seed, so that the bad seed has

@@ -1,8 +1,8 @@
 """Bad input to the keys of gradient descent and SGD (issue 12): exit code 2, one line on stderr
 naming the key at fault, no traceback, no output file.
 
-Reference: the contract of INTERFACE.md (bad input: exit 2, ONE line naming the bad key and
-what was expected) and the issue's list: batch_size above n or below 1, momentum outside
+Reference: the exit codes of README.md, "Command line" (bad input: exit 2, ONE line naming the bad
+key and what was expected) and the issue's list: batch_size above n or below 1, momentum outside
 [0, 1), negative label_noise or weight_decay, and keys that mean nothing with the method. Each
 case is written from scratch here with the word its message must contain.
 """

@@ -75,7 +75,7 @@ def test_file_has_every_required_name_shape_dtype_and_label(make_config, tmp_pat
             assert tuple(dim.label for dim in ds.dims) == labels, f"/{name}: axis labels"
             if name.startswith("checkpoints/"):
                 # grows along K: resizable and chunked; one checkpoint per chunk for per-seed rows
-                # (DESIGN.md; the scalar times share a chunk)
+                # (docs/design.md, "Chunks"; the scalar times share a chunk)
                 assert ds.maxshape[0] is None and ds.chunks is not None
                 assert ds.ndim == 1 or ds.chunks[0] == 1
         assert isinstance(f["state"], h5py.Group) and len(f["state"]) > 0
@@ -176,8 +176,8 @@ def test_readable_while_being_written(make_config, tmp_path):
 @pytest.mark.parametrize("shape", [(8,), (64, 100_000), (64, 4, 100_000), (3, 2, 12), (1_000_000,),
                                    (2, 64, 5_000)])
 def test_chunks_hold_one_checkpoint_and_at_most_a_few_mib(shape):
-    """DESIGN.md: one checkpoint along K, split over seeds/coordinates to about 1-4 MiB per
-    chunk (small rows stay whole)."""
+    """docs/design.md, "Chunks": one checkpoint along K, split over seeds/coordinates to about 1-4
+    MiB per chunk (small rows stay whole)."""
     from ddln_fast.store.writer import chunks_for
 
     chunks = chunks_for(shape, 8)

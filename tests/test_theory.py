@@ -3,7 +3,7 @@ references.
 
 References (written here, not taken from the package):
 - ``quad_psi``: the mirror map psi(s) = int_0^s dr / prod_k sqrt(r^2 + delta_k) by scipy's quad;
-- the depth-2 closed forms of THEORY.md: phi = (1/2) arcsinh(2 theta / delta),
+- the depth-2 closed forms of docs/theory.md, "Closed forms": phi = (1/2) arcsinh(2 theta / delta),
   h = sqrt(delta^2 + 4 theta^2), and the clock map theta(tau) = ((a+b)^2 e^{-2 tau} - (a-b)^2 e^{2 tau}) / 4;
 - ``layer_ode``: the clock flow du^j/dtau = -prod_{k != j} u^k solved by scipy's solve_ivp (DOP853,
   rtol 1e-12), and the layer gradient flow augmented with the clock dtau/dt = g(theta);
@@ -355,7 +355,8 @@ def test_mirror_method_refuses_the_sign_trap():
 
 def test_orthogonal_design_depth2_balanced_logistic(tmp_path):
     """X^T X / n = I decouples the coordinates; balanced depth 2 gives
-    theta(t) = theta* theta0 / (theta0 + (theta* - theta0) e^{-2 theta* t}) (THEORY.md)."""
+    theta(t) = theta* theta0 / (theta0 + (theta* - theta0) e^{-2 theta* t}) (docs/theory.md,
+    "Closed forms")."""
     rng = np.random.default_rng(7)
     n = d = 8
     Q, _ = np.linalg.qr(rng.normal(size=(n, d)))
