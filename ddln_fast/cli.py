@@ -79,7 +79,8 @@ def run(config_path, output, sets, resume, overwrite, threads, progress, quiet):
     if not quiet:
         m, i = config.model, config.integrator
         what = f"rtol {i.rtol:g}" if is_adaptive(i.method) else f"dt {i.dt:g}" + descent_summary(i)
-        click.echo(f"ddln run: {config.run.seeds} seeds, {Parametrization.from_config(config).describe()}, "
+        seeds = f"{config.run.seeds} seed" + ("s" if config.run.seeds != 1 else "")
+        click.echo(f"ddln run: {seeds}, {Parametrization.from_config(config).describe()}, "
                    f"alpha {m.alpha:g}, init {m.init}, {i.method} ({what}), t_end {i.t_end:g}")
         if not kernels_cached():
             click.echo("compiling the kernels (first run only; later runs start in seconds)...")

@@ -91,19 +91,20 @@ def descent_summary(integ) -> str:
 def step_size_bias_report(run_path):
     """The effective-initialization section of ``ddln analyze`` (depth-2 gradient descent or sgd
     with ``run.gain = true``, else None) and notes on what the theory means for a descent run."""
+    from .analysis import follows_gradient_flow
     from .config import DESCENT_METHODS
     from .effective import step_size_bias
     from .store import open_run
-    from .stochastic import DescentOptions
     from .threads import serial_blas
 
     with open_run(run_path) as run, serial_blas():
         config = run.config
         bias = step_size_bias(run)
     i, notes = config.integrator, []
-    if i.method in DESCENT_METHODS and not DescentOptions.from_config(config.with_overrides({"run.gain": False})).plain:
-        notes.append(f"{i.method}{descent_summary(i)}: the gap, the kkt residual and the bounds are "
-                     f"about gradient flow, which these steps follow only approximately")
+    if not follows_gradient_flow(config):
+        notes.append(f"{i.method}{descent_summary(i)}: the gap and the kkt residual are about gradient "
+                     f"flow, which these steps follow only approximately; the bounds (theorems about "
+                     f"the flow) are not checked (n/a)")
     if (bias is None and config.model.depth == 2 and config.model.parametrization == "product"
             and i.method in DESCENT_METHODS and not (i.momentum or i.weight_decay)):
         notes.append("run.gain = true would add each seed's prediction from its effective initialization "

@@ -279,3 +279,20 @@ def test_predict_warns_for_every_seed_whose_newton_is_not_at_tolerance(tmp_path,
     captured = capsys.readouterr()
     assert all(row["dual_residual"] <= 1e-12 for row in json.loads(captured.out)["seeds"])
     assert "not at tolerance" not in captured.err
+
+
+def test_bounds_are_not_checked_on_runs_that_are_not_gradient_flow():
+    """The bounds are theorems about gradient flow: on sgd with batches and on momentum they are
+    n/a (None), never VIOLATED; on plain full-batch gradient descent with a small step they are
+    checked (and hold)."""
+    base = {"problem.n": 12, "problem.d": 30, "problem.sparsity": 3, "model.depth": 2,
+            "model.alpha": 0.5, "model.init": "gaussian", "model.jitter": 0.2, "run.seeds": 2,
+            "run.checkpoints": 20, "integrator.method": "euler", "integrator.dt": 0.01,
+            "integrator.t_end": 20.0}
+    plain = analyze_run(simulate(Config().with_overrides(base)))
+    assert all(sa.bound_pl_c_a_held is True and sa.bound_sublinear_held is True for sa in plain.seeds)
+    for extra in ({"integrator.method": "sgd", "integrator.batch_size": 3},
+                  {"integrator.momentum": 0.5}):
+        result = analyze_run(simulate(Config().with_overrides({**base, **extra})))
+        assert all(sa.bound_pl_c_a_held is None and sa.bound_pl_trajectory_held is None
+                   and sa.bound_sublinear_held is None for sa in result.seeds), extra
