@@ -213,6 +213,11 @@ class Integrator(Solver):
         How theta is made of the P layer rows (default: their product).
     """
 
+    #: Whether the fixed step (:meth:`_fixed_step`) starts with the products of all seeds at the
+    #: current layers, so that a checkpoint's loss evaluation can also compute them for it (a
+    #: subclass whose step evaluates something else, e.g. a batch, sets False).
+    REUSES_CHECKPOINT_GRADIENT = True
+
     def __init__(self, method, problem: Problem, u0, dt=0.01, rtol=1e-8, atol=1e-12,
                  loss_tol=0.0, max_steps=10_000_000, dtype=np.float64,
                  parametrization: Parametrization | None = None):
@@ -262,6 +267,9 @@ class Integrator(Solver):
         #: an embedded pair has chosen its starting steps (and, FSAL, holds f(U) in K[0])
         self.started = False
         self._theta_rows = None
+        #: seeds whose R, G and stage_loss hold the products at their current layers (a
+        #: checkpoint of a fixed-step run computes them for its loss; the next step uses them)
+        self._gradient_rows = None
 
     # -- the state of a resumable run -----------------------------------------------------------
     def state_arrays(self) -> dict[str, np.ndarray]:
@@ -280,6 +288,7 @@ class Integrator(Solver):
         return {**arrays, **self.state.as_dict()}
 
     def restore_state(self, arrays) -> None:
+        self._gradient_rows = None
         self.U[...] = arrays["U"]
         self.state = SeedState.from_dict(arrays)
         # files written before fsal_ready existed always held a started state
@@ -303,8 +312,14 @@ class Integrator(Solver):
         active = np.arange(self.seeds)
         if theta is None:
             theta = self.theta_of_all()
+        # A fixed step starts with these products at the same layers: computing the gradient
+        # here too moves the second product from that step to the checkpoint, which then costs
+        # no product of its own. Its bits are those the step would compute (theta of U by the
+        # same kernel, the same products of all seeds), so resumed runs stay bit-identical.
+        reuse = self.REUSES_CHECKPOINT_GRADIENT and not self.tableau.adaptive
         self.products.residual_and_gradient(theta, active, self.R, self.G, self.stage_loss,
-                                            gradient=False)
+                                            gradient=reuse)
+        self._gradient_rows = active if reuse else None
         self._theta_rows = None  # a checkpoint starts the next interval from a clean slate
         return self.stage_loss[: self.seeds].copy()
 
@@ -371,7 +386,9 @@ class Integrator(Solver):
         loss stops them get ``live = 0``; the others move, with theta of their new layers left
         in ``self.theta``. Subclasses replace this step (e.g. stochastic gradient descent)."""
         st, tab = self.state, self.tableau
-        self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss)
+        if self._gradient_rows is None or not np.array_equal(self._gradient_rows, active):
+            self.products.residual_and_gradient(self.theta, active, self.R, self.G, self.stage_loss)
+        self._gradient_rows = None
         self.live[: active.size] = 1
         controller.screen_losses(active, self.live, self.stage_loss, self.loss_tol, st)
         if tab.stages == 1:

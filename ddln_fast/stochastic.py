@@ -248,6 +248,9 @@ class StochasticGradientDescent(Integrator):
             self.max_step_gradient = np.zeros(S)
 
     # -- one step ---------------------------------------------------------------------------------
+    # a step evaluates its batch (and its labels), not the products a checkpoint computes
+    REUSES_CHECKPOINT_GRADIENT = False
+
     def _fixed_step(self, active) -> None:
         st, o = self.state, self.options
         m = active.size
