@@ -155,57 +155,18 @@ def reference_of(run, config, s, steps, record=None):
         record=record, parametrization=config.model.parametrization, power=config.model.power)
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3, 4, 6])  # 6: beyond the depths kept in registers
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_every_iterate_equals_the_numpy_loop_on_the_recorded_batches(variant, depth):
-    """1e-12: the same arithmetic up to the order of the sums of the products (a few ulps of O(1)
-    layers per step, 30 steps)."""
-    from ddln_fast import simulate
-
-    steps = 30
-    config = tables(steps=steps, **{"model.depth": depth, **VARIANTS[variant]})
-    run = simulate(config)
-    assert run.u.shape[0] == steps + 1
-    for s in range(config.run.seeds):
-        expected = reference_of(run, config, s, steps)
-        assert np.max(np.abs(expected[-1] - expected[0])) > 1e-2  # the layers moved
-        np.testing.assert_allclose(run.u[:, s], expected, rtol=0, atol=1e-12)
-    assert np.all(run.nfev[-1] == steps)
-    # each seed draws its own batches: the seeds' trajectories differ even on shared data
-    assert not np.allclose(run.u[-1, 0], run.u[-1, 1])
-
-
-@pytest.mark.parametrize("sampling", ["without_replacement", "with_replacement"])
-def test_gemm_paths_and_several_coordinate_blocks(sampling):
-    """Shared X large enough for the GEMM products (6 seeds x 100 x 2000) and d = 2000 (four
-    coordinate blocks, the last partial): full-batch label noise with momentum, and minibatches
-    with Nesterov and weight decay, against the numpy loop."""
-    from ddln_fast import simulate
-
-    steps = 6
-    common = {"problem.n": 100, "problem.d": 2000, "run.seeds": 6, "model.depth": 3,
-              "model.alpha": 0.9, "model.jitter": 0.2, "integrator.dt": 0.002}
-    for extra in ({"integrator.method": "euler", "integrator.momentum": 0.4, "integrator.label_noise": 0.3},
-                  {"integrator.batch_size": 16, "integrator.sampling": sampling, "integrator.momentum": 0.4,
-                   "integrator.nesterov": True, "integrator.weight_decay": 0.1}):
-        config = tables(steps=steps, **common, **extra)
-        run = simulate(config)
-        for s in (0, 5):
-            expected = reference_of(run, config, s, steps)
-            assert np.max(np.abs(expected[-1] - expected[0])) > 1e-3
-            np.testing.assert_allclose(run.u[-1, s], expected[-1], rtol=0, atol=1e-12)
-
-
-#: (parametrization, depth, D): difference halves of 1-3 layers (in registers) and 5 (gradient
-#: rows in scratch), power with an integer and a real exponent.
-PARAMETRIZATIONS = [("difference", 1, 0.0), ("difference", 2, 0.0), ("difference", 3, 0.0),
-                    ("difference", 5, 0.0), ("power", 1, 2.0), ("power", 1, 2.5), ("power", 1, 3.0)]
+#: (parametrization, depth, D): the product at depths 1-4 and 6 and difference halves of 1-3 layers
+#: (kept in registers) and 5 (gradient rows in scratch), power with integer and real exponents.
+MODELS = [("product", 1, 0.0), ("product", 2, 0.0), ("product", 3, 0.0), ("product", 4, 0.0),
+          ("product", 6, 0.0), ("difference", 1, 0.0), ("difference", 2, 0.0), ("difference", 3, 0.0),
+          ("difference", 5, 0.0), ("power", 1, 2.0), ("power", 1, 2.5), ("power", 1, 3.0)]
 
 
 def parametrized(name, depth, power):
-    """Overrides of :func:`tables` for a parametrization; power needs u, v > 0 (positive signs,
-    jitter 0.2: 1 + 0.2 N(0, 1) > 0 on these few coordinates) and, its curvature growing like
-    D^2 u^(2D - 2), alpha 0.6 and steps of 0.02 (heavy ball must not overshoot u or v past 0)."""
+    """Overrides of :func:`tables` for a parametrization (the product too); power needs u, v > 0
+    (positive signs, jitter 0.2: 1 + 0.2 N(0, 1) > 0 on these few coordinates) and, its
+    curvature growing like D^2 u^(2D - 2), alpha 0.6 and steps of 0.02 (heavy ball must not
+    overshoot u or v past 0)."""
     extra = {"model.parametrization": name, "model.depth": depth}
     if name == "power":
         extra.update({"model.power": power, "model.signs": "positive", "model.jitter": 0.2,
@@ -213,34 +174,38 @@ def parametrized(name, depth, power):
     return extra
 
 
-@pytest.mark.parametrize("name, depth, power", PARAMETRIZATIONS,
-                         ids=[f"{n}-{d if n == 'difference' else p}" for n, d, p in PARAMETRIZATIONS])
+@pytest.mark.parametrize("name, depth, power", MODELS,
+                         ids=[f"{n}-{p if n == 'power' else d}" for n, d, p in MODELS])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_every_parametrization_equals_the_numpy_loop_on_the_recorded_batches(variant, name, depth, power):
-    """Momentum, Nesterov, weight decay, label noise and schedules on the difference and power
-    parametrizations: every iterate equals the numpy loop with d theta / d layer of the
-    parametrization, to 1e-12 (as for the product)."""
+def test_every_iterate_equals_the_numpy_loop_on_the_recorded_batches(variant, name, depth, power):
+    """1e-12: the same arithmetic up to the order of the sums of the products (a few ulps of O(1)
+    layers per step, 30 steps), with d theta / d layer of each parametrization."""
     from ddln_fast import simulate
 
     steps = 30
     config = tables(steps=steps, **{**parametrized(name, depth, power), **VARIANTS[variant]})
     run = simulate(config)
-    assert run.u.shape[2] == (2 if name == "power" else 2 * depth)
+    assert run.u.shape[0] == steps + 1
+    assert run.u.shape[2] == {"product": depth, "difference": 2 * depth, "power": 2}[name]
     for s in range(config.run.seeds):
         expected = reference_of(run, config, s, steps)
         assert np.max(np.abs(expected[-1] - expected[0])) > 1e-2  # the layers moved
         np.testing.assert_allclose(run.u[:, s], expected, rtol=0, atol=1e-12)
         np.testing.assert_allclose(run.theta[:, s], [parametrized_theta(name, U, power) for U in expected],
                                    rtol=0, atol=1e-12)
+    assert np.all(run.nfev[-1] == steps)
+    # each seed draws its own batches: the seeds' trajectories differ even on shared data
     assert not np.allclose(run.u[-1, 0], run.u[-1, 1])
 
 
-@pytest.mark.parametrize("name, depth, power", [("difference", 2, 0.0), ("difference", 6, 0.0),
-                                                ("power", 1, 2.5)])
-def test_every_parametrization_on_several_coordinate_blocks(name, depth, power):
-    """d = 2000 (four coordinate blocks, the last partial), shared X large enough for the GEMM
-    products: full-batch heavy ball with label noise and weight decay, and minibatches with
-    Nesterov, against the numpy loop."""
+@pytest.mark.parametrize("sampling, name, depth, power", [
+    ("without_replacement", "product", 3, 0.0), ("with_replacement", "product", 3, 0.0),
+    ("without_replacement", "difference", 2, 0.0), ("with_replacement", "difference", 6, 0.0),
+    ("without_replacement", "power", 1, 2.5)])
+def test_gemm_paths_and_several_coordinate_blocks(sampling, name, depth, power):
+    """Shared X large enough for the GEMM products (6 seeds x 100 x 2000) and d = 2000 (four
+    coordinate blocks, the last partial): full-batch label noise with momentum and weight decay,
+    and minibatches with Nesterov and weight decay, against the numpy loop."""
     from ddln_fast import simulate
 
     steps = 6
@@ -248,7 +213,8 @@ def test_every_parametrization_on_several_coordinate_blocks(name, depth, power):
               "model.alpha": 0.9, "model.jitter": 0.2, "integrator.dt": 0.002}
     for extra in ({"integrator.method": "euler", "integrator.momentum": 0.4, "integrator.label_noise": 0.3,
                    "integrator.weight_decay": 0.1},
-                  {"integrator.batch_size": 16, "integrator.momentum": 0.4, "integrator.nesterov": True}):
+                  {"integrator.batch_size": 16, "integrator.sampling": sampling, "integrator.momentum": 0.4,
+                   "integrator.nesterov": True, "integrator.weight_decay": 0.1}):
         config = tables(steps=steps, **common, **extra)
         run = simulate(config)
         for s in (0, 5):
