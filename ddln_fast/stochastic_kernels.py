@@ -184,18 +184,12 @@ def _descend_half(U, V, g, coef, s, j0, count, start, w, hs, momentum, weight_de
 
 
 @njit(inline="always")
-def _descend_power(U, V, g, inv_b, s, start, w, hs, D, momentum, weight_decay, velocity,
-                   nesterov, th):
-    """One step of the power parametrization over one block: the loss gradient is
-    +(g/b) D u^(D-1) in u and -(g/b) D v^(D-1) in v; th = u^D - v^D of the new layers."""
-    km = integer_exponent(D - 1.0)
-    k = integer_exponent(D)
-    n = start + w
-    ur, vr = U[s, 0, start:n], U[s, 1, start:n]
-    mu = V[s, 0, start:n] if velocity else V[s, 0, :0]
-    mv = V[s, 1, start:n] if velocity else V[s, 1, :0]
+def _descend_power_block(ur, vr, mu, mv, g, gscale, hs, D, km, k, momentum, weight_decay, velocity,
+                         nesterov, th, w):
+    """The coordinate loop of :func:`_descend_power` (exponents D - 1 and D as km, k of
+    :func:`ddln_fast.kernels.integer_exponent`)."""
     for c in range(w):
-        gc = (inv_b * D) * g[c]
+        gc = gscale * g[c]
         u, v = ur[c], vr[c]
         y = _descend(u, gc * real_power(u, D - 1.0, km), mu, c, hs, momentum, weight_decay,
                      velocity, nesterov)
@@ -203,6 +197,29 @@ def _descend_power(U, V, g, inv_b, s, start, w, hs, D, momentum, weight_decay, v
                      velocity, nesterov)
         ur[c], vr[c] = y, z
         th[c] = real_power(y, D, k) - real_power(z, D, k)
+
+
+@njit(inline="always")
+def _descend_power(U, V, g, inv_b, s, start, w, hs, D, momentum, weight_decay, velocity,
+                   nesterov, th):
+    """One step of the power parametrization over one block: the loss gradient is
+    +(g/b) D u^(D-1) in u and -(g/b) D v^(D-1) in v; th = u^D - v^D of the new layers.
+    D = 2 and 3 pass their exponents as constants, so that the loop vectorizes (a branch on
+    the exponent inside it did not)."""
+    n = start + w
+    ur, vr = U[s, 0, start:n], U[s, 1, start:n]
+    mu = V[s, 0, start:n] if velocity else V[s, 0, :0]
+    mv = V[s, 1, start:n] if velocity else V[s, 1, :0]
+    gscale = inv_b * D
+    if D == 2.0:
+        _descend_power_block(ur, vr, mu, mv, g, gscale, hs, 2.0, 1, 2, momentum, weight_decay,
+                             velocity, nesterov, th, w)
+    elif D == 3.0:
+        _descend_power_block(ur, vr, mu, mv, g, gscale, hs, 3.0, 2, 3, momentum, weight_decay,
+                             velocity, nesterov, th, w)
+    else:
+        _descend_power_block(ur, vr, mu, mv, g, gscale, hs, D, integer_exponent(D - 1.0),
+                             integer_exponent(D), momentum, weight_decay, velocity, nesterov, th, w)
 
 
 def _momentum_step_kernel(velocity: bool, nesterov: bool):
