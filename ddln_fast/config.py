@@ -357,14 +357,11 @@ def _check_descent_keys(config: Config) -> None:
     p = config.problem
     if i.method == "sgd" and p.kind == "gaussian" and i.batch_size > p.n:
         raise InputError(f"integrator.batch_size = {i.batch_size} exceeds problem.n = {p.n} samples")
-    if config.model.parametrization != "product" and (i.momentum > 0 or i.weight_decay > 0):
-        key = "momentum" if i.momentum > 0 else "weight_decay"
-        raise InputError(f"integrator.{key} > 0 takes the product parametrization only, not "
-                         f'"{config.model.parametrization}" (plain gradient descent and sgd take every one)')
     r = config.run
     if r.gain and config.model.parametrization != "product":
         raise InputError(f"run.gain = true (the depth-2 effective initialization of gradient descent) "
-                         f'takes the product parametrization only, not "{config.model.parametrization}"')
+                         f"takes the product parametrization only, not \"{config.model.parametrization}\": "
+                         f"its identities (u^1 + u^2 and u^1 - u^2 scale by 1 -+ step * g) are derived for u^1 u^2")
     if r.gain:
         if config.model.depth != 2 or i.method not in DESCENT_METHODS:
             raise InputError(f"run.gain = true (the accumulated gain and effective initialization of "

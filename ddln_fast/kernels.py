@@ -99,7 +99,7 @@ def _half_rows(param, layers):
 
 
 @njit(inline="always")
-def _integer_exponent(exponent):
+def integer_exponent(exponent):
     """``exponent`` as an int when it is a whole number in 0..MAX_INTEGER_POWER, else -1."""
     k = int(exponent)
     if k == exponent and 0 <= k <= MAX_INTEGER_POWER:
@@ -108,8 +108,8 @@ def _integer_exponent(exponent):
 
 
 @njit(inline="always")
-def _power(y, exponent, k):
-    """y ** exponent, by k - 1 multiplications when ``k = _integer_exponent(exponent) >= 0``."""
+def real_power(y, exponent, k):
+    """y ** exponent, by k - 1 multiplications when ``k = integer_exponent(exponent) >= 0``."""
     if k < 0:
         return y ** exponent
     if k == 0:
@@ -151,13 +151,13 @@ def _derivative_rows(Y, G, inv_n, param, a, s, start, w, rows, col, carry):
     g = G[a, start:start + w]
     if param.power > 0.0:
         D = param.power
-        k = _integer_exponent(D - 1.0)
+        k = integer_exponent(D - 1.0)
         for half in range(2):
             kr = rows[half, col:col + w]
             yr = Y[s, half, start:start + w]
             coef = -inv_n * D if half == 0 else inv_n * D
             for c in range(w):
-                kr[c] = (coef * g[c]) * _power(yr[c], D - 1.0, k)
+                kr[c] = (coef * g[c]) * real_power(yr[c], D - 1.0, k)
         return
     count = _half_rows(param, Y.shape[1])
     for half in range(param.halves):
@@ -248,11 +248,11 @@ def _next_inputs(U, K, scr, stage, keep, coeffs, n_terms, Y_out, prod, acc, hs, 
 @njit(inline="always")
 def _power_theta(Y, s, start, w, th, D):
     """th = Y[s, 0]^D - Y[s, 1]^D over one block (the power parametrization)."""
-    k = _integer_exponent(D)
+    k = integer_exponent(D)
     ur = Y[s, 0, start:start + w]
     vr = Y[s, 1, start:start + w]
     for c in range(w):
-        th[c] = _power(ur[c], D, k) - _power(vr[c], D, k)
+        th[c] = real_power(ur[c], D, k) - real_power(vr[c], D, k)
 
 
 @njit(inline="always")
@@ -506,16 +506,16 @@ def _euler_half(U, s, j0, count, g, neg_inv_n, hs, th, subtract, prod, carry, su
 def _euler_power(U, s, g, inv_n, hs, D, th, start, w):
     """One Euler step of the power parametrization over one block: u moves by
     -h (g/n) D u^(D-1), v by +h (g/n) D v^(D-1); th = u^D - v^D."""
-    km = _integer_exponent(D - 1.0)
-    k = _integer_exponent(D)
+    km = integer_exponent(D - 1.0)
+    k = integer_exponent(D)
     ur = U[s, 0, start:start + w]
     vr = U[s, 1, start:start + w]
     for c in range(w):
         step = hs * ((inv_n * D) * g[c])
-        u = ur[c] - step * _power(ur[c], D - 1.0, km)
-        v = vr[c] + step * _power(vr[c], D - 1.0, km)
+        u = ur[c] - step * real_power(ur[c], D - 1.0, km)
+        v = vr[c] + step * real_power(vr[c], D - 1.0, km)
         ur[c], vr[c] = u, v
-        th[c] = _power(u, D, k) - _power(v, D, k)
+        th[c] = real_power(u, D, k) - real_power(v, D, k)
 
 
 @njit(inline="always")

@@ -8,12 +8,14 @@ one of momentum, label noise, weight decay, a step schedule or the gain diagnost
 size gamma_k (``integrator.dt``, times ``decay_factor`` once per ``decay_every`` steps with the
 "step" schedule), follows PyTorch's SGD::
 
-    grad = (X_B^T (X_B theta - y_B) / b) * prod_{k != j} u^k + weight_decay * u^j
+    grad = (X_B^T (X_B theta - y_B) / b) * d theta / d u^j + weight_decay * u^j
     v^j  = momentum * v^j + grad                               (v = 0 at the start)
     u^j -= gamma_k * (grad + momentum * v^j)   (Nesterov)   or   gamma_k * v^j
 
-with B the step's batch of b samples and y_B its labels (plus label noise). A run's time is
-t = k * dt (the step count times the first step size), as for gradient descent.
+for every layer row u^j, with B the step's batch of b samples and y_B its labels (plus label
+noise). d theta / d u^j is the product of the other layers (of its half, negated in the v half,
+for "difference"), or +-D u^(D-1) for "power" (:mod:`ddln_fast.parametrization`). A run's time
+is t = k * dt (the step count times the first step size), as for gradient descent.
 
 Randomness
 ----------
@@ -201,9 +203,8 @@ class StochasticGradientDescent(Integrator):
     u0 : ndarray of shape (S, P, d)
     options : DescentOptions
     dt, loss_tol, max_steps, dtype, parametrization
-        As for :class:`ddln_fast.integrators.Integrator` (``dt`` is the first step size). The
-        momentum and weight-decay kernels take the product parametrization only (the config
-        refuses the others with them).
+        As for :class:`ddln_fast.integrators.Integrator` (``dt`` is the first step size); every
+        option runs every parametrization (the gain diagnostic: the product at depth 2).
     """
 
     def __init__(self, method: str, problem: Problem, u0, options: DescentOptions, dt=0.01,
@@ -211,9 +212,6 @@ class StochasticGradientDescent(Integrator):
                  parametrization=None):
         super().__init__("euler", problem, u0, dt=dt, rtol=rtol, atol=atol, loss_tol=loss_tol,
                          max_steps=max_steps, dtype=dtype, parametrization=parametrization)
-        if (options.momentum or options.weight_decay) and self.parametrization.name != "product":
-            raise InputError(f"momentum and weight decay take the product parametrization only, not "
-                             f'"{self.parametrization.name}"')
         self.method = method
         self.options = o = options
         n, S = problem.n, self.seeds
@@ -283,7 +281,7 @@ class StochasticGradientDescent(Integrator):
                                                self.gain_plus, self.gain_minus, self.max_step_gradient)
         if o.momentum or o.weight_decay:
             stochastic_kernels.momentum_step(self.U, self.velocity, self.G, self.inv_batch, self.h_work,
-                                             active, self.live, o.momentum, o.nesterov,
+                                             self.param, active, self.live, o.momentum, o.nesterov,
                                              o.weight_decay, self.theta, self.scratch)
         else:
             kernels.euler_step(self.U, self.G, self.inv_batch, self.h_work, self.param, active,

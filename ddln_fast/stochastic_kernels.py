@@ -7,12 +7,13 @@
 - :func:`accumulate_gain`: the depth-2 gain sums of Even, Pesme, Gunasekar & Flammarion (2023),
   in IEEE arithmetic (fast-math may approximate the logarithms, whose small differences they are).
 
-Arrays, for S seeds, L layers, d coordinates, n samples, batch size b and m active seeds (rows
-0..m-1 of ``theta`` and ``G`` hold the seeds of ``active`` in that order, as in
-:mod:`ddln_fast.kernels`): ``U``, ``V`` (S, L, d) layers and velocity; ``theta``, ``G`` (S, d).
+Arrays, for S seeds, P layer rows, d coordinates, n samples, batch size b and m active seeds
+(rows 0..m-1 of ``theta`` and ``G`` hold the seeds of ``active`` in that order, as in
+:mod:`ddln_fast.kernels`): ``U``, ``V`` (S, P, d) layers and velocity; ``theta``, ``G`` (S, d).
 
-Parametrizations other than the product theta = u^1 ... u^L change only
-:func:`_layer_gradient_rows`.
+The parametrization is an argument of :func:`momentum_step`, as in the kernels of
+:mod:`ddln_fast.kernels`: the product, the difference of two products (each half stepped as a
+product whose loss gradient has the sign of its half) and the power u^D - v^D.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import get_thread_id, njit, prange
 
-from .kernels import BLOCK, PARALLEL_OPTIONS, STRICT_JIT_OPTIONS, n_blocks
+from .kernels import BLOCK, PARALLEL_OPTIONS, STRICT_JIT_OPTIONS, integer_exponent, n_blocks, real_power
 
 _STRICT_PARALLEL_OPTIONS = dict(STRICT_JIT_OPTIONS, parallel=True)
 
@@ -76,25 +77,25 @@ def gathered_products(X, y, per_seed, theta, active, order, starts, batch, noise
 
 
 @njit(inline="always")
-def _layer_gradient_rows(U, G, inv_b, a, s, start, w, rows):
-    """rows[j, :w] = (G[a] / b) * prod_{k != j} U[s, k] over one block of coordinates: the
-    gradient of the batch loss in layer j (theta = u^1 * ... * u^L). Products of the layers
-    after j first (rows from the last up), then those before j as a running prefix in row L;
-    nothing is divided by a layer (layers may be exactly zero)."""
-    L = U.shape[1]
-    last = rows[L - 1, :w]
+def _layer_gradient_rows(U, g, coef, s, j0, count, start, w, rows, prefix):
+    """rows[j, :w] = coef * g * prod_{k != j} U[s, k] over one block, for the layers j, k of one
+    half, j0 .. j0 + count - 1: the gradient of the batch loss in layer j when coef is 1/b
+    (the u half) or -1/b (the v half). Products of the layers after j first (rows from the
+    last up), then those before j as a running ``prefix`` row; nothing is divided by a layer
+    (layers may be exactly zero)."""
+    last = j0 + count - 1
+    row = rows[last, :w]
     for c in range(w):
-        last[c] = inv_b * G[a, start + c]
-    for j in range(L - 1, 0, -1):
+        row[c] = coef * g[c]
+    for j in range(last, j0, -1):
         later = rows[j, :w]
         cur = rows[j - 1, :w]
         ur = U[s, j, start:start + w]
         for c in range(w):
             cur[c] = later[c] * ur[c]
-    prefix = rows[L, :w]
     for c in range(w):
         prefix[c] = 1.0
-    for j in range(1, L):
+    for j in range(j0 + 1, j0 + count):
         gr = rows[j, :w]
         ur = U[s, j - 1, start:start + w]
         for c in range(w):
@@ -118,12 +119,116 @@ def _descend(u, grad, vr, c, hs, momentum, weight_decay, velocity, nesterov):
     return u - hs * v
 
 
+@njit(inline="always")
+def _descend_half(U, V, g, coef, s, j0, count, start, w, hs, momentum, weight_decay, velocity,
+                  nesterov, prod, rows, prefix):
+    """One step of the layers j0 .. j0 + count - 1 of one half over one block, and prod = the
+    product of the new layers. The loss gradient in layer j is coef * g times the product of
+    the half's other layers (coef = 1/b for the u half, -1/b for the v half). Halves of 1-4
+    layers keep a coordinate's layers in registers (at depth 3 2.6x faster than gradient rows
+    in scratch, measured); deeper halves keep the gradient rows of the block in ``rows``."""
+    n = start + w
+    u0 = U[s, j0, start:n]
+    v0 = V[s, j0, start:n] if velocity else V[s, j0, :0]
+    if count == 1:
+        for c in range(w):
+            y0 = _descend(u0[c], coef * g[c], v0, c, hs, momentum, weight_decay, velocity, nesterov)
+            u0[c] = y0
+            prod[c] = y0
+        return
+    u1 = U[s, j0 + 1, start:n]
+    v1 = V[s, j0 + 1, start:n] if velocity else V[s, j0 + 1, :0]
+    if count == 2:
+        for c in range(w):
+            a0, a1, gc = u0[c], u1[c], coef * g[c]
+            y0 = _descend(a0, gc * a1, v0, c, hs, momentum, weight_decay, velocity, nesterov)
+            y1 = _descend(a1, gc * a0, v1, c, hs, momentum, weight_decay, velocity, nesterov)
+            u0[c], u1[c] = y0, y1
+            prod[c] = y0 * y1
+        return
+    u2 = U[s, j0 + 2, start:n]
+    v2 = V[s, j0 + 2, start:n] if velocity else V[s, j0 + 2, :0]
+    if count == 3:
+        for c in range(w):
+            a0, a1, a2, gc = u0[c], u1[c], u2[c], coef * g[c]
+            y0 = _descend(a0, gc * (a1 * a2), v0, c, hs, momentum, weight_decay, velocity, nesterov)
+            y1 = _descend(a1, gc * (a0 * a2), v1, c, hs, momentum, weight_decay, velocity, nesterov)
+            y2 = _descend(a2, gc * (a0 * a1), v2, c, hs, momentum, weight_decay, velocity, nesterov)
+            u0[c], u1[c], u2[c] = y0, y1, y2
+            prod[c] = (y0 * y1) * y2
+        return
+    if count == 4:
+        u3 = U[s, j0 + 3, start:n]
+        v3 = V[s, j0 + 3, start:n] if velocity else V[s, j0 + 3, :0]
+        for c in range(w):
+            a0, a1, a2, a3, gc = u0[c], u1[c], u2[c], u3[c], coef * g[c]
+            front, back = a0 * a1, a2 * a3
+            y0 = _descend(a0, gc * (a1 * back), v0, c, hs, momentum, weight_decay, velocity, nesterov)
+            y1 = _descend(a1, gc * (a0 * back), v1, c, hs, momentum, weight_decay, velocity, nesterov)
+            y2 = _descend(a2, gc * (front * a3), v2, c, hs, momentum, weight_decay, velocity, nesterov)
+            y3 = _descend(a3, gc * (front * a2), v3, c, hs, momentum, weight_decay, velocity, nesterov)
+            u0[c], u1[c], u2[c], u3[c] = y0, y1, y2, y3
+            prod[c] = ((y0 * y1) * y2) * y3
+        return
+    _layer_gradient_rows(U, g, coef, s, j0, count, start, w, rows, prefix)
+    for c in range(w):
+        prod[c] = 1.0
+    for j in range(j0, j0 + count):
+        ur = U[s, j, start:n]
+        gr = rows[j, :w]
+        vr = V[s, j, start:n] if velocity else V[s, j, :0]
+        for c in range(w):
+            y = _descend(ur[c], gr[c], vr, c, hs, momentum, weight_decay, velocity, nesterov)
+            ur[c] = y
+            prod[c] *= y
+
+
+@njit(inline="always")
+def _descend_power_block(ur, vr, mu, mv, g, gscale, hs, D, km, k, momentum, weight_decay, velocity,
+                         nesterov, th, w):
+    """The coordinate loop of :func:`_descend_power` (exponents D - 1 and D as km, k of
+    :func:`ddln_fast.kernels.integer_exponent`)."""
+    for c in range(w):
+        gc = gscale * g[c]
+        u, v = ur[c], vr[c]
+        y = _descend(u, gc * real_power(u, D - 1.0, km), mu, c, hs, momentum, weight_decay,
+                     velocity, nesterov)
+        z = _descend(v, -gc * real_power(v, D - 1.0, km), mv, c, hs, momentum, weight_decay,
+                     velocity, nesterov)
+        ur[c], vr[c] = y, z
+        th[c] = real_power(y, D, k) - real_power(z, D, k)
+
+
+@njit(inline="always")
+def _descend_power(U, V, g, inv_b, s, start, w, hs, D, momentum, weight_decay, velocity,
+                   nesterov, th):
+    """One step of the power parametrization over one block: the loss gradient is
+    +(g/b) D u^(D-1) in u and -(g/b) D v^(D-1) in v; th = u^D - v^D of the new layers.
+    D = 2 and 3 pass their exponents as constants, so that the loop vectorizes (a branch on
+    the exponent inside it did not)."""
+    n = start + w
+    ur, vr = U[s, 0, start:n], U[s, 1, start:n]
+    mu = V[s, 0, start:n] if velocity else V[s, 0, :0]
+    mv = V[s, 1, start:n] if velocity else V[s, 1, :0]
+    gscale = inv_b * D
+    if D == 2.0:
+        _descend_power_block(ur, vr, mu, mv, g, gscale, hs, 2.0, 1, 2, momentum, weight_decay,
+                             velocity, nesterov, th, w)
+    elif D == 3.0:
+        _descend_power_block(ur, vr, mu, mv, g, gscale, hs, 3.0, 2, 3, momentum, weight_decay,
+                             velocity, nesterov, th, w)
+    else:
+        _descend_power_block(ur, vr, mu, mv, g, gscale, hs, D, integer_exponent(D - 1.0),
+                             integer_exponent(D), momentum, weight_decay, velocity, nesterov, th, w)
+
+
 def _momentum_step_kernel(velocity: bool, nesterov: bool):
     """The compiled :func:`momentum_step` of one variant (a closure: the flags are constants)."""
 
     @njit(**PARALLEL_OPTIONS)
-    def kernel(U, V, G, inv_b, h, active, live, momentum, weight_decay, theta, scratch):
-        L, d = U.shape[1], U.shape[2]
+    def kernel(U, V, G, inv_b, h, param, active, live, momentum, weight_decay, theta, scratch):
+        P, d = U.shape[1], U.shape[2]
+        count = P // param.halves
         nb = n_blocks(d)
         for item in prange(active.shape[0] * nb):
             a = item // nb
@@ -135,87 +240,50 @@ def _momentum_step_kernel(velocity: bool, nesterov: bool):
             hs = h[s]
             g = G[a, start:start + w]
             th = theta[a, start:start + w]
-            u0 = U[s, 0, start:start + w]
-            v0 = V[s, 0, start:start + w] if velocity else V[s, 0, :0]
-            if L == 1:
-                for c in range(w):
-                    y0 = _descend(u0[c], inv_b * g[c], v0, c, hs, momentum, weight_decay, velocity, nesterov)
-                    u0[c] = y0
-                    th[c] = y0
-                continue
-            u1 = U[s, 1, start:start + w]
-            v1 = V[s, 1, start:start + w] if velocity else V[s, 1, :0]
-            if L == 2:
-                for c in range(w):
-                    a0, a1, gc = u0[c], u1[c], inv_b * g[c]
-                    y0 = _descend(a0, gc * a1, v0, c, hs, momentum, weight_decay, velocity, nesterov)
-                    y1 = _descend(a1, gc * a0, v1, c, hs, momentum, weight_decay, velocity, nesterov)
-                    u0[c], u1[c] = y0, y1
-                    th[c] = y0 * y1
-                continue
-            u2 = U[s, 2, start:start + w]
-            v2 = V[s, 2, start:start + w] if velocity else V[s, 2, :0]
-            if L == 3:
-                for c in range(w):
-                    a0, a1, a2, gc = u0[c], u1[c], u2[c], inv_b * g[c]
-                    y0 = _descend(a0, gc * (a1 * a2), v0, c, hs, momentum, weight_decay, velocity, nesterov)
-                    y1 = _descend(a1, gc * (a0 * a2), v1, c, hs, momentum, weight_decay, velocity, nesterov)
-                    y2 = _descend(a2, gc * (a0 * a1), v2, c, hs, momentum, weight_decay, velocity, nesterov)
-                    u0[c], u1[c], u2[c] = y0, y1, y2
-                    th[c] = (y0 * y1) * y2
-                continue
-            if L == 4:
-                u3 = U[s, 3, start:start + w]
-                v3 = V[s, 3, start:start + w] if velocity else V[s, 3, :0]
-                for c in range(w):
-                    a0, a1, a2, a3, gc = u0[c], u1[c], u2[c], u3[c], inv_b * g[c]
-                    front, back = a0 * a1, a2 * a3
-                    y0 = _descend(a0, gc * (a1 * back), v0, c, hs, momentum, weight_decay, velocity, nesterov)
-                    y1 = _descend(a1, gc * (a0 * back), v1, c, hs, momentum, weight_decay, velocity, nesterov)
-                    y2 = _descend(a2, gc * (front * a3), v2, c, hs, momentum, weight_decay, velocity, nesterov)
-                    y3 = _descend(a3, gc * (front * a2), v3, c, hs, momentum, weight_decay, velocity, nesterov)
-                    u0[c], u1[c], u2[c], u3[c] = y0, y1, y2, y3
-                    th[c] = ((y0 * y1) * y2) * y3
+            if param.power > 0.0:
+                _descend_power(U, V, g, inv_b, s, start, w, hs, param.power, momentum,
+                               weight_decay, velocity, nesterov, th)
                 continue
             rows = scratch[get_thread_id()]
-            _layer_gradient_rows(U, G, inv_b, a, s, start, w, rows)
-            for c in range(w):
-                th[c] = 1.0
-            for j in range(L):
-                ur = U[s, j, start:start + w]
-                gr = rows[j, :w]
-                vr = V[s, j, start:start + w] if velocity else V[s, j, :0]
+            _descend_half(U, V, g, inv_b, s, 0, count, start, w, hs, momentum, weight_decay,
+                          velocity, nesterov, th, rows, rows[P, :w])
+            if param.halves == 2:
+                v_prod = rows[P + 2, :w]
+                _descend_half(U, V, g, -inv_b, s, count, count, start, w, hs, momentum,
+                              weight_decay, velocity, nesterov, v_prod, rows, rows[P, :w])
                 for c in range(w):
-                    y = _descend(ur[c], gr[c], vr, c, hs, momentum, weight_decay, velocity, nesterov)
-                    ur[c] = y
-                    th[c] *= y
+                    th[c] -= v_prod[c]
 
     return kernel
 
 
 #: The compiled variants of :func:`momentum_step`, by (velocity, nesterov).
 MOMENTUM_STEP_KERNELS = {(velocity, nesterov): _momentum_step_kernel(velocity, nesterov)
-                   for velocity, nesterov in ((False, False), (True, False), (True, True))}
+                         for velocity, nesterov in ((False, False), (True, False), (True, True))}
 
 
-def momentum_step(U, V, G, inv_b, h, active, live, momentum, nesterov, weight_decay, theta,
-                  scratch):
+def momentum_step(U, V, G, inv_b, h, param, active, live, momentum, nesterov, weight_decay,
+                  theta, scratch):
     """One step of (stochastic) gradient descent with heavy-ball or Nesterov momentum and weight
     decay, in place, for the live active seeds, and theta of the new layers (PyTorch's SGD):
 
-        grad = (G[a] / b) * prod_{k != j} u^k + weight_decay * u^j,
+        grad = (G[a] / b) * d theta / d u^j + weight_decay * u^j,
         v^j <- momentum * v^j + grad,
-        u^j <- u^j - h[s] * (grad + momentum * v^j)   (Nesterov)   or   u^j - h[s] * v^j.
+        u^j <- u^j - h[s] * (grad + momentum * v^j)   (Nesterov)   or   u^j - h[s] * v^j,
+
+    for every layer row u^j of the parametrization ``param``
+    (:data:`ddln_fast.kernels.KernelParametrization`): d theta / d u^j is the product of the
+    other layers of its half (negated in the v half of "difference") or +-D u^(D-1) ("power").
 
     ``V`` is neither read nor written when ``momentum`` is 0 (weight decay alone). One pass over
-    U and V: for depths 1-4 a coordinate's layers stay in registers (as in
-    :func:`ddln_fast.kernels.euler_step`; at depth 3 2.6x faster than gradient rows in scratch,
-    measured), deeper networks keep the gradient rows of a block in the thread's ``scratch``
-    rows (:func:`ddln_fast.kernels.stage_scratch`). ``G`` is only read. Each variant (weight
-    decay alone, heavy ball, Nesterov) is its own compiled kernel.
+    U and V: for halves of 1-4 layers a coordinate's layers stay in registers (as in
+    :func:`ddln_fast.kernels.euler_step`), deeper halves keep the gradient rows of a block in
+    the thread's ``scratch`` rows (:func:`ddln_fast.kernels.stage_scratch`: P + 3 rows for P
+    layer rows). ``G`` is only read. Each variant (weight decay alone, heavy ball, Nesterov)
+    is its own compiled kernel.
     """
     kernel = MOMENTUM_STEP_KERNELS[(momentum != 0, bool(nesterov) and momentum != 0)]
-    kernel(U, V, G, inv_b, h, active, live, momentum, weight_decay, theta, scratch)
+    kernel(U, V, G, inv_b, h, param, active, live, momentum, weight_decay, theta, scratch)
 
 
 @njit(**_STRICT_PARALLEL_OPTIONS)

@@ -83,6 +83,14 @@ SCRIPT = textwrap.dedent("""
                     solvers.append(StochasticGradientDescent(
                         "sgd", Problem(X, y), layers[:, :2 if options.gain else L], options,
                         dt=1e-3, dtype=dtype))
+                # momentum and weight decay on difference and power layers: the same kernels
+                for options, rows, param in (
+                        (descent[0], np.concatenate([layers, layers], axis=1), Parametrization("difference", L)),
+                        (DescentOptions(weight_decay=0.1), np.concatenate([layers, layers], axis=1),
+                         Parametrization("difference", L)),
+                        (descent[1], layers[:, :2], Parametrization("power", 1, 2.5))):
+                    solvers.append(StochasticGradientDescent("sgd", Problem(X, y), rows, options, dt=1e-3,
+                                                             dtype=dtype, parametrization=param))
                 for it in solvers:
                     it.advance_to(0.005)
                     it.current_losses(); it.theta_of_all(); it.invariant_drift()

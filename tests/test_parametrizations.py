@@ -236,8 +236,6 @@ def test_first_layer_zero_and_shapes_apply_to_each_half(name, depth, power):
      "entries <= 0"),
     ({"model.parametrization": "difference", "model.init": "shape", "model.layer_scales": [1.0, 2.0]},
      "layer_scales has 2 entries"),
-    ({"model.parametrization": "difference", "integrator.method": "euler", "integrator.momentum": 0.5},
-     "product parametrization only"),
     ({"model.parametrization": "power", "model.power": 2.0, "model.init": "balanced", "model.depth": 2,
       "integrator.method": "euler", "run.gain": True}, "product parametrization only"),
     ({"model.parametrization": "power", "model.power": 2.0, "model.init": "shape",

@@ -110,18 +110,23 @@ def test_stop_then_resume_is_bit_identical(tmp_path, method, evaluations):
     assert_same_run_file(ref, out)
 
 
-@pytest.mark.parametrize("method, evaluations, model", [
-    ("euler", 3, {"parametrization": "difference", "depth": 3}),
-    ("dopri5", 2, {"parametrization": "difference", "depth": 2}),
-    ("rk4", 5, {"parametrization": "power", "power": 2.5, "init": "balanced"}),
-    ("dopri5", 2, {"parametrization": "power", "power": 3.0, "init": "gaussian", "jitter": 0.1})])
-def test_stop_then_resume_is_bit_identical_for_every_parametrization(tmp_path, method, evaluations, model):
-    """As above, for the difference and power parametrizations (2L or 2 layer rows)."""
+@pytest.mark.parametrize("method, evaluations, model, descent", [
+    ("euler", 3, {"parametrization": "difference", "depth": 3}, {}),
+    ("dopri5", 2, {"parametrization": "difference", "depth": 2}, {}),
+    ("rk4", 5, {"parametrization": "power", "power": 2.5, "init": "balanced"}, {}),
+    ("dopri5", 2, {"parametrization": "power", "power": 3.0, "init": "gaussian", "jitter": 0.1}, {}),
+    ("euler", 3, {"parametrization": "difference", "depth": 3}, {"momentum": 0.5, "weight_decay": 0.01}),
+    ("euler", 4, {"parametrization": "power", "power": 2.5, "init": "balanced"},
+     {"momentum": 0.5, "nesterov": True, "label_noise": 0.1})])
+def test_stop_then_resume_is_bit_identical_for_every_parametrization(tmp_path, method, evaluations, model,
+                                                                      descent):
+    """As above, for the difference and power parametrizations (2L or 2 layer rows), also with
+    momentum (the velocity of both halves is part of the saved state)."""
     from ddln_fast import Config
     from ddln_fast.simulate import run_simulation
 
     tables = {k: dict(v) for k, v in BASE.items()}
-    tables["integrator"]["method"] = method
+    tables["integrator"].update(method=method, **descent)
     tables["model"].update(model)
     cfg = Config.from_dict(tables)
     ref = reference_run(cfg, tmp_path / "reference.h5")

@@ -2,7 +2,9 @@
 
 References, all written here from the definitions:
 - :func:`reference_descent`: a plain numpy loop of PyTorch's SGD on the layers (all-but-one
-  products by multiplying the other layers), whose batches and label noise are drawn again from
+  products by multiplying the other layers; for the difference and power parametrizations
+  d theta / d layer of references.py: the other layers of the half, negated in the v half, or
+  +-D u^(D-1)), whose batches and label noise are drawn again from
   the seed material the run file records (its root attribute ``random_streams``: entropy and
   spawn keys) with the documented protocol (a permutation per epoch, or ``integers`` per step;
   ``standard_normal`` per step);
@@ -26,7 +28,7 @@ import signal
 import numpy as np
 import pytest
 
-from references import all_but_one_products, reference_layers
+from references import all_but_one_products, parametrized_theta, parametrized_theta_gradient, reference_layers
 
 
 def reference_streams(run, seed_index):
@@ -46,8 +48,9 @@ def reference_streams(run, seed_index):
 def reference_descent(X, y, u0, steps, dt, *, batch=None, sampling="without_replacement",
                       batch_rng=None, noise_rng=None, label_noise=0.0, momentum=0.0,
                       nesterov=False, weight_decay=0.0, decay_every=0, decay_factor=1.0,
-                      record=None):
-    """PyTorch's SGD on the layers of one seed, every iterate, shape (steps + 1, L, d).
+                      record=None, parametrization="product", power=0.0):
+    """PyTorch's SGD on the layers of one seed, every iterate, shape (steps + 1, P, d), with
+    theta = ``parametrized_theta(parametrization, U, power)``.
 
     Batches: ``batch`` None is the whole data in order; without replacement a new
     ``permutation(n)`` each epoch, cut into n // batch batches; with replacement
@@ -73,8 +76,8 @@ def reference_descent(X, y, u0, steps, dt, *, batch=None, sampling="without_repl
         if record is not None:
             record.append((idx, labels, step))
         Xb = X[idx]
-        g = Xb.T @ (Xb @ np.prod(U, axis=0) - labels) / len(idx)
-        grad = g[None, :] * all_but_one_products(U) + weight_decay * U
+        g = Xb.T @ (Xb @ parametrized_theta(parametrization, U, power) - labels) / len(idx)
+        grad = g[None, :] * parametrized_theta_gradient(parametrization, U, power) + weight_decay * U
         V = momentum * V + grad
         U = U - step * (grad + momentum * V if nesterov else V)
         out.append(U.copy())
@@ -149,40 +152,67 @@ def reference_of(run, config, s, steps, record=None):
         sampling=i.sampling, batch_rng=batch_rng, noise_rng=noise_rng, label_noise=i.label_noise,
         momentum=i.momentum, nesterov=i.nesterov, weight_decay=i.weight_decay,
         decay_every=i.decay_every if i.schedule == "step" else 0, decay_factor=i.decay_factor,
-        record=record)
+        record=record, parametrization=config.model.parametrization, power=config.model.power)
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3, 4, 6])  # 6: beyond the depths kept in registers
+#: (parametrization, depth, D): the product at depths 1-4 and 6 and difference halves of 1-3 layers
+#: (kept in registers) and 5 (gradient rows in scratch), power with integer and real exponents.
+MODELS = [("product", 1, 0.0), ("product", 2, 0.0), ("product", 3, 0.0), ("product", 4, 0.0),
+          ("product", 6, 0.0), ("difference", 1, 0.0), ("difference", 2, 0.0), ("difference", 3, 0.0),
+          ("difference", 5, 0.0), ("power", 1, 2.0), ("power", 1, 2.5), ("power", 1, 3.0)]
+
+
+def parametrized(name, depth, power):
+    """Overrides of :func:`tables` for a parametrization (the product too); power needs u, v > 0
+    (positive signs, jitter 0.2: 1 + 0.2 N(0, 1) > 0 on these few coordinates) and, its
+    curvature growing like D^2 u^(2D - 2), alpha 0.6 and steps of 0.02 (heavy ball must not
+    overshoot u or v past 0)."""
+    extra = {"model.parametrization": name, "model.depth": depth}
+    if name == "power":
+        extra.update({"model.power": power, "model.signs": "positive", "model.jitter": 0.2,
+                      "model.alpha": 0.6, "integrator.dt": 0.02})
+    return extra
+
+
+@pytest.mark.parametrize("name, depth, power", MODELS,
+                         ids=[f"{n}-{p if n == 'power' else d}" for n, d, p in MODELS])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_every_iterate_equals_the_numpy_loop_on_the_recorded_batches(variant, depth):
+def test_every_iterate_equals_the_numpy_loop_on_the_recorded_batches(variant, name, depth, power):
     """1e-12: the same arithmetic up to the order of the sums of the products (a few ulps of O(1)
-    layers per step, 30 steps)."""
+    layers per step, 30 steps), with d theta / d layer of each parametrization."""
     from ddln_fast import simulate
 
     steps = 30
-    config = tables(steps=steps, **{"model.depth": depth, **VARIANTS[variant]})
+    config = tables(steps=steps, **{**parametrized(name, depth, power), **VARIANTS[variant]})
     run = simulate(config)
     assert run.u.shape[0] == steps + 1
+    assert run.u.shape[2] == {"product": depth, "difference": 2 * depth, "power": 2}[name]
     for s in range(config.run.seeds):
         expected = reference_of(run, config, s, steps)
         assert np.max(np.abs(expected[-1] - expected[0])) > 1e-2  # the layers moved
         np.testing.assert_allclose(run.u[:, s], expected, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(run.theta[:, s], [parametrized_theta(name, U, power) for U in expected],
+                                   rtol=0, atol=1e-12)
     assert np.all(run.nfev[-1] == steps)
     # each seed draws its own batches: the seeds' trajectories differ even on shared data
     assert not np.allclose(run.u[-1, 0], run.u[-1, 1])
 
 
-@pytest.mark.parametrize("sampling", ["without_replacement", "with_replacement"])
-def test_gemm_paths_and_several_coordinate_blocks(sampling):
+@pytest.mark.parametrize("sampling, name, depth, power", [
+    ("without_replacement", "product", 3, 0.0), ("with_replacement", "product", 3, 0.0),
+    ("without_replacement", "difference", 2, 0.0), ("with_replacement", "difference", 6, 0.0),
+    ("without_replacement", "power", 1, 2.5)])
+def test_gemm_paths_and_several_coordinate_blocks(sampling, name, depth, power):
     """Shared X large enough for the GEMM products (6 seeds x 100 x 2000) and d = 2000 (four
-    coordinate blocks, the last partial): full-batch label noise with momentum, and minibatches
-    with Nesterov and weight decay, against the numpy loop."""
+    coordinate blocks, the last partial): full-batch label noise with momentum and weight decay,
+    and minibatches with Nesterov and weight decay, against the numpy loop."""
     from ddln_fast import simulate
 
     steps = 6
-    common = {"problem.n": 100, "problem.d": 2000, "run.seeds": 6, "model.depth": 3,
+    common = {**parametrized(name, depth, power), "problem.n": 100, "problem.d": 2000, "run.seeds": 6,
               "model.alpha": 0.9, "model.jitter": 0.2, "integrator.dt": 0.002}
-    for extra in ({"integrator.method": "euler", "integrator.momentum": 0.4, "integrator.label_noise": 0.3},
+    for extra in ({"integrator.method": "euler", "integrator.momentum": 0.4, "integrator.label_noise": 0.3,
+                   "integrator.weight_decay": 0.1},
                   {"integrator.batch_size": 16, "integrator.sampling": sampling, "integrator.momentum": 0.4,
                    "integrator.nesterov": True, "integrator.weight_decay": 0.1}):
         config = tables(steps=steps, **common, **extra)
