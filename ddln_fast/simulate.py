@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import DESCENT_METHODS, Config, check_batch_size
-from .controller import LOSS_TOL, MAX_STEPS, RUNNING, T_END
+from .controller import DIVERGED, LOSS_TOL, MAX_STEPS, RUNNING, T_END
 from .diagnostics import CheckpointDiagnostics
 from .errors import AlreadyComplete, InputError
 from .init import initial_layers, sign_trap_coordinates
@@ -454,6 +454,36 @@ def _resume(config: Config, path: Path, progress, threads, on_checkpoint, stops)
                       index + 1, progress, on_checkpoint, stops, resumed_from=index)
 
 
+class OrthantWarning(UserWarning):
+    """A seed of the power parametrization has a u or v at or below zero."""
+
+
+class OrthantWatch:
+    """For ``parametrization = "power"`` (u, v > 0): warn once per seed whose layers reach zero
+    or below at a checkpoint. The flow itself keeps them positive; a large step (or momentum)
+    can carry them across, and an integer D then runs on silently while the theory of the
+    parametrization (prediction, bounds) no longer describes the seed."""
+
+    def __init__(self, config: Config):
+        self.active = config.model.parametrization == "power"
+        self.warned: set[int] = set()
+
+    def check(self, integrator: Solver, t: float) -> None:
+        if not self.active:
+            return
+        layers = np.asarray(integrator.layers())
+        crossed = np.flatnonzero(np.any(layers.reshape(layers.shape[0], -1) <= 0, axis=1)
+                                 & (integrator.state.status != DIVERGED))  # already reported
+        new = [int(s) for s in crossed if int(s) not in self.warned]
+        if new:
+            self.warned.update(new)
+            warnings.warn(f"seed{'s' if len(new) > 1 else ''} {', '.join(map(str, new))}: u or v is at "
+                          f"or below 0 at t = {t:g} (the power parametrization needs u, v > 0; a step "
+                          f"this large carried it across): the prediction and the bounds do not apply "
+                          f"to {'them' if len(new) > 1 else 'it'}; use a smaller integrator.dt",
+                          OrthantWarning, stacklevel=4)
+
+
 class ResumeMismatchWarning(UserWarning):
     """A run is resumed with another thread count or BLAS than it started with."""
 
@@ -496,6 +526,7 @@ def _drive(config, integrator: Solver, diagnostics: CheckpointDiagnostics, write
                unit="ckpt", desc="ddln run", leave=False, dynamic_ncols=True)
     written = 0
     interrupted = None
+    orthant = OrthantWatch(config)
     try:
         integrator.stop_check = lambda: stops.pending() or writer.failed
         for k in range(first_index, len(times)):
@@ -513,6 +544,7 @@ def _drive(config, integrator: Solver, diagnostics: CheckpointDiagnostics, write
             with np.errstate(**_NON_FINITE_IS_A_STATUS):
                 row = _checkpoint_row(integrator, diagnostics, times[k], save_layers)
             writer.append(row, integrator.state_arrays(), _fixed_rows(integrator))
+            orthant.check(integrator, times[k])
             written += 1
             bar.update(1)
             if on_checkpoint is not None:
