@@ -696,8 +696,8 @@ print(json.dumps(dict(excess=results, signatures=sigs)))
 
 def test_kernels_allocate_nothing_and_compile_once():
     """Numba's allocation counter (NUMBA_NRT_STATS=1, in a fresh interpreter): a call allocates
-    nothing beyond the MemInfo of each array argument; one signature per kernel for product and
-    difference maps alike."""
+    nothing beyond the MemInfo of each array argument (none at all once the kernels run without
+    reference counting); one signature per kernel for product and difference maps alike."""
     import json
     import os
     import subprocess
@@ -708,6 +708,6 @@ def test_kernels_allocate_nothing_and_compile_once():
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     for name, extra in result["excess"].items():
-        assert extra == 0, f"{name} allocates {extra} array(s) per call"
+        assert extra <= 0, f"{name} allocates {extra} array(s) per call"
     for name, count in result["signatures"].items():
         assert count == 1, f"{name} compiled {count} times"
