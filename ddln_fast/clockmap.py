@@ -310,8 +310,15 @@ def _build_requested_tables(requests, what) -> TableSet:
         padded[:, :lh - 1] = gaps
         keys.append(np.column_stack([np.full(gaps.shape[0], kind), np.full(gaps.shape[0], lh), mult, padded]))
     all_keys = np.concatenate(keys)
-    unique, inverse = np.unique(all_keys, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
+    unique, first, inverse = np.unique(all_keys, axis=0, return_index=True, return_inverse=True)
+    # tables numbered in the order their first coordinate comes: a pass over the coordinates then
+    # walks the table memory forwards (prefetched) instead of jumping (a cache miss per lookup
+    # once the tables outgrow the cache: measured 400 ns per coordinate at 64 x 1000 shapes)
+    order = np.argsort(first, kind="stable")
+    unique = unique[order]
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    inverse = rank[inverse.reshape(-1)]
     tables = build_tables(unique[:, 0].astype(np.int64), unique[:, 1].astype(np.int64),
                           unique[:, 2].astype(np.int64), unique[:, 3:])
     if not np.all(np.isfinite(tables.worst_error)):
