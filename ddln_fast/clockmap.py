@@ -38,7 +38,8 @@ depth >= 3 with small scales, where clocks ~ alpha^(2-L) must be resolved to << 
 
 Inside compiled code: ``cm.packed`` holds the arrays (``packed.tab`` is the four table arrays,
 passed on unpacked) and ``clock_kernels.evaluate_serial`` (no threads; call it from another
-compiled per-seed loop) or ``evaluate_parallel`` the loop::
+compiled per-seed loop) or ``evaluate_parallel`` (from Python; small calls stay on one thread)
+the loop::
 
     p = cm.packed
     evaluate_serial(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, want_g,
@@ -60,8 +61,7 @@ import numpy as np
 from numba import njit
 
 from . import clock_families as fam
-from .clock_kernels import (clock_of_parallel, clock_of_serial, evaluate_parallel,
-                            evaluate_serial, layers_parallel, layers_serial)
+from .clock_kernels import clock_of_parallel, evaluate_parallel, layers_parallel
 from .clock_series import STRICT_OPTIONS, two_product, two_sum
 from .clock_tables import TIE, UNIQUE, TableSet, build_tables, table_clock
 from .errors import InputError
@@ -69,8 +69,6 @@ from .errors import InputError
 PARAMETRIZATIONS = ("product", "difference", "power")
 #: depth >= 3: the normalized clock scale alpha^(L-2) must lie within 10^(+-CLOCK_DECADES)
 CLOCK_DECADES = 100.0
-#: below this many row x coordinate items the loops run in the calling thread
-SERIAL_ITEMS = 2048
 
 PackedClockMap = namedtuple("PackedClockMap", ["ip", "fp", "lsign", "lgap", "lzero", "half_sign", "tab"])
 
@@ -590,8 +588,7 @@ class ClockMap:
         h = self._out(h, s.shape)
         G_out = self._out(G, s.shape) if want_g else theta
         p = self.packed
-        kernel = evaluate_serial if s.size < SERIAL_ITEMS else evaluate_parallel
-        kernel(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, want_g, theta, h, G_out)
+        evaluate_parallel(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, want_g, theta, h, G_out)
         return (theta, h, G_out) if want_g else (theta, h)
 
     def layers(self, s, rows=None, s_lo=None, out=None) -> np.ndarray:
@@ -603,8 +600,7 @@ class ClockMap:
         n_halves = p.half_sign.shape[0]
         shape = (s.shape[0], n_halves * lh, self.dim)
         out = self._out(out, shape)
-        kernel = layers_serial if s.size < SERIAL_ITEMS else layers_parallel
-        kernel(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, p.lzero, *p.tab, p.half_sign, out)
+        layers_parallel(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, p.lzero, *p.tab, p.half_sign, out)
         return out
 
     def clock_of(self, theta, rows=None) -> np.ndarray:
@@ -614,8 +610,7 @@ class ClockMap:
         p = self.packed
         out = np.empty(theta.shape)
         lower, upper = self._blow_up
-        kernel = clock_of_serial if theta.size < SERIAL_ITEMS else clock_of_parallel
-        kernel(theta, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign,
+        clock_of_parallel(theta, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign,
                np.ascontiguousarray(lower), np.ascontiguousarray(upper), out)
         return out
 
