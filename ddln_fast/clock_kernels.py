@@ -1,9 +1,13 @@
 """Loops of the clock map over (rows of seeds) x coordinates: evaluate, layers, clock of theta.
 
-Each loop is one Python function compiled twice: ``*_parallel`` (a ``prange`` over the flattened
-row x coordinate index, a top-level entry point called from Python) and ``*_serial`` (the same
-code without threads, to be called from inside another compiled per-seed loop). They allocate
-nothing. Arguments (H halves per coordinate, Lh layers per half, S seeds, d coordinates, m rows):
+Each loop is written once, over a range [start, stop) of the flattened row x coordinate index,
+and inlined into two entry points: ``*_parallel`` (a ``prange`` over blocks of ``BLOCK`` items,
+one block for small calls: a top-level entry point called from Python, the only one
+:class:`ddln_fast.clockmap.ClockMap` uses) and ``*_serial`` (the whole range without threads, to
+be called from inside another compiled per-seed loop). Numba compiles an entry point at its first
+call, and a loop body (every family inlined) is most of the compile time: a session that only
+goes through ``ClockMap`` compiles each body once. They allocate nothing.
+Arguments (H halves per coordinate, Lh layers per half, S seeds, d coordinates, m rows):
 
 - ``s``, ``s_lo`` : (m, d) clocks and their low-order parts (double-double; zeros if unused);
 - ``rows`` : (m,) int64, the seed of each row;
@@ -23,6 +27,22 @@ from numba import njit, prange
 
 from .clock_families import half_clock_of, half_evaluate, half_layers
 from .clock_series import INLINE_OPTIONS, STRICT_OPTIONS
+from .threads import SERIAL_CLOCK_ITEMS
+
+#: The loops run without Numba's reference counting (``_nrt=False``, as Numba's own
+#: allocation-free helpers do): they allocate nothing, and the reference-count updates that the
+#: inlined helpers emit for their array arguments (on every branch, taken or not) were most of
+#: the cost of a closed-form coordinate (measured 98 -> 26 ns at depth 3, first layer zero).
+#: Compiling an allocation in here fails, which keeps the kernels allocation-free.
+KERNEL_OPTIONS = dict(STRICT_OPTIONS, _nrt=False)
+INLINE_KERNEL_OPTIONS = dict(KERNEL_OPTIONS, inline="always")
+PARALLEL_OPTIONS = dict(KERNEL_OPTIONS, parallel=True)
+#: items (row x coordinate) per parallel work item; calls of fewer than
+#: threads.SERIAL_CLOCK_ITEMS items run in the calling thread (waking the others costs more than
+#: they save)
+BLOCK = 256
+# (the entry points pass start = np.int64(0), not 0: a literal 0 would type as Literal[int] and
+# compile the whole loop body a second time)
 
 
 @njit(**INLINE_OPTIONS)
@@ -32,11 +52,13 @@ def _item(item, d, rows):
     return a, item - a * d, rows[a]
 
 
-def _evaluate(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, want_g, theta, h, G):
+@njit(**KERNEL_OPTIONS)
+def _evaluate_items(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, want_g, theta, h, G,
+                    start, stop):
     """theta, h (and G if ``want_g``) at the clocks s of the given rows, into (m, d) arrays."""
-    m, d = s.shape
+    d = s.shape[1]
     n_halves = half_sign.shape[0]
-    for item in prange(m * d):
+    for item in range(start, stop):
         a, i, seed = _item(item, d, rows)
         th = 0.0
         hh = 0.0
@@ -55,12 +77,13 @@ def _evaluate(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, wan
             G[a, i] = gg
 
 
-def _layers(s, s_lo, rows, ip, fp, lsign, lgap, lzero, ti, ts, tb, tp, half_sign, out):
+@njit(**KERNEL_OPTIONS)
+def _layers_items(s, s_lo, rows, ip, fp, lsign, lgap, lzero, ti, ts, tb, tp, half_sign, out, start, stop):
     """Layers (m, H * Lh, d) at the clocks s: half k fills rows k * Lh .. k * Lh + depth - 1."""
-    m, d = s.shape
+    d = s.shape[1]
     n_halves = half_sign.shape[0]
     lh = lsign.shape[1]
-    for item in prange(m * d):
+    for item in range(start, stop):
         a, i, seed = _item(item, d, rows)
         for k in range(n_halves):
             sg = half_sign[k]
@@ -69,12 +92,14 @@ def _layers(s, s_lo, rows, ip, fp, lsign, lgap, lzero, ti, ts, tb, tp, half_sign
                         out[a], k * lh, i)
 
 
-def _clock_of(theta, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, lower, upper, out):
+@njit(**KERNEL_OPTIONS)
+def _clock_of_items(theta, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, lower, upper, out,
+                    start, stop):
     """s with F(s) = theta (nan where theta is out of reach): closed forms for one half, a
     safeguarded Newton iteration on the monotone F for two halves."""
-    m, d = theta.shape
+    d = theta.shape[1]
     n_halves = half_sign.shape[0]
-    for item in prange(m * d):
+    for item in range(start, stop):
         a, i, seed = _item(item, d, rows)
         target = theta[a, i]
         if n_halves == 1:
@@ -84,7 +109,7 @@ def _clock_of(theta, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, lower
                                   lower[seed, i], upper[seed, i], target)
 
 
-@njit(**STRICT_OPTIONS)
+@njit(**KERNEL_OPTIONS)
 def _sum_value(ip, fp, lgap, first_row, stride, ti, ts, tb, tp, half_sign, s):
     th = 0.0
     hh = 0.0
@@ -96,7 +121,7 @@ def _sum_value(ip, fp, lgap, first_row, stride, ti, ts, tb, tp, half_sign, s):
     return th, hh
 
 
-@njit(**STRICT_OPTIONS)
+@njit(**KERNEL_OPTIONS)
 def _sum_clock_of(ip, fp, lgap, first_row, stride, ti, ts, tb, tp, half_sign, lower, upper, target):
     """Root of F(s) = target for F = sum of halves (decreasing; h = -F' > 0 unless frozen)."""
     if math.isnan(target):
@@ -141,9 +166,51 @@ def _sum_clock_of(ip, fp, lgap, first_row, stride, ti, ts, tb, tp, half_sign, lo
     return np.nan
 
 
-evaluate_parallel = njit(**dict(STRICT_OPTIONS, parallel=True))(_evaluate)
-evaluate_serial = njit(**STRICT_OPTIONS)(_evaluate)
-layers_parallel = njit(**dict(STRICT_OPTIONS, parallel=True))(_layers)
-layers_serial = njit(**STRICT_OPTIONS)(_layers)
-clock_of_parallel = njit(**dict(STRICT_OPTIONS, parallel=True))(_clock_of)
-clock_of_serial = njit(**STRICT_OPTIONS)(_clock_of)
+@njit(**KERNEL_OPTIONS)
+def evaluate_serial(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, want_g, theta, h, G):
+    _evaluate_items(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, want_g, theta, h, G,
+                    np.int64(0), s.size)
+
+
+@njit(**PARALLEL_OPTIONS)
+def evaluate_parallel(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, want_g, theta, h, G):
+    n = s.size
+    if n < SERIAL_CLOCK_ITEMS:
+        _evaluate_items(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, want_g, theta, h, G, np.int64(0), n)
+        return
+    for block in prange((n + BLOCK - 1) // BLOCK):
+        _evaluate_items(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, want_g, theta, h, G,
+                        block * BLOCK, min(n, (block + 1) * BLOCK))
+
+
+@njit(**KERNEL_OPTIONS)
+def layers_serial(s, s_lo, rows, ip, fp, lsign, lgap, lzero, ti, ts, tb, tp, half_sign, out):
+    _layers_items(s, s_lo, rows, ip, fp, lsign, lgap, lzero, ti, ts, tb, tp, half_sign, out, np.int64(0), s.size)
+
+
+@njit(**PARALLEL_OPTIONS)
+def layers_parallel(s, s_lo, rows, ip, fp, lsign, lgap, lzero, ti, ts, tb, tp, half_sign, out):
+    n = s.size
+    if n < SERIAL_CLOCK_ITEMS:
+        _layers_items(s, s_lo, rows, ip, fp, lsign, lgap, lzero, ti, ts, tb, tp, half_sign, out, np.int64(0), n)
+        return
+    for block in prange((n + BLOCK - 1) // BLOCK):
+        _layers_items(s, s_lo, rows, ip, fp, lsign, lgap, lzero, ti, ts, tb, tp, half_sign, out,
+                      block * BLOCK, min(n, (block + 1) * BLOCK))
+
+
+@njit(**KERNEL_OPTIONS)
+def clock_of_serial(theta, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, lower, upper, out):
+    _clock_of_items(theta, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, lower, upper, out,
+                    np.int64(0), theta.size)
+
+
+@njit(**PARALLEL_OPTIONS)
+def clock_of_parallel(theta, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, lower, upper, out):
+    n = theta.size
+    if n < SERIAL_CLOCK_ITEMS:
+        _clock_of_items(theta, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, lower, upper, out, np.int64(0), n)
+        return
+    for block in prange((n + BLOCK - 1) // BLOCK):
+        _clock_of_items(theta, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, lower, upper, out,
+                        block * BLOCK, min(n, (block + 1) * BLOCK))

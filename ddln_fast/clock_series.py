@@ -34,8 +34,10 @@ def chebyshev_nodes(n: int) -> np.ndarray:
     return np.cos(np.pi * (np.arange(n) + 0.5) / n)
 
 
-#: Inlined into the kernels: a helper that receives an array and is called (not inlined) costs
-#: reference-count updates per call, which dominated the per-coordinate time (measured).
+#: Inlined into the kernels: a helper that receives arrays and is called (not inlined) costs the
+#: passing of every array's fields per call (measured: the table lookup called, not inlined, took
+#: a jittered depth-3 coordinate from 70 to 88 ns), and reference-count updates in code compiled
+#: with them.
 INLINE_OPTIONS = dict(STRICT_OPTIONS, inline="always")
 
 

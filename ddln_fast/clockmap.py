@@ -38,7 +38,8 @@ depth >= 3 with small scales, where clocks ~ alpha^(2-L) must be resolved to << 
 
 Inside compiled code: ``cm.packed`` holds the arrays (``packed.tab`` is the four table arrays,
 passed on unpacked) and ``clock_kernels.evaluate_serial`` (no threads; call it from another
-compiled per-seed loop) or ``evaluate_parallel`` the loop::
+compiled per-seed loop) or ``evaluate_parallel`` (from Python; small calls stay on one thread)
+the loop::
 
     p = cm.packed
     evaluate_serial(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, want_g,
@@ -60,12 +61,10 @@ import numpy as np
 from numba import njit
 
 from . import clock_families as fam
-from .clock_kernels import (clock_of_parallel, clock_of_serial, evaluate_parallel,
-                            evaluate_serial, layers_parallel, layers_serial)
+from .clock_kernels import clock_of_parallel, evaluate_parallel, layers_parallel
 from .clock_series import STRICT_OPTIONS, two_product, two_sum
 from .clock_tables import TIE, UNIQUE, TableSet, build_tables, table_clock
 from .errors import InputError
-from .threads import SERIAL_CLOCK_ITEMS
 
 PARAMETRIZATIONS = ("product", "difference", "power")
 #: depth >= 3: the normalized clock scale alpha^(L-2) must lie within 10^(+-CLOCK_DECADES)
@@ -309,8 +308,15 @@ def _build_requested_tables(requests, what) -> TableSet:
         padded[:, :lh - 1] = gaps
         keys.append(np.column_stack([np.full(gaps.shape[0], kind), np.full(gaps.shape[0], lh), mult, padded]))
     all_keys = np.concatenate(keys)
-    unique, inverse = np.unique(all_keys, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
+    unique, first, inverse = np.unique(all_keys, axis=0, return_index=True, return_inverse=True)
+    # tables numbered in the order their first coordinate comes: a pass over the coordinates then
+    # walks the table memory forwards (prefetched) instead of jumping (a cache miss per lookup
+    # once the tables outgrow the cache: measured 400 ns per coordinate at 64 x 1000 shapes)
+    order = np.argsort(first, kind="stable")
+    unique = unique[order]
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    inverse = rank[inverse.reshape(-1)]
     tables = build_tables(unique[:, 0].astype(np.int64), unique[:, 1].astype(np.int64),
                           unique[:, 2].astype(np.int64), unique[:, 3:])
     if not np.all(np.isfinite(tables.worst_error)):
@@ -582,8 +588,7 @@ class ClockMap:
         h = self._out(h, s.shape)
         G_out = self._out(G, s.shape) if want_g else theta
         p = self.packed
-        kernel = evaluate_serial if s.size < SERIAL_CLOCK_ITEMS else evaluate_parallel
-        kernel(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, want_g, theta, h, G_out)
+        evaluate_parallel(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, want_g, theta, h, G_out)
         return (theta, h, G_out) if want_g else (theta, h)
 
     def layers(self, s, rows=None, s_lo=None, out=None) -> np.ndarray:
@@ -595,8 +600,7 @@ class ClockMap:
         n_halves = p.half_sign.shape[0]
         shape = (s.shape[0], n_halves * lh, self.dim)
         out = self._out(out, shape)
-        kernel = layers_serial if s.size < SERIAL_CLOCK_ITEMS else layers_parallel
-        kernel(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, p.lzero, *p.tab, p.half_sign, out)
+        layers_parallel(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, p.lzero, *p.tab, p.half_sign, out)
         return out
 
     def clock_of(self, theta, rows=None) -> np.ndarray:
@@ -606,8 +610,7 @@ class ClockMap:
         p = self.packed
         out = np.empty(theta.shape)
         lower, upper = self._blow_up
-        kernel = clock_of_serial if theta.size < SERIAL_CLOCK_ITEMS else clock_of_parallel
-        kernel(theta, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign,
+        clock_of_parallel(theta, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign,
                np.ascontiguousarray(lower), np.ascontiguousarray(upper), out)
         return out
 
