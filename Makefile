@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# A cache dir in the tree, keyed by nothing else: CI starts from a fresh clone, so no stale kernels.
-export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
+# Numba's cache in the tree, one folder per state of the package's sources: Numba notices when a
+# kernel's own file changes, not when a helper it inlines from another module does, so a pull or
+# an edit must never find the old machine code.
+SOURCES_KEY := $(shell cat ddln_fast/*.py ddln_fast/*/*.py | sha256sum | cut -c1-16)
+export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache/$(SOURCES_KEY)
 
 .PHONY: install run test bench paper clean
 

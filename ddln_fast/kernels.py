@@ -28,6 +28,7 @@ f(theta(U))), so the v half runs with the sign of g reversed.
 
 from __future__ import annotations
 
+import types
 from collections import namedtuple
 
 import numpy as np
@@ -786,8 +787,18 @@ def invariant_drift_blocks(U, u0, param, partial):
 
 def serial_and_parallel(loop):
     """``loop`` (a function whose outer loop is a ``prange``) compiled twice: serial, for small
-    batches (no thread start-up; callable from other compiled code), and parallel."""
-    return njit(**JIT_OPTIONS)(loop), njit(**PARALLEL_OPTIONS)(loop)
+    batches (no thread start-up; callable from other compiled code), and parallel.
+
+    The parallel build compiles a copy of ``loop`` named ``<name>_parallel``: Numba's on-disk
+    cache names an entry by the function's module, qualified name and line, not by its options,
+    so two builds of one function object would load each other's machine code from the cache
+    (measured: the "serial" kernel ran on two threads once the parallel one was cached)."""
+    copy = types.FunctionType(loop.__code__, loop.__globals__, f"{loop.__name__}_parallel",
+                              loop.__defaults__, loop.__closure__)
+    copy.__qualname__ = f"{loop.__qualname__}_parallel"
+    copy.__module__ = loop.__module__
+    copy.__doc__ = loop.__doc__
+    return njit(**JIT_OPTIONS)(loop), njit(**PARALLEL_OPTIONS)(copy)
 
 
 def call_by_size(kernels, items, *args):

@@ -74,3 +74,46 @@ def test_a_spinning_runtime_imported_first_is_not_used(tmp_path):
     binding = _probe(tmp_path, str(foreign))
     assert binding["library"] != str(foreign), "Numba's regions run on the foreign, spinning runtime"
     assert binding["spin_count"] == 0, binding
+
+
+_SERIAL_AND_PARALLEL_MODULE = '''
+import numba
+from numba import prange
+from ddln_fast.kernels import serial_and_parallel
+
+def thread_ids(out):
+    for i in prange(out.shape[0]):
+        out[i] = numba.get_thread_id()
+
+SERIAL, PARALLEL = serial_and_parallel(thread_ids)
+'''
+
+_CALL_ONE_BUILD = '''
+import sys
+import numpy as np
+import pairmod
+out = np.zeros(200_000)
+(pairmod.SERIAL if sys.argv[1] == "serial" else pairmod.PARALLEL)(out)
+print(len(set(out.tolist())))
+'''
+
+
+def test_serial_build_stays_serial_when_the_parallel_one_is_cached(tmp_path):
+    """The two builds of kernels.serial_and_parallel keep their own entries in Numba's on-disk
+    cache: in a fresh process whose cache already holds the parallel build, the serial build
+    still runs on one thread (with one function object for both, it loaded the parallel machine
+    code and ran on two)."""
+    (tmp_path / "pairmod.py").write_text(_SERIAL_AND_PARALLEL_MODULE)
+    (tmp_path / "call.py").write_text(_CALL_ONE_BUILD)
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2", "NUMBA_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": str(tmp_path)}
+
+    def threads_used(build):
+        done = subprocess.run([sys.executable, str(tmp_path / "call.py"), build], capture_output=True,
+                              text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.split()[-1])
+
+    assert threads_used("parallel") == 2  # compiled and cached first
+    assert threads_used("serial") == 1
+    assert threads_used("parallel") == 2  # and the other way round
