@@ -316,11 +316,19 @@ class Integrator(Solver):
         # here too moves the second product from that step to the checkpoint, which then costs
         # no product of its own. Its bits are those the step would compute (theta of U by the
         # same kernel, the same products of all seeds), so resumed runs stay bit-identical.
-        reuse = self.REUSES_CHECKPOINT_GRADIENT and not self.tableau.adaptive
+        fixed = not self.tableau.adaptive
+        reuse = self.REUSES_CHECKPOINT_GRADIENT and fixed
         self.products.residual_and_gradient(theta, active, self.R, self.G, self.stage_loss,
                                             gradient=reuse)
         self._gradient_rows = active if reuse else None
-        self._theta_rows = None  # a checkpoint starts the next interval from a clean slate
+        if fixed:
+            # The next fixed step starts from theta of these layers, as _theta_of_U computes it:
+            # keep it. The state saved with the checkpoint then holds, as its theta cache, the
+            # row the checkpoint stores (written once: store.schema.STATE_FROM_ROWS).
+            self.theta[: self.seeds] = theta
+            self._theta_rows = active
+        else:
+            self._theta_rows = None
         return self.stage_loss[: self.seeds].copy()
 
     def invariant_drift(self) -> np.ndarray:

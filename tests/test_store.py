@@ -257,11 +257,14 @@ def test_xarray_sees_named_dimensions_and_t_as_coordinate(make_config, tmp_path,
     assert Config.from_dict(tomllib.loads(ds.attrs["config"])) == config
 
 
-def test_state_at_a_checkpoint_refers_to_its_layers_row(make_config, tmp_path):
+@pytest.mark.parametrize("method", ["euler", "dopri5"])
+def test_state_at_a_checkpoint_refers_to_its_layers_row(make_config, tmp_path, method):
     """At a checkpoint the saved layers are the row u of that checkpoint (one copy in the
     file): the slot's from_rows flag is set and Run.state() returns that row; the layers of
-    the resumed state are the stored ones (a bitwise resume is tested in test_resume.py)."""
-    config = _config(make_config)
+    the resumed state are the stored ones (a bitwise resume is tested in test_resume.py). A
+    fixed-step method's theta cache is the row theta too; an adaptive method's is not (its
+    cache holds stage values, which differ) is stored in the slot."""
+    config = _config(make_config).with_overrides({"integrator.method": method})
     path = tmp_path / "run.h5"
     simulate(config, out=path).close()
     with open_run(path) as run:
@@ -269,10 +272,15 @@ def test_state_at_a_checkpoint_refers_to_its_layers_row(make_config, tmp_path):
         with h5py.File(path, "r") as f:
             slots = [f[f"state/slot{i}"] for i in range(2)]
             latest = max(slots, key=lambda g: int(g["sequence"][0]))
-            assert dict(json.loads(latest["from_rows"].attrs["names"])) == {"U": "u"}
-            assert latest["from_rows"][0] == 1 and int(latest["checkpoint_index"][0]) == index == K - 1
-            u_last = f["checkpoints/u"][K - 1]
+            names = dict(json.loads(latest["from_rows"].attrs["names"]))
+            assert names == {"U": "u", "theta_cache": "theta"}
+            flags = dict(zip(names, latest["from_rows"][:]))
+            assert flags == {"U": 1, "theta_cache": 1 if method == "euler" else 0}
+            assert int(latest["checkpoint_index"][0]) == index == K - 1
+            u_last, theta_last = f["checkpoints/u"][K - 1], f["checkpoints/theta"][K - 1]
     assert state["U"].tobytes() == u_last.tobytes()
+    if method == "euler":
+        assert state["theta_cache"].tobytes() == theta_last.tobytes()
 
 
 def test_every_root_attribute_is_in_the_schema_table(make_config, tmp_path):

@@ -211,9 +211,10 @@ ROOT_ATTRIBUTES = {
 PLACEHOLDERS = {"complete": False, "wall_seconds": np.nan}
 
 #: State arrays that may be stored as the checkpoint row they equal: state name -> checkpoint
-#: field name. At a checkpoint the layers of the state are the row ``u`` just written, so the
-#: state refers to it instead of holding a second copy (``/state/slotN/from_rows``).
-STATE_FROM_ROWS = {"U": "u"}
+#: field name. At a checkpoint the layers of the state are the row ``u`` just written (and the
+#: theta cache of a fixed-step method the row ``theta``), so the state refers to it instead of
+#: holding a second copy (``/state/slotN/from_rows``).
+STATE_FROM_ROWS = {"U": "u", "theta_cache": "theta"}
 #: The integrator-state slots (double buffering, see the writer).
 STATE_SLOTS = 2
 
