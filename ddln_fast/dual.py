@@ -175,23 +175,19 @@ def _weighted_rms(delta, tol, row_seeds, tol_other, use_other, step, noise, out)
 
 
 @njit(**JIT_OPTIONS)
-def _move_stage_clocks(increments, start, seeds, sigma, tol, step, noise, finite, out):
-    """One Newton update of the stage clocks: sigma_new = start[seed] + increments (X^T Z / n),
-    out[r] = RMS of (sigma_new - sigma) / tol (floored as in :func:`_weighted_rms`; inf where
-    the row's stage values were not finite), then sigma = sigma_new.
+def _move_stage_clocks(increments, start, seeds, sigma):
+    """One Newton update of the stage clocks: sigma_new = start[seed] + increments (X^T Z / n);
+    ``increments`` then holds sigma_new - sigma (for the error norm), and sigma = sigma_new.
 
-    increments, sigma : (R, 3, d); start, tol, noise : (S, d); seeds, step, finite : (R,)."""
+    increments, sigma : (R, 3, d); start : (S, d); seeds : (R,)."""
     R, K, d = sigma.shape
     for r in range(R):
         seed = seeds[r]
-        acc = 0.0
         for k in range(K):
             for i in range(d):
-                new = start[seed, i] + increments[r, k, i]
-                q = (new - sigma[r, k, i]) / _floored(tol[seed, i], step[r], noise[seed, i])
-                acc += q * q
-                sigma[r, k, i] = new
-        out[r] = np.sqrt(acc / (K * d)) if finite[r] else np.inf
+                moved = start[seed, i] + increments[r, k, i]
+                increments[r, k, i] = moved - sigma[r, k, i]
+                sigma[r, k, i] = moved
 
 
 @njit(**JIT_OPTIONS)
@@ -544,8 +540,12 @@ class DualIntegrator(Solver):
             call_by_size(radau.NEWTON_UPDATE_KERNELS, k * n * n, stage_fk, Ww, Zw, self.V, self.lam,
                          seeds_w, inv_h_w, finite[:k], work[:k])
             self.products.clocks(Zw.reshape(3 * k, n), stage_rows, None, new_sigma[:k].reshape(3 * k, d))
-            _move_stage_clocks(new_sigma[:k], self.s, seeds_w, sw, self.tol_newton, h_w, self.noise,
-                               finite[:k], increment[:k])
+            _move_stage_clocks(new_sigma[:k], self.s, seeds_w, sw)
+            # the RMS of the change relative to the tolerance (floored as for the error norm);
+            # inf where a stage value was not finite
+            _weighted_rms(new_sigma[:k], self.tol_newton, seeds_w, new_sigma[:k, 0], False, h_w,
+                          self.noise, increment[:k])
+            increment[:k][finite[:k] == 0] = np.inf
             radau.newton_decide(iteration, increment[:k], increment_old, theta_old, faccon_w,
                                 self.newton_tol, outcome_w, factor_w, rate_w)
             finished = outcome_w != radau.NEWTON_GOING
