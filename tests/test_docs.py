@@ -104,3 +104,14 @@ def test_the_python_examples_of_run_files_run(tmp_path):
         result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
         assert result.returncode == 0, f"{code}\n{result.stdout}"
+
+
+def test_every_image_the_documents_show_is_in_the_repository():
+    """Each ![...](path) of README.md and docs/*.md names a file of the repository (on a fresh
+    clone an ignored or uncommitted picture is missing; a wrong path was the same)."""
+    documents = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    shown = [(doc, target) for doc in documents
+             for target in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", doc.read_text(encoding="utf-8"))]
+    assert shown, "no image found: the pattern is wrong"
+    missing = [f"{doc.name}: {target}" for doc, target in shown if not (doc.parent / target).is_file()]
+    assert not missing, missing
