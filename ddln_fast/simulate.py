@@ -468,10 +468,12 @@ class OrthantWatch:
         self.active = config.model.parametrization == "power"
         self.warned: set[int] = set()
 
-    def check(self, integrator: Solver, t: float) -> None:
+    def check(self, integrator: Solver, row: dict, t: float) -> None:
+        """``row``: the checkpoint's row; its layers ``u`` are used when it stores them (the dual
+        method would otherwise rebuild them from the clocks a second time)."""
         if not self.active:
             return
-        layers = np.asarray(integrator.layers())
+        layers = np.asarray(row["u"] if "u" in row else integrator.layers())
         crossed = np.flatnonzero(np.any(layers.reshape(layers.shape[0], -1) <= 0, axis=1)
                                  & (integrator.state.status != DIVERGED))  # already reported
         new = [int(s) for s in crossed if int(s) not in self.warned]
@@ -544,7 +546,7 @@ def _drive(config, integrator: Solver, diagnostics: CheckpointDiagnostics, write
             with np.errstate(**_NON_FINITE_IS_A_STATUS):
                 row = _checkpoint_row(integrator, diagnostics, times[k], save_layers)
             writer.append(row, integrator.state_arrays(), _fixed_rows(integrator))
-            orthant.check(integrator, times[k])
+            orthant.check(integrator, row, times[k])
             written += 1
             bar.update(1)
             if on_checkpoint is not None:
