@@ -344,7 +344,7 @@ def analyze(run_path, as_json, plots, seeds):
     """Put the theory next to a run: predicted limit, KKT residual, rates and bounds per seed."""
     import json
 
-    from .analysis import EPSILON, analyze as analyze_path, plot, plotted_seeds
+    from .analysis import EPSILON, plot, plotted_seeds
 
     if seeds is not None and not plots:
         raise InputError("--seeds chooses the plotted seeds: give --plots DIR too")
@@ -357,13 +357,11 @@ def analyze(run_path, as_json, plots, seeds):
             raise InputError("--plots needs matplotlib: pip install 'ddln_fast[plot]'") from None
         if Path(plots).exists() and not Path(plots).is_dir():
             raise InputError(f"--plots {plots}: exists and is not a folder")
-    from .events import events_of, format_events
-    from .reports import step_size_bias_report
+    from .events import format_events
+    from .reports import analyze_report
 
     _recover_crashed(run_path)
-    result = analyze_path(run_path)
-    events = events_of(run_path)
-    bias, descent_notes = step_size_bias_report(run_path)
+    result, events, bias, descent_notes = analyze_report(run_path)
     if chosen == "all":
         chosen = list(range(len(result.seeds)))
     shown = plotted_seeds(result, chosen) if plots else []

@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from .kernels import call_by_size, serial_and_parallel
 
@@ -323,14 +323,6 @@ def read_events(run) -> RunEvents | None:
     activation = np.where(activation <= t_last[:, None], activation, np.nan)
     decade = np.where(decade <= t_last[:, None], decade, np.nan)
     return RunEvents(np.array(g["activation_level"]), activation, np.array(g["loss_decades"]), decade)
-
-
-def events_of(path) -> RunEvents | None:
-    """:func:`read_events` of the run file at ``path`` (None: the run has no events)."""
-    from .store import open_run
-
-    with open_run(path) as run:
-        return read_events(run)
 
 
 def format_events(events: RunEvents, shown: int = 8) -> list[str]:

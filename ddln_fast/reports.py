@@ -88,18 +88,34 @@ def descent_summary(integ) -> str:
     return "".join(f", {part}" for part in parts)
 
 
-def step_size_bias_report(run_path):
-    """The effective-initialization section of ``ddln analyze`` (depth-2 gradient descent or sgd
-    with ``run.gain = true``, else None) and notes on what the theory means for a descent run."""
+def analyze_report(run_path):
+    """What ``ddln analyze`` shows, read from one opening of the run file (so that every part of
+    a live file's report is read at the same committed checkpoint): the per-seed analysis, the
+    dual method's events (None for other runs), and :func:`step_size_bias_report`'s section and
+    notes."""
+    from .analysis import analyze_run
+    from .events import read_events
+    from .store import open_run
+    from .store.safety import check_not_truncated
+    from .threads import serial_blas
+
+    check_not_truncated(run_path)
+    with open_run(run_path) as run, serial_blas():
+        result = analyze_run(run)
+        bias, notes = step_size_bias_report(run)
+        return result, read_events(run), bias, notes
+
+
+def step_size_bias_report(run):
+    """The effective-initialization section of ``ddln analyze`` for an open run (depth-2
+    gradient descent or sgd with ``run.gain = true``, else None) and notes on what the theory
+    means for a descent run."""
     from .analysis import follows_gradient_flow
     from .config import DESCENT_METHODS
     from .effective import step_size_bias
-    from .store import open_run
-    from .threads import serial_blas
 
-    with open_run(run_path) as run, serial_blas():
-        config = run.config
-        bias = step_size_bias(run)
+    config = run.config
+    bias = step_size_bias(run)
     i, notes = config.integrator, []
     if not follows_gradient_flow(config):
         notes.append(f"{i.method}{descent_summary(i)}: the gap and the kkt residual are about gradient "
