@@ -58,7 +58,7 @@ from .controller import (DIVERGED, LOSS_TOL, RUNNING, SeedState, Trial, control_
 from .errors import InputError
 from .clock_series import two_sum
 from .kernels import JIT_OPTIONS, STRICT_JIT_OPTIONS, call_by_size, serial_and_parallel
-from .threads import kernel_threads
+from .threads import blas_for_products, kernel_threads, serial_blas
 from .problem import Problem
 from .solver import Solver
 
@@ -445,8 +445,9 @@ class DualIntegrator(Solver):
     def _eigen(self, seeds, h):
         """Eigendecomposition of A = X diag(h) X^T / n for ``seeds`` (h : (m, d))."""
         A = np.empty((seeds.size, self.n, self.n))
-        self.products.jacobian_matrices(h, seeds, A)
-        lam, V = np.linalg.eigh(A)
+        with serial_blas():  # per-seed n x n algebra (see threads.blas_for_products)
+            self.products.jacobian_matrices(h, seeds, A)
+            lam, V = np.linalg.eigh(A)
         # A is positive semidefinite: eigenvalues below zero are rounding
         self.lam[seeds] = np.maximum(lam, 0.0)
         self.V[seeds] = V
@@ -507,7 +508,8 @@ class DualIntegrator(Solver):
         self._threads_wanted = numba.get_num_threads()
         try:
             # Newton trial points may overflow F (rejected, with a smaller step): not a warning
-            with np.errstate(over="ignore", invalid="ignore"):
+            with np.errstate(over="ignore", invalid="ignore"), \
+                    blas_for_products(self.n * self.dim):
                 return self._advance(float(t_target))
         finally:
             numba.set_num_threads(self._threads_wanted)
