@@ -12,8 +12,9 @@ Targets (issue 10):
   after another: >= 5x. Both use the same clock map; scipy runs at the loosest rtol (tenfold
   steps from the dual method's) whose error (theta at a time inside the saddle-to-saddle phase,
   against scipy Radau at rtol 1e-12) is at most the dual method's;
-- configuration C (n = 100, d = 1000, 64 seeds, alpha = 0.01) to loss 1e-8: dual against layer
-  dopri5, >= 20x;
+- configuration C (n = 100, d = 1000, 64 jittered seeds, first layer zero) to loss 1e-8: dual
+  against layer dopri5 (the same budget and extrapolation), >= 20x, at alpha = 0.01, 1e-4 and
+  1e-5 (the issue names no scale; at 0.01 configuration C is not stiff);
 - the depth {2, 3, 4, 5} x alpha {1e-1 .. 1e-6} grid (n = 40, d = 200, 4 seeds) as a
   ``ddln sweep``: under one minute on 2 cores, every seed at loss < 1e-10.
 """
@@ -64,21 +65,24 @@ def run_dual(problem, u0, loss_tol, t_end=1e15, rtol=RTOL):
     return it, time.perf_counter() - start
 
 
-@pytest.mark.timeout(7200)
-def test_rich_regime_dual_vs_layer_dopri5(benchmark):
-    problem, u0 = rich_problem()
-    run_dual(problem, u0[:1], 1e-10, t_end=1.0)  # compile outside the measurement
+def dual_against_layer_dopri5(benchmark, problem, u0, loss_tol):
+    """(layer dopri5 time / dual time, note): the dual run to ``loss_tol`` under the benchmark,
+    then layer dopri5 on the same seeds within ``LAYER_SECONDS``; if it does not finish, its
+    cost is extrapolated from the flow time it covered, linearly (its step is limited by
+    stability in the plateaus, so flow time grows about linearly with evaluations; steps only
+    shrink as coordinates activate, so the extrapolation favours the layer method)."""
+    run_dual(problem, u0, loss_tol, t_end=1.0)  # compile (serial and parallel kernels) first
     runs = {}
 
     def dual():
-        runs["dual"] = run_dual(problem, u0, 1e-10)
+        runs["dual"] = run_dual(problem, u0, loss_tol)
 
     benchmark.pedantic(dual, rounds=1, warmup_rounds=0, iterations=1)
     it, wall = runs["dual"]
     assert np.all(it.state.status == LOSS_TOL)
     t_needed = it.state.t_stop.copy()
 
-    layer = Integrator("dopri5", problem, u0, dt=1e9, rtol=RTOL, atol=ATOL, loss_tol=1e-10)
+    layer = Integrator("dopri5", problem, u0, dt=1e9, rtol=RTOL, atol=ATOL, loss_tol=loss_tol)
     layer.advance_to(1e-3)  # compile
     start = time.perf_counter()
     target = 1.0
@@ -95,8 +99,15 @@ def test_rich_regime_dual_vs_layer_dopri5(benchmark):
             f"{reached.min():.3g}..{reached.max():.3g} in {layer_wall:.0f} s "
             f"({int(st.nfev.max())} evaluations per seed)"
             + ("" if finished else f", extrapolated linearly in flow time to {layer_total:.3g} s"))
-    record(benchmark, "rich", "layer dopri5 time / dual time (depth 3, alpha 0.01)",
-           layer_total / wall, 1000.0, better="higher", note=note)
+    return layer_total / wall, note
+
+
+@pytest.mark.timeout(7200)
+def test_rich_regime_dual_vs_layer_dopri5(benchmark):
+    problem, u0 = rich_problem()
+    ratio, note = dual_against_layer_dopri5(benchmark, problem, u0, 1e-10)
+    record(benchmark, "rich", "layer dopri5 time / dual time (depth 3, alpha 0.01)", ratio, 1000.0,
+           better="higher", note=note)
 
 
 def _scipy_nu_ode(problem, clock, seed):
@@ -198,27 +209,16 @@ def test_dual_vs_scipy_radau(benchmark):
            better="higher", note=note)
 
 
-@pytest.mark.timeout(3600)
-def test_config_c_dual_vs_dopri5(benchmark):
-    problem, u0 = problem_and_layers("C", method="dopri5", init="first_layer_zero", alpha=0.01)
-    run_dual(problem, u0[:1], 1e-8, t_end=1.0)
-    Integrator("dopri5", problem, u0[:2], dt=1e7, rtol=RTOL, atol=ATOL).advance_to(1.0)
-    runs = {}
-
-    def dual():
-        runs["dual"] = run_dual(problem, u0, 1e-8, t_end=1e7)
-
-    benchmark.pedantic(dual, rounds=1, warmup_rounds=0, iterations=1)
-    it, wall = runs["dual"]
-    assert np.all(it.state.status == LOSS_TOL)
-    layer = Integrator("dopri5", problem, u0, dt=1e7, rtol=RTOL, atol=ATOL, loss_tol=1e-8)
-    start = time.perf_counter()
-    layer.advance_to(1e7)
-    layer_wall = time.perf_counter() - start
-    assert np.all(layer.state.status == LOSS_TOL)
-    note = (f"dual {wall:.2f} s (median {int(np.median(it.state.nfev))} evaluations per seed); "
-            f"dopri5 {layer_wall:.2f} s (median {int(np.median(layer.state.nfev))})")
-    record(benchmark, "C", "dopri5 time / dual time (to loss 1e-8)", layer_wall / wall, 20.0,
+@pytest.mark.timeout(7200)
+@pytest.mark.parametrize("alpha", [1e-2, 1e-4, 1e-5])
+def test_config_c_dual_vs_dopri5(benchmark, alpha):
+    """Configuration C (n = 100, d = 1000, 64 jittered seeds, depth 3, first layer zero) to loss
+    1e-8 at three scales: at alpha = 0.01 its flow is not stiff (t_stop ~ 160, dopri5 and the
+    dual method need the same ~2200 evaluations); every tenfold smaller alpha multiplies the
+    layer method's evaluations by about 9 and leaves the dual method's about equal."""
+    problem, u0 = problem_and_layers("C", method="dopri5", init="first_layer_zero", alpha=alpha)
+    ratio, note = dual_against_layer_dopri5(benchmark, problem, u0, 1e-8)
+    record(benchmark, "C", f"dopri5 time / dual time (to loss 1e-8, alpha {alpha:g})", ratio, 20.0,
            better="higher", note=note)
 
 
@@ -243,9 +243,10 @@ def test_depth_alpha_grid_sweep(benchmark, tmp_path):
         rows = list(csv.DictReader(f))
     complete = [r for r in rows if r["status"] == "complete"]
     below = [r for r in complete if float(r["final_loss_max"]) < 1e-10]
-    failed = [f"depth {r['model.depth']} alpha {r['model.alpha']}" for r in rows if r["status"] != "complete"]
+    failed = [f"depth {r['model.depth']} alpha {r['model.alpha']}: "
+              + ("beyond the float64 limit" if "float64 limit" in r["message"] else r["message"])
+              for r in rows if r["status"] != "complete"]
     note = (f"{len(below)} of {len(rows)} tasks with every seed below 1e-10"
-            + (f"; not run: {', '.join(failed)} ({rows[0]['message'] if False else 'beyond the float64 limit'})"
-               if failed else ""))
+            + (f"; not run: {'; '.join(failed)}" if failed else ""))
     record(benchmark, "grid", "ddln sweep of depth x alpha, seconds (2 workers)", runs["wall"], 60.0,
            note=note)
