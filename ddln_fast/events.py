@@ -208,12 +208,13 @@ def _loss_crossing(integrator, seed, s_old, coef, level, loss_start, loss_end) -
     rows = np.array([seed])
     theta = np.empty((1, s_old.size))
     r = np.empty((1, integrator.n))
+    offset = float(integrator.products.offsets(rows)[0])  # (the s-form's y beyond range(Q))
 
     def gap(x):
         clocks = s_old + x * (coef[0] + x * (coef[1] + x * coef[2]))
         integrator.clock.evaluate(clocks[None, :], theta=theta, rows=rows)
         integrator.products.residuals(theta, rows, r)
-        value = float(r[0] @ r[0]) / (2 * integrator.n)
+        value = float(r[0] @ r[0]) / (2 * integrator.products.n) + offset
         return np.log(max(value, 1e-300)) - np.log(level)
 
     a, b = 0.0, 1.0
