@@ -14,6 +14,13 @@ method of order 5 (:mod:`ddln_fast.radau`) with the exact Jacobian, simplified N
 Jacobian kept while Newton converges fast, and one eigendecomposition per Jacobian instead of
 one factorization per step size.
 
+When d < n only the part of nu in the range of X moves the clocks: with a thin QR factorization
+X = Q R (Q of shape (n, d) with orthonormal columns), X^T nu = R^T Q^T nu, and mu = Q^T nu in
+R^d follows the same ODE with the data (R, Q^T y) of d rows (the 1/n stays that of the n
+samples). This s-form (a state of the size of the clocks) is used whenever d < n; the loss
+adds the constant ||y - Q Q^T y||^2 / (2n) of the part of y that no theta reaches (see
+:class:`DualProducts`). Below, "nu", "X" and "y" stand for mu, R and Q^T y in the s-form.
+
 The right-hand side depends on nu only through the clocks, so the integrator carries the clocks
 s (d numbers per seed) next to nu and advances them by the step's own increment,
 s_new = s + X^T Z_3 / n: their rounding error then scales with the increments, not with |nu|

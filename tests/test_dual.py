@@ -458,6 +458,21 @@ def test_cli_refuses_with_one_line(tmp_path):
     assert not out.exists()
 
 
+def test_cli_names_the_form_of_the_dual_state(tmp_path):
+    """ddln run and ddln inspect say which state the dual method integrated: the s-form at
+    d < n, nu at d >= n."""
+    from faults_support import ddln
+
+    for n, d, form in ((30, 8, "s-form: mu = Q^T nu in R^d"), (8, 30, "nu in R^n")):
+        out = tmp_path / f"run{n}.h5"
+        proc = ddln("run", "--set", "integrator.method=dual", "--set", f"problem.n={n}", "--set",
+                    f"problem.d={d}", "--set", "integrator.t_end=1", "-o", str(out), "--threads", "1")
+        assert proc.returncode == 0, proc.stderr
+        assert f"dual state: {form}" in proc.stdout and f"n = {n}" in proc.stdout
+        proc = ddln("inspect", str(out))
+        assert f"dual_state: {form}" in proc.stdout
+
+
 def test_analyze_prints_the_events_of_a_dual_run(tmp_path):
     import json
 
