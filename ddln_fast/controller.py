@@ -77,6 +77,8 @@ SAFETY, RATIO_MIN, RATIO_MAX, BETA = 0.9, 0.2, 10.0, 0.04
 FACOLD_FLOOR, PREDICTIVE_FLOOR = 1e-4, 1e-2
 #: A step stretched by up to this factor lands on the target instead of stopping just short.
 LANDING_STRETCH = 1.01
+#: A step of at most this many ulps of t no longer moves a float64 time: the seed has stalled.
+STALL_ULPS = 16.0
 _EPS = float(np.finfo(np.float64).eps)
 
 
@@ -162,22 +164,24 @@ class Control(NamedTuple):
     ratio_min: float  # smallest h_new / h
     ratio_max: float  # largest h_new / h
     predictive: bool  # Gustafsson's predictive control instead of PI
+    stall_ulps: float  # a step of at most this many ulps of t stalls the seed
 
 
 def control_for(error_order: int, beta: float = BETA, predictive: bool = False,
                 safety: float = SAFETY, ratio_min: float = RATIO_MIN,
-                ratio_max: float = RATIO_MAX) -> Control:
+                ratio_max: float = RATIO_MAX, stall_ulps: float = STALL_ULPS) -> Control:
     """The controller of an error estimate of order ``error_order`` (q): exponent 1/(q + 1).
 
     ``beta = 0`` gives the I controller. ``predictive``: Gustafsson's control (radau5.f), the
     larger of the I control's ratio and one predicted from the last accepted step (``beta`` is
     then not used); ``SeedState.facold`` then holds h_acc / max(err_acc, 1e-2)^(1/(q+1)) of
-    the last accepted step."""
+    the last accepted step. ``stall_ulps``: a seed whose step falls to this many ulps of its
+    time stops as stalled (a solver that carries its time as a double-double passes far less)."""
     if error_order < 1:
         raise ValueError(f"error_order {error_order}: an adaptive method needs an error estimate of order >= 1")
     exponent = 1.0 / (error_order + 1)
     return Control(exponent, exponent - beta * 0.75, float(beta), float(safety), float(ratio_min),
-                   float(ratio_max), bool(predictive))
+                   float(ratio_max), bool(predictive), float(stall_ulps))
 
 
 # -- the scalar arithmetic (inlined: it takes the arithmetic flags of each caller) ---------------
@@ -252,14 +256,14 @@ def _reject(s, h_new, st):
 
 
 @njit(inline="always")
-def _stop_checks(s, st, max_steps):
+def _stop_checks(s, st, max_steps, stall_ulps):
     """After an attempt: stop a running seed at max_steps, or when its step no longer changes
     its time (stalled)."""
     if st.status[s] == RUNNING:
         if st.steps[s] >= max_steps:
             st.status[s] = MAX_STEPS
             st.t_stop[s] = st.t[s]
-        elif not st.h[s] > 16.0 * _EPS * max(abs(st.t[s]), 1e-280):
+        elif not st.h[s] > stall_ulps * _EPS * max(abs(st.t[s]), 1e-280):
             st.status[s] = STALLED
             st.t_stop[s] = st.t[s]
 
@@ -286,7 +290,7 @@ def _control_all(active, live, err, loss_new, targets, st, trial, c, evaluations
             _accept(s, ratio, loss_new[a], targets[s], st, trial, loss_tol)
         else:
             _reject(s, trial.h[s] / _reject_ratio(e, c), st)
-        _stop_checks(s, st, max_steps)
+        _stop_checks(s, st, max_steps, c.stall_ulps)
 
 
 # -- IEEE entry points (per-seed callers, implicit solvers, clock_flow) ---------------------------
@@ -310,10 +314,11 @@ def control_steps(active, live, err, loss_new, targets, state, trial, control, e
 
 
 @njit(**STRICT_JIT_OPTIONS)
-def reject_steps(active, reject, factor, state, trial, max_steps):
+def reject_steps(active, reject, factor, state, trial, max_steps, stall_ulps=STALL_ULPS):
     """Reject the attempt of each active seed with ``reject[a]`` set, proposing
     ``factor * trial.h[s]`` next (e.g. a Newton iteration that did not converge): counted as an
-    attempt, stop checks applied. ``trial.accepted`` is cleared for those seeds."""
+    attempt, stop checks applied (``stall_ulps`` as in :func:`control_for`). ``trial.accepted``
+    is cleared for those seeds."""
     for a in range(active.shape[0]):
         if reject[a] == 0:
             continue
@@ -321,7 +326,7 @@ def reject_steps(active, reject, factor, state, trial, max_steps):
         trial.accepted[s] = 0
         state.steps[s] += 1
         _reject(s, factor * trial.h[s], state)
-        _stop_checks(s, state, max_steps)
+        _stop_checks(s, state, max_steps, stall_ulps)
 
 
 @njit(**STRICT_JIT_OPTIONS)
@@ -361,7 +366,7 @@ def control_steps_fastmath(active, live, err, loss_new, targets, state, trial, e
                            evaluations, loss_tol, max_steps):
     """:func:`control_steps` under the kernels' fast-math flags with Hairer's constants
     (``expo1`` = 1/(q + 1) - 0.75 beta from :func:`control_for`)."""
-    control = Control(0.0, expo1, BETA, SAFETY, RATIO_MIN, RATIO_MAX, False)
+    control = Control(0.0, expo1, BETA, SAFETY, RATIO_MIN, RATIO_MAX, False, STALL_ULPS)
     _control_all(active, live, err, loss_new, targets, state, trial, control, evaluations,
                  loss_tol, max_steps)
 

@@ -26,18 +26,25 @@ s (d numbers per seed) next to nu and advances them by the step's own increment,
 s_new = s + X^T Z_3 / n: their rounding error then scales with the increments, not with |nu|
 (which grows like t in plateaus and without bound when X theta = y has no solution).
 
+Double-double clocks and time. At depth >= 3 a coordinate activates when its clock nears its
+blow-up clock, of size about alpha^(2-L), and theta there depends on the distance to it: in
+float64 a clock of 1e12 is known to 1e-4 only, far too coarse. The clocks are therefore kept as
+double-doubles s + s_lo (each increment added by an error-free two-sum; the clock map takes the
+pair), and so is the flow time (the steps of an activation are shorter than an ulp of t). What
+remains is the rounding of the right-hand side itself (see the error norm below); it sets the
+limit CLOCK_LIMIT.
+
 Error norm. What the clocks must get right is each coordinate's clock: theta_i = F_i(s_i), and
 the activation of coordinate i is the moment s_i reaches a fixed clock. Local errors are
 therefore measured on the clocks, delta s = X^T delta nu / n, coordinate by coordinate, as an
 RMS over the d coordinates of delta s_i / tol_i with
 
-    tol_i = max(min(atol + rtol |s_i|, (atol + rtol |theta_i|) / h_i), 64 eps |s_i|):
+    tol_i = max(min(atol + rtol |s_i|, (atol + rtol |theta_i|) / h_i), 64 eps^2 |s_i|):
 
 the clock relative to itself (which places activations to a relative rtol in time), and tight
 enough that the induced change h_i delta s_i of theta_i stays within atol + rtol |theta_i|,
-but never below what float64 can represent of s_i (at depth >= 3 and tiny scales a clock near
-its blow-up is known to eps |s_i| only; the accuracy of theta is then limited by that, not by
-the tolerance). Nor below the rounding of a step's own increment: the clock derivative
+but never below what the double-double represents of s_i. Nor below the rounding of a step's
+own increment: the clock derivative
 X^T (X theta - y) / n is computed with an absolute error of about eps (|X|^T |y|)_i / n (near
 a fit, X theta - y cancels), so a step of size h cannot place a clock better than h times that;
 late in a run, where steps grow like t, a tolerance below this floor would make Newton chase
@@ -56,19 +63,23 @@ from . import kernels, radau
 from .controller import (DIVERGED, LOSS_TOL, RUNNING, SeedState, Trial, control_for, control_steps,
                          first_trial_step, propose_steps, reject_steps, starting_step)
 from .errors import InputError
-from .kernels import JIT_OPTIONS, call_by_size, serial_and_parallel
+from .clock_series import two_sum
+from .kernels import JIT_OPTIONS, STRICT_JIT_OPTIONS, call_by_size, serial_and_parallel
 from .threads import kernel_threads
 from .problem import Problem
 from .solver import Solver
 
-#: For depth >= 3 a coordinate activates when its clock nears its blow-up clock, of size about
-#: alpha^(2-L); float64 resolves a clock only to eps times its size, so theta near activation
-#: carries a relative error of about eps times that clock, and the loss cannot be brought below
-#: about (eps * clock)^2 |y|^2 (measured: a seed with blow-up clocks at 1e10 stalled at loss
-#: 1.7e-10 against that estimate's 1.2e-10). At 1e9 the floor is ~1e-12, below the usual loss
-#: tolerances; beyond it the method refuses (at 1e11 and 1e12 runs stalled or lost the fit).
-CLOCK_LIMIT = 1e9
-#: The floor of the clock tolerance, in units of eps |s_i| (see the module docstring).
+#: The largest blow-up clock (depth >= 3; about alpha^(2-L)) the method accepts. The clocks and
+#: the time are double-doubles, but a step of length h still places a clock only to about
+#: h eps (|X|^T |y|)_i / n (the right-hand side X theta - y cancels near a fit), and the steps
+#: between activations are as long as the activation times. Measured with 4 seeds each, n = 40,
+#: d = 200, to loss 1e-10: blow-up clocks up to 1.7e15 (depths 3-6, signed and jittered
+#: layers) in 700-2100 steps per seed; at 1.5e16 still right but in 3-4 times the steps; at
+#: 1.6e17 one seed of four no longer converged, at 8e17 none did.
+CLOCK_LIMIT = 1e16
+#: The time is a double-double (state.t + t_lo): a step stalls only at 16 ulps of that.
+TIME_STALL_ULPS = 16.0 * float(np.finfo(np.float64).eps)
+#: The floor of the clock tolerance, in units of eps^2 |s_i| (see the module docstring).
 CLOCK_FLOOR_ULPS = 64.0
 #: The rounding floor of a step's clock increments, in units of eps (|X|^T |y|)_i / n per unit
 #: of flow time (see the module docstring).
@@ -78,16 +89,20 @@ CLOCK_NOISE_ULPS = 32.0
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
-def _add_start(out, start, row_seeds, scale):
-    """out[r] = start[row_seeds[r]] + scale * out[r] (a clock from a product X^T Z)."""
+def _add_start(out, out_lo, start, start_lo, row_seeds, scale):
+    """(out[r], out_lo[r]) = (start + start_lo)[row_seeds[r]] + scale * out[r] as a double-double
+    (a clock from a product X^T Z)."""
     R, d = out.shape
     for item in prange(R * d):
         r = item // d
         i = item - r * d
-        out[r, i] = start[row_seeds[r], i] + scale * out[r, i]
+        seed = row_seeds[r]
+        hi, lo = two_sum(start[seed, i], scale * out[r, i])
+        out[r, i] = hi
+        out_lo[r, i] = lo + start_lo[seed, i]
 
 
-ADD_START_KERNELS = serial_and_parallel(_add_start)
+ADD_START_KERNELS = serial_and_parallel(_add_start, strict=True)
 
 
 def _subtract_targets(out, y, row_seeds):
@@ -103,8 +118,9 @@ def _subtract_targets(out, y, row_seeds):
 SUBTRACT_TARGETS_KERNELS = serial_and_parallel(_subtract_targets)
 
 
-def _per_seed_clocks(X, Z, start, row_seeds, inv_n, use_start, out):
-    """out[r] = start[seed] + X[seed]^T Z[r] / n for per-seed data X of shape (S, n, d)."""
+def _per_seed_clocks(X, Z, start, start_lo, row_seeds, inv_n, use_start, out, out_lo):
+    """(out[r], out_lo[r]) = (start + start_lo)[seed] + X[seed]^T Z[r] / n (double-double) for
+    per-seed data X of shape (S, n, d); without a start, out = X[seed]^T Z[r] / n."""
     R = Z.shape[0]
     d = X.shape[2]
     for r in prange(R):
@@ -112,10 +128,15 @@ def _per_seed_clocks(X, Z, start, row_seeds, inv_n, use_start, out):
         o = out[r]
         kernels.transposed_product(X[seed], Z[r], o)
         for i in range(d):
-            o[i] = (start[seed, i] if use_start else 0.0) + inv_n * o[i]
+            if use_start:
+                hi, lo = two_sum(start[seed, i], inv_n * o[i])
+                o[i] = hi
+                out_lo[r, i] = lo + start_lo[seed, i]
+            else:
+                o[i] = inv_n * o[i]
 
 
-PER_SEED_CLOCKS_KERNELS = serial_and_parallel(_per_seed_clocks)
+PER_SEED_CLOCKS_KERNELS = serial_and_parallel(_per_seed_clocks, strict=True)
 
 
 def _per_seed_residuals(X, y, theta, row_seeds, out):
@@ -150,8 +171,8 @@ def _clock_tolerance(s, theta, h, rows, rtol, atol, newton_floor, out, out_newto
         hi = h[a, i]
         if hi > 0:
             tol = min(tol, (atol + rtol * abs(theta[a, i])) / hi)
-        out[rows[a], i] = max(tol, CLOCK_FLOOR_ULPS * eps * si)
-        out_newton[rows[a], i] = max(tol, newton_floor * eps * si)
+        out[rows[a], i] = max(tol, CLOCK_FLOOR_ULPS * eps * eps * si)
+        out_newton[rows[a], i] = max(tol, newton_floor * eps * eps * si)
 
 
 CLOCK_TOLERANCE_KERNELS = serial_and_parallel(_clock_tolerance)
@@ -181,20 +202,23 @@ def _weighted_rms(delta, tol, row_seeds, tol_other, use_other, step, noise, out)
         out[r] = np.sqrt(acc / (K * d))
 
 
-@njit(**JIT_OPTIONS)
-def _move_stage_clocks(increments, start, seeds, sigma):
-    """One Newton update of the stage clocks: sigma_new = start[seed] + increments (X^T Z / n);
-    ``increments`` then holds sigma_new - sigma (for the error norm), and sigma = sigma_new.
+@njit(**STRICT_JIT_OPTIONS)
+def _move_stage_clocks(increments, start, start_lo, seeds, sigma, sigma_lo):
+    """One Newton update of the stage clocks: sigma_new = (start + start_lo)[seed] + increments
+    (X^T Z / n) as a double-double; ``increments`` then holds sigma_new - sigma (for the error
+    norm), and (sigma, sigma_lo) = sigma_new.
 
-    increments, sigma : (R, 3, d); start : (S, d); seeds : (R,)."""
+    increments, sigma, sigma_lo : (R, 3, d); start, start_lo : (S, d); seeds : (R,)."""
     R, K, d = sigma.shape
     for r in range(R):
         seed = seeds[r]
         for k in range(K):
             for i in range(d):
-                moved = start[seed, i] + increments[r, k, i]
-                increments[r, k, i] = moved - sigma[r, k, i]
-                sigma[r, k, i] = moved
+                hi, lo = two_sum(start[seed, i], increments[r, k, i])
+                lo += start_lo[seed, i]
+                increments[r, k, i] = (hi - sigma[r, k, i]) + (lo - sigma_lo[r, k, i])
+                sigma[r, k, i] = hi
+                sigma_lo[r, k, i] = lo
 
 
 @njit(**JIT_OPTIONS)
@@ -286,18 +310,21 @@ class DualProducts:
         """The loss offset ||y - Q Q^T y||^2 / (2n) of each row (zeros in the nu-form)."""
         return self.loss_offset[row_seeds if self.per_seed else np.zeros_like(row_seeds)]
 
-    def clocks(self, Z, row_seeds, start, out):
-        """out = start[row_seeds] + M^T Z / n (``start`` None: no start). Z : (R, rows);
-        out : (R, d)."""
+    def clocks(self, Z, row_seeds, start, out, start_lo=None, out_lo=None):
+        """out = M^T Z / n, or with a start the double-double (out, out_lo) = (start +
+        start_lo)[row_seeds] + M^T Z / n. Z : (R, rows); out, out_lo : (R, d); start, start_lo :
+        (S, d)."""
         if self.per_seed:
+            with_start = start is not None
             call_by_size(PER_SEED_CLOCKS_KERNELS, out.size * self.rows, self.X, Z,
-                         start if start is not None else out, row_seeds, self.inv_n, start is not None, out)
+                         start if with_start else out, start_lo if with_start else out, row_seeds,
+                         self.inv_n, with_start, out, out_lo if with_start else out)
             return out
         np.matmul(Z, self.X, out=out)
         if start is None:
             out *= self.inv_n
         else:
-            call_by_size(ADD_START_KERNELS, out.size, out, start, row_seeds, self.inv_n)
+            call_by_size(ADD_START_KERNELS, out.size, out, out_lo, start, start_lo, row_seeds, self.inv_n)
         return out
 
     def residuals(self, theta, row_seeds, out):
@@ -369,7 +396,7 @@ class DualIntegrator(Solver):
     method = "dual"
     #: The step-size control of the Radau solver: Gustafsson's predictive controller (RADAU5)
     #: with the exponent of the order-3 error estimate.
-    control = control_for(radau.ERROR_ORDER, beta=0.0, predictive=True)
+    control = control_for(radau.ERROR_ORDER, beta=0.0, predictive=True, stall_ulps=TIME_STALL_ULPS)
 
     def __init__(self, problem: Problem, u0, dt=0.01, rtol=1e-8, atol=1e-12, loss_tol=0.0,
                  max_steps=10_000_000, dtype=np.float64, activation_level=None, clock_map=None,
@@ -403,14 +430,16 @@ class DualIntegrator(Solver):
         self.rtol, self.atol = radau.estimate_tolerances(float(rtol), float(atol))
         self.loss_tol, self.max_steps = float(loss_tol), int(max_steps)
         self.newton_tol = radau.newton_tolerance(self.rtol)
-        # Newton increments need not be resolved below ~10 ulps of a clock (RADAU5's
-        # 10 eps / rtol term of its Newton tolerance, per coordinate): in tolerance units
-        # that is a floor of 10 / newton_tol ulps
+        # Newton increments need not be resolved below ~10 ulps of a (double-double) clock
+        # (RADAU5's 10 eps / rtol term of its Newton tolerance, per coordinate): in tolerance
+        # units that is a floor of 10 / newton_tol ulps
         self.newton_floor = 10.0 / self.newton_tol
         # the state (saved and restored)
         self.state = SeedState.fresh(S, self.dt)
         self.nu = np.zeros((S, n))
         self.s = np.zeros((S, d))
+        self.s_lo = np.zeros((S, d))         # the clocks are double-doubles s + s_lo
+        self.t_lo = np.zeros(S)              # and so is the time, state.t + t_lo
         self.f = np.zeros((S, n))            # nu' at the current state (the step start)
         self.Z_prev = np.zeros((S, 3, n))    # stage increments of the last accepted step
         self.h_old = np.zeros(S)             # its size
@@ -435,12 +464,12 @@ class DualIntegrator(Solver):
 
     # -- what a checkpoint stores ---------------------------------------------------------------
     def theta_of_all(self) -> np.ndarray:
-        theta, _ = self.clock.evaluate(self.s)
+        theta, _ = self.clock.evaluate(self.s, s_lo=self.s_lo)
         return theta
 
     def layers(self) -> np.ndarray:
         """Layers recovered from the clocks, shape (S, L, d)."""
-        return self.clock.layers(self.s)
+        return self.clock.layers(self.s, s_lo=self.s_lo)
 
     def current_losses(self, theta=None) -> np.ndarray:
         if theta is None:
@@ -462,7 +491,7 @@ class DualIntegrator(Solver):
         return partial.max(axis=1)
 
     # -- exact resume -------------------------------------------------------------------------------
-    _ARRAYS = ("nu", "s", "f", "Z_prev", "h_old", "faccon", "jac_h", "flags", "counters")
+    _ARRAYS = ("nu", "s", "s_lo", "t_lo", "f", "Z_prev", "h_old", "faccon", "jac_h", "flags", "counters")
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         arrays = {name: getattr(self, name) for name in self._ARRAYS}
@@ -474,7 +503,8 @@ class DualIntegrator(Solver):
         """Continue from :meth:`state_arrays` of a saved run (bit-identical: the derived arrays
         are recomputed by the same code from the same numbers)."""
         for name in self._ARRAYS:
-            getattr(self, name)[...] = arrays[name]
+            if name in arrays:  # a run file written before the clocks were double-doubles has
+                getattr(self, name)[...] = arrays[name]  # no s_lo: its clocks are plain doubles
         self.state = SeedState.from_dict(arrays)
         self.events.restore(arrays)
         started = np.flatnonzero(self.flags[:, self.STARTED] == 1)
@@ -486,7 +516,7 @@ class DualIntegrator(Solver):
         """theta, h and the clock tolerance at the current clocks of ``seeds``."""
         theta = np.empty((seeds.size, self.dim))
         h = np.empty((seeds.size, self.dim))
-        self.clock.evaluate(self.s[seeds], theta=theta, h=h, rows=seeds)
+        self.clock.evaluate(self.s[seeds], theta=theta, h=h, rows=seeds, s_lo=self.s_lo[seeds])
         self.theta[seeds] = theta
         self.hvec[seeds] = h
         call_by_size(CLOCK_TOLERANCE_KERNELS, theta.size, self.s[seeds], theta, h, seeds, self.rtol,
@@ -593,7 +623,9 @@ class DualIntegrator(Solver):
                              self.flags[active, self.HAS_PREVIOUS], Z, W)
         self.faccon[active] = np.maximum(self.faccon[active], np.finfo(np.float64).eps) ** 0.8
         sigma = np.empty((m, 3, d))
-        self.products.clocks(Z.reshape(3 * m, n), np.repeat(active, 3), self.s, sigma.reshape(3 * m, d))
+        sigma_lo = np.empty((m, 3, d))
+        self.products.clocks(Z.reshape(3 * m, n), np.repeat(active, 3), self.s, sigma.reshape(3 * m, d),
+                             self.s_lo, sigma_lo.reshape(3 * m, d))
         outcome = np.zeros(m, dtype=np.int8)
         iterations = np.zeros(m, dtype=np.int64)
         rate = np.zeros(m)
@@ -601,7 +633,7 @@ class DualIntegrator(Solver):
         faccon = self.faccon[active]
         # the rows still iterating, compacted when some finish (no copies while none has)
         rows = np.arange(m)
-        Zw, Ww, sw = Z, W, sigma
+        Zw, Ww, sw, sw_lo = Z, W, sigma, sigma_lo
         seeds_w, stage_rows = active, np.repeat(active, 3)
         inv_h_w, h_w = inv_h, h_step
         faccon_w, outcome_w, factor_w, rate_w = faccon.copy(), outcome.copy(), h_factor.copy(), rate.copy()
@@ -615,14 +647,15 @@ class DualIntegrator(Solver):
         for iteration in range(1, radau.NEWTON_MAXITER + 1):
             k = rows.size
             st.nfev[seeds_w] += 3
-            self.clock.evaluate(sw.reshape(3 * k, d), theta=theta[:3 * k], rows=stage_rows)
+            self.clock.evaluate(sw.reshape(3 * k, d), theta=theta[:3 * k], rows=stage_rows,
+                                s_lo=sw_lo.reshape(3 * k, d))
             self.products.residuals(theta[:3 * k], stage_rows, stage_f[:3 * k])
             stage_fk = stage_f[:3 * k].reshape(k, 3, n)
             _rows_finite(stage_fk, finite[:k])
             call_by_size(radau.NEWTON_UPDATE_KERNELS, k * n * n, stage_fk, Ww, Zw, self.V, self.lam,
                          seeds_w, inv_h_w, finite[:k], work[:k])
             self.products.clocks(Zw.reshape(3 * k, n), stage_rows, None, new_sigma[:k].reshape(3 * k, d))
-            _move_stage_clocks(new_sigma[:k], self.s, seeds_w, sw)
+            _move_stage_clocks(new_sigma[:k], self.s, self.s_lo, seeds_w, sw, sw_lo)
             # the RMS of the change relative to the tolerance (floored as for the error norm);
             # inf where a stage value was not finite
             _weighted_rms(new_sigma[:k], self.tol_newton, seeds_w, new_sigma[:k, 0], False, h_w,
@@ -639,14 +672,15 @@ class DualIntegrator(Solver):
             outcome[done_rows], h_factor[done_rows] = outcome_w[finished], factor_w[finished]
             rate[done_rows], faccon[done_rows] = rate_w[finished], faccon_w[finished]
             if Zw is not Z:
-                Z[done_rows], W[done_rows], sigma[done_rows] = Zw[finished], Ww[finished], sw[finished]
+                Z[done_rows], W[done_rows] = Zw[finished], Ww[finished]
+                sigma[done_rows], sigma_lo[done_rows] = sw[finished], sw_lo[finished]
             if finished.all():
                 break
             keep = ~finished
             if Zw is Z:  # the first compaction: from here on the working rows are copies
-                Zw, Ww, sw = Z[rows[keep]], W[rows[keep]], sigma[rows[keep]]
+                Zw, Ww, sw, sw_lo = Z[rows[keep]], W[rows[keep]], sigma[rows[keep]], sigma_lo[rows[keep]]
             else:
-                Zw, Ww, sw = Zw[keep], Ww[keep], sw[keep]
+                Zw, Ww, sw, sw_lo = Zw[keep], Ww[keep], sw[keep], sw_lo[keep]
             rows, seeds_w = rows[keep], seeds_w[keep]
             stage_rows = np.repeat(seeds_w, 3)
             inv_h_w, h_w = inv_h_w[keep], h_w[keep]
@@ -657,19 +691,30 @@ class DualIntegrator(Solver):
         # Newton failed: a smaller step (RADAU5's factor), and a fresh Jacobian if this one was old
         for a in np.flatnonzero(outcome != radau.NEWTON_CONVERGED):
             reject_steps(active[a:a + 1], np.ones(1, dtype=np.uint8), h_factor[a], st, self.trial,
-                         self.max_steps)
+                         self.max_steps, self.control.stall_ulps)
             seed = active[a]
             self.counters[seed, 1] += 1
             if self.flags[seed, self.CURRENT_JAC] == 0:
                 self.flags[seed, self.NEED_JAC] = 1
         done = np.flatnonzero(outcome == radau.NEWTON_CONVERGED)
         if done.size:
-            self._finish(active[done], Z[done], sigma[done], h_step[done], iterations[done], rate[done],
-                         targets)
+            self._finish(active[done], Z[done], sigma[done], sigma_lo[done], h_step[done],
+                         iterations[done], rate[done], targets)
 
-    def _finish(self, seeds, Z, sigma, h_step, iterations, rate, targets):
+    def _advance_times(self, seeds, t_old, h_step):
+        """The double-double times of ``seeds`` after their accepted steps: the controller moved
+        state.t to fl(t_old + h) (or onto the target); at tiny scales the steps of an activation
+        are smaller than an ulp of t, and the time must keep them (t_lo)."""
+        st = self.state
+        landed = self.trial.landing[seeds] == 1
+        hi, lo = two_sum.py_func(t_old, h_step)
+        hi, lo = two_sum.py_func(hi, lo + self.t_lo[seeds])
+        st.t[seeds] = np.where(landed, st.t[seeds], hi)
+        self.t_lo[seeds] = np.where(landed, 0.0, lo)
+
+    def _finish(self, seeds, Z, sigma, sigma_lo, h_step, iterations, rate, targets):
         """Error estimate, accept or reject, and the new state of the accepted ``seeds`` (rows of
-        Z (c, 3, n), stage clocks sigma (c, 3, d), step sizes h_step (c,))."""
+        Z (c, 3, n), stage clocks sigma + sigma_lo (c, 3, d), step sizes h_step (c,))."""
         st = self.state
         n, d = self.n, self.dim
         c = seeds.size
@@ -681,19 +726,25 @@ class DualIntegrator(Solver):
         delta = np.empty((c, d))
         self.products.clocks(err_nu, seeds, None, delta)
         s_new = np.ascontiguousarray(sigma[:, 2])
+        s_new_lo = np.ascontiguousarray(sigma_lo[:, 2])
         theta_new = np.empty((c, d))
         h_new = np.empty((c, d))
-        self.clock.evaluate(s_new, theta=theta_new, h=h_new, rows=seeds)
+        self.clock.evaluate(s_new, theta=theta_new, h=h_new, rows=seeds, s_lo=s_new_lo)
         tol_end = np.empty((c, d))
         call_by_size(CLOCK_TOLERANCE_KERNELS, s_new.size, s_new, theta_new, h_new, np.arange(c),
                      self.rtol, self.atol, self.newton_floor, tol_end, tol_end)
         err = np.empty(c)
         _weighted_rms(delta[:, None, :], self.tol, seeds, tol_end, True, h_step, self.noise, err)
+        # Newton's last update moved the clocks after their last evaluation: a step whose end
+        # has passed a blow-up is rejected, never accepted with an infinite theta
+        finite = np.empty(c, dtype=np.uint8)
+        _rows_finite(theta_new, finite)
+        err[finite == 0] = np.inf
         # Hairer's second estimate after a rejection: f at y0 + err instead of f(y0)
         again = np.flatnonzero((st.rejected[seeds] == 1) & ~(err <= 1.0) & np.isfinite(err))
         if again.size:
             sg = seeds[again]
-            theta1, _ = self.clock.evaluate(self.s[sg] + delta[again], rows=sg)
+            theta1, _ = self.clock.evaluate(self.s[sg] + delta[again], rows=sg, s_lo=self.s_lo[sg])
             f1 = np.empty((again.size, n))
             self.products.residuals(theta1, sg, f1)
             st.nfev[sg] += 1
@@ -716,9 +767,11 @@ class DualIntegrator(Solver):
         if ok.size == 0:
             return
         sa = seeds[ok]
-        s_old = self.s[sa].copy()
+        self._advance_times(sa, t_old[ok], h_step[ok])
+        s_old, s_old_lo = self.s[sa].copy(), self.s_lo[sa].copy()
         self.nu[sa] += Z[ok, 2]
         self.s[sa] = s_new[ok]
+        self.s_lo[sa] = s_new_lo[ok]
         self.theta[sa] = theta_new[ok]
         self.hvec[sa] = h_new[ok]
         self.Z_prev[sa] = Z[ok]
@@ -732,7 +785,8 @@ class DualIntegrator(Solver):
         st.nfev[sa] += 1
         loss = self.products.losses(f_new, sa)
         st.loss[sa] = loss
-        self.events.step(self, sa, t_old[ok], h_step[ok], s_old, sigma[ok], loss_old[ok], loss)
+        self.events.step(self, sa, t_old[ok], h_step[ok], s_old, s_old_lo, sigma[ok], sigma_lo[ok],
+                         loss_old[ok], loss)
         running = st.status[sa] == RUNNING
         for code, stop in ((LOSS_TOL, loss < self.loss_tol), (DIVERGED, ~np.isfinite(loss))):
             stopped = sa[running & stop]
@@ -745,8 +799,8 @@ class DualIntegrator(Solver):
 
 
 def check_clock_range(clock, depth: float) -> None:
-    """Refuse initializations whose blow-up clocks float64 cannot resolve (depth, or the power's
-    exponent, above 2 at tiny scales: blow-up clocks ~ alpha^(2-L), see CLOCK_LIMIT)."""
+    """Refuse initializations whose blow-up clocks are beyond CLOCK_LIMIT (depth, or the power's
+    exponent, above 2 at tiny scales: blow-up clocks ~ alpha^(2-L))."""
     if depth <= 2:
         return
     low, high = clock.blow_up
@@ -758,5 +812,6 @@ def check_clock_range(clock, depth: float) -> None:
         raise InputError(
             f'integrator.method = "dual" at depth {depth}: a blow-up clock of {worst:.3g} (clocks '
             f"scale like alpha^(2-L)) is beyond the float64 limit {CLOCK_LIMIT:.0e} of the dual "
-            f"method (about alpha^(L-2) >= 1e-9; theta near activation would carry errors of eps "
-            f"times the clock); raise model.alpha or use a layer method")
+            f"method (about alpha^(L-2) >= 1e-16: the rounding of X theta - y over a step as long "
+            f"as the activation times would misplace the clocks); raise model.alpha or use a "
+            f"layer method")

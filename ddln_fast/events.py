@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import prange
 
+from .clock_series import two_sum
 from .kernels import call_by_size, serial_and_parallel
 
 #: Default activation level: this fraction of max_i |theta_inf,i| of the seed.
@@ -181,14 +182,18 @@ class EventRecorder:
         below = loss[seeds, None] < 10.0 ** LOSS_DECADES[None, :].astype(np.float64)
         self.decade_time[seeds] = np.where(below, 0.0, self.decade_time[seeds])
 
-    def step(self, integrator, seeds, t_old, h, s_old, sigma, loss_old, loss_new) -> None:
-        """Events inside the accepted steps of ``seeds`` (from t_old, size h): clocks s_old (m, d)
-        at the start, stage clocks sigma (m, 3, d), losses at both ends."""
+    def step(self, integrator, seeds, t_old, h, s_old, s_old_lo, sigma, sigma_lo, loss_old,
+             loss_new) -> None:
+        """Events inside the accepted steps of ``seeds`` (from t_old, size h): double-double
+        clocks s_old + s_old_lo (m, d) at the start, stage clocks sigma + sigma_lo (m, 3, d),
+        losses at both ends."""
         from .radau import dense_coefficients
 
         m, d = s_old.shape
         coef = np.empty((m, 3, d))
-        dense_coefficients(s_old, sigma, coef)
+        # the polynomial's increments from the start, exact to the clocks' double-double precision
+        moved = (sigma - s_old[:, None, :]) + (sigma_lo - s_old_lo[:, None, :])
+        dense_coefficients(np.zeros((m, d)), moved, coef)
         call_by_size(ACTIVATION_CROSSINGS_KERNELS, s_old.size, s_old, coef, seeds, t_old, h,
                      self.clock_up, self.clock_down, self.activation_time)
         thresholds = 10.0 ** LOSS_DECADES.astype(np.float64)
@@ -197,12 +202,12 @@ class EventRecorder:
             crossed = np.flatnonzero((loss_new[r] < thresholds) & (thresholds <= loss_old[r])
                                      & np.isnan(self.decade_time[seed]))
             for k in crossed:
-                x = _loss_crossing(integrator, seed, s_old[r], coef[r], thresholds[k],
+                x = _loss_crossing(integrator, seed, s_old[r], s_old_lo[r], coef[r], thresholds[k],
                                    loss_old[r], loss_new[r])
                 self.decade_time[seed, k] = t_old[r] + x * h[r]
 
 
-def _loss_crossing(integrator, seed, s_old, coef, level, loss_start, loss_end) -> float:
+def _loss_crossing(integrator, seed, s_old, s_old_lo, coef, level, loss_start, loss_end) -> float:
     """x in [0, 1] where the loss along the step's dense output equals ``level`` (Illinois
     regula falsi on log f, bracketed by the step's ends)."""
     rows = np.array([seed])
@@ -211,8 +216,10 @@ def _loss_crossing(integrator, seed, s_old, coef, level, loss_start, loss_end) -
     offset = float(integrator.products.offsets(rows)[0])  # (the s-form's y beyond range(Q))
 
     def gap(x):
-        clocks = s_old + x * (coef[0] + x * (coef[1] + x * coef[2]))
-        integrator.clock.evaluate(clocks[None, :], theta=theta, rows=rows)
+        moved = x * (coef[0] + x * (coef[1] + x * coef[2]))
+        clocks, rounding = two_sum.py_func(s_old, moved)
+        integrator.clock.evaluate(clocks[None, :], theta=theta, rows=rows,
+                                  s_lo=(rounding + s_old_lo)[None, :])
         integrator.products.residuals(theta, rows, r)
         value = float(r[0] @ r[0]) / (2 * integrator.products.n) + offset
         return np.log(max(value, 1e-300)) - np.log(level)

@@ -785,9 +785,10 @@ def invariant_drift_blocks(U, u0, param, partial):
         partial[s, block] = worst
 
 
-def serial_and_parallel(loop):
+def serial_and_parallel(loop, strict=False):
     """``loop`` (a function whose outer loop is a ``prange``) compiled twice: serial, for small
-    batches (no thread start-up; callable from other compiled code), and parallel.
+    batches (no thread start-up; callable from other compiled code), and parallel; ``strict``:
+    IEEE arithmetic (no fast-math), for error-free transformations such as a two-sum.
 
     The parallel build compiles a copy of ``loop`` named ``<name>_parallel``: Numba's on-disk
     cache names an entry by the function's module, qualified name and line, not by its options,
@@ -798,7 +799,8 @@ def serial_and_parallel(loop):
     copy.__qualname__ = f"{loop.__qualname__}_parallel"
     copy.__module__ = loop.__module__
     copy.__doc__ = loop.__doc__
-    return njit(**JIT_OPTIONS)(loop), njit(**PARALLEL_OPTIONS)(copy)
+    options = STRICT_JIT_OPTIONS if strict else JIT_OPTIONS
+    return njit(**options)(loop), njit(**dict(options, parallel=True))(copy)
 
 
 def call_by_size(kernels, items, *args):

@@ -242,6 +242,40 @@ def test_depth_two_tiny_scale_reaches_the_minimum_l1_interpolator():
     assert np.abs(run.theta[-1, 0] - target).max() / np.abs(target).max() < 1e-10
 
 
+def test_depth_four_tiny_scale_activates_on_time_and_converges():
+    """Depth 4, first layer zero, alpha = 1e-6: blow-up clocks at 1 / alpha^2 = 1e12, where a
+    float64 clock is known to 1e-4 only (such runs used to stop improving at loss ~4).
+
+    - Hand-derived activation: the three equal layers w and the first r keep w^2 - r^2 = alpha^2,
+      and dr/ds = w^3 gives s(r) = r / (alpha^2 sqrt(r^2 + alpha^2)), theta = r w^3. Until the
+      first activation theta is ~0, so s_i(t) = -t (X^T y / n)_i: the first coordinate reaches
+      |theta| = level at t = s(r_level) / |X^T y / n|_i (to O(1) clock units in 1e12).
+    - The run reaches loss 1e-12, and its end is the minimum-l1 interpolator (scipy linprog):
+      at depth 4 the limit's distance to it shrinks like alpha^2."""
+    from ddln_fast import simulate
+    from ddln_fast.events import read_events
+
+    alpha, level = 1e-6, 0.05
+    config = dual_config({"model.depth": 4, "model.init": "first_layer_zero", "model.alpha": alpha,
+                          "model.jitter": 0.0, "integrator.t_end": 1e20, "integrator.loss_tol": 1e-26,
+                          "integrator.activation_level": level, "run.seeds": 2,
+                          "problem.per_seed_data": True})
+    run = simulate(config)
+    assert set(run.status_names()) == {"loss_tol"}
+    events = read_events(run)
+    r_level = brentq(lambda r: r * (r * r + alpha * alpha) ** 1.5 - level, 0.0, 10.0, xtol=1e-300,
+                     rtol=1e-15)
+    s_level = r_level / (alpha * alpha * np.sqrt(r_level * r_level + alpha * alpha))
+    for seed in range(2):
+        X, y = run.X[seed], run.y[seed]
+        rate = np.abs(X.T @ y) / X.shape[0]
+        first = int(np.argmax(rate))
+        assert np.nanargmin(events.activation_time[seed]) == first
+        assert abs(events.activation_time[seed, first] * rate[first] / s_level - 1.0) < 1e-9
+        target = min_l1_interpolator(X, y)
+        assert np.abs(run.theta[-1, seed] - target).max() / np.abs(target).max() < 1e-8
+
+
 def test_orthogonal_design_depth_two_balanced_is_logistic(write_npz):
     """X^T X / n = I decouples the coordinates; balanced depth 2 (u = alpha, theta0 = alpha^2)
     follows theta_i(t) = theta*_i theta0 / (theta0 + (theta*_i - theta0) e^{-2 theta*_i t})."""
@@ -419,15 +453,15 @@ def test_extending_t_end_and_loss_tol_continues_the_dual_flow(tmp_path):
 
 def test_scales_beyond_the_float64_limit_are_refused():
     """Blow-up clocks grow like alpha^(2-L): depth 4, first layer zero, has them at exactly
-    1 / alpha^2: 1e10 at alpha = 1e-5, beyond the limit 1e9, and 6.25e8 at alpha = 4e-5,
-    accepted; depth 2 has no blow-up and takes alpha = 1e-300."""
+    1 / alpha^2: 1e17 at alpha = 10^-8.5, beyond the limit 1e16, and 6.25e15 at alpha =
+    1.25e-8, accepted; depth 2 has no blow-up and takes alpha = 1e-300."""
     from ddln_fast.errors import InputError
     from ddln_fast.simulate import run_simulation
 
     flz = {"model.init": "first_layer_zero", "model.jitter": 0.0, "run.seeds": 1}
-    with pytest.raises(InputError, match=r"blow-up clock of 1e\+10 .* limit 1e\+09"):
-        run_simulation(dual_config({**flz, "model.depth": 4, "model.alpha": 1e-5}), None)
-    run_simulation(dual_config({**flz, "model.depth": 4, "model.alpha": 4e-5, "integrator.t_end": 1.0}),
+    with pytest.raises(InputError, match=r"blow-up clock of 1e\+17 .* limit 1e\+16"):
+        run_simulation(dual_config({**flz, "model.depth": 4, "model.alpha": 10 ** -8.5}), None)
+    run_simulation(dual_config({**flz, "model.depth": 4, "model.alpha": 1.25e-8, "integrator.t_end": 1.0}),
                    None)
     run = run_simulation(dual_config({**flz, "model.depth": 2, "model.alpha": 1e-300,
                                       "integrator.t_end": 1.0}), None).run
@@ -452,9 +486,9 @@ def test_cli_refuses_with_one_line(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "float64" in proc.stderr
     assert not out.exists()
     proc = ddln("run", "--set", "integrator.method=dual", "--set", "model.depth=5", "--set",
-                "model.alpha=1e-5", "-o", str(out))
+                "model.alpha=1e-6", "-o", str(out))
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().count("\n") == 0 and "1e+09" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "1e+16" in proc.stderr
     assert not out.exists()
 
 
