@@ -16,7 +16,9 @@ Targets (issue 10):
   against layer dopri5 (the same budget and extrapolation), >= 20x, at alpha = 0.01, 1e-4 and
   1e-5 (the issue names no scale; at 0.01 configuration C is not stiff);
 - the depth {2, 3, 4, 5} x alpha {1e-1 .. 1e-6} grid (n = 40, d = 200, 4 seeds) as a
-  ``ddln sweep``: under one minute on 2 cores, every seed at loss < 1e-10.
+  ``ddln sweep``: under one minute on 2 cores, every seed at loss < 1e-10;
+- d < n (n = 400, d = 40, depth 3, alpha = 0.01, 4 seeds, to loss 1e-10): the nu-form (state in
+  R^n, forced) against the s-form (state mu = Q^T nu in R^d, the default when d < n).
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ def rich_problem(seeds=8):
     return problem, initial_layers(config, problem.d)
 
 
-def run_dual(problem, u0, loss_tol, t_end=1e15, rtol=RTOL):
-    it = DualIntegrator(problem, u0, dt=t_end, rtol=rtol, atol=ATOL, loss_tol=loss_tol)
+def run_dual(problem, u0, loss_tol, t_end=1e15, rtol=RTOL, s_form=None):
+    it = DualIntegrator(problem, u0, dt=t_end, rtol=rtol, atol=ATOL, loss_tol=loss_tol, s_form=s_form)
     start = time.perf_counter()
     it.advance_to(t_end)
     return it, time.perf_counter() - start
@@ -250,3 +252,39 @@ def test_depth_alpha_grid_sweep(benchmark, tmp_path):
             + (f"; not run: {'; '.join(failed)}" if failed else ""))
     record(benchmark, "grid", "ddln sweep of depth x alpha, seconds (2 workers)", runs["wall"], 60.0,
            note=note)
+
+
+def test_s_form_vs_nu_form(benchmark):
+    """d < n: the same flow integrated in nu (n = 400 numbers per seed, 400 x 400
+    eigendecompositions) and in the s-form (40 numbers, 40 x 40), one process."""
+    from ddln_fast import Config
+    from ddln_fast.init import initial_layers
+    from ddln_fast.problem import make_problem
+
+    config = Config.from_dict({"problem": {"n": 400, "d": 40, "sparsity": 5, "seed": 0,
+                                           "per_seed_data": False},
+                               "model": {"depth": 3, "alpha": 0.01, "init": "first_layer_zero",
+                                         "jitter": RICH_JITTER},
+                               "run": {"seeds": 4, "seed": 0}})
+    problem = make_problem(config)
+    u0 = initial_layers(config, problem.d)
+    for s_form in (True, False):  # compile outside the measurement
+        run_dual(problem, u0[:1], 1e-10, t_end=1.0, s_form=s_form)
+    runs = {}
+
+    def s_form():
+        runs["s"] = run_dual(problem, u0, 1e-10, s_form=True)
+
+    benchmark.pedantic(s_form, rounds=1, warmup_rounds=0, iterations=1)
+    runs["nu"] = run_dual(problem, u0, 1e-10, s_form=False)
+    (it_s, wall_s), (it_nu, wall_nu) = runs["s"], runs["nu"]
+    assert np.all(it_s.state.status == LOSS_TOL) and np.all(it_nu.state.status == LOSS_TOL)
+    # (each form stops at its own step past loss 1e-10: theta differs by what the flow moves
+    # between the two stop times, not by the error)
+    gap = np.abs(it_s.theta_of_all() - it_nu.theta_of_all()).max() / np.abs(it_nu.theta_of_all()).max()
+    stops = np.abs(it_s.state.t_stop - it_nu.state.t_stop).max() / it_nu.state.t_stop.max()
+    note = (f"s-form {wall_s:.3f} s ({int(it_s.state.steps.sum())} steps), nu-form {wall_nu:.3f} s "
+            f"({int(it_nu.state.steps.sum())} steps); stop times differ by {stops:.1e}, final theta "
+            f"by {gap:.1e} relative")
+    record(benchmark, "d < n", "nu-form time / s-form time (n = 400, d = 40, depth 3)",
+           wall_nu / wall_s, None, better="higher", note=note)

@@ -135,6 +135,8 @@ def _print_summary(report, out):
     bad = [f"{r['seed']} ({r['status']})" for r in rows if r["status"] in FAILED_STATUSES]
     if bad:
         click.echo(f"seeds that did not finish: {', '.join(bad)}")
+    if "dual_state" in run.file.attrs:  # which state the dual method integrated (d < n: the s-form)
+        click.echo(f"dual state: {run.file.attrs['dual_state']}")
     click.echo(f"wall time {report.wall_seconds:.2f} s, {int(nfev.sum())} gradient evaluations, "
                f"{run.committed} checkpoints")
     state = "complete" if run.complete else "incomplete, resumable"
@@ -164,7 +166,8 @@ def inspect(run_path):
         click.echo("datasets:")
         for name, ds in run.datasets().items():
             click.echo(f"  /{name:<28} {str(ds.shape):<22} {ds.dtype}")
-        for key in ("created", "ddln_fast_version", "threads", "threading_layer", "hostname", "extensions"):
+        for key in ("created", "ddln_fast_version", "threads", "threading_layer", "hostname", "extensions",
+                    "dual_state"):
             if key in f.attrs:
                 click.echo(f"{key}: {f.attrs[key]}")
         click.echo("config:")

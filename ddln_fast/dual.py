@@ -14,6 +14,13 @@ method of order 5 (:mod:`ddln_fast.radau`) with the exact Jacobian, simplified N
 Jacobian kept while Newton converges fast, and one eigendecomposition per Jacobian instead of
 one factorization per step size.
 
+When d < n only the part of nu in the range of X moves the clocks: with a thin QR factorization
+X = Q R (Q of shape (n, d) with orthonormal columns), X^T nu = R^T Q^T nu, and mu = Q^T nu in
+R^d follows the same ODE with the data (R, Q^T y) of d rows (the 1/n stays that of the n
+samples). This s-form (a state of the size of the clocks) is used whenever d < n; the loss
+adds the constant ||y - Q Q^T y||^2 / (2n) of the part of y that no theta reaches (see
+:class:`DualProducts`). Below, "nu", "X" and "y" stand for mu, R and Q^T y in the s-form.
+
 The right-hand side depends on nu only through the clocks, so the integrator carries the clocks
 s (d numbers per seed) next to nu and advances them by the step's own increment,
 s_new = s + X^T Z_3 / n: their rounding error then scales with the increments, not with |nu|
@@ -233,25 +240,83 @@ def _rows_finite(values, out):
 # ---------------------------------------------------------------------------------------------
 class DualProducts:
     """The two products of the dual field, for rows of any batch (row r belongs to seed
-    ``row_seeds[r]``): clocks X^T Z / n (+ a start) and residuals X theta - y. Shared X: one
-    GEMM for every row of the batch; per-seed X: a parallel kernel over rows."""
+    ``row_seeds[r]``): clocks M^T Z / n (+ a start) and residuals M theta - b. Shared data: one
+    GEMM for every row of the batch; per-seed data: a parallel kernel over rows.
 
-    def __init__(self, problem: Problem):
-        self.X = np.ascontiguousarray(problem.X, dtype=np.float64)
-        self.per_seed = problem.per_seed
+    (M, b) is the data the dual state lives on: (X, y) in the nu-form, and in the s-form (when
+    d < n) (R, Q^T y) of a thin QR factorization X = Q R, with Q of shape (n, d) (orthonormal
+    columns) and R of shape (d, d). Only the part Q^T nu of nu moves the clocks,
+    X^T nu = R^T Q^T nu, so mu = Q^T nu follows mu' = R F(R^T mu / n) - Q^T y: the nu-form of
+    d rows, with the 1/n of the n samples. This holds for a rank-deficient X too (R is then
+    singular, and so is the Jacobian). The loss adds the part of y no theta can reach:
+    ||X theta - y||^2 = ||R theta - Q^T y||^2 + ||y - Q Q^T y||^2.
+
+    Parameters
+    ----------
+    problem : Problem
+    s_form : bool, optional
+        Whether to integrate in the s-form; None (the default): when d < n. The s-form needs
+        d < n (ValueError otherwise); False forces the nu-form (for comparisons).
+
+    Attributes
+    ----------
+    X : ndarray of shape (rows, d) or (S, rows, d)
+        M, the matrix multiplied (X, or R in the s-form).
+    y : ndarray of shape (1, rows) or (S, rows)
+        b, the targets of the dual field (y, or Q^T y in the s-form).
+    n, d : int
+        Samples and coordinates of the problem.
+    rows : int
+        The dimension of the dual state: n, or d in the s-form.
+    loss_offset : ndarray of shape (1,) or (S,)
+        ||y - Q Q^T y||^2 / (2n) (zero in the nu-form), added to the loss of the residuals.
+    """
+
+    def __init__(self, problem: Problem, s_form: bool | None = None):
+        X = np.asarray(problem.X, dtype=np.float64)
         y = np.asarray(problem.y, dtype=np.float64)
-        self.y = np.ascontiguousarray(y if self.per_seed else y[None, :])
+        self.per_seed = problem.per_seed
         self.n, self.d = problem.n, problem.d
         self.inv_n = 1.0 / self.n
+        self.s_form = self.d < self.n if s_form is None else bool(s_form)
+        if self.s_form and self.d >= self.n:
+            raise ValueError(f"the s-form needs d < n (d = {self.d}, n = {self.n})")
+        y = y if self.per_seed else y[None, :]
+        self.loss_offset = np.zeros(y.shape[0])
+        if self.s_form:
+            Q, X = np.linalg.qr(X)  # numpy's QR is batched over per-seed data
+            Q = Q if self.per_seed else Q[None]
+            y_range = np.matmul(y[:, None, :], Q)[:, 0]
+            y_perp = y - np.matmul(Q, y_range[:, :, None])[:, :, 0]
+            self.loss_offset = np.einsum("ik,ik->i", y_perp, y_perp) / (2 * self.n)
+            y = y_range
+        self.X = np.ascontiguousarray(X)
+        self.y = np.ascontiguousarray(y)
+        self.rows = self.X.shape[-2]
         self.XT = None if self.per_seed else np.ascontiguousarray(self.X.T)
 
+    def describe(self) -> str:
+        """Which form the dual state takes, in words (the run file's root attribute)."""
+        if self.s_form:
+            return (f"s-form: mu = Q^T nu in R^d of a thin QR X = Q R (d = {self.d} < n = "
+                    f"{self.n}); /state/nu holds mu")
+        return f"nu in R^n (n = {self.n} <= d = {self.d})"
+
+    def losses(self, residuals, row_seeds) -> np.ndarray:
+        """||X theta - y||^2 / (2n) of rows from their residuals M theta - b (rows, ``rows``)."""
+        return np.einsum("ij,ij->i", residuals, residuals) / (2 * self.n) + self.offsets(row_seeds)
+
+    def offsets(self, row_seeds) -> np.ndarray:
+        """The loss offset ||y - Q Q^T y||^2 / (2n) of each row (zeros in the nu-form)."""
+        return self.loss_offset[row_seeds if self.per_seed else np.zeros_like(row_seeds)]
+
     def clocks(self, Z, row_seeds, start, out, start_lo=None, out_lo=None):
-        """out = X^T Z / n, or with a start the double-double (out, out_lo) = (start +
-        start_lo)[row_seeds] + X^T Z / n. Z : (R, n); out, out_lo : (R, d); start, start_lo :
+        """out = M^T Z / n, or with a start the double-double (out, out_lo) = (start +
+        start_lo)[row_seeds] + M^T Z / n. Z : (R, rows); out, out_lo : (R, d); start, start_lo :
         (S, d)."""
         if self.per_seed:
             with_start = start is not None
-            call_by_size(PER_SEED_CLOCKS_KERNELS, out.size * self.n, self.X, Z,
+            call_by_size(PER_SEED_CLOCKS_KERNELS, out.size * self.rows, self.X, Z,
                          start if with_start else out, start_lo if with_start else out, row_seeds,
                          self.inv_n, with_start, out, out_lo if with_start else out)
             return out
@@ -263,9 +328,9 @@ class DualProducts:
         return out
 
     def residuals(self, theta, row_seeds, out):
-        """out = X theta - y for rows of theta (R, d); out : (R, n)."""
+        """out = M theta - b for rows of theta (R, d); out : (R, rows)."""
         if self.per_seed:
-            call_by_size(PER_SEED_RESIDUALS_KERNELS, theta.size * self.n, self.X, self.y, theta,
+            call_by_size(PER_SEED_RESIDUALS_KERNELS, theta.size * self.rows, self.X, self.y, theta,
                          row_seeds, out)
             return out
         np.matmul(theta, self.XT, out=out)
@@ -273,15 +338,17 @@ class DualProducts:
         return out
 
     def clock_noise_rate(self, seeds: int) -> np.ndarray:
-        """eps (|X|^T |y|)_i / n of every seed, shape (S, d): the size of the rounding error of
-        a clock derivative X^T (X theta - y) / n near a fit (where X theta cancels y)."""
+        """eps (|M|^T |b|)_i / n of every seed, shape (S, d): the size of the rounding error of
+        a clock derivative M^T (M theta - b) / n near a fit (where M theta cancels b), for the
+        M and b actually multiplied."""
         X = np.abs(self.X)
         y = np.abs(self.y)
         rate = np.einsum("...ki,...k->...i", X, y if self.per_seed else y[0]) * self.inv_n
         return np.finfo(np.float64).eps * np.broadcast_to(rate, (seeds, self.d)).copy()
 
     def jacobian_matrices(self, h, seeds, out):
-        """out[a] = X diag(h[a]) X^T / n of seed ``seeds[a]`` (the negative Jacobian A)."""
+        """out[a] = M diag(h[a]) M^T / n of seed ``seeds[a]`` (the negative Jacobian A), shape
+        (m, rows, rows)."""
         for a, seed in enumerate(seeds):
             X = self.X[seed] if self.per_seed else self.X
             np.matmul(X * h[a], X.T, out=out[a])
@@ -314,6 +381,16 @@ class DualIntegrator(Solver):
         The clock map of ``u0`` (built when not given).
     parametrization : Parametrization, optional
         How theta is made of the layers (default: their product); the clock map is built for it.
+    s_form : bool, optional
+        Integrate mu = Q^T nu in R^d instead of nu in R^n (:class:`DualProducts`); None (the
+        default): when d < n, where it is the smaller state. False forces the nu-form.
+
+    Attributes
+    ----------
+    n : int
+        The dimension of the dual state: the samples n, or d in the s-form (``products.n`` is
+        always the samples). ``nu``, ``f`` and ``Z_prev`` have this length: in the s-form they
+        hold mu = Q^T nu, its derivative and its stage increments.
     """
 
     method = "dual"
@@ -323,7 +400,7 @@ class DualIntegrator(Solver):
 
     def __init__(self, problem: Problem, u0, dt=0.01, rtol=1e-8, atol=1e-12, loss_tol=0.0,
                  max_steps=10_000_000, dtype=np.float64, activation_level=None, clock_map=None,
-                 parametrization=None):
+                 parametrization=None, s_form=None):
         from .clockmap import ClockMap
         from .events import EventRecorder
         from .parametrization import Parametrization
@@ -342,10 +419,10 @@ class DualIntegrator(Solver):
         self.clock = clock_map if clock_map is not None else ClockMap.from_layers(
             self.u0, param.name, param.power if param.name == "power" else None)
         check_clock_range(self.clock, param.degree)
-        self.products = DualProducts(problem)
         if problem.per_seed and problem.X.shape[0] != S:
             raise ValueError(f"per-seed data of {problem.X.shape[0]} seeds for {S} initial layers")
-        n = self.products.n
+        self.products = DualProducts(problem, s_form)
+        n = self.products.rows
         self.n = n
         self.dt = float(dt)
         # The embedded estimate has order 3, the solution order 5: RADAU5's conversion of the
@@ -397,9 +474,13 @@ class DualIntegrator(Solver):
     def current_losses(self, theta=None) -> np.ndarray:
         if theta is None:
             theta = self.theta_of_all()
+        seeds = np.arange(self.seeds)
         r = np.empty((self.seeds, self.n))
-        self.products.residuals(theta, np.arange(self.seeds), r)
-        return np.einsum("ij,ij->i", r, r) / (2 * self.n)
+        self.products.residuals(theta, seeds, r)
+        return self.products.losses(r, seeds)
+
+    def run_attributes(self) -> dict[str, str]:
+        return {"dual_state": self.products.describe()}
 
     def invariant_drift(self) -> np.ndarray:
         """The layer methods' drift (:func:`ddln_fast.kernels.invariant_drift_blocks`: within each
@@ -468,7 +549,7 @@ class DualIntegrator(Solver):
         r = np.empty((m, self.n))
         self.products.residuals(self.theta[seeds], seeds, r)
         self.f[seeds] = r
-        st.loss[seeds] = np.einsum("ij,ij->i", r, r) / (2 * self.n)
+        st.loss[seeds] = self.products.losses(r, seeds)
         st.nfev[seeds] += 1
         bad = seeds[~np.isfinite(st.loss[seeds])]
         st.status[bad] = DIVERGED
@@ -704,7 +785,7 @@ class DualIntegrator(Solver):
         self.products.residuals(theta_new[ok], sa, f_new)
         self.f[sa] = f_new
         st.nfev[sa] += 1
-        loss = np.einsum("ij,ij->i", f_new, f_new) / (2 * n)
+        loss = self.products.losses(f_new, sa)
         st.loss[sa] = loss
         self.events.step(self, sa, t_old[ok], h_step[ok], s_old, s_old_lo, sigma[ok], sigma_lo[ok],
                          loss_old[ok], loss)

@@ -213,6 +213,7 @@ def _loss_crossing(integrator, seed, s_old, s_old_lo, coef, level, loss_start, l
     rows = np.array([seed])
     theta = np.empty((1, s_old.size))
     r = np.empty((1, integrator.n))
+    offset = float(integrator.products.offsets(rows)[0])  # (the s-form's y beyond range(Q))
 
     def gap(x):
         moved = x * (coef[0] + x * (coef[1] + x * coef[2]))
@@ -220,7 +221,7 @@ def _loss_crossing(integrator, seed, s_old, s_old_lo, coef, level, loss_start, l
         integrator.clock.evaluate(clocks[None, :], theta=theta, rows=rows,
                                   s_lo=(rounding + s_old_lo)[None, :])
         integrator.products.residuals(theta, rows, r)
-        value = float(r[0] @ r[0]) / (2 * integrator.n)
+        value = float(r[0] @ r[0]) / (2 * integrator.products.n) + offset
         return np.log(max(value, 1e-300)) - np.log(level)
 
     a, b = 0.0, 1.0

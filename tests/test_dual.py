@@ -118,8 +118,9 @@ def test_trajectory_with_two_zero_layers(tmp_path):
 
 
 def test_overdetermined_and_rank_deficient_data(write_npz):
-    """d < n (no interpolator: nu grows without bound while the clocks converge) and a design
-    with repeated rows (rank < n: J is singular). Neither is an error; both follow DOP853."""
+    """d < n (no interpolator: the s-form, whose state mu = Q^T nu converges while nu would grow
+    without bound), d < n with a repeated column (rank < d: R and J are singular) and a design
+    with repeated rows (rank < n: J is singular). None is an error; all follow DOP853."""
     from ddln_fast import simulate
 
     rng = np.random.default_rng(7)
@@ -127,13 +128,77 @@ def test_overdetermined_and_rank_deficient_data(write_npz):
     y = rng.standard_normal(14)
     path = write_npz("tall.npz", X=X, y=y)
     config = dual_config({"problem.kind": "file", "problem.path": path, "integrator.t_end": 3.0})
-    assert relative_trajectory_error(simulate(config), config) < TRAJECTORY_TOLERANCE
+    run = simulate(config)
+    assert run.file.attrs["dual_state"].startswith("s-form")
+    assert relative_trajectory_error(run, config) < TRAJECTORY_TOLERANCE
+    X[:, 4] = X[:, 1]  # 14 rows of rank 5
+    path = write_npz("tall_deficient.npz", X=X, y=y)
+    config = dual_config({"problem.kind": "file", "problem.path": path, "integrator.t_end": 3.0})
+    run = simulate(config)
+    assert run.file.attrs["dual_state"].startswith("s-form")
+    assert relative_trajectory_error(run, config) < TRAJECTORY_TOLERANCE
     X = rng.standard_normal((6, 12))
     X = np.vstack([X, X[:3]])  # 9 rows of rank 6
     y = rng.standard_normal(9)
     path = write_npz("deficient.npz", X=X, y=y)
     config = dual_config({"problem.kind": "file", "problem.path": path, "integrator.t_end": 3.0})
     assert relative_trajectory_error(simulate(config), config) < TRAJECTORY_TOLERANCE
+
+
+# --- the s-form (d < n) -------------------------------------------------------------------------
+#: n = 60 samples of d = 15 coordinates with noise: no interpolator, y has a part outside the
+#: range of X (the s-form's loss offset is not zero)
+TALL = {"problem.n": 60, "problem.d": 15, "problem.noise": 0.5, "problem.sparsity": 4}
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("per_seed_data", [False, True])
+def test_s_form_trajectory_and_loss_match_dop853(depth, per_seed_data):
+    """d < n, signed and jittered init: layers and theta follow DOP853 on the layer flow, and the
+    stored loss is ||X theta - y||^2 / (2n) of the stored theta (NumPy, here), which the part
+    of y outside range(X) keeps well above zero."""
+    from ddln_fast import simulate
+
+    config = dual_config({**TALL, "model.depth": depth, "problem.per_seed_data": per_seed_data,
+                          "integrator.t_end": 5.0})
+    run = simulate(config)
+    assert run.file.attrs["dual_state"].startswith("s-form")
+    assert relative_trajectory_error(run, config) < TRAJECTORY_TOLERANCE
+    for s in range(config.run.seeds):
+        X = run.X[s] if run.X.ndim == 3 else run.X
+        y = run.y[s] if run.y.ndim == 2 else run.y
+        residuals = run.theta[:, s] @ X.T - y
+        expected = np.sum(residuals ** 2, axis=1) / (2 * X.shape[0])
+        np.testing.assert_allclose(run.loss[:, s], expected, rtol=1e-12)
+        least_squares = np.linalg.lstsq(X, y, rcond=None)[0]
+        assert np.all(run.loss[:, s] > 0.5 * np.sum((X @ least_squares - y) ** 2) / (2 * X.shape[0]))
+
+
+@pytest.mark.parametrize("per_seed_data", [False, True])
+def test_s_form_state_has_dimension_d(per_seed_data):
+    """When d < n the solver's state and the matrices it eigendecomposes have dimension d (the
+    point of the s-form), unless the nu-form is forced; at d >= n the state is nu in R^n. After
+    a few steps the Jacobian's eigenvalues are those of X diag(h) X^T / n (NumPy, here) without
+    its n - d zeros."""
+    from ddln_fast.dual import DualIntegrator
+    from ddln_fast.init import initial_layers
+    from ddln_fast.problem import make_problem
+
+    config = dual_config({**TALL, "problem.per_seed_data": per_seed_data})
+    problem = make_problem(config)
+    u0 = initial_layers(config, problem.d)
+    n, d = problem.n, problem.d
+    it = DualIntegrator(problem, u0, rtol=1e-8, atol=1e-12)
+    assert it.n == d and it.nu.shape == (2, d) and it.V.shape == (2, d, d)
+    assert DualIntegrator(problem, u0, s_form=False).V.shape == (2, n, n)
+    it.advance_to(0.5)
+    for s in range(2):
+        X = problem.X[s] if per_seed_data else problem.X
+        A = (X * it.jac_h[s]) @ X.T / n
+        np.testing.assert_allclose(it.lam[s], np.linalg.eigvalsh(A)[n - d:], rtol=1e-10,
+                                   atol=1e-12 * np.abs(A).max())
+    square = make_problem(dual_config({"problem.n": 12, "problem.d": 12}))
+    assert DualIntegrator(square, initial_layers(config, 12)).V.shape == (2, 12, 12)
 
 
 # --- limits -------------------------------------------------------------------------------------
@@ -329,10 +394,10 @@ def test_default_activation_level_is_a_fraction_of_the_predicted_limit():
 
 # --- resume ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("evaluations", [0, 7])
-def test_stop_then_resume_is_bit_identical(tmp_path, evaluations):
+@pytest.mark.parametrize("evaluations, data", [(0, {}), (7, {}), (7, TALL)])
+def test_stop_then_resume_is_bit_identical(tmp_path, evaluations, data):
     """Reference: the same config run without interruption (threads = 1), byte for byte: every
-    checkpoint, the events and the final state."""
+    checkpoint, the events and the final state; also in the s-form (d < n)."""
     from faults_support import assert_same_run_file
     from test_resume import stop_request
 
@@ -340,7 +405,7 @@ def test_stop_then_resume_is_bit_identical(tmp_path, evaluations):
 
     config = dual_config({"model.depth": 3, "model.init": "first_layer_zero", "model.alpha": 0.05,
                           "model.jitter": 0.0, "model.signs": "random", "integrator.t_end": 400.0,
-                          "integrator.rtol": 1e-8, "run.checkpoints": 9})
+                          "integrator.rtol": 1e-8, "run.checkpoints": 9, **data})
     reference = tmp_path / "reference.h5"
     run_simulation(config, reference, threads=1).run.close()
     out = tmp_path / "stopped.h5"
@@ -425,6 +490,21 @@ def test_cli_refuses_with_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "1e+16" in proc.stderr
     assert not out.exists()
+
+
+def test_cli_names_the_form_of_the_dual_state(tmp_path):
+    """ddln run and ddln inspect say which state the dual method integrated: the s-form at
+    d < n, nu at d >= n."""
+    from faults_support import ddln
+
+    for n, d, form in ((30, 8, "s-form: mu = Q^T nu in R^d"), (8, 30, "nu in R^n")):
+        out = tmp_path / f"run{n}.h5"
+        proc = ddln("run", "--set", "integrator.method=dual", "--set", f"problem.n={n}", "--set",
+                    f"problem.d={d}", "--set", "integrator.t_end=1", "-o", str(out), "--threads", "1")
+        assert proc.returncode == 0, proc.stderr
+        assert f"dual state: {form}" in proc.stdout and f"n = {n}" in proc.stdout
+        proc = ddln("inspect", str(out))
+        assert f"dual_state: {form}" in proc.stdout
 
 
 def test_analyze_prints_the_events_of_a_dual_run(tmp_path):

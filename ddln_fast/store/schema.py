@@ -201,6 +201,7 @@ ROOT_ATTRIBUTES = {
     "power": "D of the power parametrization (0 for the others)",
     "layer_axis": "what the layer axis of the layers holds (the halves of difference and power)",
     "random_streams": "sgd and label noise: the seed material and the draw protocol (JSON)",
+    "dual_state": "dual method: the state it integrates (nu in R^n, or mu = Q^T nu in R^d when d < n)",
     "extensions": "JSON list of the extensions of a finished run (written by a resume that "
                   "relaxed t_end, max_steps or loss_tol)",
     "sweep_task": "sweep: the task id",
