@@ -65,7 +65,7 @@ from .controller import (DIVERGED, LOSS_TOL, RUNNING, SeedState, Trial, control_
 from .errors import InputError
 from .clock_series import two_sum
 from .kernels import JIT_OPTIONS, STRICT_JIT_OPTIONS, call_by_size, serial_and_parallel
-from .threads import blas_for_products, kernel_threads, serial_blas
+from .threads import blas_for_products, hot_loop_serial_blas, kernel_threads
 from .problem import Problem
 from .solver import Solver
 
@@ -526,7 +526,7 @@ class DualIntegrator(Solver):
     def _eigen(self, seeds, h):
         """Eigendecomposition of A = X diag(h) X^T / n for ``seeds`` (h : (m, d))."""
         A = np.empty((seeds.size, self.n, self.n))
-        with serial_blas():  # per-seed n x n algebra (see threads.blas_for_products)
+        with hot_loop_serial_blas():  # per-seed n x n algebra (see threads.blas_for_products)
             self.products.jacobian_matrices(h, seeds, A)
             lam, V = np.linalg.eigh(A)
         # A is positive semidefinite: eigenvalues below zero are rounding
