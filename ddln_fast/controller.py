@@ -164,7 +164,7 @@ class Control(NamedTuple):
     ratio_min: float  # smallest h_new / h
     ratio_max: float  # largest h_new / h
     predictive: bool  # Gustafsson's predictive control instead of PI
-    stall_ulps: float  # a step of at most this many ulps of t stalls the seed
+    stall_ulps: float  # a step of at most stall_ulps eps |t| stalls the seed
 
 
 def control_for(error_order: int, beta: float = BETA, predictive: bool = False,
@@ -175,8 +175,9 @@ def control_for(error_order: int, beta: float = BETA, predictive: bool = False,
     ``beta = 0`` gives the I controller. ``predictive``: Gustafsson's control (radau5.f), the
     larger of the I control's ratio and one predicted from the last accepted step (``beta`` is
     then not used); ``SeedState.facold`` then holds h_acc / max(err_acc, 1e-2)^(1/(q+1)) of
-    the last accepted step. ``stall_ulps``: a seed whose step falls to this many ulps of its
-    time stops as stalled (a solver that carries its time as a double-double passes far less)."""
+    the last accepted step. ``stall_ulps``: a seed whose step falls to stall_ulps eps |t| (that
+    many ulps of a float64 time) stops as stalled; a solver that carries its time as a
+    double-double passes far less."""
     if error_order < 1:
         raise ValueError(f"error_order {error_order}: an adaptive method needs an error estimate of order >= 1")
     exponent = 1.0 / (error_order + 1)

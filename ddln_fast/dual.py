@@ -77,7 +77,8 @@ from .solver import Solver
 #: layers) in 700-2100 steps per seed; at 1.5e16 still right but in 3-4 times the steps; at
 #: 1.6e17 one seed of four no longer converged, at 8e17 none did.
 CLOCK_LIMIT = 1e16
-#: The time is a double-double (state.t + t_lo): a step stalls only at 16 ulps of that.
+#: The time is a double-double (state.t + t_lo): a step stalls only at 16 of its ulps, 16 eps^2 |t|
+#: (in the controller's unit eps |t|: 16 eps).
 TIME_STALL_ULPS = 16.0 * float(np.finfo(np.float64).eps)
 #: The floor of the clock tolerance, in units of eps^2 |s_i| (see the module docstring).
 CLOCK_FLOOR_ULPS = 64.0
@@ -98,8 +99,7 @@ def _add_start(out, out_lo, start, start_lo, row_seeds, scale):
         i = item - r * d
         seed = row_seeds[r]
         hi, lo = two_sum(start[seed, i], scale * out[r, i])
-        out[r, i] = hi
-        out_lo[r, i] = lo + start_lo[seed, i]
+        out[r, i], out_lo[r, i] = two_sum(hi, lo + start_lo[seed, i])
 
 
 ADD_START_KERNELS = serial_and_parallel(_add_start, strict=True)
@@ -130,8 +130,7 @@ def _per_seed_clocks(X, Z, start, start_lo, row_seeds, inv_n, use_start, out, ou
         for i in range(d):
             if use_start:
                 hi, lo = two_sum(start[seed, i], inv_n * o[i])
-                o[i] = hi
-                out_lo[r, i] = lo + start_lo[seed, i]
+                o[i], out_lo[r, i] = two_sum(hi, lo + start_lo[seed, i])
             else:
                 o[i] = inv_n * o[i]
 
@@ -215,7 +214,7 @@ def _move_stage_clocks(increments, start, start_lo, seeds, sigma, sigma_lo):
         for k in range(K):
             for i in range(d):
                 hi, lo = two_sum(start[seed, i], increments[r, k, i])
-                lo += start_lo[seed, i]
+                hi, lo = two_sum(hi, lo + start_lo[seed, i])
                 increments[r, k, i] = (hi - sigma[r, k, i]) + (lo - sigma_lo[r, k, i])
                 sigma[r, k, i] = hi
                 sigma_lo[r, k, i] = lo
@@ -503,8 +502,7 @@ class DualIntegrator(Solver):
         """Continue from :meth:`state_arrays` of a saved run (bit-identical: the derived arrays
         are recomputed by the same code from the same numbers)."""
         for name in self._ARRAYS:
-            if name in arrays:  # a run file written before the clocks were double-doubles has
-                getattr(self, name)[...] = arrays[name]  # no s_lo: its clocks are plain doubles
+            getattr(self, name)[...] = arrays[name]
         self.state = SeedState.from_dict(arrays)
         self.events.restore(arrays)
         started = np.flatnonzero(self.flags[:, self.STARTED] == 1)
@@ -605,6 +603,9 @@ class DualIntegrator(Solver):
         def step(active):
             self._pick_threads(active.size)
             propose_steps(active, targets, st, self.trial)
+            # a step onto the target starts at the double-double t + t_lo
+            landing = active[self.trial.landing[active] == 1]
+            self.trial.h[landing] -= self.t_lo[landing]
             need = active[self.flags[active, self.NEED_JAC] == 1]
             if need.size:
                 self._refresh_jacobians(need)
@@ -713,6 +714,8 @@ class DualIntegrator(Solver):
         hi, lo = two_sum.py_func(hi, lo + self.t_lo[seeds])
         st.t[seeds] = np.where(landed, st.t[seeds], hi)
         self.t_lo[seeds] = np.where(landed, 0.0, lo)
+        stopped = seeds[st.status[seeds] != RUNNING]  # stalled or max_steps in this step
+        st.t_stop[stopped] = st.t[stopped]
 
     def _finish(self, seeds, Z, sigma, sigma_lo, h_step, iterations, rate, targets):
         """Error estimate, accept or reject, and the new state of the accepted ``seeds`` (rows of
@@ -746,7 +749,8 @@ class DualIntegrator(Solver):
         again = np.flatnonzero((st.rejected[seeds] == 1) & ~(err <= 1.0) & np.isfinite(err))
         if again.size:
             sg = seeds[again]
-            theta1, _ = self.clock.evaluate(self.s[sg] + delta[again], rows=sg, s_lo=self.s_lo[sg])
+            moved, rounding = two_sum.py_func(self.s[sg], delta[again])  # delta may be < an ulp of s
+            theta1, _ = self.clock.evaluate(moved, rows=sg, s_lo=rounding + self.s_lo[sg])
             f1 = np.empty((again.size, n))
             self.products.residuals(theta1, sg, f1)
             st.nfev[sg] += 1

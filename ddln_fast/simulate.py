@@ -448,10 +448,25 @@ def _resume(config: Config, path: Path, progress, threads, on_checkpoint, stops)
             warnings.warn(f"resuming {path} with {'; '.join(mismatch)}: the rest of the run will not be "
                           f"bit-identical to an uninterrupted run", ResumeMismatchWarning, stacklevel=2)
         integrator = _make_integrator(config, problem, u0)
+        _check_saved_state(path, config, integrator, state)
         integrator.restore_state(state)
         writer = RunWriter.reopen(str(path), config.run.swmr)
         return _drive(config, integrator, CheckpointDiagnostics(config, problem), writer, times,
                       index + 1, progress, on_checkpoint, stops, resumed_from=index)
+
+
+def _check_saved_state(path, config: Config, integrator: Solver, state: dict) -> None:
+    """Refuse a file whose saved solver state is not the one this solver saves (written by a
+    version of ddln_fast whose solver keeps other arrays, e.g. the dual method before its
+    clocks became double-doubles): it cannot continue bit-identically, nor at all."""
+    expected = integrator.state_shapes()
+    differ = sorted(name for name in set(expected) | set(state)
+                    if name not in expected or name not in state
+                    or tuple(np.shape(state[name])) != tuple(expected[name][0]))
+    if differ:
+        raise InputError(f"{path}: its saved {config.integrator.method} state ({', '.join(differ)}) is not "
+                         f"what this version's solver keeps (the file was written by another version "
+                         f"of ddln_fast); it cannot be resumed: run it again without --resume")
 
 
 class OrthantWarning(UserWarning):

@@ -381,6 +381,27 @@ def test_activation_and_loss_decade_times_match_dop853():
     assert events.level[0] == level
 
 
+def test_loss_decade_times_in_the_s_form_match_dop853():
+    """d < n with noise: the loss has a floor (the part of y outside the range of X), which the
+    s-form adds to the loss of its d residuals; the decades above that floor are crossed at the
+    times a root search on DOP853's dense output of the layer flow finds (1e-7 relative)."""
+    from ddln_fast import simulate
+    from ddln_fast.events import read_events
+
+    config = dual_config({**TALL, "problem.noise": 0.01, "model.depth": 2, "model.init": "first_layer_zero",
+                          "model.alpha": 1e-3, "model.jitter": 0.0, "integrator.t_end": 60.0,
+                          "integrator.rtol": 1e-10, "run.seeds": 1})
+    run = simulate(config)
+    assert "s-form" in run.file.attrs["dual_state"]
+    events = read_events(run)
+    _, decades = reference_crossings(run.X, run.y, run.u0[0], 60.0, 0.3)
+    assert len(decades) >= 3, "the test needs loss decades above the floor"
+    # 1e-7: as the loss flattens towards its floor, a clock error moves the crossing further
+    for k, t in decades.items():
+        got = events.decade_time[0, list(events.decades).index(k)]
+        assert abs(got - t) <= 1e-7 * t, (k, got, t)
+
+
 def test_default_activation_level_is_a_fraction_of_the_predicted_limit():
     from ddln_fast import predict_limit, simulate
     from ddln_fast.events import ACTIVATION_FRACTION, read_events
@@ -417,6 +438,30 @@ def test_stop_then_resume_is_bit_identical(tmp_path, evaluations, data):
     resumed.run.close()
     assert resumed.resumed_from == 4
     assert_same_run_file(reference, out)
+
+
+def test_resuming_a_file_with_another_saved_state_is_refused(tmp_path):
+    """A run file whose saved solver state lacks arrays this version keeps (here: a dual run
+    written before its clocks and time became double-doubles, without s_lo and t_lo) cannot
+    continue: one InputError naming the arrays, and the file is left as it was."""
+    import h5py
+    from test_resume import stop_request
+
+    from ddln_fast.errors import InputError
+    from ddln_fast.simulate import run_simulation
+
+    config = dual_config({"model.depth": 3, "integrator.t_end": 50.0, "run.checkpoints": 6})
+    out = tmp_path / "old.h5"
+    run_simulation(config, out, threads=1, on_checkpoint=stop_request(2, 0)).run.close()
+    with h5py.File(out, "r+") as f:
+        for slot in f["state"].values():
+            for name in ("s_lo", "t_lo"):
+                if name in slot:
+                    del slot[name]
+    before = out.read_bytes()
+    with pytest.raises(InputError, match=r"saved dual state \(s_lo, t_lo\).*without --resume"):
+        run_simulation(config, out, resume=True, threads=1)
+    assert out.read_bytes() == before
 
 
 def test_extending_t_end_and_loss_tol_continues_the_dual_flow(tmp_path):
