@@ -413,8 +413,9 @@ def _resume(config: Config, path: Path, progress, threads, on_checkpoint, stops)
         changed = _extension(run.config, config, path)
         if run.committed == 0:
             return None
+        index, state = run.state()
+        stored_times = run.t
         if changed:
-            index, state = run.state()
             revive = _revivable(config, state, run.loss[-1], schedule[-1])
             if run.complete and not revive.any():
                 raise AlreadyComplete(f"{path} is complete and no seed was stopped by a limit that "
@@ -424,31 +425,32 @@ def _resume(config: Config, path: Path, progress, threads, on_checkpoint, stops)
                       "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         elif run.complete:
             raise AlreadyComplete(f"{path} is already complete: nothing to resume")
-    if changed:
-        extend_run(path, config, record, revive)
-    with open_h5(path) as f:
-        run = Run(f, str(path))
-        index, state = run.state()
-        stored_times = run.t
         problem = Problem(run.X, run.y, run.theta_star)
         u0 = run.u0
         stored_threads = int(f.attrs.get("threads", -1))
         stored_blas = str(f.attrs.get("blas", ""))
-    rest = schedule[schedule > stored_times[-1]]
-    if rest.size == 0 and np.any(state["status"] == RUNNING):  # continued seeds, same t_end
-        rest = schedule[-1:]
-    times = np.concatenate([stored_times, rest])
     n_threads = config.run.threads if threads is None else threads
     with limit_threads(n_threads) as used_threads:
         now = provenance(used_threads)
         mismatch = [f"threads {stored_threads} -> {used_threads}"] if stored_threads != used_threads else []
         if blas_identity(stored_blas) != blas_identity(now["blas"]):
             mismatch.append(f"BLAS {blas_identity(stored_blas)} -> {blas_identity(now['blas'])}")
+        integrator = _make_integrator(config, problem, u0)
+        # before the file is touched (an extension writes to it): refused, it stays as it was
+        _check_saved_state(path, config, integrator, state)
         if mismatch:
             warnings.warn(f"resuming {path} with {'; '.join(mismatch)}: the rest of the run will not be "
                           f"bit-identical to an uninterrupted run", ResumeMismatchWarning, stacklevel=2)
-        integrator = _make_integrator(config, problem, u0)
-        _check_saved_state(path, config, integrator, state)
+        if changed:
+            extend_run(path, config, record, revive)
+            with open_h5(path) as f:  # the continued seeds' status and the times it recorded
+                run = Run(f, str(path))
+                index, state = run.state()
+                stored_times = run.t
+        rest = schedule[schedule > stored_times[-1]]
+        if rest.size == 0 and np.any(state["status"] == RUNNING):  # continued seeds, same t_end
+            rest = schedule[-1:]
+        times = np.concatenate([stored_times, rest])
         integrator.restore_state(state)
         writer = RunWriter.reopen(str(path), config.run.swmr)
         return _drive(config, integrator, CheckpointDiagnostics(config, problem), writer, times,

@@ -462,6 +462,10 @@ def test_resuming_a_file_with_another_saved_state_is_refused(tmp_path):
     with pytest.raises(InputError, match=r"saved dual state \(s_lo, t_lo\).*without --resume"):
         run_simulation(config, out, resume=True, threads=1)
     assert out.read_bytes() == before
+    # also when the resume would extend the run (which writes to the file): refused first
+    with pytest.raises(InputError, match="cannot be resumed"):
+        run_simulation(config.with_overrides({"integrator.t_end": 80.0}), out, resume=True, threads=1)
+    assert out.read_bytes() == before
 
 
 def test_extending_t_end_and_loss_tol_continues_the_dual_flow(tmp_path):
