@@ -26,10 +26,13 @@ Families:
   (p = L, k = 1, sigma = product of the signs) and a half of theta = u^D - v^D (p = D, k = D).
 - ``EQ3``, ``EQ4``: unique smallest layer r, all other gaps equal to c^2: psi(r) = atan(r/c)/c
   and psi(r) = r / (c^2 sqrt(r^2 + c^2)), inverted in closed form.
+- ``ELLIPTIC3``: depth 3, unique smallest layer, other gaps g_1 < g_2 with g_2 / g_1 up to
+  ``clock_elliptic.RATIO_LIMIT`` (jittered depth 3): r = sqrt(g_1) sc(sqrt(g_2) w | 1 - g_1 / g_2)
+  through Jacobi's theta functions (:mod:`ddln_fast.clock_elliptic`).
 - ``TABLE``: unique smallest layer, any gaps: :func:`ddln_fast.clock_tables.table_magnitude`.
 - ``TIE``: mult >= 2 layers share the smallest |a| > 0: the table in log m.
 
-For the families with a smallest layer r (EQ3, EQ4, TABLE, TIE) the clock moves
+For the families with a smallest layer r (EQ3, EQ4, ELLIPTIC3, TABLE, TIE) the clock moves
 w = psi(r) linearly: w = psi0 - sigma s (TIE: T = T0 + sigma s), and the blow-up clocks B
 (normalized, double-double) give the distance rem = sigma (s - B) to the blow-up exactly,
 also for a clock passed as a double-double (s, s_lo): that is what resolves theta near the
@@ -43,6 +46,7 @@ import math
 import numpy as np
 from numba import njit
 
+from .clock_elliptic import elliptic_clock, elliptic_magnitude
 from .clock_series import INLINE_OPTIONS, dd_difference, two_product, two_sum
 from .clock_tables import table_clock, table_magnitude
 
@@ -54,7 +58,9 @@ EQ3 = 4
 EQ4 = 5
 TABLE = 6
 TIE = 7
-FAMILY_NAMES = ("frozen", "linear", "depth2", "power", "equal_gaps_3", "equal_gaps_4", "table", "tie")
+ELLIPTIC3 = 8
+FAMILY_NAMES = ("frozen", "linear", "depth2", "power", "equal_gaps_3", "equal_gaps_4", "table", "tie",
+                "elliptic_3")
 
 # float parameters of a half
 P_SCALE = 0      # f: true layer = normalized layer * f
@@ -68,8 +74,8 @@ P_BM_HI = 7      # blow-up clock where w = -b
 P_BM_LO = 8
 P_B = 9          # b (EQ/TABLE); DEPTH2: c
 P_C = 10         # c = sqrt(smallest positive gap); DEPTH2: sign(a + b)
-P_P = 11         # POWER: exponent p; DEPTH2: sign(a - b)
-P_K = 12         # POWER: clock factor k; DEPTH2: log2 f (an integer)
+P_P = 11         # POWER: exponent p; DEPTH2: sign(a - b); ELLIPTIC3: rho = (g_1 g_2)^(1/4)
+P_K = 12         # POWER: clock factor k; DEPTH2: log2 f (an integer); ELLIPTIC3: q^2
 P_SIGN = 13      # product of the signs of the layers other than j*
 N_FLOAT = 14
 
@@ -124,8 +130,8 @@ def normalized_clock(fp, row, s, s_lo):
 # ---------------------------------------------------------------------------------------------
 @njit(**INLINE_OPTIONS)
 def smallest_layer(family, ip, fp, row, ti, ts, tb, tp, s_hi, s_lo):
-    """Normalized signed smallest layer r at normalized clock (s_hi, s_lo) for EQ3, EQ4, TABLE
-    and TIE (TIE: sign(a_ref) m); +-inf once blown up."""
+    """Normalized signed smallest layer r at normalized clock (s_hi, s_lo) for EQ3, EQ4,
+    ELLIPTIC3, TABLE and TIE (TIE: sign(a_ref) m); +-inf once blown up."""
     sigma = fp[row, P_SIGMA]
     if family == TIE:
         rem = sigma * dd_difference(s_hi, s_lo, fp[row, P_BP_HI], fp[row, P_BP_LO])
@@ -143,6 +149,8 @@ def smallest_layer(family, ip, fp, row, ti, ts, tb, tp, s_hi, s_lo):
     rem = rem_plus if w >= 0.0 else rem_minus
     c = fp[row, P_C]
     b = fp[row, P_B]
+    if family == ELLIPTIC3:
+        return sign * elliptic_magnitude(w_abs, rem, b, fp[row, P_P], fp[row, P_K])
     if family == TABLE:
         return sign * table_magnitude(ti, ts, tb, tp, ip[row, I_TABLE], w_abs, rem)
     if family == EQ3:
@@ -188,7 +196,8 @@ def _singularity_distance(family, fp, row, r0, r):
 
 @njit(**INLINE_OPTIONS)
 def smallest_layer_outputs(family, ip, fp, lgap, row, r, s_hi, want_g):
-    """theta, h, G in true units from the normalized smallest layer r (EQ3, EQ4, TABLE, TIE)."""
+    """theta, h, G in true units from the normalized smallest layer r (EQ3, EQ4, ELLIPTIC3,
+    TABLE, TIE)."""
     f = fp[row, P_SCALE]
     sign_others = fp[row, P_SIGN]
     if math.isinf(r):
@@ -544,6 +553,8 @@ def half_clock_of(ip, fp, lgap, row, ti, ts, tb, tp, theta):
         q = math.sqrt(a * a + c * c)
         w_abs = a / (c * c * q)
         rem = 1.0 / (q * (q + a))
+    elif family == ELLIPTIC3:
+        w_abs, rem = elliptic_clock(a, b, fp[row, P_P], fp[row, P_K])
     else:
         w_abs, rem = table_clock(ti, ts, tb, tp, ip[row, I_TABLE], a)
     if w_abs <= 0.5 * b:

@@ -25,7 +25,8 @@ Usage::
 Every coordinate gets a family (see :mod:`ddln_fast.clock_families`): closed forms for depth 1
 and 2 (log-scaled: initializations down to 1e-300, or below through ``log_scale``), balanced
 layers, a unique smallest layer with equal other gaps at depth 3 and 4 (first layer zero, signed
-or not), frozen coordinates (two zero layers); tables built once per distinct normalized shape
+or not), or with any two other gaps at depth 3 (Jacobi's elliptic functions, up to a gap ratio
+of 1e4), frozen coordinates (two zero layers); tables built once per distinct normalized shape
 (:mod:`ddln_fast.clock_tables`) for a unique smallest layer with any gaps and for partial ties.
 Depth >= 3 blows up in finite clock time in both directions (balanced and tied layers: in one):
 ``blow_up`` gives those clocks and ``evaluate`` returns theta = +-inf, h = inf, G = -inf at and
@@ -61,6 +62,7 @@ import numpy as np
 from numba import njit
 
 from . import clock_families as fam
+from .clock_elliptic import RATIO_LIMIT, elliptic_clocks, elliptic_constants
 from .clock_kernels import clock_of_parallel, evaluate_parallel, layers_parallel
 from .clock_series import STRICT_OPTIONS, two_product, two_sum
 from .clock_tables import TIE, UNIQUE, TableSet, build_tables, table_clock
@@ -198,7 +200,7 @@ def _power_blow_up(fp, idx, sigma, k, p, lower, upper):
 
 
 def _pack_smallest_layer(u, absu, shift, idx, count_min, ip, fp, lsign, lgap, what, requests):
-    """EQ3 / EQ4 / TABLE / TIE coordinates ``idx`` (a smallest layer that moves)."""
+    """EQ3 / EQ4 / ELLIPTIC3 / TABLE / TIE coordinates ``idx`` (a smallest layer that moves)."""
     lh = u.shape[1]
     uu = u[idx]
     au = absu[idx]
@@ -237,6 +239,9 @@ def _pack_smallest_layer(u, absu, shift, idx, count_min, ip, fp, lsign, lgap, wh
     family = np.where(tie, fam.TIE, fam.TABLE)
     if lh == 3:
         family = np.where(equal, fam.EQ3, family)
+        with np.errstate(invalid="ignore"):
+            elliptic = ~tie & ~equal & (sorted_gaps[:, 1] <= RATIO_LIMIT * sorted_gaps[:, 0])
+        family = np.where(elliptic, fam.ELLIPTIC3, family)
     elif lh == 4:
         family = np.where(equal, fam.EQ4, family)
     ip[idx, fam.I_FAMILY] = family
@@ -265,6 +270,15 @@ def _pack_smallest_layer(u, absu, shift, idx, count_min, ip, fp, lsign, lgap, wh
                 rem = 1.0 / (q * (q + a))
             rem_lo = np.where(a > 0, 0.0, b_lo)
             _set_unique_clocks(fp, idx[sel], r0[sel], w, rem, b, rem_lo, b_lo)
+    sel = np.flatnonzero(family == fam.ELLIPTIC3)
+    if sel.size:
+        b, rho, q2 = elliptic_constants(sorted_gaps[sel, 0], sorted_gaps[sel, 1])
+        fp[idx[sel], fam.P_P] = rho
+        fp[idx[sel], fam.P_K] = q2
+        w = np.empty(sel.size)
+        rem = np.empty(sel.size)
+        elliptic_clocks(np.abs(r0[sel]), b, rho, q2, w, rem)
+        _set_unique_clocks(fp, idx[sel], r0[sel], w, rem, b)
 
 
 def _set_unique_clocks(fp, idx, r0, w_abs, rem, b, rem_lo=0.0, b_lo=0.0):
@@ -343,10 +357,10 @@ def _build_requested_tables(requests, what) -> TableSet:
 
 
 def _unique_blow_up(half: _Half):
-    """Blow-up clocks (true units) of the EQ3/EQ4/TABLE/TIE coordinates of a half."""
+    """Blow-up clocks (true units) of the EQ3/EQ4/ELLIPTIC3/TABLE/TIE coordinates of a half."""
     family = half.ip[:, fam.I_FAMILY]
     kappa = half.fp[:, fam.P_KAPPA]
-    unique = np.isin(family, (fam.EQ3, fam.EQ4, fam.TABLE))
+    unique = np.isin(family, (fam.EQ3, fam.EQ4, fam.ELLIPTIC3, fam.TABLE))
     bp = half.fp[:, fam.P_BP_HI] / kappa
     bm = half.fp[:, fam.P_BM_HI] / kappa
     half.lower[unique] = np.minimum(bp, bm)[unique]

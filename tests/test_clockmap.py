@@ -328,7 +328,7 @@ def test_jittered_signed_against_quadrature_and_dop853(depth):
     d = 8
     u0 = jittered(depth, d, seed=depth, zero_first=True)
     cm = ClockMap.from_layers(u0)
-    assert set(cm.family_counts()) == {"table"}
+    assert set(cm.family_counts()) == ({"elliptic_3"} if depth == 3 else {"table"})
     s = clock_points(cm, d, seed=depth)
     theta, h, G = evaluate_one(cm, s)
     layers = cm.layers(s[None])[0]
@@ -448,17 +448,56 @@ def test_double_double_clock_near_the_blow_up():
     assert np.all(theta == -np.inf) and np.all(h == np.inf) and np.all(G == -np.inf)
 
 
-def test_double_double_clock_smooth_for_tables():
-    """A jittered depth-4 coordinate near its upper blow-up: with the double-double clock, log
-    |theta| against log(distance) has the slope -L / (L - 2) of the exact tail."""
-    u0 = np.repeat(jittered(4, 1, seed=3), 9, axis=2)
+@pytest.mark.parametrize("depth, family", [(3, "elliptic_3"), (4, "table")])
+def test_double_double_clock_smooth_for_jittered_layers(depth, family):
+    """A jittered coordinate near its upper blow-up: with the double-double clock, log |theta|
+    against log(distance) has the slope -L / (L - 2) of the exact tail."""
+    u0 = np.repeat(jittered(depth, 1, seed=3), 9, axis=2)
     cm = ClockMap.from_layers(u0)
+    assert cm.family_counts() == {family: 9}
     hi, lo = cm.blow_up[1][0, 0], cm.blow_up_lo[1][0, 0]
     s_lo = lo - np.logspace(-26, -18, 9) * abs(hi)
     dist = lo - s_lo  # exact
     theta, _ = cm.evaluate(np.full((1, dist.size), hi), s_lo=s_lo[None])
     slope = np.diff(np.log(np.abs(theta[0]))) / np.diff(np.log(dist))
-    np.testing.assert_allclose(slope, -2.0, rtol=1e-12)
+    np.testing.assert_allclose(slope, -depth / (depth - 2), rtol=1e-12)
+
+
+@pytest.mark.parametrize("ratio", [1 + 1e-12, 1.3, 2.5, 100.0, 9.9e3])
+@pytest.mark.parametrize("r0", [0.0, 0.2, -0.35])
+def test_elliptic_depth_three_against_quadrature(ratio, r0):
+    """Depth 3, unique smallest layer r0, other gaps g_1 < g_2 = ratio g_1 (Jacobi's sc through
+    theta functions, up to the gap ratio where the tables take over): theta and h on both sides
+    of the middle and near both blow-ups, against quadrature; the clock of theta back."""
+    a2 = 0.5
+    a3 = math.sqrt(ratio * (a2 * a2 - r0 * r0) + r0 * r0)
+    layers = np.array([r0, -a2, a3])
+    cm = ClockMap.from_layers(layers[None, :, None] * np.ones((1, 1, 7)))
+    assert cm.family_counts() == {"elliptic_3": 7}
+    lower, upper = cm.blow_up
+    frac = np.array([-0.9999, -0.5, -1e-3, 1e-9, 0.2, 0.7, 0.9999])
+    s = np.where(frac > 0, frac * upper[0], -frac * lower[0])
+    theta, h, G = evaluate_one(cm, s)
+    for i in range(s.size):
+        ref_theta, ref_h, ref_g = quadrature_reference(layers, s[i])
+        dist = min(upper[0, i] - s[i], s[i] - lower[0, i])
+        cond = 1 + 3 * abs(s[i]) / dist
+        assert relative_error(theta[i], ref_theta) <= 1e-13 * cond, (i, theta[i], ref_theta)
+        assert relative_error(h[i], ref_h) <= 1e-13 * cond
+        assert abs(G[i] - ref_g) <= 1e-13 * cond * (abs(ref_g) + a2 ** 2)
+    back = cm.clock_of(theta[None])[0]
+    np.testing.assert_allclose(back, s, rtol=1e-12, atol=1e-15 * np.abs(s).max())
+
+
+def test_gap_ratios_beyond_the_elliptic_limit_use_tables():
+    layers = np.array([0.0, 0.01, 1.5])  # g_2 / g_1 = 22500
+    cm = ClockMap.from_layers(layers[None, :, None] * np.ones((1, 1, 2)))
+    assert cm.family_counts() == {"table": 2}
+    s = np.array([0.3, 0.999]) * cm.blow_up[1][0]
+    theta, h, _ = evaluate_one(cm, s)
+    for i in range(2):
+        ref_theta, ref_h, _ = quadrature_reference(layers, s[i])
+        assert relative_error(theta[i], ref_theta) <= 1e-13 * (1 + 3 * s[i] / (cm.blow_up[1][0, i] - s[i]))
 
 
 # ---------------------------------------------------------------------------------------------
