@@ -93,7 +93,8 @@ def _angle(t, q2):
         num, den, dnum, dden = theta_series(zeta, q2)
         step = (num - t * den) / (dnum - t * dden)
         zeta -= step
-        if abs(step) <= 1e-17 * zeta:
+        # a few ulps: converged (quadratically); a tighter bound waits for an exact zero
+        if abs(step) <= 4e-16 * zeta:
             break
     return zeta
 

@@ -307,6 +307,15 @@ def _invert_psi_gauss(w, x_max, gaps, L, c, gl_t, gl_w):
     return x
 
 
+@njit(**dict(STRICT_OPTIONS, inline="always"))
+def _max_or_inf(worst, estimate):
+    """max(worst, estimate), inf for a nan estimate (Numba's max drops a nan: a check point
+    whose residual cannot be formed must fail the panel, not pass it)."""
+    if estimate != estimate:
+        return np.inf
+    return max(worst, estimate)
+
+
 @njit(**STRICT_OPTIONS)
 def _first_panel(x1, gaps, L, c, cheb_i, nodes_i, gl_t, gl_w, vals, out_coef):
     """x(w) / w - 1 / f(0) as Chebyshev in u = w^2 on [0, psi(x1)^2] (the constant is taken out
@@ -327,7 +336,7 @@ def _first_panel(x1, gaps, L, c, cheb_i, nodes_i, gl_t, gl_w, vals, out_coef):
         w = math.sqrt(0.5 * w1 * w1 * (t + 1.0))
         x = w * (p0 + clenshaw(out_coef, t))
         residual = _psi_gauss(x, gaps, L, c, gl_t, gl_w) - w
-        worst = max(worst, abs(residual) / (_integrand(UNIQUE, x, gaps, L, 1, c) * x))
+        worst = _max_or_inf(worst, abs(residual) / (_integrand(UNIQUE, x, gaps, L, 1, c) * x))
     return w1, p0, worst
 
 
@@ -444,7 +453,7 @@ def _build_one(kind, L, mult, gaps, c, cheb_f, nodes_f, cheb_i, nodes_i, gl_t, g
             delta = clenshaw(acoef[:n_i], t)
             rem = _local_rem(e, delta, width, fwd, fwd_end, rem_b)
             f = _integrand(kind, y0 + e * width + delta, gaps, L, mult, c)
-            err = max(err, abs(math.log(rem * inv_ref) - eta) * rem / f)
+            err = _max_or_inf(err, abs(math.log(rem * inv_ref) - eta) * rem / f)
         err /= cond
         if err > INVERSE_TOLERANCE and d_lo - d_hi > MIN_SPLIT * width and n_stack + 2 <= stack.shape[0]:
             eta = 0.5 * span

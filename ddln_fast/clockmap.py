@@ -211,6 +211,13 @@ def _pack_smallest_layer(u, absu, shift, idx, count_min, ip, fp, lsign, lgap, wh
     rows = np.arange(idx.size)
     amin = an[rows, jstar]
     gaps = (an - amin[:, None]) * (an + amin[:, None])
+    # two distinct layers whose gap a_j^2 - a_min^2 leaves the normal range (layers within 1e-154
+    # of each other relative to the largest): the gap would count as a tie or lose its digits
+    lost = (an != amin[:, None]) & (gaps < np.finfo(np.float64).tiny)
+    if np.any(lost):
+        raise InputError(f"{what}: two layers of a coordinate differ by less than 1e-154 of its "
+                         f"largest layer (a_j^2 - a_min^2 below the float64 range); make them "
+                         f"equal (a tie) or further apart")
     positive = np.where(gaps > 0, gaps, np.inf)
     gmin = positive.min(axis=1)
     _, e = np.frexp(gmin)

@@ -489,15 +489,21 @@ def test_elliptic_depth_three_against_quadrature(ratio, r0):
     np.testing.assert_allclose(back, s, rtol=1e-12, atol=1e-15 * np.abs(s).max())
 
 
-def test_gap_ratios_beyond_the_elliptic_limit_use_tables():
-    layers = np.array([0.0, 0.01, 1.5])  # g_2 / g_1 = 22500
-    cm = ClockMap.from_layers(layers[None, :, None] * np.ones((1, 1, 2)))
-    assert cm.family_counts() == {"table": 2}
-    s = np.array([0.3, 0.999]) * cm.blow_up[1][0]
+@pytest.mark.parametrize("layers", [(0.0, 0.01, 1.5), (0.004, -0.01, 1.5)])
+def test_gap_ratios_beyond_the_elliptic_limit_use_tables(layers):
+    """g_2 / g_1 = 22500 and 26786 (signed, r0 != 0): depth-3 tables, both sides, both blow-ups."""
+    layers = np.array(layers)
+    cm = ClockMap.from_layers(layers[None, :, None] * np.ones((1, 1, 6)))
+    assert cm.family_counts() == {"table": 6}
+    lower, upper = cm.blow_up
+    frac = np.array([-0.999, -0.4, -1e-6, 0.3, 0.6, 0.999])
+    s = np.where(frac > 0, frac * upper[0], -frac * lower[0])
     theta, h, _ = evaluate_one(cm, s)
-    for i in range(2):
+    for i in range(s.size):
         ref_theta, ref_h, _ = quadrature_reference(layers, s[i])
-        assert relative_error(theta[i], ref_theta) <= 1e-13 * (1 + 3 * s[i] / (cm.blow_up[1][0, i] - s[i]))
+        cond = 1 + 3 * abs(s[i]) / min(upper[0, i] - s[i], s[i] - lower[0, i])
+        assert relative_error(theta[i], ref_theta) <= 1e-13 * cond, (i, theta[i], ref_theta)
+        assert relative_error(h[i], ref_h) <= 1e-13 * cond
 
 
 # ---------------------------------------------------------------------------------------------
@@ -676,6 +682,10 @@ def test_bregman_identity_along_the_clock_flow(depth):
     (dict(u0=np.full((1, 3, 2), np.nan)), "nan"),
     (dict(u0=np.ones((1, 3, 2)), power=3.0), "only meaningful"),
     (dict(u0=np.full((1, 3, 2), 1e-120) * np.array([[[0.0], [1.0], [1.5]]])), "clock scale"),
+    # a gap a_j^2 - a_min^2 of 4e-356 (relative to the largest layer) underflows: it used to be
+    # taken for a tie of unequal layers and gave theta = nan silently
+    (dict(u0=np.array([1e-170, 1e-170 * (1 + 2.0 ** -52), 1.0])[None, :, None] * np.ones((1, 1, 2))),
+     "differ by less than 1e-154"),
 ])
 def test_bad_input_is_one_line(kwargs, message):
     with pytest.raises(InputError) as err:
