@@ -22,7 +22,7 @@ The series are short: the family is used while g_2 / g_1 <= ``RATIO_LIMIT``, whe
 and the terms fall below rounding by n = 7 (for the usual jitters, q < 0.1: three terms).
 Larger ratios (a near tie of the two smallest layers) go to the tables of
 :mod:`ddln_fast.clock_tables`. Compared with a table, nothing is built per coordinate (a table
-costs 0.15-0.25 ms) and an evaluation is one sine and cosine plus a few products.
+costs 0.1-0.2 ms on one thread) and an evaluation is one sine and cosine plus a few products.
 """
 
 from __future__ import annotations
