@@ -135,6 +135,14 @@ def two_sum(a, b):
 
 
 @njit(**INLINE_OPTIONS)
+def dd_add(hi, lo, x):
+    """(hi + lo) + x as a renormalized double-double (s, e): two error-free two-sums, so that
+    an increment far below an ulp of hi is kept in e."""
+    s, e = two_sum(hi, x)
+    return two_sum(s, e + lo)
+
+
+@njit(**INLINE_OPTIONS)
 def two_product(a, b):
     """(p, e) with p = fl(a b) and p + e = a b exactly (Dekker's splitting, no FMA)."""
     p = a * b

@@ -63,7 +63,7 @@ from . import kernels, radau
 from .controller import (DIVERGED, LOSS_TOL, RUNNING, SeedState, Trial, control_for, control_steps,
                          first_trial_step, propose_steps, reject_steps, starting_step)
 from .errors import InputError
-from .clock_series import two_sum
+from .clock_series import dd_add, two_sum
 from .kernels import JIT_OPTIONS, STRICT_JIT_OPTIONS, call_by_size, serial_and_parallel
 from .threads import blas_for_products, hot_loop_serial_blas, kernel_threads
 from .problem import Problem
@@ -98,8 +98,7 @@ def _add_start(out, out_lo, start, start_lo, row_seeds, scale):
         r = item // d
         i = item - r * d
         seed = row_seeds[r]
-        hi, lo = two_sum(start[seed, i], scale * out[r, i])
-        out[r, i], out_lo[r, i] = two_sum(hi, lo + start_lo[seed, i])
+        out[r, i], out_lo[r, i] = dd_add(start[seed, i], start_lo[seed, i], scale * out[r, i])
 
 
 ADD_START_KERNELS = serial_and_parallel(_add_start, strict=True)
@@ -129,8 +128,7 @@ def _per_seed_clocks(X, Z, start, start_lo, row_seeds, inv_n, use_start, out, ou
         kernels.transposed_product(X[seed], Z[r], o)
         for i in range(d):
             if use_start:
-                hi, lo = two_sum(start[seed, i], inv_n * o[i])
-                o[i], out_lo[r, i] = two_sum(hi, lo + start_lo[seed, i])
+                o[i], out_lo[r, i] = dd_add(start[seed, i], start_lo[seed, i], inv_n * o[i])
             else:
                 o[i] = inv_n * o[i]
 
@@ -213,8 +211,7 @@ def _move_stage_clocks(increments, start, start_lo, seeds, sigma, sigma_lo):
         seed = seeds[r]
         for k in range(K):
             for i in range(d):
-                hi, lo = two_sum(start[seed, i], increments[r, k, i])
-                hi, lo = two_sum(hi, lo + start_lo[seed, i])
+                hi, lo = dd_add(start[seed, i], start_lo[seed, i], increments[r, k, i])
                 increments[r, k, i] = (hi - sigma[r, k, i]) + (lo - sigma_lo[r, k, i])
                 sigma[r, k, i] = hi
                 sigma_lo[r, k, i] = lo
@@ -710,7 +707,7 @@ class DualIntegrator(Solver):
         are smaller than an ulp of t, and the time must keep them (t_lo)."""
         st = self.state
         landed = self.trial.landing[seeds] == 1
-        hi, lo = two_sum.py_func(t_old, h_step)
+        hi, lo = two_sum.py_func(t_old, h_step)  # clock_series.dd_add, on arrays
         hi, lo = two_sum.py_func(hi, lo + self.t_lo[seeds])
         st.t[seeds] = np.where(landed, st.t[seeds], hi)
         self.t_lo[seeds] = np.where(landed, 0.0, lo)
