@@ -58,8 +58,16 @@ def _evaluate_items(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sig
     """theta, h (and G if ``want_g``) at the clocks s of the given rows, into (m, d) arrays."""
     d = s.shape[1]
     n_halves = half_sign.shape[0]
-    for item in range(start, stop):
-        a, i, seed = _item(item, d, rows)
+    if start >= stop:
+        return
+    # (row, coordinate) advanced by counting: a 64-bit division per item cost 3.5 ns of the
+    # 27-37 ns of a closed-form coordinate
+    a, i, seed = _item(start, d, rows)
+    for _ in range(start, stop):
+        if i == d:
+            a += 1
+            i = 0
+            seed = rows[a]
         th = 0.0
         hh = 0.0
         gg = 0.0
@@ -75,6 +83,7 @@ def _evaluate_items(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sig
         h[a, i] = hh
         if want_g:
             G[a, i] = gg
+        i += 1
 
 
 @njit(**KERNEL_OPTIONS)
