@@ -53,11 +53,14 @@ def _item(item, d, rows):
 
 
 @njit(**KERNEL_OPTIONS)
-def _evaluate_items(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, want_g, theta, h, G,
-                    start, stop):
-    """theta, h (and G if ``want_g``) at the clocks s of the given rows, into (m, d) arrays."""
+def _evaluate_items(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, skip, want_g, theta, h,
+                    G, start, stop):
+    """theta, h (and G if ``want_g``) at the clocks s of the given rows, into (m, d) arrays;
+    coordinates i of seed k with skip[k d + i] != 0 are left as they are (``skip`` of size 0:
+    none; :mod:`ddln_fast.clock_fast` has filled them)."""
     d = s.shape[1]
     n_halves = half_sign.shape[0]
+    skipping = skip.shape[0] > 0
     if start >= stop:
         return
     # (row, coordinate) advanced by counting: a 64-bit division per item cost 3.5 ns of the
@@ -68,6 +71,9 @@ def _evaluate_items(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sig
             a += 1
             i = 0
             seed = rows[a]
+        if skipping and skip[seed * d + i] != 0:
+            i += 1
+            continue
         th = 0.0
         hh = 0.0
         gg = 0.0
@@ -176,19 +182,20 @@ def _sum_clock_of(ip, fp, lgap, first_row, stride, ti, ts, tb, tp, half_sign, lo
 
 
 @njit(**KERNEL_OPTIONS)
-def evaluate_serial(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, want_g, theta, h, G):
-    _evaluate_items(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, want_g, theta, h, G,
+def evaluate_serial(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, skip, want_g, theta, h, G):
+    _evaluate_items(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, skip, want_g, theta, h, G,
                     np.int64(0), s.size)
 
 
 @njit(**PARALLEL_OPTIONS)
-def evaluate_parallel(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, want_g, theta, h, G):
+def evaluate_parallel(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, skip, want_g, theta, h, G):
     n = s.size
     if n < SERIAL_CLOCK_ITEMS:
-        _evaluate_items(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, want_g, theta, h, G, np.int64(0), n)
+        _evaluate_items(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, skip, want_g, theta, h, G,
+                        np.int64(0), n)
         return
     for block in prange((n + BLOCK - 1) // BLOCK):
-        _evaluate_items(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, want_g, theta, h, G,
+        _evaluate_items(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, skip, want_g, theta, h, G,
                         block * BLOCK, min(n, (block + 1) * BLOCK))
 
 

@@ -43,8 +43,10 @@ compiled per-seed loop) or ``evaluate_parallel`` (from Python; small calls stay 
 the loop::
 
     p = cm.packed
-    evaluate_serial(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, want_g,
+    evaluate_serial(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, skip, want_g,
                     theta, h, G)
+
+(``skip``: a uint8 mask of coordinates to leave alone, ``NO_SKIP`` for none.)
 
 Accuracy (measured in the tests against DOP853 at rtol 1e-13, scipy quad, and closed forms):
 theta and h to about 1e-14 relative, G to about 1e-14 relative (to eps (r0^2 + r^2) absolute
@@ -62,11 +64,15 @@ import numpy as np
 from numba import njit
 
 from . import clock_families as fam
+from . import clock_fast
 from .clock_elliptic import RATIO_LIMIT, elliptic_clocks, elliptic_constants
 from .clock_kernels import clock_of_parallel, evaluate_parallel, layers_parallel
 from .clock_series import STRICT_OPTIONS, two_product, two_sum
 from .clock_tables import TIE, UNIQUE, TableSet, build_tables, table_clock
 from .errors import InputError
+
+#: the general loop's coordinate mask when it evaluates every coordinate
+NO_SKIP = np.zeros(0, dtype=np.uint8)
 
 PARAMETRIZATIONS = ("product", "difference", "power")
 #: depth >= 3: the normalized clock scale alpha^(L-2) must lie within 10^(+-CLOCK_DECADES)
@@ -442,6 +448,9 @@ class ClockMap:
         self.blow_up_lo = (lower_lo, upper_lo)
         self.layer_count = u0.shape[1]
         self.theta0 = self._theta_from_layers(u0)
+        #: the arrays of the SIMD path (:mod:`ddln_fast.clock_fast`): None until the first
+        #: evaluation, False where it does not apply
+        self._fast = None
 
     def _theta_from_layers(self, u0):
         if self.parametrization == "power":
@@ -607,10 +616,26 @@ class ClockMap:
         want_g = G is not None and G is not False
         theta = self._out(theta, s.shape)
         h = self._out(h, s.shape)
+        skip = NO_SKIP
+        if not want_g and self.fast_path:
+            P, gap_a, gap_b, eligible, every = self._fast
+            clock_fast.evaluate_parallel(s, s_lo, rows, P, gap_a, gap_b, theta, h)
+            if every:
+                return theta, h
+            skip = eligible
         G_out = self._out(G, s.shape) if want_g else theta
         p = self.packed
-        evaluate_parallel(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, want_g, theta, h, G_out)
+        evaluate_parallel(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, skip, want_g, theta,
+                          h, G_out)
         return (theta, h, G_out) if want_g else (theta, h)
+
+    @property
+    def fast_path(self) -> bool:
+        """Whether theta and h are evaluated by the SIMD loop of :mod:`ddln_fast.clock_fast`
+        (every coordinate depth-3 elliptic with a short series)."""
+        if self._fast is None:
+            self._fast = clock_fast.elliptic_arrays(self.packed) or False
+        return self._fast is not False
 
     def layers(self, s, rows=None, s_lo=None, out=None) -> np.ndarray:
         """The layers at clocks s: shape (m, L', d) with L' = L (product), 2L (difference,

@@ -478,15 +478,25 @@ def test_elliptic_depth_three_against_quadrature(ratio, r0):
     frac = np.array([-0.9999, -0.5, -1e-3, 1e-9, 0.2, 0.7, 0.9999])
     s = np.where(frac > 0, frac * upper[0], -frac * lower[0])
     theta, h, G = evaluate_one(cm, s)
+    # theta and h alone go through the SIMD loop (clock_fast)
+    assert cm.fast_path
+    theta_f, h_f = evaluate_one(cm, s, want_g=False)
     for i in range(s.size):
         ref_theta, ref_h, ref_g = quadrature_reference(layers, s[i])
         dist = min(upper[0, i] - s[i], s[i] - lower[0, i])
         cond = 1 + 3 * abs(s[i]) / dist
-        assert relative_error(theta[i], ref_theta) <= 1e-13 * cond, (i, theta[i], ref_theta)
-        assert relative_error(h[i], ref_h) <= 1e-13 * cond
+        for got_theta, got_h in ((theta[i], h[i]), (theta_f[i], h_f[i])):
+            assert relative_error(got_theta, ref_theta) <= 1e-13 * cond, (i, got_theta, ref_theta)
+            assert relative_error(got_h, ref_h) <= 1e-13 * cond
         assert abs(G[i] - ref_g) <= 1e-13 * cond * (abs(ref_g) + a2 ** 2)
     back = cm.clock_of(theta[None])[0]
     np.testing.assert_allclose(back, s, rtol=1e-12, atol=1e-15 * np.abs(s).max())
+    # at and beyond both blow-ups: infinite, with the sign of the side
+    edges = np.array([upper[0, 0], 2 * upper[0, 0], lower[0, 0], 2 * lower[0, 0], 0.0, 0.0, 0.0])
+    theta_e, h_e = evaluate_one(cm, edges, want_g=False)
+    sign = np.sign(theta_f[-1])  # the sign theta takes towards the upper blow-up
+    assert np.all(theta_e[:2] == sign * np.inf) and np.all(theta_e[2:4] == -sign * np.inf)
+    assert np.all(h_e[:4] == np.inf) and np.all(np.isfinite(theta_e[4:]))
 
 
 @pytest.mark.parametrize("layers", [(0.0, 0.01, 1.5), (0.004, -0.01, 1.5)])
@@ -709,8 +719,9 @@ CONTRACT_SCRIPT = """
 import json
 import numpy as np
 from numba.core.runtime import rtsys
+from ddln_fast import clock_fast as cf
 from ddln_fast import clock_kernels as ck
-from ddln_fast.clockmap import ClockMap
+from ddln_fast.clockmap import NO_SKIP, ClockMap
 
 rng = np.random.default_rng(0)
 u0 = 0.3 * (1 + 0.2 * rng.standard_normal((3, 4, 50)))
@@ -727,10 +738,21 @@ for name, cm in [("product", ClockMap.from_layers(u0)),
     theta, h, G = np.empty_like(s), np.empty_like(s), np.empty_like(s)
     layers = np.empty((3, p.lsign.shape[1] * p.half_sign.size, 50))
     calls = [
-        (ck.evaluate_serial, (s, z, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, True, theta, h, G)),
-        (ck.evaluate_parallel, (s, z, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, True, theta, h, G)),
+        (ck.evaluate_serial, (s, z, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, NO_SKIP, True, theta,
+                              h, G)),
+        (ck.evaluate_parallel, (s, z, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, NO_SKIP, True,
+                                theta, h, G)),
         (ck.layers_serial, (s, z, rows, p.ip, p.fp, p.lsign, p.lgap, p.lzero, *p.tab, p.half_sign, layers)),
     ]
+    if name == "product":  # the SIMD loop of depth-3 elliptic maps
+        u3 = 0.3 * (1 + 0.1 * rng.standard_normal((3, 3, 1000)))
+        u3[:, 0] = 0.0
+        fast = ClockMap.from_layers(u3)
+        assert fast.fast_path
+        s3 = 0.3 * fast.blow_up[1]
+        big = [np.zeros_like(s3), np.empty_like(s3), np.empty_like(s3)]
+        calls += [(fn, (s3, big[0], rows, *fast._fast[:3], big[1], big[2]))
+                  for fn in (cf.evaluate_serial, cf.evaluate_parallel)]
     for fn, args in calls:
         fn(*args)  # compile
         before = rtsys.get_allocation_stats().alloc
@@ -740,6 +762,7 @@ for name, cm in [("product", ClockMap.from_layers(u0)),
         arrays = sum(isinstance(a, np.ndarray) for a in args)
         results[name + ":" + fn.__name__ + str(id(fn) % 7)] = inside - arrays
 sigs = {n: len(getattr(ck, n).signatures) for n in ("evaluate_serial", "evaluate_parallel", "layers_serial")}
+sigs.update({"fast_" + n: len(getattr(cf, n).signatures) for n in ("evaluate_serial", "evaluate_parallel")})
 print(json.dumps(dict(excess=results, signatures=sigs)))
 """
 
@@ -768,7 +791,9 @@ def test_large_calls_run_the_same_loop_on_blocks(parametrization):
     """Calls of at least threads.SERIAL_CLOCK_ITEMS items go through the threaded blocks of the parallel entry
     points: every output equals the single-threaded loop's bitwise (a block boundary that skips
     or repeats an item, or a wrong row, would show)."""
+    from ddln_fast import clock_fast as cf
     from ddln_fast import clock_kernels as ck
+    from ddln_fast.clockmap import NO_SKIP
 
     rng = np.random.default_rng(3)
     u0 = 0.1 * (1 + 0.1 * rng.standard_normal((6, 3, 701)))
@@ -784,9 +809,18 @@ def test_large_calls_run_the_same_loop_on_blocks(parametrization):
     zero = np.zeros_like(s)
     theta, h, G = cm.evaluate(s, G=True)
     expected = [np.full_like(s, np.nan) for _ in range(3)]
-    ck.evaluate_serial(s, zero, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, True, *expected)
+    ck.evaluate_serial(s, zero, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, NO_SKIP, True, *expected)
     for got, want in zip((theta, h, G), expected):
         np.testing.assert_array_equal(got, want)
+    if parametrization == "product":  # theta and h alone: the SIMD loop, then the general one
+        assert cm.fast_path
+        P, gap_a, gap_b, eligible, _ = cm._fast
+        fast = [np.full_like(s, np.nan) for _ in range(2)]
+        cf.evaluate_serial(s, zero, rows, P, gap_a, gap_b, *fast)
+        ck.evaluate_serial(s, zero, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, eligible, False,
+                           *fast, fast[0])
+        for got, want in zip(cm.evaluate(s), fast):
+            np.testing.assert_array_equal(got, want)
     layers = cm.layers(s)
     want_layers = np.full_like(layers, np.nan)
     ck.layers_serial(s, zero, rows, p.ip, p.fp, p.lsign, p.lgap, p.lzero, *p.tab, p.half_sign, want_layers)
