@@ -58,6 +58,7 @@ from __future__ import annotations
 import numpy as np
 import numba
 from numba import njit, prange
+from scipy.linalg.blas import dsyrk
 
 from . import kernels, radau
 from .controller import (DIVERGED, LOSS_TOL, RUNNING, SeedState, Trial, control_for, control_steps,
@@ -343,12 +344,14 @@ class DualProducts:
         return np.finfo(np.float64).eps * np.broadcast_to(rate, (seeds, self.d)).copy()
 
     def jacobian_matrices(self, h, seeds, out):
-        """out[a] = M diag(h[a]) M^T / n of seed ``seeds[a]`` (the negative Jacobian A), shape
-        (m, rows, rows)."""
+        """The lower triangle of out[a] = M diag(h[a]) M^T / n of seed ``seeds[a]`` (the negative
+        Jacobian A; h >= 0), shape (m, rows, rows): a symmetric rank-k update of M diag(sqrt h),
+        which costs two thirds of a general product (0.25 against 0.40 ms at n = 100,
+        d = 1000); the upper triangle is not filled (eigh reads the lower one)."""
         for a, seed in enumerate(seeds):
             X = self.X[seed] if self.per_seed else self.X
-            np.matmul(X * h[a], X.T, out=out[a])
-            out[a] *= self.inv_n
+            # (X sqrt(h))^T is Fortran-ordered as it stands: syrk takes it without a copy
+            out[a] = dsyrk(self.inv_n, (X * np.sqrt(h[a])).T, trans=1, lower=1)
         return out
 
 
@@ -523,7 +526,7 @@ class DualIntegrator(Solver):
         A = np.empty((seeds.size, self.n, self.n))
         with hot_loop_serial_blas():  # per-seed n x n algebra (see threads.blas_for_products)
             self.products.jacobian_matrices(h, seeds, A)
-            lam, V = np.linalg.eigh(A)
+            lam, V = np.linalg.eigh(A, UPLO="L")
         # A is positive semidefinite: eigenvalues below zero are rounding
         self.lam[seeds] = np.maximum(lam, 0.0)
         self.V[seeds] = V

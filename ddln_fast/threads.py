@@ -187,10 +187,12 @@ _HOT_LOOP_CONTROLLER = None
 def hot_loop_serial_blas():
     """One BLAS thread, as a context manager cheap enough for a solver's inner loop (11 us
     against 1.1 ms for :func:`serial_blas`, which looks up the loaded libraries every time):
-    it limits the BLAS libraries loaded at its first use, which include numpy's, the only BLAS
-    the solvers call."""
+    it limits the BLAS libraries loaded at its first use: numpy's, and scipy's (loaded here
+    first), the two the solvers call (the dual method's Jacobians use scipy's syrk)."""
     global _HOT_LOOP_CONTROLLER
     if _HOT_LOOP_CONTROLLER is None:
+        import scipy.linalg.blas  # noqa: F401  (scipy's OpenBLAS, a library of its own: see above)
+
         _HOT_LOOP_CONTROLLER = threadpoolctl.ThreadpoolController()
     return _HOT_LOOP_CONTROLLER.limit(limits=1, user_api="blas")
 
