@@ -1,4 +1,4 @@
-"""The clock map evaluated with SIMD instructions where every coordinate is depth-3 elliptic.
+"""The clock map evaluated with SIMD instructions where its coordinates are depth-3 elliptic.
 
 That is the commonest map of the dual method: a depth-3 product whose layers are jittered or
 signed (a unique smallest layer, other gaps not near a tie; :mod:`ddln_fast.clock_elliptic`).

@@ -632,7 +632,8 @@ class ClockMap:
     @property
     def fast_path(self) -> bool:
         """Whether theta and h are evaluated by the SIMD loop of :mod:`ddln_fast.clock_fast`
-        (every coordinate depth-3 elliptic with a short series)."""
+        (a one-half map with at least half its coordinates depth-3 elliptic; the general loop
+        then does the others)."""
         if self._fast is None:
             self._fast = clock_fast.elliptic_arrays(self.packed) or False
         return self._fast is not False
