@@ -26,6 +26,7 @@ import pytest
 from scipy.integrate import quad, solve_ivp
 from scipy.optimize import brentq
 
+from ddln_fast import clock_families
 from ddln_fast.clockmap import ClockMap
 from ddln_fast.errors import InputError
 
@@ -497,6 +498,37 @@ def test_elliptic_depth_three_against_quadrature(ratio, r0):
     sign = np.sign(theta_f[-1])  # the sign theta takes towards the upper blow-up
     assert np.all(theta_e[:2] == sign * np.inf) and np.all(theta_e[2:4] == -sign * np.inf)
     assert np.all(h_e[:4] == np.inf) and np.all(np.isfinite(theta_e[4:]))
+
+
+def test_mostly_elliptic_map_mixes_both_loops():
+    """A depth-3 map whose coordinates are mostly elliptic but not all (balanced, equal gaps,
+    two zero layers, a near tie on a table): theta and h alone take the SIMD loop for the
+    elliptic ones and the general loop for the others. The others equal the general loop's
+    values bitwise (the same code), the elliptic ones to quadrature."""
+    rng = np.random.default_rng(11)
+    u0 = 0.4 * (1 + 0.1 * rng.standard_normal((2, 3, 40)))
+    u0 *= np.where(rng.random((2, 3, 40)) < 0.3, -1.0, 1.0)
+    u0[:, :, 0] = 0.4                       # balanced
+    u0[:, :, 1] = [0.0, 0.3, -0.3]          # first layer zero, equal gaps
+    u0[:, :2, 2] = 0.0                      # two zero layers: frozen
+    u0[:, :, 3] = [0.01, 0.01 + 1e-5, 0.5]  # the two smallest layers nearly tied: a table
+    cm = ClockMap.from_layers(u0)
+    counts = cm.family_counts()
+    assert counts == {"elliptic_3": 72, "power": 2, "equal_gaps_3": 2, "frozen": 2, "table": 2}, counts
+    assert cm.fast_path
+    lower, upper = cm.blow_up
+    frac = rng.uniform(-0.999, 0.999, (2, 40))
+    s = np.where(frac > 0, frac * np.minimum(upper, 1e3), -frac * np.maximum(lower, -1e3))
+    theta, h = cm.evaluate(s)
+    theta_g, h_g, _ = cm.evaluate(s, G=True)  # the general loop for every coordinate
+    others = cm.family[:, 0] != clock_families.ELLIPTIC3
+    np.testing.assert_array_equal(theta[others], theta_g[others])
+    np.testing.assert_array_equal(h[others], h_g[others])
+    for k, i in [(0, 5), (0, 17), (1, 4), (1, 39)]:
+        ref_theta, ref_h, _ = quadrature_reference(u0[k, :, i], s[k, i])
+        cond = 1 + 3 * abs(s[k, i]) / min(upper[k, i] - s[k, i], s[k, i] - lower[k, i])
+        assert relative_error(theta[k, i], ref_theta) <= 1e-13 * cond
+        assert relative_error(h[k, i], ref_h) <= 1e-13 * cond
 
 
 @pytest.mark.parametrize("layers", [(0.0, 0.01, 1.5), (0.004, -0.01, 1.5)])
