@@ -619,6 +619,11 @@ class ClockMap:
         skip = NO_SKIP
         if not want_g and self.fast_path:
             P, gap_a, gap_b, eligible, every = self._fast
+            if not every and any(np.may_share_memory(out, x) for out in (theta, h) for x in (s, s_lo)):
+                # the general loop reads the clocks of the coordinates it does after the SIMD
+                # loop has written every coordinate's outputs: an output over the clocks
+                # (evaluate in place) needs the clocks kept
+                s, s_lo = s.copy(), s_lo.copy()
             clock_fast.evaluate_parallel(s, s_lo, rows, P, gap_a, gap_b, theta, h)
             if every:
                 return theta, h

@@ -524,6 +524,11 @@ def test_mostly_elliptic_map_mixes_both_loops():
     others = cm.family[:, 0] != clock_families.ELLIPTIC3
     np.testing.assert_array_equal(theta[others], theta_g[others])
     np.testing.assert_array_equal(h[others], h_g[others])
+    # in place (theta over the clocks, h over their low-order parts): the same
+    clocks, low = s.copy(), np.zeros_like(s)
+    cm.evaluate(clocks, theta=clocks, h=low, s_lo=low)
+    np.testing.assert_array_equal(clocks, theta)
+    np.testing.assert_array_equal(low, h)
     for k, i in [(0, 5), (0, 17), (1, 4), (1, 39)]:
         ref_theta, ref_h, _ = quadrature_reference(u0[k, :, i], s[k, i])
         cond = 1 + 3 * abs(s[k, i]) / min(upper[k, i] - s[k, i], s[k, i] - lower[k, i])
