@@ -43,10 +43,10 @@ MAX_TERMS = 9
 
 
 @njit(**INLINE_OPTIONS)
-def theta_series(zeta, q2):
-    """(N, D, N', D') at zeta (see the module docstring; q2 = q^2)."""
-    s1 = math.sin(zeta)
-    c1 = math.cos(zeta)
+def theta_sums(s1, c1, q2, terms, stop_below_rounding):
+    """(N, D, N', D') from s1 = sin zeta and c1 = cos zeta (q2 = q^2), with the terms
+    n = 1 .. ``terms`` after the first; ``stop_below_rounding``: stop once they fall below
+    SERIES_FLOOR (False keeps a fixed length, for a loop that must not branch)."""
     # rotation by 2 zeta, from (2n-1) zeta to (2n+1) zeta
     s2 = 2.0 * s1 * c1
     c2 = (c1 - s1) * (c1 + s1)
@@ -56,11 +56,11 @@ def theta_series(zeta, q2):
     step = 1.0
     coef = 1.0
     sign = 1.0
-    for n in range(1, MAX_TERMS):
+    for n in range(1, terms + 1):
         step *= q2          # q^(2n)
         coef *= step        # q^(n(n+1))
         odd = 2.0 * n + 1.0
-        if coef * odd < SERIES_FLOOR:
+        if stop_below_rounding and coef * odd < SERIES_FLOOR:
             break
         sin_k, cos_k = sin_k * c2 + cos_k * s2, cos_k * c2 - sin_k * s2
         sign = -sign
@@ -69,6 +69,12 @@ def theta_series(zeta, q2):
         dnum += sign * coef * odd * cos_k
         dden -= coef * odd * sin_k
     return num, den, dnum, dden
+
+
+@njit(**INLINE_OPTIONS)
+def theta_series(zeta, q2):
+    """(N, D, N', D') at zeta (see the module docstring; q2 = q^2)."""
+    return theta_sums(math.sin(zeta), math.cos(zeta), q2, MAX_TERMS - 1, True)
 
 
 @njit(**INLINE_OPTIONS)

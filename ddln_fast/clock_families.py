@@ -47,7 +47,7 @@ import numpy as np
 from numba import njit
 
 from .clock_elliptic import elliptic_clock, elliptic_magnitude
-from .clock_series import INLINE_OPTIONS, dd_difference, two_product, two_sum
+from .clock_series import INLINE_OPTIONS, dd_difference, dd_scale
 from .clock_tables import table_clock, table_magnitude
 
 FROZEN = 0
@@ -120,9 +120,17 @@ def _scaled_exp(log_mag, two_k):
 @njit(**INLINE_OPTIONS)
 def normalized_clock(fp, row, s, s_lo):
     """kappa (s + s_lo) as a double-double (hi, lo)."""
-    kappa = fp[row, P_KAPPA]
-    hi, lo = two_product(s, kappa)
-    return two_sum(hi, lo + s_lo * kappa)
+    return dd_scale(s, s_lo, fp[row, P_KAPPA])
+
+
+@njit(**INLINE_OPTIONS)
+def clock_distances(s_hi, s_lo, sigma, bp_hi, bp_lo, bm_hi, bm_lo, w0):
+    """(rem_plus, rem_minus, w) at the normalized clock (s_hi, s_lo) of a unique smallest layer:
+    the distances to the blow-ups at w = +b and w = -b (exact leading differences of the
+    double-doubles) and the clock coordinate w = psi0 - sigma s."""
+    rem_plus = sigma * dd_difference(s_hi, s_lo, bp_hi, bp_lo)
+    rem_minus = sigma * dd_difference(bm_hi, bm_lo, s_hi, s_lo)
+    return rem_plus, rem_minus, (w0 - sigma * s_hi) - sigma * s_lo
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,13 +145,12 @@ def smallest_layer(family, ip, fp, row, ti, ts, tb, tp, s_hi, s_lo):
         rem = sigma * dd_difference(s_hi, s_lo, fp[row, P_BP_HI], fp[row, P_BP_LO])
         sign = 1.0 if fp[row, P_R0] > 0 else -1.0
         return sign * table_magnitude(ti, ts, tb, tp, ip[row, I_TABLE], 0.0, rem)
-    rem_plus = sigma * dd_difference(s_hi, s_lo, fp[row, P_BP_HI], fp[row, P_BP_LO])
-    rem_minus = sigma * dd_difference(fp[row, P_BM_HI], fp[row, P_BM_LO], s_hi, s_lo)
+    rem_plus, rem_minus, w = clock_distances(s_hi, s_lo, sigma, fp[row, P_BP_HI], fp[row, P_BP_LO],
+                                             fp[row, P_BM_HI], fp[row, P_BM_LO], fp[row, P_W0])
     if rem_plus <= 0.0:
         return np.inf
     if rem_minus <= 0.0:
         return -np.inf
-    w = (fp[row, P_W0] - sigma * s_hi) - sigma * s_lo
     sign = 1.0 if w >= 0.0 else -1.0
     w_abs = abs(w)
     rem = rem_plus if w >= 0.0 else rem_minus

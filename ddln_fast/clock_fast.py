@@ -5,7 +5,9 @@ signed (a unique smallest layer, other gaps not near a tie; :mod:`ddln_fast.cloc
 The general loop of :mod:`ddln_fast.clock_kernels` serves every family, and a SIMD unit can run
 none of what that takes: a branch on the family of each coordinate, its parameters read from one
 row of the packed arrays, the C library's sine and cosine, and a theta series stopped once its
-terms fall below rounding. Here the same arithmetic is written for one family only:
+terms fall below rounding. Here the same arithmetic (the same helpers: the clock distances of
+:mod:`ddln_fast.clock_families`, the theta sums of :mod:`ddln_fast.clock_elliptic`) runs for
+one family only:
 
 - the parameters one array each (structure of arrays, rows seed * d + coordinate);
 - branch-free: both sides of the middle and both blow-ups by selects;
@@ -33,9 +35,10 @@ import numpy as np
 from numba import njit, prange
 
 from . import clock_families as fam
-from .clock_elliptic import HALF_PI, SERIES_FLOOR
+from .clock_elliptic import HALF_PI, SERIES_FLOOR, theta_sums
+from .clock_families import clock_distances
 from .clock_kernels import KERNEL_OPTIONS, PARALLEL_OPTIONS
-from .clock_series import INLINE_OPTIONS, dd_difference, two_product, two_sum
+from .clock_series import INLINE_OPTIONS, dd_scale
 from .threads import SERIAL_CLOCK_ITEMS
 
 #: theta-series terms after the first (n = 1 .. TERMS)
@@ -86,13 +89,9 @@ def _rows(s, s_lo, rows, P, gap_a, gap_b, theta, h, first, last):
         for i in range(d):
             k = base + i
             # the normalized double-double clock and the distances to both blow-ups
-            kappa = kappa_[k]
-            hi, lo = two_product(s_a[i], kappa)
-            s_hi, s_ln = two_sum(hi, lo + s_lo_a[i] * kappa)
-            sigma = sigma_[k]
-            rem_plus = sigma * dd_difference(s_hi, s_ln, bp_hi_[k], bp_lo_[k])
-            rem_minus = sigma * dd_difference(bm_hi_[k], bm_lo_[k], s_hi, s_ln)
-            w = (w0_[k] - sigma * s_hi) - sigma * s_ln
+            s_hi, s_ln = dd_scale(s_a[i], s_lo_a[i], kappa_[k])
+            rem_plus, rem_minus, w = clock_distances(s_hi, s_ln, sigma_[k], bp_hi_[k], bp_lo_[k], bm_hi_[k],
+                                                     bm_lo_[k], w0_[k])
             sign = 1.0 if w >= 0.0 else -1.0
             w_abs = abs(w)
             rem = rem_plus if w >= 0.0 else rem_minus
@@ -100,21 +99,7 @@ def _rows(s, s_lo, rows, P, gap_a, gap_b, theta, h, first, last):
             middle = w_abs <= 0.5 * b
             # r = rho N / D at zeta = (pi / 2) w / b, or rho D / N at (pi / 2) rem / b
             s1, c1 = sin_cos(HALF_PI * ((w_abs if middle else rem) / b))
-            q2 = q2_[k]
-            s2 = 2.0 * s1 * c1
-            c2 = (c1 - s1) * (c1 + s1)
-            num, den = s1, c1
-            sin_k, cos_k = s1, c1
-            step = 1.0
-            coef = 1.0
-            alternate = 1.0
-            for _ in range(TERMS):
-                step *= q2
-                coef *= step
-                sin_k, cos_k = sin_k * c2 + cos_k * s2, cos_k * c2 - sin_k * s2
-                alternate = -alternate
-                num += alternate * coef * sin_k
-                den += coef * cos_k
+            num, den, _, _ = theta_sums(s1, c1, q2_[k], TERMS, False)
             rho = rho_[k]
             r = sign * (rho * num / den if middle else rho * den / num)
             r = np.inf if rem_plus <= 0.0 else r

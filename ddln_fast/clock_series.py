@@ -158,6 +158,13 @@ def two_product(a, b):
 
 
 @njit(**INLINE_OPTIONS)
+def dd_scale(hi, lo, x):
+    """(hi + lo) x as a renormalized double-double: hi x exact (Dekker), lo x rounded."""
+    p, e = two_product(hi, x)
+    return two_sum(p, e + lo * x)
+
+
+@njit(**INLINE_OPTIONS)
 def dd_difference(x_hi, x_lo, y_hi, y_lo):
     """(x_hi + x_lo) - (y_hi + y_lo) rounded to one double, with the leading difference exact."""
     s, e = two_sum(x_hi, -y_hi)
