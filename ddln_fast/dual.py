@@ -59,6 +59,7 @@ import numpy as np
 import numba
 from numba import njit, prange
 from scipy.linalg.blas import dsyrk
+from scipy.linalg.lapack import dorgqr, dsytrd
 
 from . import kernels, radau
 from .controller import (DIVERGED, LOSS_TOL, RUNNING, SeedState, Trial, control_for, control_steps,
@@ -86,6 +87,9 @@ CLOCK_FLOOR_ULPS = 64.0
 #: The rounding floor of a step's clock increments, in units of eps (|X|^T |y|)_i / n per unit
 #: of flow time (see the module docstring).
 CLOCK_NOISE_ULPS = 32.0
+#: Coordinates with h_i at most this times max(h) are left out of the Jacobian (their share is
+#: below the rounding of the product: :meth:`DualProducts.jacobian_matrix`).
+JACOBIAN_FLOOR = float(np.finfo(np.float64).eps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,16 +347,22 @@ class DualProducts:
         rate = np.einsum("...ki,...k->...i", X, y if self.per_seed else y[0]) * self.inv_n
         return np.finfo(np.float64).eps * np.broadcast_to(rate, (seeds, self.d)).copy()
 
-    def jacobian_matrices(self, h, seeds, out):
-        """The lower triangle of out[a] = M diag(h[a]) M^T / n of seed ``seeds[a]`` (the negative
-        Jacobian A; h >= 0), shape (m, rows, rows): a symmetric rank-k update of M diag(sqrt h),
-        which costs two thirds of a general product (0.25 against 0.40 ms at n = 100,
-        d = 1000); the upper triangle is not filled (eigh reads the lower one)."""
-        for a, seed in enumerate(seeds):
-            X = self.X[seed] if self.per_seed else self.X
-            # (X sqrt(h))^T is Fortran-ordered as it stands: syrk takes it without a copy
-            out[a] = dsyrk(self.inv_n, (X * np.sqrt(h[a])).T, trans=1, lower=1)
-        return out
+    def jacobian_matrix(self, h, seed):
+        """The lower triangle of A = M diag(h) M^T / n for seed ``seed`` (the negative Jacobian;
+        h >= 0, shape (d,)), shape (rows, rows), Fortran-ordered; the upper triangle is not
+        filled (dsytrd reads the lower one). A symmetric rank-k update of M diag(sqrt h), which
+        costs two thirds of a general product (0.25 against 0.40 ms at n = 100, d = 1000), over
+        the coordinates with h_i > eps max(h) only: the others add at most d eps |A| to A, the
+        size of the rounding of the product itself (and Newton needs A only approximately). At
+        small scales most coordinates sit near zero with h_i ~ alpha^(2L-2): the product then
+        runs over the active ones."""
+        X = self.X[seed] if self.per_seed else self.X
+        root = np.sqrt(h)
+        keep = np.flatnonzero(h > JACOBIAN_FLOOR * h.max())
+        if keep.size < h.size:
+            X, root = X[:, keep], root[keep]
+        # (X sqrt(h))^T is Fortran-ordered as it stands: syrk takes it without a copy
+        return dsyrk(self.inv_n, (X * root).T, trans=1, lower=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,8 +462,9 @@ class DualIntegrator(Solver):
         self.hvec = np.zeros((S, d))
         self.tol = np.zeros((S, d))
         self.tol_newton = np.zeros((S, d))
-        self.V = np.zeros((S, n, n))
-        self.lam = np.zeros((S, n))
+        self.Q = np.zeros((S, n, n))          # A = Q B Q^T (B tridiagonal) of each seed's Jacobian
+        self.tri_diag = np.zeros((S, n))
+        self.tri_off = np.zeros((S, n))
         self.trial = Trial.empty(S)
         self.events = EventRecorder(self.clock, activation_level, S, d)
         self._threads_wanted = numba.get_num_threads()
@@ -508,7 +519,7 @@ class DualIntegrator(Solver):
         started = np.flatnonzero(self.flags[:, self.STARTED] == 1)
         if started.size:
             self._derive(started)
-            self._eigen(started, self.jac_h[started])
+            self._factor_jacobians(started, self.jac_h[started])
 
     def _derive(self, seeds):
         """theta, h and the clock tolerance at the current clocks of ``seeds``."""
@@ -521,19 +532,18 @@ class DualIntegrator(Solver):
                      self.atol, self.newton_floor, self.tol, self.tol_newton)
 
     # -- Jacobians --------------------------------------------------------------------------------
-    def _eigen(self, seeds, h):
-        """Eigendecomposition of A = X diag(h) X^T / n for ``seeds`` (h : (m, d))."""
-        A = np.empty((seeds.size, self.n, self.n))
+    def _factor_jacobians(self, seeds, h):
+        """The tridiagonalization A = Q B Q^T of A = X diag(h) X^T / n for ``seeds`` (h : (m, d)):
+        Q into self.Q, B's diagonal and subdiagonal into self.tri_diag and self.tri_off
+        (:mod:`ddln_fast.radau`)."""
         with hot_loop_serial_blas():  # per-seed n x n algebra (see threads.blas_for_products)
-            self.products.jacobian_matrices(h, seeds, A)
-            lam, V = np.linalg.eigh(A, UPLO="L")
-        # A is positive semidefinite: eigenvalues below zero are rounding
-        self.lam[seeds] = np.maximum(lam, 0.0)
-        self.V[seeds] = V
+            for a, seed in enumerate(seeds):
+                tridiagonalize(self.products.jacobian_matrix(h[a], seed), self.Q[seed],
+                               self.tri_diag[seed], self.tri_off[seed])
 
     def _refresh_jacobians(self, seeds):
         self.jac_h[seeds] = self.hvec[seeds]
-        self._eigen(seeds, self.jac_h[seeds])
+        self._factor_jacobians(seeds, self.jac_h[seeds])
         self.flags[seeds, self.CURRENT_JAC] = 1
         self.flags[seeds, self.NEED_JAC] = 0
         self.counters[seeds, 0] += 1
@@ -655,7 +665,7 @@ class DualIntegrator(Solver):
             self.products.residuals(theta[:3 * k], stage_rows, stage_f[:3 * k])
             stage_fk = stage_f[:3 * k].reshape(k, 3, n)
             _rows_finite(stage_fk, finite[:k])
-            call_by_size(radau.NEWTON_UPDATE_KERNELS, k * n * n, stage_fk, Ww, Zw, self.V, self.lam,
+            call_by_size(radau.NEWTON_UPDATE_KERNELS, k * n * n, stage_fk, Ww, Zw, self.Q, self.tri_diag, self.tri_off,
                          seeds_w, inv_h_w, finite[:k], work[:k])
             self.products.clocks(Zw.reshape(3 * k, n), stage_rows, None, new_sigma[:k].reshape(3 * k, d))
             _move_stage_clocks(new_sigma[:k], self.s, self.s_lo, seeds_w, sw, sw_lo)
@@ -726,7 +736,7 @@ class DualIntegrator(Solver):
         inv_h = 1.0 / h_step
         err_nu = np.empty((c, n))
         f_start = self.f[seeds]
-        call_by_size(radau.ERROR_SOLVE_KERNELS, c * n * n, f_start, Z, self.V, self.lam, seeds,
+        call_by_size(radau.ERROR_SOLVE_KERNELS, c * n * n, f_start, Z, self.Q, self.tri_diag, self.tri_off, seeds,
                      inv_h, f_start, np.zeros(c, dtype=np.uint8), err_nu, np.empty((c, 6, n)))
         delta = np.empty((c, d))
         self.products.clocks(err_nu, seeds, None, delta)
@@ -755,8 +765,8 @@ class DualIntegrator(Solver):
             self.products.residuals(theta1, sg, f1)
             st.nfev[sg] += 1
             err2 = np.empty((again.size, n))
-            call_by_size(radau.ERROR_SOLVE_KERNELS, again.size * n * n, f1, Z[again], self.V,
-                         self.lam, sg, inv_h[again], f1, np.zeros(again.size, dtype=np.uint8),
+            call_by_size(radau.ERROR_SOLVE_KERNELS, again.size * n * n, f1, Z[again], self.Q,
+                         self.tri_diag, self.tri_off, sg, inv_h[again], f1, np.zeros(again.size, dtype=np.uint8),
                          err2, np.empty((again.size, 6, n)))
             delta2 = np.empty((again.size, d))
             self.products.clocks(err2, sg, None, delta2)
@@ -802,6 +812,29 @@ class DualIntegrator(Solver):
         refresh = (iterations[ok] > 2) & (rate[ok] > 1e-3)
         self.flags[sa, self.CURRENT_JAC] = 0
         self.flags[sa[refresh], self.NEED_JAC] = 1
+
+
+def tridiagonalize(A, Q, diag, off) -> None:
+    """A = Q B Q^T for the lower triangle of a symmetric A (Fortran-ordered; overwritten), B
+    tridiagonal: Q, B's diagonal and subdiagonal (off[:n - 1]; off[n - 1] = 0) into the given
+    arrays. LAPACK's dsytrd and, for Q, dorgqr on its reflectors (what dorgtr does; scipy wraps
+    no dorgtr)."""
+    n = A.shape[0]
+    packed, d, e, tau, info = dsytrd(A, lower=1, overwrite_a=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"dsytrd failed (info = {info})")
+    diag[:] = d
+    off[:n - 1] = e
+    off[n - 1:] = 0.0
+    Q[0, :] = 0.0
+    Q[:, 0] = 0.0
+    Q[0, 0] = 1.0
+    if n > 1:
+        # the reflectors of a lower tridiagonalization sit one column left of a QR's
+        q, _, info = dorgqr(packed[1:, :n - 1], tau, overwrite_a=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"dorgqr failed (info = {info})")
+        Q[1:, 1:] = q
 
 
 def check_clock_range(clock, depth: float) -> None:

@@ -8,12 +8,18 @@ increments Z (3 x N) with the constant matrix J (the Jacobian at the step start)
 coordinates W = T^{-1} Z that diagonalise the Runge–Kutta matrix, the 3N x 3N Newton matrix
 splits into one real system (MU_REAL / h - J) and one complex system (MU_COMPLEX / h - J).
 
-Here J is symmetric negative semidefinite (J = -A, A = V diag(lam) V^T with lam >= 0), so both
-systems are solved through one eigendecomposition per Jacobian: (mu / h + A)^{-1} =
-V diag(1 / (mu / h + lam)) V^T for the real and the complex mu alike. A new step size costs
-no factorization; a singular J (lam = 0) is harmless, since mu / h has a positive real part.
+Here J is symmetric negative semidefinite (J = -A, A PSD), so both systems are solved through
+one tridiagonalization per Jacobian, A = Q B Q^T (Q orthogonal, B symmetric tridiagonal, LAPACK's
+dsytrd): (mu / h + A)^{-1} = Q (mu / h + B)^{-1} Q^T for the real and the complex mu alike, and
+a system with B costs O(N). A new step size costs no factorization, only O(N) pivots. It costs
+a third of an eigendecomposition (A = V diag(lam) V^T) and asks as much of each solve (two
+products with an N x N matrix). The elimination needs no pivoting: mu / h + B has a positive
+definite real part, and the pivots of such a matrix have real parts of at least Re(mu) / h (the
+Schur complements of an accretive matrix; B's own are >= 0), which the elimination enforces, so that
+the rounding of a numerically singular A (eigenvalues of size eps |A| of either sign) never
+meets a step so long that mu / h is below it. A singular J is harmless for the same reason.
 
-Kernels work on "rows": row r of a batch belongs to seed ``seeds[r]``; per-seed arrays (V, lam)
+Kernels work on "rows": row r of a batch belongs to seed ``seeds[r]``; per-seed arrays (Q, diag, off)
 are indexed by seed, batch arrays by row. Every reduction of a row runs in one thread, in a
 fixed order.
 """
@@ -91,20 +97,72 @@ def newton_tolerance(rtol: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Linear algebra through the eigendecomposition of A = -J
+# Linear algebra through the tridiagonalization A = Q B Q^T
 # ---------------------------------------------------------------------------------------------
 @njit(**JIT_OPTIONS)
-def _expand(Vs, coef, n, out):
-    """out[i] = sum_j Vs[i, j] coef[j] (V coef)."""
+def _expand(Qs, coef, n, out):
+    """out[i] = sum_j Qs[i, j] coef[j] (Q coef)."""
     for i in range(n):
-        row = Vs[i]
+        row = Qs[i]
         acc = 0.0
         for j in range(n):
             acc += row[j] * coef[j]
         out[i] = acc
 
 
-def newton_update(stage_f, W, Z, V, lam, seeds, inv_h, live, work):
+@njit(**JIT_OPTIONS)
+def solve_shifted_real(diag, off, shift, rhs, pivots):
+    """rhs = (shift I + B)^{-1} rhs in place, B symmetric tridiagonal (``diag``, and ``off``
+    below it; off[n - 1] unused), shift > 0: symmetric elimination without pivoting, each pivot
+    at least ``shift`` (see the module docstring). ``pivots``: scratch of length n."""
+    n = diag.shape[0]
+    p = shift + diag[0]
+    p = max(p, shift)
+    pivots[0] = p
+    for i in range(1, n):
+        e = off[i - 1]
+        ratio = e / p
+        rhs[i] -= ratio * rhs[i - 1]
+        p = max(shift + diag[i] - ratio * e, shift)
+        pivots[i] = p
+    rhs[n - 1] /= pivots[n - 1]
+    for i in range(n - 2, -1, -1):
+        rhs[i] = (rhs[i] - off[i] * rhs[i + 1]) / pivots[i]
+
+
+@njit(**JIT_OPTIONS)
+def solve_shifted_complex(diag, off, shift_re, shift_im, rhs_re, rhs_im, pivots_re, pivots_im):
+    """(rhs_re + i rhs_im) = ((shift_re + i shift_im) I + B)^{-1} (rhs_re + i rhs_im) in place:
+    :func:`solve_shifted_real` in complex arithmetic (a complex symmetric system; the real part
+    of each pivot at least shift_re)."""
+    n = diag.shape[0]
+    pr = max(shift_re + diag[0], shift_re)
+    pi = shift_im
+    pivots_re[0], pivots_im[0] = pr, pi
+    for i in range(1, n):
+        e = off[i - 1]
+        den = pr * pr + pi * pi
+        # ratio = e / pivot
+        qr = e * pr / den
+        qi = -e * pi / den
+        br, bi = rhs_re[i - 1], rhs_im[i - 1]
+        rhs_re[i] -= qr * br - qi * bi
+        rhs_im[i] -= qr * bi + qi * br
+        pr = max(shift_re + diag[i] - qr * e, shift_re)
+        pi = shift_im - qi * e
+        pivots_re[i], pivots_im[i] = pr, pi
+    for i in range(n - 1, -1, -1):
+        br, bi = rhs_re[i], rhs_im[i]
+        if i < n - 1:
+            br -= off[i] * rhs_re[i + 1]
+            bi -= off[i] * rhs_im[i + 1]
+        pr, pi = pivots_re[i], pivots_im[i]
+        den = pr * pr + pi * pi
+        rhs_re[i] = (br * pr + bi * pi) / den
+        rhs_im[i] = (bi * pr - br * pi) / den
+
+
+def newton_update(stage_f, W, Z, Q, diag, off, seeds, inv_h, live, work):
     """One simplified-Newton update of the collocation system, for every live row.
 
     Parameters
@@ -113,8 +171,9 @@ def newton_update(stage_f, W, Z, V, lam, seeds, inv_h, live, work):
         f(y0 + Z_i) at the current stage increments.
     W, Z : ndarray of shape (rows, 3, N)
         Transformed and plain stage increments; updated in place (W += dW, Z = T W).
-    V, lam : ndarray of shape (S, N, N), (S, N)
-        Eigendecomposition of A = -J of each seed.
+    Q, diag, off : ndarray of shape (S, N, N), (S, N), (S, N)
+        Tridiagonalization A = Q B Q^T of A = -J of each seed (B's diagonal, and the entries
+        below it in off[:N - 1]).
     seeds : ndarray of shape (rows,)
     inv_h : ndarray of shape (rows,)
         1 / step size.
@@ -131,7 +190,7 @@ def newton_update(stage_f, W, Z, V, lam, seeds, inv_h, live, work):
         if live[r] == 0:
             continue
         s = seeds[r]
-        Vs = V[s]
+        Qs = Q[s]
         mr = MU_REAL * inv_h[r]
         mcr = MU_COMPLEX_RE * inv_h[r]
         mci = MU_COMPLEX_IM * inv_h[r]
@@ -146,20 +205,15 @@ def newton_update(stage_f, W, Z, V, lam, seeds, inv_h, live, work):
             rc[i] = a - (mcr * w1[i] - mci * w2[i])
             ri[i] = b - (mcr * w2[i] + mci * w1[i])
         cr, cc, ci = work[r, 3], work[r, 4], work[r, 5]
-        transposed_product(Vs, rr, cr)
-        transposed_product(Vs, rc, cc)
-        transposed_product(Vs, ri, ci)
-        for j in range(n):
-            lj = lam[s, j]
-            cr[j] = cr[j] / (mr + lj)
-            dr = mcr + lj
-            den = dr * dr + mci * mci
-            re, im = cc[j], ci[j]
-            cc[j] = (re * dr + im * mci) / den
-            ci[j] = (im * dr - re * mci) / den
-        _expand(Vs, cr, n, rr)
-        _expand(Vs, cc, n, rc)
-        _expand(Vs, ci, n, ri)
+        transposed_product(Qs, rr, cr)
+        transposed_product(Qs, rc, cc)
+        transposed_product(Qs, ri, ci)
+        # rr, rc, ri are free again: the pivots
+        solve_shifted_real(diag[s], off[s], mr, cr, rr)
+        solve_shifted_complex(diag[s], off[s], mcr, mci, cc, ci, rc, ri)
+        _expand(Qs, cr, n, rr)
+        _expand(Qs, cc, n, rc)
+        _expand(Qs, ci, n, ri)
         z0, z1, z2 = Z[r, 0], Z[r, 1], Z[r, 2]
         for i in range(n):
             a0 = w0[i] + rr[i]
@@ -176,12 +230,13 @@ def newton_update(stage_f, W, Z, V, lam, seeds, inv_h, live, work):
 NEWTON_UPDATE_KERNELS = serial_and_parallel(newton_update)
 
 
-def error_solve(f_start, Z, V, lam, seeds, inv_h, extra, use_extra, out, work):
+def error_solve(f_start, Z, Q, diag, off, seeds, inv_h, extra, use_extra, out, work):
     """The embedded error estimate of every row: (MU_REAL / h + A)^{-1} (f + sum_i E_i Z_i / h),
     with f = f_start (the derivative at the step start), or ``extra`` where ``use_extra[r]``
     (Hairer's second estimate after a rejection: f at y0 + the first estimate).
 
-    f_start, extra, out : ndarray of shape (rows, N); Z : (rows, 3, N); work : (rows, 6, N).
+    f_start, extra, out : ndarray of shape (rows, N); Z : (rows, 3, N); Q, diag, off as for
+    :func:`newton_update`; work : (rows, 6, N).
     """
     rows, _, n = Z.shape
     e0, e1, e2 = E[0], E[1], E[2]
@@ -192,11 +247,9 @@ def error_solve(f_start, Z, V, lam, seeds, inv_h, extra, use_extra, out, work):
         rhs, coef = work[r, 0], work[r, 1]
         for i in range(n):
             rhs[i] = src[i] + (e0 * Z[r, 0, i] + e1 * Z[r, 1, i] + e2 * Z[r, 2, i]) * ih
-        transposed_product(V[s], rhs, coef)
-        mr = MU_REAL * ih
-        for j in range(n):
-            coef[j] = coef[j] / (mr + lam[s, j])
-        _expand(V[s], coef, n, out[r])
+        transposed_product(Q[s], rhs, coef)
+        solve_shifted_real(diag[s], off[s], MU_REAL * ih, coef, rhs)
+        _expand(Q[s], coef, n, out[r])
 
 
 ERROR_SOLVE_KERNELS = serial_and_parallel(error_solve)

@@ -22,6 +22,7 @@ theta), and the references are good to about 1e-12. Each test states its bound.
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 import pytest
 from scipy.integrate import solve_ivp
 from scipy.optimize import brentq, linprog
@@ -176,10 +177,10 @@ def test_s_form_trajectory_and_loss_match_dop853(depth, per_seed_data):
 
 @pytest.mark.parametrize("per_seed_data", [False, True])
 def test_s_form_state_has_dimension_d(per_seed_data):
-    """When d < n the solver's state and the matrices it eigendecomposes have dimension d (the
+    """When d < n the solver's state and the matrices it factorizes have dimension d (the
     point of the s-form), unless the nu-form is forced; at d >= n the state is nu in R^n. After
-    a few steps the Jacobian's eigenvalues are those of X diag(h) X^T / n (NumPy, here) without
-    its n - d zeros."""
+    a few steps the Jacobian's eigenvalues (those of its tridiagonal form B, A = Q B Q^T) are
+    those of X diag(h) X^T / n (NumPy, here) without its n - d zeros, and Q is orthogonal."""
     from ddln_fast.dual import DualIntegrator
     from ddln_fast.init import initial_layers
     from ddln_fast.problem import make_problem
@@ -189,16 +190,59 @@ def test_s_form_state_has_dimension_d(per_seed_data):
     u0 = initial_layers(config, problem.d)
     n, d = problem.n, problem.d
     it = DualIntegrator(problem, u0, rtol=1e-8, atol=1e-12)
-    assert it.n == d and it.nu.shape == (2, d) and it.V.shape == (2, d, d)
-    assert DualIntegrator(problem, u0, s_form=False).V.shape == (2, n, n)
+    assert it.n == d and it.nu.shape == (2, d) and it.Q.shape == (2, d, d)
+    assert DualIntegrator(problem, u0, s_form=False).Q.shape == (2, n, n)
     it.advance_to(0.5)
     for s in range(2):
         X = problem.X[s] if per_seed_data else problem.X
         A = (X * it.jac_h[s]) @ X.T / n
-        np.testing.assert_allclose(it.lam[s], np.linalg.eigvalsh(A)[n - d:], rtol=1e-10,
+        B = np.diag(it.tri_diag[s]) + np.diag(it.tri_off[s, :-1], -1) + np.diag(it.tri_off[s, :-1], 1)
+        np.testing.assert_allclose(np.linalg.eigvalsh(B), np.linalg.eigvalsh(A)[n - d:], rtol=1e-10,
                                    atol=1e-12 * np.abs(A).max())
+        np.testing.assert_allclose(it.Q[s].T @ it.Q[s], np.eye(d), atol=1e-14)
     square = make_problem(dual_config({"problem.n": 12, "problem.d": 12}))
-    assert DualIntegrator(square, initial_layers(config, 12)).V.shape == (2, 12, 12)
+    assert DualIntegrator(square, initial_layers(config, 12)).Q.shape == (2, 12, 12)
+
+
+def test_shifted_tridiagonal_solves_match_numpy():
+    """The O(N) solves behind every Newton update and error estimate: (mu I + B) x = b for a
+    real and a complex shift mu with a positive real part and B symmetric tridiagonal and
+    positive semidefinite, against numpy.linalg.solve on the dense matrix, from a well-conditioned
+    shift to one 1e-12 of B's norm (the long steps late in a run) with B singular."""
+    from ddln_fast.radau import solve_shifted_complex, solve_shifted_real
+
+    rng = np.random.default_rng(5)
+    n = 30
+    G = rng.standard_normal((n, 6))
+    A = G @ G.T  # rank 6: B has n - 6 zero eigenvalues
+    c, diag, off, tau, info = scipy.linalg.lapack.dsytrd(A, lower=1)
+    B = np.diag(diag) + np.diag(off, -1) + np.diag(off, 1)
+    b = rng.standard_normal(n) + 1j * rng.standard_normal(n)
+    off_padded = np.append(off, 0.0)
+    scale = np.abs(B).max()
+    for shift in (3.6 * scale, 1e-3 * scale, 1e-12 * scale):
+        for mu in (shift, complex(shift, -0.9 * shift)):
+            x = b.copy()
+            if isinstance(mu, float):
+                x = x.real.copy()
+                solve_shifted_real(diag, off_padded, mu, x, np.empty(n))
+                rhs = b.real
+            else:
+                re, im = x.real.copy(), x.imag.copy()
+                solve_shifted_complex(diag, off_padded, mu.real, mu.imag, re, im, np.empty(n),
+                                      np.empty(n))
+                x = re + 1j * im
+                rhs = b
+            M = mu * np.eye(n) + B
+            # backward stable: the residual is rounding of the matrix and the solution's size
+            residual = np.linalg.norm(M @ x - rhs)
+            assert residual <= 1e-13 * (np.linalg.norm(M, 2) * np.linalg.norm(x) + np.linalg.norm(rhs))
+            # and never larger than |b| / Re(mu), the bound of an accretive matrix
+            assert np.linalg.norm(x) <= np.linalg.norm(rhs) / shift * (1 + 1e-9)
+            if shift < 1e-6 * scale:
+                continue  # condition number 1e12: NumPy's own answer is no closer than 1e-4
+            reference = np.linalg.solve(M, rhs)
+            np.testing.assert_allclose(x, reference, rtol=0, atol=1e-12 * np.abs(reference).max())
 
 
 # --- limits -------------------------------------------------------------------------------------

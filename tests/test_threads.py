@@ -120,7 +120,7 @@ def test_serial_build_stays_serial_when_the_parallel_one_is_cached(tmp_path):
 
 
 def test_dual_method_runs_small_dense_algebra_on_one_blas_thread(monkeypatch):
-    """The dual method's eigendecompositions and its products with a small X (n d below
+    """The dual method's Jacobian factorizations and its products with a small X (n d below
     SERIAL_PRODUCT_WORK) run on one BLAS thread whatever the run's thread setting: on a busy
     machine a second OpenBLAS thread made them 10-50 times slower (threads.blas_for_products).
     Checked by asking threadpoolctl inside the calls, not by timing."""
@@ -136,7 +136,7 @@ def test_dual_method_runs_small_dense_algebra_on_one_blas_thread(monkeypatch):
     def blas_threads():
         return max(p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas")
 
-    for name in ("jacobian_matrices", "residuals", "clocks"):
+    for name in ("jacobian_matrix", "residuals", "clocks"):
         original = getattr(dual.DualProducts, name)
 
         def spy(self, *args, _original=original, _name=name):
@@ -144,6 +144,13 @@ def test_dual_method_runs_small_dense_algebra_on_one_blas_thread(monkeypatch):
             return _original(self, *args)
 
         monkeypatch.setattr(dual.DualProducts, name, spy)
+    factor = dual.tridiagonalize
+
+    def factor_spy(*args):
+        seen.append(("tridiagonalize", blas_threads()))
+        return factor(*args)
+
+    monkeypatch.setattr(dual, "tridiagonalize", factor_spy)
     config = Config.from_dict({"problem": {"n": 20, "d": 50, "seed": 0},
                                "model": {"depth": 3, "alpha": 0.1, "jitter": 0.1},
                                "run": {"seeds": 2}})
@@ -152,5 +159,5 @@ def test_dual_method_runs_small_dense_algebra_on_one_blas_thread(monkeypatch):
         assert blas_threads() == 2  # the run's setting
         dual.DualIntegrator(problem, initial_layers(config, problem.d), dt=1.0).advance_to(1.0)
         assert blas_threads() == 2  # restored
-    assert {name for name, _ in seen} == {"jacobian_matrices", "residuals", "clocks"}
+    assert {name for name, _ in seen} == {"jacobian_matrix", "tridiagonalize", "residuals", "clocks"}
     assert {threads for _, threads in seen} == {1}
