@@ -59,7 +59,7 @@ import numpy as np
 import numba
 from numba import njit, prange
 from scipy.linalg.blas import dsyrk
-from scipy.linalg.lapack import dorgqr, dsytrd
+from scipy.linalg.lapack import dgeqrf, dorgqr, dsytrd
 
 from . import kernels, radau
 from .controller import (DIVERGED, LOSS_TOL, RUNNING, SeedState, Trial, control_for, control_steps,
@@ -99,11 +99,11 @@ def _add_start(out, out_lo, start, start_lo, row_seeds, scale):
     """(out[r], out_lo[r]) = (start + start_lo)[row_seeds[r]] + scale * out[r] as a double-double
     (a clock from a product X^T Z)."""
     R, d = out.shape
-    for item in prange(R * d):
-        r = item // d
-        i = item - r * d
+    for r in prange(R):
         seed = row_seeds[r]
-        out[r, i], out_lo[r, i] = dd_add(start[seed, i], start_lo[seed, i], scale * out[r, i])
+        o, o_lo, s, s_lo = out[r], out_lo[r], start[seed], start_lo[seed]
+        for i in range(d):  # (a loop over rows and coordinates: it vectorizes)
+            o[i], o_lo[i] = dd_add(s[i], s_lo[i], scale * o[i])
 
 
 ADD_START_KERNELS = serial_and_parallel(_add_start, strict=True)
@@ -165,16 +165,16 @@ def _clock_tolerance(s, theta, h, rows, rtol, atol, newton_floor, out, out_newto
     Newton's increments are measured against)."""
     R, d = s.shape
     eps = np.finfo(np.float64).eps
-    for item in prange(R * d):
-        a = item // d
-        i = item - a * d
-        si = abs(s[a, i])
-        tol = atol + rtol * si
-        hi = h[a, i]
-        if hi > 0:
-            tol = min(tol, (atol + rtol * abs(theta[a, i])) / hi)
-        out[rows[a], i] = max(tol, CLOCK_FLOOR_ULPS * eps * eps * si)
-        out_newton[rows[a], i] = max(tol, newton_floor * eps * eps * si)
+    for a in prange(R):
+        row = rows[a]
+        for i in range(d):
+            si = abs(s[a, i])
+            tol = atol + rtol * si
+            hi = h[a, i]
+            if hi > 0:
+                tol = min(tol, (atol + rtol * abs(theta[a, i])) / hi)
+            out[row, i] = max(tol, CLOCK_FLOOR_ULPS * eps * eps * si)
+            out_newton[row, i] = max(tol, newton_floor * eps * eps * si)
 
 
 CLOCK_TOLERANCE_KERNELS = serial_and_parallel(_clock_tolerance)
@@ -347,22 +347,46 @@ class DualProducts:
         rate = np.einsum("...ki,...k->...i", X, y if self.per_seed else y[0]) * self.inv_n
         return np.finfo(np.float64).eps * np.broadcast_to(rate, (seeds, self.d)).copy()
 
-    def jacobian_matrix(self, h, seed):
-        """The lower triangle of A = M diag(h) M^T / n for seed ``seed`` (the negative Jacobian;
-        h >= 0, shape (d,)), shape (rows, rows), Fortran-ordered; the upper triangle is not
-        filled (dsytrd reads the lower one). A symmetric rank-k update of M diag(sqrt h), which
-        costs two thirds of a general product (0.25 against 0.40 ms at n = 100, d = 1000), over
-        the coordinates with h_i > eps max(h) only: the others add at most d eps |A| to A, the
-        size of the rounding of the product itself (and Newton needs A only approximately). At
-        small scales most coordinates sit near zero with h_i ~ alpha^(2L-2): the product then
-        runs over the active ones."""
+    def factor_jacobian(self, h, seed, basis, diag, off) -> int:
+        """A = M diag(h) M^T / n of seed ``seed`` (the negative Jacobian; h >= 0, shape (d,)) as
+        W B W^T, W with k orthonormal columns and B tridiagonal of order k: W^T into basis[:k],
+        B's diagonal into diag[:k] and its subdiagonal into off[:k - 1]. Returns k.
+
+        Only coordinates with h_i > eps max(h) enter: the others add at most about eps |A| to A,
+        the rounding of the product itself (and Newton needs A only approximately). At small
+        scales most coordinates sit near zero with h_i ~ alpha^(2L-2), and A has the rank k of
+        the active ones. With k < rows: a thin QR M_k diag(sqrt(h_k / n)) = U R, the rank-k
+        matrix A = U (R R^T) U^T, and W = U P from R R^T = P B P^T (k^2 rows work instead of
+        rows^3). Otherwise a symmetric rank-k update (two thirds of a general product: 0.25
+        against 0.40 ms at n = 100, d = 1000) and its tridiagonalization, W square."""
         X = self.X[seed] if self.per_seed else self.X
-        root = np.sqrt(h)
         keep = np.flatnonzero(h > JACOBIAN_FLOOR * h.max())
-        if keep.size < h.size:
-            X, root = X[:, keep], root[keep]
-        # (X sqrt(h))^T is Fortran-ordered as it stands: syrk takes it without a copy
-        return dsyrk(self.inv_n, (X * root).T, trans=1, lower=1)
+        k = keep.size
+        rows = self.rows
+        if k == 0:
+            return 0
+        if k >= rows:
+            root = np.sqrt(h)
+            if k < h.size:
+                X, root = X[:, keep], root[keep]
+            # (X sqrt(h))^T is Fortran-ordered as it stands: syrk takes it without a copy
+            square = np.empty((rows, rows))
+            tridiagonalize(dsyrk(self.inv_n, (X * root).T, trans=1, lower=1), square, diag, off)
+            basis[:] = square.T
+            return rows
+        # M_k diag(sqrt(h_k / n)), Fortran-ordered (rows, k) for LAPACK
+        scaled = (X.T[keep] * np.sqrt(h[keep] * self.inv_n)[:, None]).T
+        packed, tau, _, info = dgeqrf(scaled, overwrite_a=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"dgeqrf failed (info = {info})")
+        R = np.triu(packed[:k, :k])
+        U, _, info = dorgqr(packed, tau, overwrite_a=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"dorgqr failed (info = {info})")
+        P = np.empty((k, k))
+        tridiagonalize(dsyrk(1.0, R, trans=0, lower=1), P, diag[:k], off[:k])
+        basis[:k] = (U @ P).T
+        return k
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,7 +486,10 @@ class DualIntegrator(Solver):
         self.hvec = np.zeros((S, d))
         self.tol = np.zeros((S, d))
         self.tol_newton = np.zeros((S, d))
-        self.Q = np.zeros((S, n, n))          # A = Q B Q^T (B tridiagonal) of each seed's Jacobian
+        # each seed's Jacobian as A = W B W^T (B tridiagonal; DualProducts.factor_jacobian):
+        # W^T in basis[s, :rank[s]]
+        self.basis = np.zeros((S, n, n))
+        self.rank = np.zeros(S, dtype=np.int64)
         self.tri_diag = np.zeros((S, n))
         self.tri_off = np.zeros((S, n))
         self.trial = Trial.empty(S)
@@ -533,13 +560,12 @@ class DualIntegrator(Solver):
 
     # -- Jacobians --------------------------------------------------------------------------------
     def _factor_jacobians(self, seeds, h):
-        """The tridiagonalization A = Q B Q^T of A = X diag(h) X^T / n for ``seeds`` (h : (m, d)):
-        Q into self.Q, B's diagonal and subdiagonal into self.tri_diag and self.tri_off
-        (:mod:`ddln_fast.radau`)."""
+        """A = X diag(h) X^T / n of ``seeds`` (h : (m, d)) as W B W^T, B tridiagonal, into
+        self.basis (W^T), self.rank, self.tri_diag and self.tri_off (:mod:`ddln_fast.radau`)."""
         with hot_loop_serial_blas():  # per-seed n x n algebra (see threads.blas_for_products)
             for a, seed in enumerate(seeds):
-                tridiagonalize(self.products.jacobian_matrix(h[a], seed), self.Q[seed],
-                               self.tri_diag[seed], self.tri_off[seed])
+                self.rank[seed] = self.products.factor_jacobian(
+                    h[a], seed, self.basis[seed], self.tri_diag[seed], self.tri_off[seed])
 
     def _refresh_jacobians(self, seeds):
         self.jac_h[seeds] = self.hvec[seeds]
@@ -656,7 +682,7 @@ class DualIntegrator(Solver):
         new_sigma = np.empty((m, 3, d))
         increment = np.empty(m)
         finite = np.empty(m, dtype=np.uint8)
-        work = np.empty((m, 6, n))
+        work = np.empty((m, radau.WORK_VECTORS, n))
         for iteration in range(1, radau.NEWTON_MAXITER + 1):
             k = rows.size
             st.nfev[seeds_w] += 3
@@ -665,7 +691,7 @@ class DualIntegrator(Solver):
             self.products.residuals(theta[:3 * k], stage_rows, stage_f[:3 * k])
             stage_fk = stage_f[:3 * k].reshape(k, 3, n)
             _rows_finite(stage_fk, finite[:k])
-            call_by_size(radau.NEWTON_UPDATE_KERNELS, k * n * n, stage_fk, Ww, Zw, self.Q, self.tri_diag, self.tri_off,
+            call_by_size(radau.NEWTON_UPDATE_KERNELS, k * n * n, stage_fk, Ww, Zw, self.basis, self.tri_diag, self.tri_off, self.rank,
                          seeds_w, inv_h_w, finite[:k], work[:k])
             self.products.clocks(Zw.reshape(3 * k, n), stage_rows, None, new_sigma[:k].reshape(3 * k, d))
             _move_stage_clocks(new_sigma[:k], self.s, self.s_lo, seeds_w, sw, sw_lo)
@@ -736,8 +762,8 @@ class DualIntegrator(Solver):
         inv_h = 1.0 / h_step
         err_nu = np.empty((c, n))
         f_start = self.f[seeds]
-        call_by_size(radau.ERROR_SOLVE_KERNELS, c * n * n, f_start, Z, self.Q, self.tri_diag, self.tri_off, seeds,
-                     inv_h, f_start, np.zeros(c, dtype=np.uint8), err_nu, np.empty((c, 6, n)))
+        call_by_size(radau.ERROR_SOLVE_KERNELS, c * n * n, f_start, Z, self.basis, self.tri_diag, self.tri_off, self.rank, seeds,
+                     inv_h, f_start, np.zeros(c, dtype=np.uint8), err_nu, np.empty((c, radau.WORK_VECTORS, n)))
         delta = np.empty((c, d))
         self.products.clocks(err_nu, seeds, None, delta)
         s_new = np.ascontiguousarray(sigma[:, 2])
@@ -765,9 +791,9 @@ class DualIntegrator(Solver):
             self.products.residuals(theta1, sg, f1)
             st.nfev[sg] += 1
             err2 = np.empty((again.size, n))
-            call_by_size(radau.ERROR_SOLVE_KERNELS, again.size * n * n, f1, Z[again], self.Q,
-                         self.tri_diag, self.tri_off, sg, inv_h[again], f1, np.zeros(again.size, dtype=np.uint8),
-                         err2, np.empty((again.size, 6, n)))
+            call_by_size(radau.ERROR_SOLVE_KERNELS, again.size * n * n, f1, Z[again], self.basis,
+                         self.tri_diag, self.tri_off, self.rank, sg, inv_h[again], f1, np.zeros(again.size, dtype=np.uint8),
+                         err2, np.empty((again.size, radau.WORK_VECTORS, n)))
             delta2 = np.empty((again.size, d))
             self.products.clocks(err2, sg, None, delta2)
             e2 = np.empty(again.size)

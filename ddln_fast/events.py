@@ -45,6 +45,9 @@ PREDICTION_RESIDUAL = 1e-8
 #: Exponents k of the loss decades 10^k whose first crossing is recorded.
 LOSS_DECADES = np.arange(10, -31, -1, dtype=np.int64)
 _BISECTIONS = 80
+#: A loss crossing is found once log(f / level) along the dense output is this small: far below
+#: the accuracy of the dense output itself (the solver tolerance).
+LOSS_CROSSING_TOL = 1e-12
 
 
 def _activation_crossings(s_old, coef, seeds, t_old, h, up, down, times):
@@ -187,24 +190,42 @@ class EventRecorder:
         """Events inside the accepted steps of ``seeds`` (from t_old, size h): double-double
         clocks s_old + s_old_lo (m, d) at the start, stage clocks sigma + sigma_lo (m, 3, d),
         losses at both ends."""
-        from .radau import dense_coefficients
-
-        m, d = s_old.shape
-        coef = np.empty((m, 3, d))
-        # the polynomial's increments from the start, exact to the clocks' double-double precision
-        moved = (sigma - s_old[:, None, :]) + (sigma_lo - s_old_lo[:, None, :])
-        dense_coefficients(np.zeros((m, d)), moved, coef)
-        call_by_size(ACTIVATION_CROSSINGS_KERNELS, s_old.size, s_old, coef, seeds, t_old, h,
-                     self.clock_up, self.clock_down, self.activation_time)
         thresholds = 10.0 ** LOSS_DECADES.astype(np.float64)
-        for r in np.flatnonzero(loss_new < loss_old):
+        watched = np.flatnonzero(self.level[seeds] > 0)
+        crossed = ((loss_new[:, None] < thresholds) & (thresholds <= loss_old[:, None])
+                   & np.isnan(self.decade_time[seeds]))
+        crossing = np.flatnonzero(crossed.any(axis=1))
+        # the dense output of the rows that need it: activation events on, or a decade crossed
+        rows = np.union1d(watched, crossing)
+        if rows.size == 0:
+            return
+        coef = _dense_clocks(s_old[rows], s_old_lo[rows], sigma[rows], sigma_lo[rows])
+        if watched.size:
+            at = np.searchsorted(rows, watched)
+            call_by_size(ACTIVATION_CROSSINGS_KERNELS, watched.size * s_old.shape[1],
+                         np.ascontiguousarray(s_old[watched]), coef[at], seeds[watched],
+                         t_old[watched], h[watched], self.clock_up, self.clock_down,
+                         self.activation_time)
+        for r in crossing:
             seed = seeds[r]
-            crossed = np.flatnonzero((loss_new[r] < thresholds) & (thresholds <= loss_old[r])
-                                     & np.isnan(self.decade_time[seed]))
-            for k in crossed:
-                x = _loss_crossing(integrator, seed, s_old[r], s_old_lo[r], coef[r], thresholds[k],
+            c = coef[np.searchsorted(rows, r)]
+            for k in np.flatnonzero(crossed[r]):
+                x = _loss_crossing(integrator, seed, s_old[r], s_old_lo[r], c, thresholds[k],
                                    loss_old[r], loss_new[r])
                 self.decade_time[seed, k] = t_old[r] + x * h[r]
+
+
+def _dense_clocks(s_old, s_old_lo, sigma, sigma_lo) -> np.ndarray:
+    """Coefficients (m, 3, d) of the cubic clocks p(x) = s_old + c0 x + c1 x^2 + c2 x^3 of a
+    step through its stage clocks sigma + sigma_lo (m, 3, d), from the double-double start."""
+    from .radau import dense_coefficients
+
+    m, d = s_old.shape
+    coef = np.empty((m, 3, d))
+    # the polynomial's increments from the start, exact to the clocks' double-double precision
+    moved = (sigma - s_old[:, None, :]) + (sigma_lo - s_old_lo[:, None, :])
+    dense_coefficients(np.zeros((m, d)), moved, coef)
+    return coef
 
 
 def _loss_crossing(integrator, seed, s_old, s_old_lo, coef, level, loss_start, loss_end) -> float:
@@ -242,7 +263,9 @@ def _loss_crossing(integrator, seed, s_old, s_old_lo, coef, level, loss_start, l
             if side == 1:
                 fa *= 0.5
             side = 1
-        if b - a <= 1e-14 or fx == 0:
+        if abs(fx) <= LOSS_CROSSING_TOL:
+            return x
+        if b - a <= 1e-14:
             break
     return b
 

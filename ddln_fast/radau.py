@@ -97,27 +97,34 @@ def newton_tolerance(rtol: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Linear algebra through the tridiagonalization A = Q B Q^T
+# Linear algebra through the tridiagonalization A = W B W^T
 # ---------------------------------------------------------------------------------------------
+#: Scratch vectors per row that :func:`newton_update` and :func:`error_solve` need.
+WORK_VECTORS = 11
+
+
 @njit(**JIT_OPTIONS)
-def _expand(Qs, coef, n, out):
-    """out[i] = sum_j Qs[i, j] coef[j] (Q coef)."""
-    for i in range(n):
-        row = Qs[i]
+def _row_products(M, v, out):
+    """out[i] = sum_j M[i, j] v[j] for M of shape (k, N): the coefficients W^T v in the basis
+    whose vectors are the rows of M."""
+    k, n = M.shape
+    for i in range(k):
+        row = M[i]
         acc = 0.0
         for j in range(n):
-            acc += row[j] * coef[j]
+            acc += row[j] * v[j]
         out[i] = acc
 
 
 @njit(**JIT_OPTIONS)
 def solve_shifted_real(diag, off, shift, rhs, pivots):
-    """rhs = (shift I + B)^{-1} rhs in place, B symmetric tridiagonal (``diag``, and ``off``
-    below it; off[n - 1] unused), shift > 0: symmetric elimination without pivoting, each pivot
-    at least ``shift`` (see the module docstring). ``pivots``: scratch of length n."""
+    """rhs = (shift I + B)^{-1} rhs in place, B symmetric tridiagonal of order k = len(diag)
+    (``diag``, and ``off`` below it; off[k - 1] unused), shift > 0: symmetric elimination without
+    pivoting, each pivot at least ``shift`` (see the module docstring). ``pivots``: scratch."""
     n = diag.shape[0]
-    p = shift + diag[0]
-    p = max(p, shift)
+    if n == 0:
+        return
+    p = max(shift + diag[0], shift)
     pivots[0] = p
     for i in range(1, n):
         e = off[i - 1]
@@ -136,6 +143,8 @@ def solve_shifted_complex(diag, off, shift_re, shift_im, rhs_re, rhs_im, pivots_
     :func:`solve_shifted_real` in complex arithmetic (a complex symmetric system; the real part
     of each pivot at least shift_re)."""
     n = diag.shape[0]
+    if n == 0:
+        return
     pr = max(shift_re + diag[0], shift_re)
     pi = shift_im
     pivots_re[0], pivots_im[0] = pr, pi
@@ -162,7 +171,30 @@ def solve_shifted_complex(diag, off, shift_re, shift_im, rhs_re, rhs_im, pivots_
         rhs_im[i] = (bi * pr - br * pi) / den
 
 
-def newton_update(stage_f, W, Z, Q, diag, off, seeds, inv_h, live, work):
+@njit(**JIT_OPTIONS)
+def shifted_solve_real(basis, diag, off, shift, rhs, out, coef, saved, pivots):
+    """out = (shift I + A)^{-1} rhs for A = W B W^T, W^T the rows of ``basis`` (k x N,
+    orthonormal), B tridiagonal of order k: W (shift + B)^{-1} W^T rhs, plus (rhs - W W^T rhs) /
+    shift on the complement of W's range (where A vanishes) when k < N. ``coef``, ``saved``,
+    ``pivots``: scratch."""
+    k, n = basis.shape
+    _row_products(basis, rhs, coef)
+    if k == n:
+        solve_shifted_real(diag, off, shift, coef, pivots)
+        transposed_product(basis, coef, out)
+        return
+    inv = 1.0 / shift
+    for j in range(k):
+        saved[j] = coef[j]
+    solve_shifted_real(diag, off, shift, coef, pivots)
+    for j in range(k):
+        coef[j] -= inv * saved[j]
+    transposed_product(basis, coef, out)
+    for i in range(n):
+        out[i] += inv * rhs[i]
+
+
+def newton_update(stage_f, W, Z, basis, diag, off, rank, seeds, inv_h, live, work):
     """One simplified-Newton update of the collocation system, for every live row.
 
     Parameters
@@ -171,15 +203,15 @@ def newton_update(stage_f, W, Z, Q, diag, off, seeds, inv_h, live, work):
         f(y0 + Z_i) at the current stage increments.
     W, Z : ndarray of shape (rows, 3, N)
         Transformed and plain stage increments; updated in place (W += dW, Z = T W).
-    Q, diag, off : ndarray of shape (S, N, N), (S, N), (S, N)
-        Tridiagonalization A = Q B Q^T of A = -J of each seed (B's diagonal, and the entries
-        below it in off[:N - 1]).
+    basis, diag, off, rank : ndarray of shape (S, N, N), (S, N), (S, N), (S,)
+        A = -J of each seed as W B W^T: the k = rank[s] orthonormal vectors of W as the rows
+        basis[s, :k], and B's diagonal (diag[s, :k]) and the entries below it (off[s, :k - 1]).
     seeds : ndarray of shape (rows,)
     inv_h : ndarray of shape (rows,)
         1 / step size.
     live : ndarray of shape (rows,), uint8
         Rows to update (others are left untouched).
-    work : ndarray of shape (rows, 6, N)
+    work : ndarray of shape (rows, WORK_VECTORS, N)
         Scratch.
     """
     rows, _, n = W.shape
@@ -190,7 +222,9 @@ def newton_update(stage_f, W, Z, Q, diag, off, seeds, inv_h, live, work):
         if live[r] == 0:
             continue
         s = seeds[r]
-        Qs = Q[s]
+        k = rank[s]
+        Ws = basis[s, :k]
+        ds, es = diag[s, :k], off[s, :k]
         mr = MU_REAL * inv_h[r]
         mcr = MU_COMPLEX_RE * inv_h[r]
         mci = MU_COMPLEX_IM * inv_h[r]
@@ -204,21 +238,37 @@ def newton_update(stage_f, W, Z, Q, diag, off, seeds, inv_h, live, work):
             b = t20 * f0[i] + t21 * f1[i] + t22 * f2[i]
             rc[i] = a - (mcr * w1[i] - mci * w2[i])
             ri[i] = b - (mcr * w2[i] + mci * w1[i])
-        cr, cc, ci = work[r, 3], work[r, 4], work[r, 5]
-        transposed_product(Qs, rr, cr)
-        transposed_product(Qs, rc, cc)
-        transposed_product(Qs, ri, ci)
-        # rr, rc, ri are free again: the pivots
-        solve_shifted_real(diag[s], off[s], mr, cr, rr)
-        solve_shifted_complex(diag[s], off[s], mcr, mci, cc, ci, rc, ri)
-        _expand(Qs, cr, n, rr)
-        _expand(Qs, cc, n, rc)
-        _expand(Qs, ci, n, ri)
+        dr, dc, di = work[r, 3], work[r, 4], work[r, 5]
+        cr, cc, ci = work[r, 6], work[r, 7], work[r, 8]
+        saved_re, saved_im = work[r, 9], work[r, 10]
+        # the real system (dc, di: scratch until the complex expansion below)
+        shifted_solve_real(Ws, ds, es, mr, rr, dr, cr, dc, di)
+        # the complex one: W (sigma + B)^{-1} W^T r, plus (r - W W^T r) / sigma when k < N
+        _row_products(Ws, rc, cc)
+        _row_products(Ws, ri, ci)
+        if k < n:
+            for j in range(k):
+                saved_re[j], saved_im[j] = cc[j], ci[j]
+        solve_shifted_complex(ds, es, mcr, mci, cc, ci, dc, di)
+        if k < n:
+            den = mcr * mcr + mci * mci
+            inv_re, inv_im = mcr / den, -mci / den  # 1 / sigma
+            for j in range(k):
+                cc[j] -= inv_re * saved_re[j] - inv_im * saved_im[j]
+                ci[j] -= inv_re * saved_im[j] + inv_im * saved_re[j]
+            transposed_product(Ws, cc, dc)
+            transposed_product(Ws, ci, di)
+            for i in range(n):
+                dc[i] += inv_re * rc[i] - inv_im * ri[i]
+                di[i] += inv_re * ri[i] + inv_im * rc[i]
+        else:
+            transposed_product(Ws, cc, dc)
+            transposed_product(Ws, ci, di)
         z0, z1, z2 = Z[r, 0], Z[r, 1], Z[r, 2]
         for i in range(n):
-            a0 = w0[i] + rr[i]
-            a1 = w1[i] + rc[i]
-            a2 = w2[i] + ri[i]
+            a0 = w0[i] + dr[i]
+            a1 = w1[i] + dc[i]
+            a2 = w2[i] + di[i]
             w0[i] = a0
             w1[i] = a1
             w2[i] = a2
@@ -230,26 +280,26 @@ def newton_update(stage_f, W, Z, Q, diag, off, seeds, inv_h, live, work):
 NEWTON_UPDATE_KERNELS = serial_and_parallel(newton_update)
 
 
-def error_solve(f_start, Z, Q, diag, off, seeds, inv_h, extra, use_extra, out, work):
+def error_solve(f_start, Z, basis, diag, off, rank, seeds, inv_h, extra, use_extra, out, work):
     """The embedded error estimate of every row: (MU_REAL / h + A)^{-1} (f + sum_i E_i Z_i / h),
     with f = f_start (the derivative at the step start), or ``extra`` where ``use_extra[r]``
     (Hairer's second estimate after a rejection: f at y0 + the first estimate).
 
-    f_start, extra, out : ndarray of shape (rows, N); Z : (rows, 3, N); Q, diag, off as for
-    :func:`newton_update`; work : (rows, 6, N).
+    f_start, extra, out : ndarray of shape (rows, N); Z : (rows, 3, N); basis, diag, off, rank
+    as for :func:`newton_update`; work : (rows, WORK_VECTORS, N).
     """
     rows, _, n = Z.shape
     e0, e1, e2 = E[0], E[1], E[2]
     for r in prange(rows):
         s = seeds[r]
+        k = rank[s]
         ih = inv_h[r]
         src = extra[r] if use_extra[r] else f_start[r]
-        rhs, coef = work[r, 0], work[r, 1]
+        rhs = work[r, 0]
         for i in range(n):
             rhs[i] = src[i] + (e0 * Z[r, 0, i] + e1 * Z[r, 1, i] + e2 * Z[r, 2, i]) * ih
-        transposed_product(Q[s], rhs, coef)
-        solve_shifted_real(diag[s], off[s], MU_REAL * ih, coef, rhs)
-        _expand(Q[s], coef, n, out[r])
+        shifted_solve_real(basis[s, :k], diag[s, :k], off[s, :k], MU_REAL * ih, rhs, out[r],
+                           work[r, 1], work[r, 2], work[r, 3])
 
 
 ERROR_SOLVE_KERNELS = serial_and_parallel(error_solve)

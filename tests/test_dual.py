@@ -179,8 +179,8 @@ def test_s_form_trajectory_and_loss_match_dop853(depth, per_seed_data):
 def test_s_form_state_has_dimension_d(per_seed_data):
     """When d < n the solver's state and the matrices it factorizes have dimension d (the
     point of the s-form), unless the nu-form is forced; at d >= n the state is nu in R^n. After
-    a few steps the Jacobian's eigenvalues (those of its tridiagonal form B, A = Q B Q^T) are
-    those of X diag(h) X^T / n (NumPy, here) without its n - d zeros, and Q is orthogonal."""
+    a few steps the Jacobian's factors A = W B W^T reproduce X diag(h) X^T / n (NumPy, here),
+    W with orthonormal columns."""
     from ddln_fast.dual import DualIntegrator
     from ddln_fast.init import initial_layers
     from ddln_fast.problem import make_problem
@@ -190,18 +190,84 @@ def test_s_form_state_has_dimension_d(per_seed_data):
     u0 = initial_layers(config, problem.d)
     n, d = problem.n, problem.d
     it = DualIntegrator(problem, u0, rtol=1e-8, atol=1e-12)
-    assert it.n == d and it.nu.shape == (2, d) and it.Q.shape == (2, d, d)
-    assert DualIntegrator(problem, u0, s_form=False).Q.shape == (2, n, n)
+    assert it.n == d and it.nu.shape == (2, d) and it.basis.shape == (2, d, d)
+    assert DualIntegrator(problem, u0, s_form=False).basis.shape == (2, n, n)
     it.advance_to(0.5)
     for s in range(2):
         X = problem.X[s] if per_seed_data else problem.X
         A = (X * it.jac_h[s]) @ X.T / n
-        B = np.diag(it.tri_diag[s]) + np.diag(it.tri_off[s, :-1], -1) + np.diag(it.tri_off[s, :-1], 1)
+        W, B = _jacobian_factors(it, s)
+        # A has rank d: W B W^T is A in the d-dimensional s-form coordinates
         np.testing.assert_allclose(np.linalg.eigvalsh(B), np.linalg.eigvalsh(A)[n - d:], rtol=1e-10,
                                    atol=1e-12 * np.abs(A).max())
-        np.testing.assert_allclose(it.Q[s].T @ it.Q[s], np.eye(d), atol=1e-14)
+        np.testing.assert_allclose(W.T @ W, np.eye(W.shape[1]), atol=1e-14)
     square = make_problem(dual_config({"problem.n": 12, "problem.d": 12}))
-    assert DualIntegrator(square, initial_layers(config, 12)).Q.shape == (2, 12, 12)
+    assert DualIntegrator(square, initial_layers(config, 12)).basis.shape == (2, 12, 12)
+
+
+def _jacobian_factors(integrator, seed):
+    """W (rows, k) and the tridiagonal B (k, k) of a seed's factored Jacobian A = W B W^T."""
+    k = integrator.rank[seed]
+    off = integrator.tri_off[seed, :max(k - 1, 0)]
+    B = np.diag(integrator.tri_diag[seed, :k]) + np.diag(off, -1) + np.diag(off, 1)
+    return integrator.basis[seed, :k].T, B
+
+
+@pytest.mark.parametrize("active", [200, 60, 7, 0])
+def test_jacobian_factors_and_newton_solves_match_numpy(active):
+    """The Jacobian A = X diag(h) X^T / n as W B W^T, and the two systems of every Newton
+    update and the error estimate: (mu I + A)^{-1} b for the real mu and the complex pair of
+    Radau IIA(5) at a step size h, against numpy.linalg.solve on the dense A. With ``active``
+    of d = 200 coordinates at h ~ 1 and the others at 1e-300 (below eps max h: left out), A
+    has full rank n = 40 (200, 60 active) or the rank of the active ones (7; 0: h = 0, A = 0), for
+    which the factors are W B W^T of rank k < n and the solves add the complement of W's
+    range. Step sizes from 1e-3 to 1e9 (mu / h far below |A|)."""
+    from ddln_fast import radau
+    from ddln_fast.dual import DualIntegrator
+    from ddln_fast.init import initial_layers
+    from ddln_fast.problem import make_problem
+
+    config = dual_config({"problem.n": 40, "problem.d": 200})
+    problem = make_problem(config)
+    it = DualIntegrator(problem, initial_layers(config, problem.d))
+    n = problem.n
+    rng = np.random.default_rng(3)
+    h = np.full((2, problem.d), 1e-300 if active else 0.0)  # (relative to max h when active)
+    h[:, rng.permutation(problem.d)[:active]] = rng.uniform(0.5, 2.0, size=(2, active))
+    it._factor_jacobians(np.arange(2), h)
+    X = problem.X
+    for s in range(2):
+        A = (X * h[s]) @ X.T / n
+        W, B = _jacobian_factors(it, s)
+        assert it.rank[s] == min(active, n)
+        np.testing.assert_allclose(W @ B @ W.T, A, rtol=0, atol=1e-13 * max(np.abs(A).max(), 1.0))
+        np.testing.assert_allclose(W.T @ W, np.eye(W.shape[1]), atol=1e-14)
+    seeds = np.array([0, 1, 1, 0])
+    for step in (1e-3, 1.0, 1e9):
+        inv_h = np.full(4, 1.0 / step)
+        stage_f = rng.standard_normal((4, 3, n))
+        W_inc, Z = np.zeros((4, 3, n)), np.zeros((4, 3, n))
+        radau.NEWTON_UPDATE_KERNELS[0](stage_f, W_inc, Z, it.basis, it.tri_diag, it.tri_off, it.rank,
+                                       seeds, inv_h, np.ones(4, dtype=np.uint8),
+                                       np.empty((4, radau.WORK_VECTORS, n)))
+        err = np.empty((4, n))
+        radau.ERROR_SOLVE_KERNELS[0](stage_f[:, 0], np.zeros((4, 3, n)), it.basis, it.tri_diag,
+                                     it.tri_off, it.rank, seeds, inv_h, stage_f[:, 0],
+                                     np.zeros(4, dtype=np.uint8), err,
+                                     np.empty((4, radau.WORK_VECTORS, n)))
+        for r, s in enumerate(seeds):
+            A = (X * h[s]) @ X.T / n
+            rhs = radau.TI @ stage_f[r]  # the transformed residual at W = 0
+            real = np.linalg.solve(radau.MU_REAL / step * np.eye(n) + A, rhs[0])
+            pair = np.linalg.solve(radau.MU_COMPLEX / step * np.eye(n) + A, rhs[1] + 1j * rhs[2])
+            error = np.linalg.solve(radau.MU_REAL / step * np.eye(n) + A, stage_f[r, 0])
+            # NumPy's own error grows with the condition number of mu / h + A
+            condition = 1.0 + np.linalg.norm(A, 2) * step / abs(radau.MU_COMPLEX)
+            tol = 1e-9 + 100 * np.finfo(float).eps * condition
+            for ours, ref in ((W_inc[r, 0], real), (W_inc[r, 1], pair.real), (W_inc[r, 2], pair.imag),
+                              (err[r], error)):
+                np.testing.assert_allclose(ours, ref, rtol=0, atol=tol * np.abs(ref).max())
+            np.testing.assert_allclose(Z[r], radau.T @ W_inc[r], rtol=1e-12, atol=1e-12 * np.abs(Z[r]).max())
 
 
 def test_shifted_tridiagonal_solves_match_numpy():

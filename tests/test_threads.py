@@ -136,7 +136,7 @@ def test_dual_method_runs_small_dense_algebra_on_one_blas_thread(monkeypatch):
     def blas_threads():
         return max(p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas")
 
-    for name in ("jacobian_matrix", "residuals", "clocks"):
+    for name in ("factor_jacobian", "residuals", "clocks"):
         original = getattr(dual.DualProducts, name)
 
         def spy(self, *args, _original=original, _name=name):
@@ -159,5 +159,5 @@ def test_dual_method_runs_small_dense_algebra_on_one_blas_thread(monkeypatch):
         assert blas_threads() == 2  # the run's setting
         dual.DualIntegrator(problem, initial_layers(config, problem.d), dt=1.0).advance_to(1.0)
         assert blas_threads() == 2  # restored
-    assert {name for name, _ in seen} == {"jacobian_matrix", "tridiagonalize", "residuals", "clocks"}
+    assert {name for name, _ in seen} == {"factor_jacobian", "tridiagonalize", "residuals", "clocks"}
     assert {threads for _, threads in seen} == {1}
