@@ -267,7 +267,7 @@ def test_depth_alpha_grid_sweep(benchmark, tmp_path):
 
 def test_s_form_vs_nu_form(benchmark):
     """d < n: the same flow integrated in nu (n = 400 numbers per seed, 400 x 400
-    eigendecompositions) and in the s-form (40 numbers, 40 x 40), one process."""
+    Jacobians) and in the s-form (40 numbers, 40 x 40), one process."""
     from ddln_fast import Config
     from ddln_fast.init import initial_layers
     from ddln_fast.problem import make_problem

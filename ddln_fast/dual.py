@@ -11,8 +11,9 @@ for every initialization (frozen coordinates have h = 0; a rank-deficient X make
 which the implicit step does not mind). J is symmetric negative semidefinite, and the flow is
 stiff at small scales (h spans many decades), so the default scheme is the L-stable Radau IIA
 method of order 5 (:mod:`ddln_fast.radau`) with the exact Jacobian, simplified Newton with the
-Jacobian kept while Newton converges fast, and one eigendecomposition per Jacobian instead of
-one factorization per step size.
+Jacobian kept while Newton converges fast, and one tridiagonalization per Jacobian instead of
+one factorization per step size (restricted to the active coordinates at small scales:
+:meth:`DualProducts.factor_jacobian`).
 
 When d < n only the part of nu in the range of X moves the clocks: with a thin QR factorization
 X = Q R (Q of shape (n, d) with orthonormal columns), X^T nu = R^T Q^T nu, and mu = Q^T nu in
@@ -88,7 +89,7 @@ CLOCK_FLOOR_ULPS = 64.0
 #: of flow time (see the module docstring).
 CLOCK_NOISE_ULPS = 32.0
 #: Coordinates with h_i at most this times max(h) are left out of the Jacobian (their share is
-#: below the rounding of the product: :meth:`DualProducts.jacobian_matrix`).
+#: below the rounding of the product: :meth:`DualProducts.factor_jacobian`).
 JACOBIAN_FLOOR = float(np.finfo(np.float64).eps)
 
 
@@ -349,16 +350,16 @@ class DualProducts:
 
     def factor_jacobian(self, h, seed, basis, diag, off) -> int:
         """A = M diag(h) M^T / n of seed ``seed`` (the negative Jacobian; h >= 0, shape (d,)) as
-        W B W^T, W with k orthonormal columns and B tridiagonal of order k: W^T into basis[:k],
+        V B V^T, V with k orthonormal columns and B tridiagonal of order k: V^T into basis[:k],
         B's diagonal into diag[:k] and its subdiagonal into off[:k - 1]. Returns k.
 
         Only coordinates with h_i > eps max(h) enter: the others add at most about eps |A| to A,
         the rounding of the product itself (and Newton needs A only approximately). At small
         scales most coordinates sit near zero with h_i ~ alpha^(2L-2), and A has the rank k of
         the active ones. With k < rows: a thin QR M_k diag(sqrt(h_k / n)) = U R, the rank-k
-        matrix A = U (R R^T) U^T, and W = U P from R R^T = P B P^T (k^2 rows work instead of
+        matrix A = U (R R^T) U^T, and V = U P from R R^T = P B P^T (work k^2 rows instead of
         rows^3). Otherwise a symmetric rank-k update (two thirds of a general product: 0.25
-        against 0.40 ms at n = 100, d = 1000) and its tridiagonalization, W square."""
+        against 0.40 ms at n = 100, d = 1000) and its tridiagonalization, V square."""
         X = self.X[seed] if self.per_seed else self.X
         keep = np.flatnonzero(h > JACOBIAN_FLOOR * h.max())
         k = keep.size
@@ -370,9 +371,8 @@ class DualProducts:
             if k < h.size:
                 X, root = X[:, keep], root[keep]
             # (X sqrt(h))^T is Fortran-ordered as it stands: syrk takes it without a copy
-            square = np.empty((rows, rows))
-            tridiagonalize(dsyrk(self.inv_n, (X * root).T, trans=1, lower=1), square, diag, off)
-            basis[:] = square.T
+            # V is square: its transpose is written straight into the rows of the basis
+            tridiagonalize(dsyrk(self.inv_n, (X * root).T, trans=1, lower=1), basis.T, diag, off)
             return rows
         # M_k diag(sqrt(h_k / n)), Fortran-ordered (rows, k) for LAPACK
         scaled = (X.T[keep] * np.sqrt(h[keep] * self.inv_n)[:, None]).T
@@ -486,8 +486,8 @@ class DualIntegrator(Solver):
         self.hvec = np.zeros((S, d))
         self.tol = np.zeros((S, d))
         self.tol_newton = np.zeros((S, d))
-        # each seed's Jacobian as A = W B W^T (B tridiagonal; DualProducts.factor_jacobian):
-        # W^T in basis[s, :rank[s]]
+        # each seed's Jacobian as A = V B V^T (B tridiagonal; DualProducts.factor_jacobian):
+        # V^T in basis[s, :rank[s]]
         self.basis = np.zeros((S, n, n))
         self.rank = np.zeros(S, dtype=np.int64)
         self.tri_diag = np.zeros((S, n))
@@ -560,12 +560,16 @@ class DualIntegrator(Solver):
 
     # -- Jacobians --------------------------------------------------------------------------------
     def _factor_jacobians(self, seeds, h):
-        """A = X diag(h) X^T / n of ``seeds`` (h : (m, d)) as W B W^T, B tridiagonal, into
-        self.basis (W^T), self.rank, self.tri_diag and self.tri_off (:mod:`ddln_fast.radau`)."""
+        """A = X diag(h) X^T / n of ``seeds`` (h : (m, d)) as V B V^T, B tridiagonal, into
+        self.basis (V^T), self.rank, self.tri_diag and self.tri_off (:mod:`ddln_fast.radau`)."""
         with hot_loop_serial_blas():  # per-seed n x n algebra (see threads.blas_for_products)
             for a, seed in enumerate(seeds):
                 self.rank[seed] = self.products.factor_jacobian(
                     h[a], seed, self.basis[seed], self.tri_diag[seed], self.tri_off[seed])
+
+    def _jacobian(self):
+        """The factored Jacobians as the kernels of :mod:`ddln_fast.radau` take them."""
+        return self.basis, self.tri_diag, self.tri_off, self.rank
 
     def _refresh_jacobians(self, seeds):
         self.jac_h[seeds] = self.hvec[seeds]
@@ -691,7 +695,7 @@ class DualIntegrator(Solver):
             self.products.residuals(theta[:3 * k], stage_rows, stage_f[:3 * k])
             stage_fk = stage_f[:3 * k].reshape(k, 3, n)
             _rows_finite(stage_fk, finite[:k])
-            call_by_size(radau.NEWTON_UPDATE_KERNELS, k * n * n, stage_fk, Ww, Zw, self.basis, self.tri_diag, self.tri_off, self.rank,
+            call_by_size(radau.NEWTON_UPDATE_KERNELS, k * n * n, stage_fk, Ww, Zw, *self._jacobian(),
                          seeds_w, inv_h_w, finite[:k], work[:k])
             self.products.clocks(Zw.reshape(3 * k, n), stage_rows, None, new_sigma[:k].reshape(3 * k, d))
             _move_stage_clocks(new_sigma[:k], self.s, self.s_lo, seeds_w, sw, sw_lo)
@@ -762,8 +766,8 @@ class DualIntegrator(Solver):
         inv_h = 1.0 / h_step
         err_nu = np.empty((c, n))
         f_start = self.f[seeds]
-        call_by_size(radau.ERROR_SOLVE_KERNELS, c * n * n, f_start, Z, self.basis, self.tri_diag, self.tri_off, self.rank, seeds,
-                     inv_h, f_start, np.zeros(c, dtype=np.uint8), err_nu, np.empty((c, radau.WORK_VECTORS, n)))
+        call_by_size(radau.ERROR_SOLVE_KERNELS, c * n * n, f_start, Z, *self._jacobian(), seeds, inv_h,
+                     f_start, np.zeros(c, dtype=np.uint8), err_nu, np.empty((c, radau.WORK_VECTORS, n)))
         delta = np.empty((c, d))
         self.products.clocks(err_nu, seeds, None, delta)
         s_new = np.ascontiguousarray(sigma[:, 2])
@@ -791,9 +795,9 @@ class DualIntegrator(Solver):
             self.products.residuals(theta1, sg, f1)
             st.nfev[sg] += 1
             err2 = np.empty((again.size, n))
-            call_by_size(radau.ERROR_SOLVE_KERNELS, again.size * n * n, f1, Z[again], self.basis,
-                         self.tri_diag, self.tri_off, self.rank, sg, inv_h[again], f1, np.zeros(again.size, dtype=np.uint8),
-                         err2, np.empty((again.size, radau.WORK_VECTORS, n)))
+            call_by_size(radau.ERROR_SOLVE_KERNELS, again.size * n * n, f1, Z[again], *self._jacobian(),
+                         sg, inv_h[again], f1, np.zeros(again.size, dtype=np.uint8), err2,
+                         np.empty((again.size, radau.WORK_VECTORS, n)))
             delta2 = np.empty((again.size, d))
             self.products.clocks(err2, sg, None, delta2)
             e2 = np.empty(again.size)

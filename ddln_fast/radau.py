@@ -9,19 +9,24 @@ coordinates W = T^{-1} Z that diagonalise the Runge–Kutta matrix, the 3N x 3N 
 splits into one real system (MU_REAL / h - J) and one complex system (MU_COMPLEX / h - J).
 
 Here J is symmetric negative semidefinite (J = -A, A PSD), so both systems are solved through
-one tridiagonalization per Jacobian, A = Q B Q^T (Q orthogonal, B symmetric tridiagonal, LAPACK's
-dsytrd): (mu / h + A)^{-1} = Q (mu / h + B)^{-1} Q^T for the real and the complex mu alike, and
-a system with B costs O(N). A new step size costs no factorization, only O(N) pivots. It costs
-a third of an eigendecomposition (A = V diag(lam) V^T) and asks as much of each solve (two
-products with an N x N matrix). The elimination needs no pivoting: mu / h + B has a positive
-definite real part, and the pivots of such a matrix have real parts of at least Re(mu) / h (the
-Schur complements of an accretive matrix; B's own are >= 0), which the elimination enforces, so that
-the rounding of a numerically singular A (eigenvalues of size eps |A| of either sign) never
-meets a step so long that mu / h is below it. A singular J is harmless for the same reason.
+one factorization per Jacobian, A = V B V^T with B symmetric tridiagonal of order k and V of k
+orthonormal columns (:meth:`ddln_fast.dual.DualProducts.factor_jacobian`: LAPACK's dsytrd,
+k = N, or a thin QR first when only k < N coordinates are active):
 
-Kernels work on "rows": row r of a batch belongs to seed ``seeds[r]``; per-seed arrays (Q, diag, off)
-are indexed by seed, batch arrays by row. Every reduction of a row runs in one thread, in a
-fixed order.
+    (mu / h + A)^{-1} b = V (mu / h + B)^{-1} V^T b + (b - V V^T b) / (mu / h)
+
+for the real and the complex mu alike (the second term only when k < N), and a system with B
+costs O(k). A new step size costs no factorization, only O(k) pivots; the factorization costs a
+third of an eigendecomposition, and each solve asks as much (two products with V). The
+elimination needs no pivoting: mu / h + B has a positive definite real part, and the pivots of
+such a matrix have real parts of at least Re(mu) / h (the Schur complements of an accretive
+matrix; B's own are >= 0), which the elimination enforces, so that the rounding of a numerically
+singular A (eigenvalues of size eps |A| of either sign) never meets a step so long that mu / h
+is below it. A singular J is harmless for the same reason.
+
+Kernels work on "rows": row r of a batch belongs to seed ``seeds[r]``; per-seed arrays (basis,
+diag, off, rank) are indexed by seed, batch arrays by row. Every reduction of a row runs in one
+thread, in a fixed order.
 """
 
 from __future__ import annotations
@@ -97,7 +102,7 @@ def newton_tolerance(rtol: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Linear algebra through the tridiagonalization A = W B W^T
+# Linear algebra through the factorization A = V B V^T
 # ---------------------------------------------------------------------------------------------
 #: Scratch vectors per row that :func:`newton_update` and :func:`error_solve` need.
 WORK_VECTORS = 11
@@ -105,7 +110,7 @@ WORK_VECTORS = 11
 
 @njit(**JIT_OPTIONS)
 def _row_products(M, v, out):
-    """out[i] = sum_j M[i, j] v[j] for M of shape (k, N): the coefficients W^T v in the basis
+    """out[i] = sum_j M[i, j] v[j] for M of shape (k, N): the coefficients V^T v in the basis
     whose vectors are the rows of M."""
     k, n = M.shape
     for i in range(k):
@@ -173,9 +178,9 @@ def solve_shifted_complex(diag, off, shift_re, shift_im, rhs_re, rhs_im, pivots_
 
 @njit(**JIT_OPTIONS)
 def shifted_solve_real(basis, diag, off, shift, rhs, out, coef, saved, pivots):
-    """out = (shift I + A)^{-1} rhs for A = W B W^T, W^T the rows of ``basis`` (k x N,
-    orthonormal), B tridiagonal of order k: W (shift + B)^{-1} W^T rhs, plus (rhs - W W^T rhs) /
-    shift on the complement of W's range (where A vanishes) when k < N. ``coef``, ``saved``,
+    """out = (shift I + A)^{-1} rhs for A = V B V^T, V^T the rows of ``basis`` (k x N,
+    orthonormal), B tridiagonal of order k: V (shift + B)^{-1} V^T rhs, plus (rhs - V V^T rhs) /
+    shift on the complement of V's range (where A vanishes) when k < N. ``coef``, ``saved``,
     ``pivots``: scratch."""
     k, n = basis.shape
     _row_products(basis, rhs, coef)
@@ -204,7 +209,7 @@ def newton_update(stage_f, W, Z, basis, diag, off, rank, seeds, inv_h, live, wor
     W, Z : ndarray of shape (rows, 3, N)
         Transformed and plain stage increments; updated in place (W += dW, Z = T W).
     basis, diag, off, rank : ndarray of shape (S, N, N), (S, N), (S, N), (S,)
-        A = -J of each seed as W B W^T: the k = rank[s] orthonormal vectors of W as the rows
+        A = -J of each seed as V B V^T: the k = rank[s] orthonormal vectors of V as the rows
         basis[s, :k], and B's diagonal (diag[s, :k]) and the entries below it (off[s, :k - 1]).
     seeds : ndarray of shape (rows,)
     inv_h : ndarray of shape (rows,)
@@ -223,7 +228,7 @@ def newton_update(stage_f, W, Z, basis, diag, off, rank, seeds, inv_h, live, wor
             continue
         s = seeds[r]
         k = rank[s]
-        Ws = basis[s, :k]
+        Vs = basis[s, :k]
         ds, es = diag[s, :k], off[s, :k]
         mr = MU_REAL * inv_h[r]
         mcr = MU_COMPLEX_RE * inv_h[r]
@@ -242,10 +247,10 @@ def newton_update(stage_f, W, Z, basis, diag, off, rank, seeds, inv_h, live, wor
         cr, cc, ci = work[r, 6], work[r, 7], work[r, 8]
         saved_re, saved_im = work[r, 9], work[r, 10]
         # the real system (dc, di: scratch until the complex expansion below)
-        shifted_solve_real(Ws, ds, es, mr, rr, dr, cr, dc, di)
-        # the complex one: W (sigma + B)^{-1} W^T r, plus (r - W W^T r) / sigma when k < N
-        _row_products(Ws, rc, cc)
-        _row_products(Ws, ri, ci)
+        shifted_solve_real(Vs, ds, es, mr, rr, dr, cr, dc, di)
+        # the complex one: V (sigma + B)^{-1} V^T r, plus (r - V V^T r) / sigma when k < N
+        _row_products(Vs, rc, cc)
+        _row_products(Vs, ri, ci)
         if k < n:
             for j in range(k):
                 saved_re[j], saved_im[j] = cc[j], ci[j]
@@ -256,14 +261,14 @@ def newton_update(stage_f, W, Z, basis, diag, off, rank, seeds, inv_h, live, wor
             for j in range(k):
                 cc[j] -= inv_re * saved_re[j] - inv_im * saved_im[j]
                 ci[j] -= inv_re * saved_im[j] + inv_im * saved_re[j]
-            transposed_product(Ws, cc, dc)
-            transposed_product(Ws, ci, di)
+            transposed_product(Vs, cc, dc)
+            transposed_product(Vs, ci, di)
             for i in range(n):
                 dc[i] += inv_re * rc[i] - inv_im * ri[i]
                 di[i] += inv_re * ri[i] + inv_im * rc[i]
         else:
-            transposed_product(Ws, cc, dc)
-            transposed_product(Ws, ci, di)
+            transposed_product(Vs, cc, dc)
+            transposed_product(Vs, ci, di)
         z0, z1, z2 = Z[r, 0], Z[r, 1], Z[r, 2]
         for i in range(n):
             a0 = w0[i] + dr[i]

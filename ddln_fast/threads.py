@@ -204,7 +204,7 @@ def blas_for_products(work: int):
     Measured on the shared 2-core machine under load, the dual method on n = 100, d = 1000
     (to loss 1e-8): 2 seeds took 48 s with the default OpenBLAS pool and 0.95 s with one thread;
     8 seeds (batched GEMMs of 2.4 M multiply-adds) 43 s and 3.9 s. Such GEMMs and small
-    eigendecompositions gain little from a second thread and lose everything when its core is
+    factorizations gain little from a second thread and lose everything when its core is
     busy."""
     return hot_loop_serial_blas() if work <= SERIAL_PRODUCT_WORK else contextlib.nullcontext()
 

@@ -179,8 +179,8 @@ def test_s_form_trajectory_and_loss_match_dop853(depth, per_seed_data):
 def test_s_form_state_has_dimension_d(per_seed_data):
     """When d < n the solver's state and the matrices it factorizes have dimension d (the
     point of the s-form), unless the nu-form is forced; at d >= n the state is nu in R^n. After
-    a few steps the Jacobian's factors A = W B W^T reproduce X diag(h) X^T / n (NumPy, here),
-    W with orthonormal columns."""
+    a few steps the Jacobian's factors A = V B V^T reproduce X diag(h) X^T / n (NumPy, here),
+    V with orthonormal columns."""
     from ddln_fast.dual import DualIntegrator
     from ddln_fast.init import initial_layers
     from ddln_fast.problem import make_problem
@@ -196,52 +196,53 @@ def test_s_form_state_has_dimension_d(per_seed_data):
     for s in range(2):
         X = problem.X[s] if per_seed_data else problem.X
         A = (X * it.jac_h[s]) @ X.T / n
-        W, B = _jacobian_factors(it, s)
-        # A has rank d: W B W^T is A in the d-dimensional s-form coordinates
+        V, B = _jacobian_factors(it, s)
+        # A has rank d: V B V^T is A in the d-dimensional s-form coordinates
         np.testing.assert_allclose(np.linalg.eigvalsh(B), np.linalg.eigvalsh(A)[n - d:], rtol=1e-10,
                                    atol=1e-12 * np.abs(A).max())
-        np.testing.assert_allclose(W.T @ W, np.eye(W.shape[1]), atol=1e-14)
+        np.testing.assert_allclose(V.T @ V, np.eye(V.shape[1]), atol=1e-14)
     square = make_problem(dual_config({"problem.n": 12, "problem.d": 12}))
     assert DualIntegrator(square, initial_layers(config, 12)).basis.shape == (2, 12, 12)
 
 
 def _jacobian_factors(integrator, seed):
-    """W (rows, k) and the tridiagonal B (k, k) of a seed's factored Jacobian A = W B W^T."""
+    """V (rows, k) and the tridiagonal B (k, k) of a seed's factored Jacobian A = V B V^T."""
     k = integrator.rank[seed]
     off = integrator.tri_off[seed, :max(k - 1, 0)]
     B = np.diag(integrator.tri_diag[seed, :k]) + np.diag(off, -1) + np.diag(off, 1)
     return integrator.basis[seed, :k].T, B
 
 
+@pytest.mark.parametrize("per_seed_data", [False, True])
 @pytest.mark.parametrize("active", [200, 60, 7, 0])
-def test_jacobian_factors_and_newton_solves_match_numpy(active):
-    """The Jacobian A = X diag(h) X^T / n as W B W^T, and the two systems of every Newton
+def test_jacobian_factors_and_newton_solves_match_numpy(active, per_seed_data):
+    """The Jacobian A = X diag(h) X^T / n as V B V^T, and the two systems of every Newton
     update and the error estimate: (mu I + A)^{-1} b for the real mu and the complex pair of
     Radau IIA(5) at a step size h, against numpy.linalg.solve on the dense A. With ``active``
     of d = 200 coordinates at h ~ 1 and the others at 1e-300 (below eps max h: left out), A
     has full rank n = 40 (200, 60 active) or the rank of the active ones (7; 0: h = 0, A = 0), for
-    which the factors are W B W^T of rank k < n and the solves add the complement of W's
-    range. Step sizes from 1e-3 to 1e9 (mu / h far below |A|)."""
+    which the factors are V B V^T of rank k < n and the solves add the complement of V's
+    range. Step sizes from 1e-3 to 1e9 (mu / h far below |A|); shared and per-seed data."""
     from ddln_fast import radau
     from ddln_fast.dual import DualIntegrator
     from ddln_fast.init import initial_layers
     from ddln_fast.problem import make_problem
 
-    config = dual_config({"problem.n": 40, "problem.d": 200})
+    config = dual_config({"problem.n": 40, "problem.d": 200, "problem.per_seed_data": per_seed_data})
     problem = make_problem(config)
     it = DualIntegrator(problem, initial_layers(config, problem.d))
+    data = problem.X if per_seed_data else np.stack([problem.X, problem.X])
     n = problem.n
     rng = np.random.default_rng(3)
     h = np.full((2, problem.d), 1e-300 if active else 0.0)  # (relative to max h when active)
     h[:, rng.permutation(problem.d)[:active]] = rng.uniform(0.5, 2.0, size=(2, active))
     it._factor_jacobians(np.arange(2), h)
-    X = problem.X
     for s in range(2):
-        A = (X * h[s]) @ X.T / n
-        W, B = _jacobian_factors(it, s)
+        A = (data[s] * h[s]) @ data[s].T / n
+        V, B = _jacobian_factors(it, s)
         assert it.rank[s] == min(active, n)
-        np.testing.assert_allclose(W @ B @ W.T, A, rtol=0, atol=1e-13 * max(np.abs(A).max(), 1.0))
-        np.testing.assert_allclose(W.T @ W, np.eye(W.shape[1]), atol=1e-14)
+        np.testing.assert_allclose(V @ B @ V.T, A, rtol=0, atol=1e-13 * max(np.abs(A).max(), 1.0))
+        np.testing.assert_allclose(V.T @ V, np.eye(V.shape[1]), atol=1e-14)
     seeds = np.array([0, 1, 1, 0])
     for step in (1e-3, 1.0, 1e9):
         inv_h = np.full(4, 1.0 / step)
@@ -256,7 +257,7 @@ def test_jacobian_factors_and_newton_solves_match_numpy(active):
                                      np.zeros(4, dtype=np.uint8), err,
                                      np.empty((4, radau.WORK_VECTORS, n)))
         for r, s in enumerate(seeds):
-            A = (X * h[s]) @ X.T / n
+            A = (data[s] * h[s]) @ data[s].T / n
             rhs = radau.TI @ stage_f[r]  # the transformed residual at W = 0
             real = np.linalg.solve(radau.MU_REAL / step * np.eye(n) + A, rhs[0])
             pair = np.linalg.solve(radau.MU_COMPLEX / step * np.eye(n) + A, rhs[1] + 1j * rhs[2])
