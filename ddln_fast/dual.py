@@ -353,8 +353,9 @@ class DualProducts:
         V B V^T, V with k orthonormal columns and B tridiagonal of order k: V^T into basis[:k],
         B's diagonal into diag[:k] and its subdiagonal into off[:k - 1]. Returns k.
 
-        Only coordinates with h_i > eps max(h) enter: the others add at most about eps |A| to A,
-        the rounding of the product itself (and Newton needs A only approximately). At small
+        Only coordinates with h_i > eps max(h) enter: the others add at most
+        eps max(h) |M|^2 / n to A, no more than the rounding of the full product (up to d eps
+        max(h) max_i |m_i|^2 / n per entry), and Newton needs A only approximately. At small
         scales most coordinates sit near zero with h_i ~ alpha^(2L-2), and A has the rank k of
         the active ones. With k < rows: a thin QR M_k diag(sqrt(h_k / n)) = U R, the rank-k
         matrix A = U (R R^T) U^T, and V = U P from R R^T = P B P^T (work k^2 rows instead of
