@@ -616,23 +616,37 @@ class ClockMap:
         want_g = G is not None and G is not False
         theta = self._out(theta, s.shape)
         h = self._out(h, s.shape)
+        if want_g:
+            G_out = self._out(G, s.shape)
+            p = self.packed
+            evaluate_parallel(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, NO_SKIP, True,
+                              theta, h, G_out)
+            return theta, h, G_out
+        if self.fast_path and not self._fast[4] and any(
+                np.may_share_memory(out, x) for out in (theta, h) for x in (s, s_lo)):
+            # the general loop reads the clocks of the coordinates it does after the SIMD loop
+            # has written every coordinate's outputs: an output over the clocks (evaluate in
+            # place) needs the clocks kept
+            s, s_lo = s.copy(), s_lo.copy()
+        self.evaluate_rows(s, s_lo, rows, theta, h)
+        return theta, h
+
+    def evaluate_rows(self, s, s_lo, rows, theta, h) -> None:
+        """theta = F(s + s_lo) and h = -F'(s + s_lo), as :meth:`evaluate` computes them, for a
+        caller that hands over exactly the arrays it needs (a solver's inner loop, where the
+        checks cost as much as 200 coordinates): s, s_lo, theta and h C-contiguous float64
+        (m, d), rows int64 (m,) seed indices, the outputs not overlapping the clocks. Nothing is
+        checked or allocated."""
         skip = NO_SKIP
-        if not want_g and self.fast_path:
+        if self.fast_path:
             P, gap_a, gap_b, eligible, every = self._fast
-            if not every and any(np.may_share_memory(out, x) for out in (theta, h) for x in (s, s_lo)):
-                # the general loop reads the clocks of the coordinates it does after the SIMD
-                # loop has written every coordinate's outputs: an output over the clocks
-                # (evaluate in place) needs the clocks kept
-                s, s_lo = s.copy(), s_lo.copy()
             clock_fast.evaluate_parallel(s, s_lo, rows, P, gap_a, gap_b, theta, h)
             if every:
-                return theta, h
+                return
             skip = eligible
-        G_out = self._out(G, s.shape) if want_g else theta
         p = self.packed
-        evaluate_parallel(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, skip, want_g, theta,
-                          h, G_out)
-        return (theta, h, G_out) if want_g else (theta, h)
+        evaluate_parallel(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, skip, False, theta,
+                          h, theta)
 
     @property
     def fast_path(self) -> bool:

@@ -683,6 +683,7 @@ class DualIntegrator(Solver):
         faccon_w, outcome_w, factor_w, rate_w = faccon.copy(), outcome.copy(), h_factor.copy(), rate.copy()
         increment_old, theta_old = np.ones(m), np.zeros(m)
         theta = np.empty((3 * m, d))
+        hvec_scratch = np.empty((3 * m, d))  # h at the stages: computed alongside, not used
         stage_f = np.empty((3 * m, n))
         new_sigma = np.empty((m, 3, d))
         increment = np.empty(m)
@@ -691,8 +692,8 @@ class DualIntegrator(Solver):
         for iteration in range(1, radau.NEWTON_MAXITER + 1):
             k = rows.size
             st.nfev[seeds_w] += 3
-            self.clock.evaluate(sw.reshape(3 * k, d), theta=theta[:3 * k], rows=stage_rows,
-                                s_lo=sw_lo.reshape(3 * k, d))
+            self.clock.evaluate_rows(sw.reshape(3 * k, d), sw_lo.reshape(3 * k, d), stage_rows,
+                                     theta[:3 * k], hvec_scratch[:3 * k])
             self.products.residuals(theta[:3 * k], stage_rows, stage_f[:3 * k])
             stage_fk = stage_f[:3 * k].reshape(k, 3, n)
             _rows_finite(stage_fk, finite[:k])
@@ -775,7 +776,7 @@ class DualIntegrator(Solver):
         s_new_lo = np.ascontiguousarray(sigma_lo[:, 2])
         theta_new = np.empty((c, d))
         h_new = np.empty((c, d))
-        self.clock.evaluate(s_new, theta=theta_new, h=h_new, rows=seeds, s_lo=s_new_lo)
+        self.clock.evaluate_rows(s_new, s_new_lo, seeds, theta_new, h_new)
         tol_end = np.empty((c, d))
         call_by_size(CLOCK_TOLERANCE_KERNELS, s_new.size, s_new, theta_new, h_new, np.arange(c),
                      self.rtol, self.atol, self.newton_floor, tol_end, tol_end)

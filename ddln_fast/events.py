@@ -44,6 +44,7 @@ ACTIVATION_FRACTION = 0.1
 PREDICTION_RESIDUAL = 1e-8
 #: Exponents k of the loss decades 10^k whose first crossing is recorded.
 LOSS_DECADES = np.arange(10, -31, -1, dtype=np.int64)
+_DECADE_LEVELS = 10.0 ** LOSS_DECADES.astype(np.float64)
 _BISECTIONS = 80
 #: A loss crossing is found once log(f / level) along the dense output is this small: far below
 #: the accuracy of the dense output itself (the solver tolerance).
@@ -182,7 +183,7 @@ class EventRecorder:
         theta0 = self.theta0[seeds]
         on = (self.level[seeds, None] > 0) & (np.abs(theta0) >= self.level[seeds, None])
         self.activation_time[seeds] = np.where(on, 0.0, self.activation_time[seeds])
-        below = loss[seeds, None] < 10.0 ** LOSS_DECADES[None, :].astype(np.float64)
+        below = loss[seeds, None] < _DECADE_LEVELS[None, :]
         self.decade_time[seeds] = np.where(below, 0.0, self.decade_time[seeds])
 
     def step(self, integrator, seeds, t_old, h, s_old, s_old_lo, sigma, sigma_lo, loss_old,
@@ -190,13 +191,13 @@ class EventRecorder:
         """Events inside the accepted steps of ``seeds`` (from t_old, size h): double-double
         clocks s_old + s_old_lo (m, d) at the start, stage clocks sigma + sigma_lo (m, 3, d),
         losses at both ends."""
-        thresholds = 10.0 ** LOSS_DECADES.astype(np.float64)
+        thresholds = _DECADE_LEVELS
         watched = np.flatnonzero(self.level[seeds] > 0)
         crossed = ((loss_new[:, None] < thresholds) & (thresholds <= loss_old[:, None])
                    & np.isnan(self.decade_time[seeds]))
         crossing = np.flatnonzero(crossed.any(axis=1))
         # the dense output of the rows that need it: activation events on, or a decade crossed
-        rows = np.union1d(watched, crossing)
+        rows = np.union1d(watched, crossing) if watched.size else crossing
         if rows.size == 0:
             return
         coef = _dense_clocks(s_old[rows], s_old_lo[rows], sigma[rows], sigma_lo[rows])
@@ -231,16 +232,17 @@ def _dense_clocks(s_old, s_old_lo, sigma, sigma_lo) -> np.ndarray:
 def _loss_crossing(integrator, seed, s_old, s_old_lo, coef, level, loss_start, loss_end) -> float:
     """x in [0, 1] where the loss along the step's dense output equals ``level`` (Illinois
     regula falsi on log f, bracketed by the step's ends)."""
-    rows = np.array([seed])
+    rows = np.array([seed], dtype=np.int64)
     theta = np.empty((1, s_old.size))
+    scratch = np.empty((1, s_old.size))  # h along the way, not used
     r = np.empty((1, integrator.n))
     offset = float(integrator.products.offsets(rows)[0])  # (the s-form's y beyond range(Q))
 
     def gap(x):
         moved = x * (coef[0] + x * (coef[1] + x * coef[2]))
         clocks, rounding = two_sum.py_func(s_old, moved)
-        integrator.clock.evaluate(clocks[None, :], theta=theta, rows=rows,
-                                  s_lo=(rounding + s_old_lo)[None, :])
+        integrator.clock.evaluate_rows(clocks[None, :], (rounding + s_old_lo)[None, :], rows, theta,
+                                       scratch)
         integrator.products.residuals(theta, rows, r)
         value = float(r[0] @ r[0]) / (2 * integrator.products.n) + offset
         return np.log(max(value, 1e-300)) - np.log(level)
