@@ -145,7 +145,9 @@ def test_dual_vs_scipy_radau(benchmark):
     X, y = problem.X, problem.y
     n = problem.n
     S = u0.shape[0]
-    run_dual(problem, u0[:1], 1e-10, t_end=1.0)
+    # warm-up: the whole run once, so that every kernel the timed run calls (serial and
+    # parallel, the events' paths) is compiled or loaded from the cache before timing
+    run_dual(problem, u0, 1e-10)
     runs = {}
 
     def dual():
