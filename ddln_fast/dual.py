@@ -88,9 +88,8 @@ CLOCK_FLOOR_ULPS = 64.0
 #: The rounding floor of a step's clock increments, in units of eps (|X|^T |y|)_i / n per unit
 #: of flow time (see the module docstring).
 CLOCK_NOISE_ULPS = 32.0
-#: Coordinates with h_i at most this times max(h) are left out of the Jacobian (their share is
-#: below the rounding of the product: :meth:`DualProducts.factor_jacobian`).
-JACOBIAN_FLOOR = float(np.finfo(np.float64).eps)
+#: Entries of the tridiagonal B below this times |B| (a bound on its norm) are set to zero.
+TRIDIAGONAL_DEFLATION = 4.0 * float(np.finfo(np.float64).eps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,16 +352,17 @@ class DualProducts:
         V B V^T, V with k orthonormal columns and B tridiagonal of order k: V^T into basis[:k],
         B's diagonal into diag[:k] and its subdiagonal into off[:k - 1]. Returns k.
 
-        Only coordinates with h_i > eps max(h) enter: the others add at most
-        eps max(h) |M|^2 / n to A, no more than the rounding of the full product (up to d eps
-        max(h) max_i |m_i|^2 / n per entry), and Newton needs A only approximately. At small
-        scales most coordinates sit near zero with h_i ~ alpha^(2L-2), and A has the rank k of
-        the active ones. With k < rows: a thin QR M_k diag(sqrt(h_k / n)) = U R, the rank-k
-        matrix A = U (R R^T) U^T, and V = U P from R R^T = P B P^T (work k^2 rows instead of
-        rows^3). Otherwise a symmetric rank-k update (two thirds of a general product: 0.25
+        Only coordinates with h_i > 0 enter: a frozen coordinate (h = 0) adds nothing, and
+        with fewer such coordinates than rows A has their rank k. (Leaving out the coordinates
+        still near zero at small scales, h_i ~ alpha^(2L-2), would make k small in most
+        Jacobians and the factorization much cheaper; it was tried and reverted: in runs to
+        loss 1e-26 at depth 4 a seed then stalled near its loss floor.) With k < rows: a thin
+        QR M_k diag(sqrt(h_k / n)) = U R, the rank-k matrix A = U (R R^T) U^T, and V = U P from
+        R R^T = P B P^T (work k^2 rows instead of rows^3). Otherwise a symmetric rank-k update (two thirds of a general product: 0.25
         against 0.40 ms at n = 100, d = 1000) and its tridiagonalization, V square."""
         X = self.X[seed] if self.per_seed else self.X
-        keep = np.flatnonzero(h > JACOBIAN_FLOOR * h.max())
+        # (non-finite h: everything in, so that the NaN shows in Newton rather than a rank 0)
+        keep = np.flatnonzero(h > 0) if np.isfinite(h.max()) else np.arange(h.size)
         k = keep.size
         rows = self.rows
         if k == 0:
@@ -856,7 +856,10 @@ def tridiagonalize(A, Q, diag, off) -> None:
     if info != 0:
         raise np.linalg.LinAlgError(f"dsytrd failed (info = {info})")
     diag[:] = d
-    off[:n - 1] = e
+    # entries below the rounding of B decouple it (radau's module docstring: they would be
+    # divided by pivots as small as mu / h at long steps)
+    size = (np.abs(d).max() + 2.0 * np.abs(e).max()) if n > 1 else 0.0
+    off[:n - 1] = np.where(np.abs(e) <= TRIDIAGONAL_DEFLATION * size, 0.0, e)
     off[n - 1:] = 0.0
     Q[0, :] = 0.0
     Q[:, 0] = 0.0

@@ -11,7 +11,7 @@ splits into one real system (MU_REAL / h - J) and one complex system (MU_COMPLEX
 Here J is symmetric negative semidefinite (J = -A, A PSD), so both systems are solved through
 one factorization per Jacobian, A = V B V^T with B symmetric tridiagonal of order k and V of k
 orthonormal columns (:meth:`ddln_fast.dual.DualProducts.factor_jacobian`: LAPACK's dsytrd,
-k = N, or a thin QR first when only k < N coordinates are active):
+k = N, or a thin QR first when only k < N coordinates have h > 0):
 
     (mu / h + A)^{-1} b = V (mu / h + B)^{-1} V^T b + (b - V V^T b) / (mu / h)
 
@@ -20,9 +20,13 @@ costs O(k). A new step size costs no factorization, only O(k) pivots; the factor
 third of an eigendecomposition, and each solve asks as much (two products with V). The
 elimination needs no pivoting: mu / h + B has a positive definite real part, and the pivots of
 such a matrix have real parts of at least Re(mu) / h (the Schur complements of an accretive
-matrix; B's own are >= 0), which the elimination enforces, so that the rounding of a numerically
-singular A (eigenvalues of size eps |A| of either sign) never meets a step so long that mu / h
-is below it. A singular J is harmless for the same reason.
+matrix; B's own are >= 0), which the elimination enforces. At long steps mu / h falls below the
+rounding of A (eps |A|; A is numerically singular at small scales, and a singular J is allowed):
+a pivot held up to mu / h then divides the next entry below the diagonal, so the factorization
+sets the entries below eps |B| to zero (:func:`ddln_fast.dual.tridiagonalize`), a change of B
+within its own rounding; and the part of b off V's range is projected out twice
+(:func:`split_range`). Measured as the contraction of the simplified-Newton iteration at
+mu / h down to 1e-19 |A| (``tests/test_dual.py``).
 
 Kernels work on "rows": row r of a batch belongs to seed ``seeds[r]``; per-seed arrays (basis,
 diag, off, rank) are indexed by seed, batch arrays by row. Every reduction of a row runs in one
@@ -105,7 +109,7 @@ def newton_tolerance(rtol: float) -> float:
 # Linear algebra through the factorization A = V B V^T
 # ---------------------------------------------------------------------------------------------
 #: Scratch vectors per row that :func:`newton_update` and :func:`error_solve` need.
-WORK_VECTORS = 11
+WORK_VECTORS = 13
 
 
 @njit(**JIT_OPTIONS)
@@ -177,26 +181,51 @@ def solve_shifted_complex(diag, off, shift_re, shift_im, rhs_re, rhs_im, pivots_
 
 
 @njit(**JIT_OPTIONS)
-def shifted_solve_real(basis, diag, off, shift, rhs, out, coef, saved, pivots):
-    """out = (shift I + A)^{-1} rhs for A = V B V^T, V^T the rows of ``basis`` (k x N,
-    orthonormal), B tridiagonal of order k: V (shift + B)^{-1} V^T rhs, plus (rhs - V V^T rhs) /
-    shift on the complement of V's range (where A vanishes) when k < N. ``coef``, ``saved``,
-    ``pivots``: scratch."""
+def _subtract_expansion(basis, coef, out):
+    """out -= V coef, V^T the rows of ``basis`` (k x N)."""
     k, n = basis.shape
-    _row_products(basis, rhs, coef)
+    for j in range(k):
+        c = coef[j]
+        row = basis[j]
+        for i in range(n):
+            out[i] -= c * row[i]
+
+
+@njit(**JIT_OPTIONS)
+def split_range(basis, v, coef, rest, extra):
+    """v = V coef + rest with rest orthogonal to V's range (V^T the rows of ``basis``, k < N),
+    projected twice: V's columns are orthonormal only to rounding, and a solve divides ``rest``
+    by mu / h, which at long steps is below eps |A| (one projection leaves eps |v| of V's range
+    in ``rest``, and the Newton iteration then diverges there). ``extra``: scratch (k)."""
+    k, n = basis.shape
+    _row_products(basis, v, coef)
+    for i in range(n):
+        rest[i] = v[i]
+    _subtract_expansion(basis, coef, rest)
+    _row_products(basis, rest, extra)
+    _subtract_expansion(basis, extra, rest)
+    for j in range(k):
+        coef[j] += extra[j]
+
+
+@njit(**JIT_OPTIONS)
+def shifted_solve_real(basis, diag, off, shift, rhs, out, coef, rest, extra, pivots):
+    """out = (shift I + A)^{-1} rhs for A = V B V^T, V^T the rows of ``basis`` (k x N,
+    orthonormal), B tridiagonal of order k: V (shift + B)^{-1} V^T rhs, plus rest / shift for
+    the part ``rest`` of rhs off V's range (where A vanishes) when k < N (:func:`split_range`).
+    ``coef``, ``rest``, ``extra``, ``pivots``: scratch."""
+    k, n = basis.shape
     if k == n:
+        _row_products(basis, rhs, coef)
         solve_shifted_real(diag, off, shift, coef, pivots)
         transposed_product(basis, coef, out)
         return
-    inv = 1.0 / shift
-    for j in range(k):
-        saved[j] = coef[j]
+    split_range(basis, rhs, coef, rest, extra)
     solve_shifted_real(diag, off, shift, coef, pivots)
-    for j in range(k):
-        coef[j] -= inv * saved[j]
     transposed_product(basis, coef, out)
+    inv = 1.0 / shift
     for i in range(n):
-        out[i] += inv * rhs[i]
+        out[i] += inv * rest[i]
 
 
 def newton_update(stage_f, W, Z, basis, diag, off, rank, seeds, inv_h, live, work):
@@ -245,30 +274,26 @@ def newton_update(stage_f, W, Z, basis, diag, off, rank, seeds, inv_h, live, wor
             ri[i] = b - (mcr * w2[i] + mci * w1[i])
         dr, dc, di = work[r, 3], work[r, 4], work[r, 5]
         cr, cc, ci = work[r, 6], work[r, 7], work[r, 8]
-        saved_re, saved_im = work[r, 9], work[r, 10]
-        # the real system (dc, di: scratch until the complex expansion below)
-        shifted_solve_real(Vs, ds, es, mr, rr, dr, cr, dc, di)
-        # the complex one: V (sigma + B)^{-1} V^T r, plus (r - V V^T r) / sigma when k < N
-        _row_products(Vs, rc, cc)
-        _row_products(Vs, ri, ci)
-        if k < n:
-            for j in range(k):
-                saved_re[j], saved_im[j] = cc[j], ci[j]
+        rest_r, rest_re, rest_im, extra = work[r, 9], work[r, 10], work[r, 11], work[r, 12]
+        # the real system (dc: scratch until the complex expansion below)
+        shifted_solve_real(Vs, ds, es, mr, rr, dr, cr, rest_r, extra, dc)
+        # the complex one: V (sigma + B)^{-1} V^T r, plus the part of r off V's range / sigma
+        # when k < N (dc, di hold the pivots until the expansion)
+        if k == n:
+            _row_products(Vs, rc, cc)
+            _row_products(Vs, ri, ci)
+        else:
+            split_range(Vs, rc, cc, rest_re, extra)
+            split_range(Vs, ri, ci, rest_im, extra)
         solve_shifted_complex(ds, es, mcr, mci, cc, ci, dc, di)
+        transposed_product(Vs, cc, dc)
+        transposed_product(Vs, ci, di)
         if k < n:
             den = mcr * mcr + mci * mci
             inv_re, inv_im = mcr / den, -mci / den  # 1 / sigma
-            for j in range(k):
-                cc[j] -= inv_re * saved_re[j] - inv_im * saved_im[j]
-                ci[j] -= inv_re * saved_im[j] + inv_im * saved_re[j]
-            transposed_product(Vs, cc, dc)
-            transposed_product(Vs, ci, di)
             for i in range(n):
-                dc[i] += inv_re * rc[i] - inv_im * ri[i]
-                di[i] += inv_re * ri[i] + inv_im * rc[i]
-        else:
-            transposed_product(Vs, cc, dc)
-            transposed_product(Vs, ci, di)
+                dc[i] += inv_re * rest_re[i] - inv_im * rest_im[i]
+                di[i] += inv_re * rest_im[i] + inv_im * rest_re[i]
         z0, z1, z2 = Z[r, 0], Z[r, 1], Z[r, 2]
         for i in range(n):
             a0 = w0[i] + dr[i]
@@ -304,7 +329,7 @@ def error_solve(f_start, Z, basis, diag, off, rank, seeds, inv_h, extra, use_ext
         for i in range(n):
             rhs[i] = src[i] + (e0 * Z[r, 0, i] + e1 * Z[r, 1, i] + e2 * Z[r, 2, i]) * ih
         shifted_solve_real(basis[s, :k], diag[s, :k], off[s, :k], MU_REAL * ih, rhs, out[r],
-                           work[r, 1], work[r, 2], work[r, 3])
+                           work[r, 1], work[r, 2], work[r, 3], work[r, 4])
 
 
 ERROR_SOLVE_KERNELS = serial_and_parallel(error_solve)

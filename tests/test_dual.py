@@ -219,8 +219,8 @@ def test_jacobian_factors_and_newton_solves_match_numpy(active, per_seed_data):
     """The Jacobian A = X diag(h) X^T / n as V B V^T, and the two systems of every Newton
     update and the error estimate: (mu I + A)^{-1} b for the real mu and the complex pair of
     Radau IIA(5) at a step size h, against numpy.linalg.solve on the dense A. With ``active``
-    of d = 200 coordinates at h ~ 1 and the others at 1e-300 (below eps max h: left out), A
-    has full rank n = 40 (200, 60 active) or the rank of the active ones (7; 0: h = 0, A = 0), for
+    of d = 200 coordinates at h ~ 1 and the others at h = 0 (left out of the factorization), A
+    has full rank n = 40 (200, 60 active) or the rank of the active ones (7; 0: A = 0), for
     which the factors are V B V^T of rank k < n and the solves add the complement of V's
     range. Step sizes from 1e-3 to 1e9 (mu / h far below |A|); shared and per-seed data."""
     from ddln_fast import radau
@@ -234,7 +234,7 @@ def test_jacobian_factors_and_newton_solves_match_numpy(active, per_seed_data):
     data = problem.X if per_seed_data else np.stack([problem.X, problem.X])
     n = problem.n
     rng = np.random.default_rng(3)
-    h = np.full((2, problem.d), 1e-300 if active else 0.0)  # (relative to max h when active)
+    h = np.zeros((2, problem.d))
     h[:, rng.permutation(problem.d)[:active]] = rng.uniform(0.5, 2.0, size=(2, active))
     it._factor_jacobians(np.arange(2), h)
     for s in range(2):
@@ -273,46 +273,101 @@ def test_jacobian_factors_and_newton_solves_match_numpy(active, per_seed_data):
 
 def test_shifted_tridiagonal_solves_match_numpy():
     """The O(N) solves behind every Newton update and error estimate: (mu I + B) x = b for a
-    real and a complex shift mu with a positive real part and B symmetric tridiagonal and
-    positive semidefinite, against numpy.linalg.solve on the dense matrix, from a well-conditioned
-    shift to one 1e-12 of B's norm (the long steps late in a run) with B singular."""
+    real and a complex shift mu with a positive real part and B the package's tridiagonal form
+    of a positive semidefinite matrix of rank 6 (n = 30), against numpy.linalg.solve on the
+    dense matrix, from a well-conditioned shift to one 1e-20 of B's norm (the long steps late in
+    a run, where mu / h is below the rounding of B): backward stable, and never larger than
+    |b| / Re(mu), the bound of an accretive matrix (up to rounding: 2 |b| / Re(mu); without the
+    deflation of B's negligible entries the elimination grew by 1e26 at 1e-17)."""
+    from ddln_fast.dual import tridiagonalize
     from ddln_fast.radau import solve_shifted_complex, solve_shifted_real
 
     rng = np.random.default_rng(5)
     n = 30
     G = rng.standard_normal((n, 6))
-    A = G @ G.T  # rank 6: B has n - 6 zero eigenvalues
-    c, diag, off, tau, info = scipy.linalg.lapack.dsytrd(A, lower=1)
-    B = np.diag(diag) + np.diag(off, -1) + np.diag(off, 1)
+    Q, diag, off = np.empty((n, n)), np.empty(n), np.empty(n)
+    tridiagonalize(np.asfortranarray(G @ G.T), Q, diag, off)
+    B = np.diag(diag) + np.diag(off[:-1], -1) + np.diag(off[:-1], 1)
     b = rng.standard_normal(n) + 1j * rng.standard_normal(n)
-    off_padded = np.append(off, 0.0)
     scale = np.abs(B).max()
-    for shift in (3.6 * scale, 1e-3 * scale, 1e-12 * scale):
+    for shift in (3.6 * scale, 1e-3 * scale, 1e-12 * scale, 1e-15 * scale, 1e-17 * scale,
+                  1e-20 * scale):
         for mu in (shift, complex(shift, -0.9 * shift)):
             x = b.copy()
             if isinstance(mu, float):
                 x = x.real.copy()
-                solve_shifted_real(diag, off_padded, mu, x, np.empty(n))
+                solve_shifted_real(diag, off, mu, x, np.empty(n))
                 rhs = b.real
             else:
                 re, im = x.real.copy(), x.imag.copy()
-                solve_shifted_complex(diag, off_padded, mu.real, mu.imag, re, im, np.empty(n),
+                solve_shifted_complex(diag, off, mu.real, mu.imag, re, im, np.empty(n),
                                       np.empty(n))
                 x = re + 1j * im
                 rhs = b
             M = mu * np.eye(n) + B
+            assert np.all(np.isfinite(x))
+            # never larger than |b| / Re(mu), the bound of an accretive matrix
+            assert np.linalg.norm(x) <= 2.0 * np.linalg.norm(rhs) / shift
+            if shift < 1e-6 * scale:
+                continue  # condition number 1e12 and beyond: NumPy's own answer is no reference
             # backward stable: the residual is rounding of the matrix and the solution's size
             residual = np.linalg.norm(M @ x - rhs)
             assert residual <= 1e-13 * (np.linalg.norm(M, 2) * np.linalg.norm(x) + np.linalg.norm(rhs))
-            # and never larger than |b| / Re(mu), the bound of an accretive matrix
-            assert np.linalg.norm(x) <= np.linalg.norm(rhs) / shift * (1 + 1e-9)
-            if shift < 1e-6 * scale:
-                continue  # condition number 1e12: NumPy's own answer is no closer than 1e-4
             reference = np.linalg.solve(M, rhs)
             np.testing.assert_allclose(x, reference, rtol=0, atol=1e-12 * np.abs(reference).max())
 
 
-# --- limits -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dropped", [False, True])
+def test_newton_iteration_contracts_at_long_steps(dropped):
+    """The simplified-Newton iteration of a Radau step, z -> z - S (mu I + A) z with S the
+    package's solve (both systems: the real mu and the complex pair, through newton_update),
+    contracts strongly down to mu / h = 1e-19 |A| (1e-14 with five active coordinates, below),
+    as it must for Newton to converge at the
+    long steps late in a run: the spectral radius of I - S (mu I + A), with (mu I + A) z formed
+    in long double, stays below 0.1. A = X diag(h) X^T / n with h graded over 15 decades
+    (n = 40, d = 200: numerically singular, k = N), or five coordinates at h ~ 1 and the others
+    left out (``dropped``: k = 5 < N, the complement of V's range at 1 / mu). No factorization in float64 can do this
+    where A has eigenvalues at its own rounding (eps |A|) above mu / h: there the eigenvalues
+    themselves are unknown."""
+    from ddln_fast import radau
+    from ddln_fast.dual import DualIntegrator
+    from ddln_fast.init import initial_layers
+    from ddln_fast.problem import make_problem
+
+    config = dual_config({"problem.n": 40, "problem.d": 200})
+    problem = make_problem(config)
+    it = DualIntegrator(problem, initial_layers(config, problem.d))
+    n, d = problem.n, problem.d
+    rng = np.random.default_rng(11)
+    h = 10.0 ** -rng.uniform(0, 15, size=(2, d))
+    if dropped:  # five active coordinates; A's null space (35 dimensions) is exactly zero
+        h[:, :5] = rng.uniform(0.5, 2.0, size=(2, 5))
+        h[:, 5:] = 0.0
+    it._factor_jacobians(np.arange(2), h)
+    assert (it.rank[0] < n) == dropped
+    X = problem.X.astype(np.longdouble)
+    A = (X * h[0].astype(np.longdouble)) @ X.T / n
+    norm = float(np.linalg.norm(A.astype(float), 2))
+    eye = np.eye(n, dtype=np.longdouble)
+    # with A's null space exact, (mu I + A) z rounded to float64 carries eps |A| |z| there, which
+    # any solve multiplies by 1 / mu: below mu = 1e-14 |A| that rounding, not the solve, decides
+    for ratio in ((1e-12, 1e-13, 1e-14) if dropped else (1e-12, 1e-15, 1e-17, 1e-19)):
+        step = radau.MU_REAL / (ratio * norm)
+        # column j of each system's matrix, (mu I + A) e_j, as its transformed residual at W = 0
+        real = (np.longdouble(radau.MU_REAL / step) * eye + A).astype(float)
+        pair_re = (np.longdouble(radau.MU_COMPLEX_RE / step) * eye + A).astype(float)
+        pair_im = (np.longdouble(radau.MU_COMPLEX_IM / step) * eye).astype(float)
+        transformed = np.stack([real.T, pair_re.T, pair_im.T], axis=1)  # (column j, system, n)
+        stage_f = np.ascontiguousarray(np.einsum("ki,jin->jkn", radau.T, transformed))
+        W_inc, Z = np.zeros((n, 3, n)), np.zeros((n, 3, n))
+        radau.NEWTON_UPDATE_KERNELS[0](stage_f, W_inc, Z, *it._jacobian(), np.zeros(n, dtype=np.int64),
+                                       np.full(n, 1.0 / step), np.ones(n, dtype=np.uint8),
+                                       np.full((n, radau.WORK_VECTORS, n), np.nan))
+        for iteration in (np.eye(n) - W_inc[:, 0].T,
+                          np.eye(n) - (W_inc[:, 1] + 1j * W_inc[:, 2]).T):
+            radius = np.abs(np.linalg.eigvals(iteration)).max()
+            assert radius < 0.1, (ratio, radius)
+
 
 @pytest.mark.parametrize("depth", [2, 3, 4])
 def test_limit_is_the_predicted_bregman_projection(depth):
