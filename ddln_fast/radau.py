@@ -23,7 +23,7 @@ such a matrix have real parts of at least Re(mu) / h (the Schur complements of a
 matrix; B's own are >= 0), which the elimination enforces. At long steps mu / h falls below the
 rounding of A (eps |A|; A is numerically singular at small scales, and a singular J is allowed):
 a pivot held up to mu / h then divides the next entry below the diagonal, so the factorization
-sets the entries below eps |B| to zero (:func:`ddln_fast.dual.tridiagonalize`), a change of B
+sets the entries below 4 eps |B| to zero (:func:`ddln_fast.dual.tridiagonalize`), a change of B
 within its own rounding; and the part of b off V's range is projected out twice
 (:func:`split_range`). Measured as the contraction of the simplified-Newton iteration at
 mu / h down to 1e-19 |A| (``tests/test_dual.py``).
@@ -126,7 +126,7 @@ def _row_products(M, v, out):
 
 
 @njit(**JIT_OPTIONS)
-def solve_shifted_real(diag, off, shift, rhs, pivots):
+def tridiagonal_solve_real(diag, off, shift, rhs, pivots):
     """rhs = (shift I + B)^{-1} rhs in place, B symmetric tridiagonal of order k = len(diag)
     (``diag``, and ``off`` below it; off[k - 1] unused), shift > 0: symmetric elimination without
     pivoting, each pivot at least ``shift`` (see the module docstring). ``pivots``: scratch."""
@@ -147,9 +147,9 @@ def solve_shifted_real(diag, off, shift, rhs, pivots):
 
 
 @njit(**JIT_OPTIONS)
-def solve_shifted_complex(diag, off, shift_re, shift_im, rhs_re, rhs_im, pivots_re, pivots_im):
+def tridiagonal_solve_complex(diag, off, shift_re, shift_im, rhs_re, rhs_im, pivots_re, pivots_im):
     """(rhs_re + i rhs_im) = ((shift_re + i shift_im) I + B)^{-1} (rhs_re + i rhs_im) in place:
-    :func:`solve_shifted_real` in complex arithmetic (a complex symmetric system; the real part
+    :func:`tridiagonal_solve_real` in complex arithmetic (a complex symmetric system; the real part
     of each pivot at least shift_re)."""
     n = diag.shape[0]
     if n == 0:
@@ -209,7 +209,7 @@ def split_range(basis, v, coef, rest, extra):
 
 
 @njit(**JIT_OPTIONS)
-def shifted_solve_real(basis, diag, off, shift, rhs, out, coef, rest, extra, pivots):
+def jacobian_solve_real(basis, diag, off, shift, rhs, out, coef, rest, extra, pivots):
     """out = (shift I + A)^{-1} rhs for A = V B V^T, V^T the rows of ``basis`` (k x N,
     orthonormal), B tridiagonal of order k: V (shift + B)^{-1} V^T rhs, plus rest / shift for
     the part ``rest`` of rhs off V's range (where A vanishes) when k < N (:func:`split_range`).
@@ -217,11 +217,11 @@ def shifted_solve_real(basis, diag, off, shift, rhs, out, coef, rest, extra, piv
     k, n = basis.shape
     if k == n:
         _row_products(basis, rhs, coef)
-        solve_shifted_real(diag, off, shift, coef, pivots)
+        tridiagonal_solve_real(diag, off, shift, coef, pivots)
         transposed_product(basis, coef, out)
         return
     split_range(basis, rhs, coef, rest, extra)
-    solve_shifted_real(diag, off, shift, coef, pivots)
+    tridiagonal_solve_real(diag, off, shift, coef, pivots)
     transposed_product(basis, coef, out)
     inv = 1.0 / shift
     for i in range(n):
@@ -276,7 +276,7 @@ def newton_update(stage_f, W, Z, basis, diag, off, rank, seeds, inv_h, live, wor
         cr, cc, ci = work[r, 6], work[r, 7], work[r, 8]
         rest_r, rest_re, rest_im, extra = work[r, 9], work[r, 10], work[r, 11], work[r, 12]
         # the real system (dc: scratch until the complex expansion below)
-        shifted_solve_real(Vs, ds, es, mr, rr, dr, cr, rest_r, extra, dc)
+        jacobian_solve_real(Vs, ds, es, mr, rr, dr, cr, rest_r, extra, dc)
         # the complex one: V (sigma + B)^{-1} V^T r, plus the part of r off V's range / sigma
         # when k < N (dc, di hold the pivots until the expansion)
         if k == n:
@@ -285,7 +285,7 @@ def newton_update(stage_f, W, Z, basis, diag, off, rank, seeds, inv_h, live, wor
         else:
             split_range(Vs, rc, cc, rest_re, extra)
             split_range(Vs, ri, ci, rest_im, extra)
-        solve_shifted_complex(ds, es, mcr, mci, cc, ci, dc, di)
+        tridiagonal_solve_complex(ds, es, mcr, mci, cc, ci, dc, di)
         transposed_product(Vs, cc, dc)
         transposed_product(Vs, ci, di)
         if k < n:
@@ -328,7 +328,7 @@ def error_solve(f_start, Z, basis, diag, off, rank, seeds, inv_h, extra, use_ext
         rhs = work[r, 0]
         for i in range(n):
             rhs[i] = src[i] + (e0 * Z[r, 0, i] + e1 * Z[r, 1, i] + e2 * Z[r, 2, i]) * ih
-        shifted_solve_real(basis[s, :k], diag[s, :k], off[s, :k], MU_REAL * ih, rhs, out[r],
+        jacobian_solve_real(basis[s, :k], diag[s, :k], off[s, :k], MU_REAL * ih, rhs, out[r],
                            work[r, 1], work[r, 2], work[r, 3], work[r, 4])
 
 

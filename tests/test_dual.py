@@ -280,7 +280,7 @@ def test_shifted_tridiagonal_solves_match_numpy():
     |b| / Re(mu), the bound of an accretive matrix (up to rounding: 2 |b| / Re(mu); without the
     deflation of B's negligible entries the elimination grew by 1e26 at 1e-17)."""
     from ddln_fast.dual import tridiagonalize
-    from ddln_fast.radau import solve_shifted_complex, solve_shifted_real
+    from ddln_fast.radau import tridiagonal_solve_complex, tridiagonal_solve_real
 
     rng = np.random.default_rng(5)
     n = 30
@@ -296,11 +296,11 @@ def test_shifted_tridiagonal_solves_match_numpy():
             x = b.copy()
             if isinstance(mu, float):
                 x = x.real.copy()
-                solve_shifted_real(diag, off, mu, x, np.empty(n))
+                tridiagonal_solve_real(diag, off, mu, x, np.empty(n))
                 rhs = b.real
             else:
                 re, im = x.real.copy(), x.imag.copy()
-                solve_shifted_complex(diag, off, mu.real, mu.imag, re, im, np.empty(n),
+                tridiagonal_solve_complex(diag, off, mu.real, mu.imag, re, im, np.empty(n),
                                       np.empty(n))
                 x = re + 1j * im
                 rhs = b

@@ -472,7 +472,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     rng = random.Random(int(os.environ.get("DDLN_KILL_SEED", "12")))
     positions = []
     for _ in range(30):
-        if len(positions) >= 3:
+        # (until one kill has landed mid-epoch: on a fresh clone every process compiles first,
+        # and the first three kills all landed just after a checkpoint at the epoch's end)
+        if len(positions) >= 3 and any(p < 18 for p in positions):
             break
         before = (out.stat().st_mtime_ns, out.stat().st_size) if out.exists() else None
         proc = start_ddln("run", config_path, "-o", out, *(["--resume"] if out.exists() else []),
