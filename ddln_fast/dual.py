@@ -12,7 +12,7 @@ which the implicit step does not mind). J is symmetric negative semidefinite, an
 stiff at small scales (h spans many decades), so the default scheme is the L-stable Radau IIA
 method of order 5 (:mod:`ddln_fast.radau`) with the exact Jacobian, simplified Newton with the
 Jacobian kept while Newton converges fast, and one tridiagonalization per Jacobian instead of
-one factorization per step size (restricted to the active coordinates at small scales:
+one factorization per step size (at the rank of the coordinates with h > 0:
 :meth:`DualProducts.factor_jacobian`).
 
 When d < n only the part of nu in the range of X moves the clocks: with a thin QR factorization
@@ -358,8 +358,9 @@ class DualProducts:
         Jacobians and the factorization much cheaper; it was tried and reverted: in runs to
         loss 1e-26 at depth 4 a seed then stalled near its loss floor.) With k < rows: a thin
         QR M_k diag(sqrt(h_k / n)) = U R, the rank-k matrix A = U (R R^T) U^T, and V = U P from
-        R R^T = P B P^T (work k^2 rows instead of rows^3). Otherwise a symmetric rank-k update (two thirds of a general product: 0.25
-        against 0.40 ms at n = 100, d = 1000) and its tridiagonalization, V square."""
+        R R^T = P B P^T (work k^2 rows instead of rows^3). Otherwise a symmetric rank-k update
+        (two thirds of a general product: 0.25 against 0.40 ms at n = 100, d = 1000) and its
+        tridiagonalization, V square."""
         X = self.X[seed] if self.per_seed else self.X
         # (non-finite h: everything in, so that the NaN shows in Newton rather than a rank 0)
         keep = np.flatnonzero(h > 0) if np.isfinite(h.max()) else np.arange(h.size)
