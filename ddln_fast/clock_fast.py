@@ -30,6 +30,7 @@ built at the first evaluation that can use them.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
@@ -129,6 +130,16 @@ def evaluate_parallel(s, s_lo, rows, P, gap_a, gap_b, theta, h):
         _rows(s, s_lo, rows, P, gap_a, gap_b, theta, h, a, a + 1)
 
 
+class EllipticArrays(NamedTuple):
+    """What :func:`elliptic_arrays` returns (see there)."""
+
+    P: np.ndarray
+    gap_a: np.ndarray
+    gap_b: np.ndarray
+    eligible: np.ndarray
+    every: bool
+
+
 def elliptic_arrays(packed):
     """(P, gap_a, gap_b, eligible, every) of a packed one-half map, or None where fewer than
     ``MIN_SHARE`` of its coordinates are depth-3 elliptic with q^2 <= Q2_LIMIT: P
@@ -150,4 +161,4 @@ def elliptic_arrays(packed):
     gap_a = np.ascontiguousarray(lgap[rows, pair[:, 0]])
     gap_b = np.ascontiguousarray(lgap[rows, pair[:, 1]])
     P = np.ascontiguousarray(fp[:, list(COLUMNS)].T)
-    return P, gap_a, gap_b, eligible.astype(np.uint8), bool(eligible.all())
+    return EllipticArrays(P, gap_a, gap_b, eligible.astype(np.uint8), bool(eligible.all()))

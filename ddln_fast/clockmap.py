@@ -622,7 +622,7 @@ class ClockMap:
             evaluate_parallel(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, NO_SKIP, True,
                               theta, h, G_out)
             return theta, h, G_out
-        if self.fast_path and not self._fast[4] and any(
+        if self.fast_path and not self._fast.every and any(
                 np.may_share_memory(out, x) for out in (theta, h) for x in (s, s_lo)):
             # the general loop reads the clocks of the coordinates it does after the SIMD loop
             # has written every coordinate's outputs: an output over the clocks (evaluate in

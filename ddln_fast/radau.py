@@ -217,15 +217,38 @@ def jacobian_solve_real(basis, diag, off, shift, rhs, out, coef, rest, extra, pi
     k, n = basis.shape
     if k == n:
         _row_products(basis, rhs, coef)
-        tridiagonal_solve_real(diag, off, shift, coef, pivots)
-        transposed_product(basis, coef, out)
-        return
-    split_range(basis, rhs, coef, rest, extra)
+    else:
+        split_range(basis, rhs, coef, rest, extra)
     tridiagonal_solve_real(diag, off, shift, coef, pivots)
     transposed_product(basis, coef, out)
-    inv = 1.0 / shift
-    for i in range(n):
-        out[i] += inv * rest[i]
+    if k < n:
+        inv = 1.0 / shift
+        for i in range(n):
+            out[i] += inv * rest[i]
+
+
+@njit(**JIT_OPTIONS)
+def jacobian_solve_complex(basis, diag, off, shift_re, shift_im, rhs_re, rhs_im, out_re, out_im,
+                           coef_re, coef_im, rest_re, rest_im, extra):
+    """:func:`jacobian_solve_real` for a complex shift sigma and a complex right-hand side, as
+    (re, im) pairs: out = (sigma I + A)^{-1} rhs. ``out_re`` and ``out_im`` hold the pivots
+    until the expansion; the coefficients, rests and ``extra`` are scratch."""
+    k, n = basis.shape
+    if k == n:
+        _row_products(basis, rhs_re, coef_re)
+        _row_products(basis, rhs_im, coef_im)
+    else:
+        split_range(basis, rhs_re, coef_re, rest_re, extra)
+        split_range(basis, rhs_im, coef_im, rest_im, extra)
+    tridiagonal_solve_complex(diag, off, shift_re, shift_im, coef_re, coef_im, out_re, out_im)
+    transposed_product(basis, coef_re, out_re)
+    transposed_product(basis, coef_im, out_im)
+    if k < n:
+        den = shift_re * shift_re + shift_im * shift_im
+        inv_re, inv_im = shift_re / den, -shift_im / den  # 1 / sigma
+        for i in range(n):
+            out_re[i] += inv_re * rest_re[i] - inv_im * rest_im[i]
+            out_im[i] += inv_re * rest_im[i] + inv_im * rest_re[i]
 
 
 def newton_update(stage_f, W, Z, basis, diag, off, rank, seeds, inv_h, live, work):
@@ -275,25 +298,9 @@ def newton_update(stage_f, W, Z, basis, diag, off, rank, seeds, inv_h, live, wor
         dr, dc, di = work[r, 3], work[r, 4], work[r, 5]
         cr, cc, ci = work[r, 6], work[r, 7], work[r, 8]
         rest_r, rest_re, rest_im, extra = work[r, 9], work[r, 10], work[r, 11], work[r, 12]
-        # the real system (dc: scratch until the complex expansion below)
+        # the real system (dc: scratch until the complex one), then the complex one
         jacobian_solve_real(Vs, ds, es, mr, rr, dr, cr, rest_r, extra, dc)
-        # the complex one: V (sigma + B)^{-1} V^T r, plus the part of r off V's range / sigma
-        # when k < N (dc, di hold the pivots until the expansion)
-        if k == n:
-            _row_products(Vs, rc, cc)
-            _row_products(Vs, ri, ci)
-        else:
-            split_range(Vs, rc, cc, rest_re, extra)
-            split_range(Vs, ri, ci, rest_im, extra)
-        tridiagonal_solve_complex(ds, es, mcr, mci, cc, ci, dc, di)
-        transposed_product(Vs, cc, dc)
-        transposed_product(Vs, ci, di)
-        if k < n:
-            den = mcr * mcr + mci * mci
-            inv_re, inv_im = mcr / den, -mci / den  # 1 / sigma
-            for i in range(n):
-                dc[i] += inv_re * rest_re[i] - inv_im * rest_im[i]
-                di[i] += inv_re * rest_im[i] + inv_im * rest_re[i]
+        jacobian_solve_complex(Vs, ds, es, mcr, mci, rc, ri, dc, di, cc, ci, rest_re, rest_im, extra)
         z0, z1, z2 = Z[r, 0], Z[r, 1], Z[r, 2]
         for i in range(n):
             a0 = w0[i] + dr[i]
@@ -329,7 +336,7 @@ def error_solve(f_start, Z, basis, diag, off, rank, seeds, inv_h, extra, use_ext
         for i in range(n):
             rhs[i] = src[i] + (e0 * Z[r, 0, i] + e1 * Z[r, 1, i] + e2 * Z[r, 2, i]) * ih
         jacobian_solve_real(basis[s, :k], diag[s, :k], off[s, :k], MU_REAL * ih, rhs, out[r],
-                           work[r, 1], work[r, 2], work[r, 3], work[r, 4])
+                            work[r, 1], work[r, 2], work[r, 3], work[r, 4])
 
 
 ERROR_SOLVE_KERNELS = serial_and_parallel(error_solve)
