@@ -12,8 +12,13 @@ which the implicit step does not mind). J is symmetric negative semidefinite, an
 stiff at small scales (h spans many decades), so the default scheme is the L-stable Radau IIA
 method of order 5 (:mod:`ddln_fast.radau`) with the exact Jacobian, simplified Newton with the
 Jacobian kept while Newton converges fast, and one tridiagonalization per Jacobian instead of
-one factorization per step size (at the rank of the coordinates with h > 0:
-:meth:`DualProducts.factor_jacobian`).
+one factorization per step size. At small scales most coordinates sit near zero, and their part
+of the Jacobian is below 1e-3 of what the Newton matrices add at the step size; they are left
+out (:meth:`DualProducts.leave_out_small`), and the factorization has the rank of the others
+(:meth:`DualProducts.factor_jacobian`). That changes how fast Newton converges, by that 1e-3 at
+most, not what it converges to: configuration C at alpha = 1e-4, 5.0 -> 3.1 s. (Leaving out
+those below eps max(h) instead, whatever the step, made a depth-4 run at alpha = 1e-6 stall in
+its slow tail, where steps of 1e17 meet coordinates with h_i ~ 1e-17 max(h).)
 
 When d < n only the part of nu in the range of X moves the clocks: with a thin QR factorization
 X = Q R (Q of shape (n, d) with orthonormal columns), X^T nu = R^T Q^T nu, and mu = Q^T nu in
@@ -104,6 +109,11 @@ CLOCK_NOISE_ULPS = 32.0
 #: The rounding of a residual's norm, in units of eps (||M||_F ||theta|| + ||b||) (see
 #: DualProducts.rise_allowed).
 RESIDUAL_ROUNDING_ULPS = 4.0
+#: Coordinates may be left out of a Jacobian while their part E of A moves the Newton matrices
+#: mu / h + A by at most this share of mu / h, ||E|| h / Re(mu) <= trace(E) h / Re(mu), at every
+#: step up to JACOBIAN_REACH times the step it was factored for (then it is factored again).
+JACOBIAN_SLACK = 1e-3
+JACOBIAN_REACH = 100.0
 #: Entries of the tridiagonal B below this times |B| (a bound on its norm) are set to zero.
 TRIDIAGONAL_DEFLATION = 4.0 * float(np.finfo(np.float64).eps)
 
@@ -312,6 +322,8 @@ class DualProducts:
         self.rows = self.X.shape[-2]
         self.XT = None if self.per_seed else np.ascontiguousarray(self.X.T)
         M = self.X if self.per_seed else self.X[None]
+        #: |m_i|^2 / n of every column: coordinate i adds h_i |m_i|^2 / n to trace(A)
+        self.column_weights = np.einsum("skd,skd->sd", M, M) * self.inv_n
         #: ||M||_2, ||M||_F and ||b|| of every seed (one entry for shared data)
         self.norms = (np.linalg.norm(M, ord=2, axis=(1, 2)), np.sqrt(np.einsum("skd,skd->s", M, M)),
                       np.sqrt(np.einsum("sk,sk->s", self.y, self.y)))
@@ -380,16 +392,37 @@ class DualProducts:
         rate = np.einsum("...ki,...k->...i", X, y if self.per_seed else y[0]) * self.inv_n
         return np.finfo(np.float64).eps * np.broadcast_to(rate, (seeds, self.d)).copy()
 
+    def leave_out_small(self, h, seeds, step) -> np.ndarray:
+        """The longest step each row's Jacobian serves after the coordinates whose share of
+        A is negligible are set to zero in h (rows (m, d), in place): the smallest ones by
+        h_i |m_i|^2 / n, as long as their sum, trace(E), stays within
+        JACOBIAN_SLACK Re(mu) / (JACOBIAN_REACH step). The Newton matrices then move by at most
+        JACOBIAN_SLACK of mu / h for steps up to JACOBIAN_SLACK Re(mu) / trace(E) (returned;
+        inf when nothing was left out). At small scales most coordinates sit near zero with
+        h_i ~ alpha^(2L - 2), and A has the rank of the active ones."""
+        weights = h * self.column_weights[seeds if self.per_seed else np.zeros_like(seeds)]
+        reach = np.full(seeds.size, np.inf)
+        budget = JACOBIAN_SLACK * radau.MU_COMPLEX_RE / (JACOBIAN_REACH * step)
+        for a in range(seeds.size):
+            if not np.all(np.isfinite(weights[a])):
+                continue
+            order = np.argsort(weights[a])
+            total = np.cumsum(weights[a, order])
+            dropped = int(np.searchsorted(total, budget[a], side="right"))
+            if dropped:
+                h[a, order[:dropped]] = 0.0
+                if total[dropped - 1] > 0:
+                    reach[a] = JACOBIAN_SLACK * radau.MU_COMPLEX_RE / total[dropped - 1]
+        return reach
+
     def factor_jacobian(self, h, seed, basis, diag, off) -> int:
         """A = M diag(h) M^T / n of seed ``seed`` (the negative Jacobian; h >= 0, shape (d,)) as
         V B V^T, V with k orthonormal columns and B tridiagonal of order k: V^T into basis[:k],
         B's diagonal into diag[:k] and its subdiagonal into off[:k - 1]. Returns k.
 
-        Only coordinates with h_i > 0 enter: a frozen coordinate (h = 0) adds nothing, and
-        with fewer such coordinates than rows A has their rank k. (Leaving out the coordinates
-        still near zero at small scales, h_i ~ alpha^(2L-2), would make k small in most
-        Jacobians and the factorization much cheaper; it was tried and reverted: in runs to
-        loss 1e-26 at depth 4 a seed then stalled near its loss floor.) With k < rows: a thin
+        Only coordinates with h_i > 0 enter: a frozen coordinate (h = 0) adds nothing, nor does
+        one that :meth:`leave_out_small` set to zero, and with fewer such coordinates than rows
+        A has their rank k. With k < rows: a thin
         QR M_k diag(sqrt(h_k / n)) = U R, the rank-k matrix A = U (R R^T) U^T, and V = U P from
         R R^T = P B P^T (work k^2 rows instead of rows^3). Otherwise a symmetric rank-k update
         (two thirds of a general product: 0.25 against 0.40 ms at n = 100, d = 1000) and its
@@ -513,7 +546,8 @@ class DualIntegrator(Solver):
         self.Z_prev = np.zeros((S, 3, n))    # stage increments of the last accepted step
         self.h_old = np.zeros(S)             # its size
         self.faccon = np.ones(S)             # Newton contraction factor carried between steps
-        self.jac_h = np.zeros((S, d))        # h at the point of each seed's Jacobian
+        self.jac_h = np.zeros((S, d))        # h at the point of each seed's Jacobian (0: left out)
+        self.jac_reach = np.full(S, np.inf)  # the longest step it serves (DualProducts.leave_out_small)
         self.flags = np.zeros((S, 4), dtype=np.int8)  # started, has_previous, current_jac, need_jac
         self.counters = np.zeros((S, 3), dtype=np.int64)  # jacobians, newton failures, rejections
         # derived from the data or the state
@@ -564,7 +598,8 @@ class DualIntegrator(Solver):
         return partial.max(axis=1)
 
     # -- exact resume -------------------------------------------------------------------------------
-    _ARRAYS = ("nu", "s", "s_lo", "t_lo", "f", "Z_prev", "h_old", "faccon", "jac_h", "flags", "counters")
+    _ARRAYS = ("nu", "s", "s_lo", "t_lo", "f", "Z_prev", "h_old", "faccon", "jac_h", "jac_reach", "flags",
+               "counters")
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         arrays = {name: getattr(self, name) for name in self._ARRAYS}
@@ -607,8 +642,11 @@ class DualIntegrator(Solver):
         """The factored Jacobians as the kernels of :mod:`ddln_fast.radau` take them."""
         return self.basis, self.tri_diag, self.tri_off, self.rank
 
-    def _refresh_jacobians(self, seeds):
-        self.jac_h[seeds] = self.hvec[seeds]
+    def _refresh_jacobians(self, seeds, step):
+        """New Jacobians of ``seeds`` at their current state, for steps of size ``step``."""
+        h = self.hvec[seeds].copy()
+        self.jac_reach[seeds] = self.products.leave_out_small(h, seeds, step)
+        self.jac_h[seeds] = h
         self._factor_jacobians(seeds, self.jac_h[seeds])
         self.flags[seeds, self.CURRENT_JAC] = 1
         self.flags[seeds, self.NEED_JAC] = 0
@@ -629,7 +667,6 @@ class DualIntegrator(Solver):
         st.status[bad] = DIVERGED
         st.t_stop[bad] = st.t[bad]
         self.events.start(seeds, st.loss)
-        self._refresh_jacobians(seeds)
         # Hairer's starting step, measured in the clock norm: y0 is the clock s = 0, f0 its
         # derivative X^T f / n, and f1 the derivative after an Euler step of size h0
         never = np.zeros(m)
@@ -651,6 +688,7 @@ class DualIntegrator(Solver):
         with np.errstate(invalid="ignore", over="ignore"):
             h = starting_step(h0, d1, d2, radau.ERROR_ORDER, self.dt)
         st.h[seeds] = np.where(np.isfinite(h), h, h0)
+        self._refresh_jacobians(seeds, st.h[seeds])
         self.flags[seeds, self.STARTED] = 1
 
     # -- stepping ---------------------------------------------------------------------------------
@@ -682,9 +720,10 @@ class DualIntegrator(Solver):
             # a step onto the target starts at the double-double t + t_lo
             landing = active[self.trial.landing[active] == 1]
             self.trial.h[landing] -= self.t_lo[landing]
-            need = active[self.flags[active, self.NEED_JAC] == 1]
+            # (a Jacobian that leaves coordinates out serves steps up to its reach only)
+            need = active[(self.flags[active, self.NEED_JAC] == 1) | (self.trial.h[active] > self.jac_reach[active])]
             if need.size:
-                self._refresh_jacobians(need)
+                self._refresh_jacobians(need, self.trial.h[need])
             self._attempt(active, targets)
 
         return self.step_rounds(lambda: st.t < t_target, step)

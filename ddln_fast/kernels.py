@@ -785,22 +785,34 @@ def invariant_drift_blocks(U, u0, param, partial):
         partial[s, block] = worst
 
 
+def _renamed(function, suffix):
+    """A copy of ``function`` named ``<name><suffix>``: Numba's on-disk cache names an entry by
+    the function's module, qualified name and line, not by its options, so two builds of one
+    function object would load each other's machine code from the cache (measured: the
+    "serial" kernel ran on two threads once the parallel one was cached)."""
+    copy = types.FunctionType(function.__code__, function.__globals__, f"{function.__name__}{suffix}",
+                              function.__defaults__, function.__closure__)
+    copy.__qualname__ = f"{function.__qualname__}{suffix}"
+    copy.__module__ = function.__module__
+    copy.__doc__ = function.__doc__
+    return copy
+
+
 def serial_and_parallel(loop, strict=False):
     """``loop`` (a function whose outer loop is a ``prange``) compiled twice: serial, for small
-    batches (no thread start-up; callable from other compiled code), and parallel; ``strict``:
-    IEEE arithmetic (no fast-math), for error-free transformations such as a two-sum.
-
-    The parallel build compiles a copy of ``loop`` named ``<name>_parallel``: Numba's on-disk
-    cache names an entry by the function's module, qualified name and line, not by its options,
-    so two builds of one function object would load each other's machine code from the cache
-    (measured: the "serial" kernel ran on two threads once the parallel one was cached)."""
-    copy = types.FunctionType(loop.__code__, loop.__globals__, f"{loop.__name__}_parallel",
-                              loop.__defaults__, loop.__closure__)
-    copy.__qualname__ = f"{loop.__qualname__}_parallel"
-    copy.__module__ = loop.__module__
-    copy.__doc__ = loop.__doc__
+    batches (no thread start-up; callable from other compiled code), and parallel (a copy named
+    ``<name>_parallel``: see :func:`_renamed`); ``strict``: IEEE arithmetic (no fast-math), for
+    error-free transformations such as a two-sum, and for results that must not depend on how
+    a kernel was compiled."""
     options = STRICT_JIT_OPTIONS if strict else JIT_OPTIONS
-    return njit(**options)(loop), njit(**dict(options, parallel=True))(copy)
+    return njit(**options)(loop), njit(**dict(options, parallel=True))(_renamed(loop, "_parallel"))
+
+
+def strict_twin(kernel):
+    """The compiled ``kernel`` again with IEEE arithmetic (a copy named ``<name>_strict``), for
+    strict code that calls it: fast-math flags travel with the callee's instructions into the
+    caller, and with them the freedom to contract and reorder differently in each build."""
+    return njit(**STRICT_JIT_OPTIONS)(_renamed(kernel.py_func, "_strict"))
 
 
 def call_by_size(kernels, items, *args):

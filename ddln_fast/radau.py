@@ -11,7 +11,7 @@ splits into one real system (MU_REAL / h - J) and one complex system (MU_COMPLEX
 Here J is symmetric negative semidefinite (J = -A, A PSD), so both systems are solved through
 one factorization per Jacobian, A = V B V^T with B symmetric tridiagonal of order k and V of k
 orthonormal columns (:meth:`ddln_fast.dual.DualProducts.factor_jacobian`: LAPACK's dsytrd,
-k = N, or a thin QR first when only k < N coordinates have h > 0):
+k = N, or a thin QR first when only k < N coordinates are kept):
 
     (mu / h + A)^{-1} b = V (mu / h + B)^{-1} V^T b + (b - V V^T b) / (mu / h)
 
@@ -30,7 +30,10 @@ mu / h down to 1e-19 |A| (``tests/test_dual.py``).
 
 Kernels work on "rows": row r of a batch belongs to seed ``seeds[r]``; per-seed arrays (basis,
 diag, off, rank) are indexed by seed, batch arrays by row. Every reduction of a row runs in one
-thread, in a fixed order.
+thread, in a fixed order, and in IEEE arithmetic: with fast-math (contraction into FMAs,
+reassociation) a freshly compiled Newton update and the same one loaded from Numba's cache gave
+results one ulp apart in 39 of 100 entries (measured with k < N), so a run would have depended
+on whether its process compiled the kernels. IEEE arithmetic costs nothing measurable here.
 """
 
 from __future__ import annotations
@@ -38,7 +41,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .kernels import JIT_OPTIONS, serial_and_parallel, transposed_product
+from .kernels import STRICT_JIT_OPTIONS, serial_and_parallel, strict_twin, transposed_product
+
+#: V coef (IEEE arithmetic, as everything here: see the module docstring)
+_expand = strict_twin(transposed_product)
 
 SQRT6 = 6.0 ** 0.5
 
@@ -112,7 +118,7 @@ def newton_tolerance(rtol: float) -> float:
 WORK_VECTORS = 13
 
 
-@njit(**JIT_OPTIONS)
+@njit(**STRICT_JIT_OPTIONS)
 def _row_products(M, v, out):
     """out[i] = sum_j M[i, j] v[j] for M of shape (k, N): the coefficients V^T v in the basis
     whose vectors are the rows of M."""
@@ -125,7 +131,7 @@ def _row_products(M, v, out):
         out[i] = acc
 
 
-@njit(**JIT_OPTIONS)
+@njit(**STRICT_JIT_OPTIONS)
 def tridiagonal_solve_real(diag, off, shift, rhs, pivots):
     """rhs = (shift I + B)^{-1} rhs in place, B symmetric tridiagonal of order k = len(diag)
     (``diag``, and ``off`` below it; off[k - 1] unused), shift > 0: symmetric elimination without
@@ -146,7 +152,7 @@ def tridiagonal_solve_real(diag, off, shift, rhs, pivots):
         rhs[i] = (rhs[i] - off[i] * rhs[i + 1]) / pivots[i]
 
 
-@njit(**JIT_OPTIONS)
+@njit(**STRICT_JIT_OPTIONS)
 def tridiagonal_solve_complex(diag, off, shift_re, shift_im, rhs_re, rhs_im, pivots_re, pivots_im):
     """(rhs_re + i rhs_im) = ((shift_re + i shift_im) I + B)^{-1} (rhs_re + i rhs_im) in place:
     :func:`tridiagonal_solve_real` in complex arithmetic (a complex symmetric system; the real part
@@ -180,7 +186,7 @@ def tridiagonal_solve_complex(diag, off, shift_re, shift_im, rhs_re, rhs_im, piv
         rhs_im[i] = (bi * pr - br * pi) / den
 
 
-@njit(**JIT_OPTIONS)
+@njit(**STRICT_JIT_OPTIONS)
 def _subtract_expansion(basis, coef, out):
     """out -= V coef, V^T the rows of ``basis`` (k x N)."""
     k, n = basis.shape
@@ -191,7 +197,7 @@ def _subtract_expansion(basis, coef, out):
             out[i] -= c * row[i]
 
 
-@njit(**JIT_OPTIONS)
+@njit(**STRICT_JIT_OPTIONS)
 def split_range(basis, v, coef, rest, extra):
     """v = V coef + rest with rest orthogonal to V's range (V^T the rows of ``basis``, k < N),
     projected twice: V's columns are orthonormal only to rounding, and a solve divides ``rest``
@@ -208,7 +214,7 @@ def split_range(basis, v, coef, rest, extra):
         coef[j] += extra[j]
 
 
-@njit(**JIT_OPTIONS)
+@njit(**STRICT_JIT_OPTIONS)
 def jacobian_solve_real(basis, diag, off, shift, rhs, out, coef, rest, extra, pivots):
     """out = (shift I + A)^{-1} rhs for A = V B V^T, V^T the rows of ``basis`` (k x N,
     orthonormal), B tridiagonal of order k: V (shift + B)^{-1} V^T rhs, plus rest / shift for
@@ -220,14 +226,14 @@ def jacobian_solve_real(basis, diag, off, shift, rhs, out, coef, rest, extra, pi
     else:
         split_range(basis, rhs, coef, rest, extra)
     tridiagonal_solve_real(diag, off, shift, coef, pivots)
-    transposed_product(basis, coef, out)
+    _expand(basis, coef, out)
     if k < n:
         inv = 1.0 / shift
         for i in range(n):
             out[i] += inv * rest[i]
 
 
-@njit(**JIT_OPTIONS)
+@njit(**STRICT_JIT_OPTIONS)
 def jacobian_solve_complex(basis, diag, off, shift_re, shift_im, rhs_re, rhs_im, out_re, out_im,
                            coef_re, coef_im, rest_re, rest_im, extra):
     """:func:`jacobian_solve_real` for a complex shift sigma and a complex right-hand side, as
@@ -241,8 +247,8 @@ def jacobian_solve_complex(basis, diag, off, shift_re, shift_im, rhs_re, rhs_im,
         split_range(basis, rhs_re, coef_re, rest_re, extra)
         split_range(basis, rhs_im, coef_im, rest_im, extra)
     tridiagonal_solve_complex(diag, off, shift_re, shift_im, coef_re, coef_im, out_re, out_im)
-    transposed_product(basis, coef_re, out_re)
-    transposed_product(basis, coef_im, out_im)
+    _expand(basis, coef_re, out_re)
+    _expand(basis, coef_im, out_im)
     if k < n:
         den = shift_re * shift_re + shift_im * shift_im
         inv_re, inv_im = shift_re / den, -shift_im / den  # 1 / sigma
@@ -314,7 +320,7 @@ def newton_update(stage_f, W, Z, basis, diag, off, rank, seeds, inv_h, live, wor
             z2[i] = T[2, 0] * a0 + T[2, 1] * a1 + T[2, 2] * a2
 
 
-NEWTON_UPDATE_KERNELS = serial_and_parallel(newton_update)
+NEWTON_UPDATE_KERNELS = serial_and_parallel(newton_update, strict=True)
 
 
 def error_solve(f_start, Z, basis, diag, off, rank, seeds, inv_h, extra, use_extra, out, work):
@@ -339,10 +345,10 @@ def error_solve(f_start, Z, basis, diag, off, rank, seeds, inv_h, extra, use_ext
                             work[r, 1], work[r, 2], work[r, 3], work[r, 4])
 
 
-ERROR_SOLVE_KERNELS = serial_and_parallel(error_solve)
+ERROR_SOLVE_KERNELS = serial_and_parallel(error_solve, strict=True)
 
 
-@njit(**JIT_OPTIONS)
+@njit(**STRICT_JIT_OPTIONS)
 def starting_guess(Z_prev, h_prev, h, has_previous, Z, W):
     """Stage increments to start Newton from: the previous step's collocation polynomial
     extrapolated to the new nodes (zero on a seed's first step), and W = TI Z.
@@ -373,7 +379,7 @@ def starting_guess(Z_prev, h_prev, h, has_previous, Z, W):
                 W[r, k, i] = TI[k, 0] * Z[r, 0, i] + TI[k, 1] * Z[r, 1, i] + TI[k, 2] * Z[r, 2, i]
 
 
-@njit(**JIT_OPTIONS)
+@njit(**STRICT_JIT_OPTIONS)
 def dense_coefficients(start, nodes, out):
     """Monomial coefficients of the collocation polynomial of each row:
     p(x) = start + out[0] x + out[1] x^2 + out[2] x^3 passes through ``nodes[i]`` at x = C[i].
@@ -396,7 +402,7 @@ def dense_coefficients(start, nodes, out):
 NEWTON_GOING, NEWTON_CONVERGED, NEWTON_FAILED = 0, 1, 2
 
 
-@njit(**JIT_OPTIONS)
+@njit(**STRICT_JIT_OPTIONS)
 def newton_decide(iteration, increment, increment_old, theta_old, faccon, tol, state, h_factor,
                   theta_out):
     """Decide, for each row, after Newton update number ``iteration`` (1-based) whose size in the

@@ -21,6 +21,8 @@ theta), and the references are good to about 1e-12. Each test states its bound.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import scipy.linalg
 import pytest
@@ -269,6 +271,80 @@ def test_jacobian_factors_and_newton_solves_match_numpy(active, per_seed_data):
                               (err[r], error)):
                 np.testing.assert_allclose(ours, ref, rtol=0, atol=tol * np.abs(ref).max())
             np.testing.assert_allclose(Z[r], radau.T @ W_inc[r], rtol=1e-12, atol=1e-12 * np.abs(Z[r]).max())
+
+
+@pytest.mark.parametrize("step", [1e-2, 1e3, 1e9])
+def test_jacobian_leaves_out_only_a_negligible_part(step):
+    """At small scales most coordinates sit near zero (h_i ~ alpha^(2L-2)) and are left out of
+    the Jacobian. What is left out, E = X_E diag(h_E) X_E^T / n, must be the smallest
+    coordinates by h_i |x_i|^2 / n, with trace(E) within JACOBIAN_SLACK Re(mu) /
+    (JACOBIAN_REACH h); the returned reach is the longest step at which ||E|| h / Re(mu) stays
+    within JACOBIAN_SLACK (spectral norm by NumPy); and no further coordinate fits in."""
+    from ddln_fast import radau
+    from ddln_fast.dual import JACOBIAN_REACH, JACOBIAN_SLACK, DualProducts
+    from ddln_fast.problem import make_problem
+
+    problem = make_problem(dual_config({"problem.n": 40, "problem.d": 200}))
+    X, n = problem.X, problem.n
+    rng = np.random.default_rng(5)
+    h = 10.0 ** rng.uniform(-40, 0, size=(1, 200))
+    h[0, :5] = 0.0
+    kept = h.copy()
+    reach = DualProducts(problem).leave_out_small(kept, np.array([0]), np.array([step]))[0]
+    weight = h[0] * (X * X).sum(axis=0) / n
+    out = (kept[0] == 0) & (h[0] > 0)
+    assert np.array_equal(kept[0][~out], h[0][~out])   # the others untouched
+    budget = JACOBIAN_SLACK * radau.MU_COMPLEX_RE / (JACOBIAN_REACH * step)
+    assert weight[out].sum() <= budget
+    if out.any():
+        assert weight[out].max() <= weight[~out & (h[0] > 0)].min()
+        E = (X[:, out] * h[0, out]) @ X[:, out].T / n
+        assert np.linalg.norm(E, 2) * reach / radau.MU_COMPLEX_RE <= JACOBIAN_SLACK * (1 + 1e-12)
+        assert reach >= JACOBIAN_REACH * step * (1 - 1e-12)
+    else:
+        assert reach == np.inf
+    left = weight[~out & (h[0] > 0)]
+    assert left.size == 0 or weight[out].sum() + left.min() > budget
+
+
+def test_newton_kernels_give_the_same_bits_compiled_fresh_or_cached(tmp_path):
+    """A run must not depend on whether its process compiled the kernels or loaded them from
+    Numba's cache (a resumed run is often the other kind). With fast-math the Newton update of
+    a Jacobian of rank k < N differed in the last bit between the two. Two processes on one
+    empty cache directory (the first compiles, the second loads) and this one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "kernels.py"
+    script.write_text(
+        "import hashlib, numpy as np\n"
+        "from ddln_fast import radau\n"
+        "rng = np.random.default_rng(0)\n"
+        "n = 40\n"
+        "out = []\n"
+        "for k in (0, 3, n):\n"
+        "    basis = np.zeros((1, n, n)); basis[0, :k] = np.linalg.qr(rng.standard_normal((n, n)))[0][:k]\n"
+        "    diag, off = np.zeros((1, n)), np.zeros((1, n))\n"
+        "    diag[0, :k] = rng.random(k); off[0, :max(k - 1, 0)] = 0.1 * rng.random(max(k - 1, 0))\n"
+        "    f = rng.standard_normal((1, 3, n))\n"
+        "    for kernel in radau.NEWTON_UPDATE_KERNELS:\n"
+        "        W, Z = np.zeros((1, 3, n)), np.zeros((1, 3, n))\n"
+        "        kernel(f, W, Z, basis, diag, off, np.array([k]), np.array([0]), np.array([1e-3]),\n"
+        "               np.ones(1, np.uint8), np.zeros((1, radau.WORK_VECTORS, n)))\n"
+        "        out.append(Z)\n"
+        "    for kernel in radau.ERROR_SOLVE_KERNELS:\n"
+        "        err = np.zeros((1, n))\n"
+        "        kernel(f[:, 0], f, basis, diag, off, np.array([k]), np.array([0]), np.array([1e-3]),\n"
+        "               f[:, 0], np.zeros(1, np.uint8), err, np.zeros((1, radau.WORK_VECTORS, n)))\n"
+        "        out.append(err)\n"
+        "print(hashlib.md5(b''.join(a.tobytes() for a in out)).hexdigest())\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    digests = [subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip() for _ in range(2)]
+    here = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
+    assert digests[0] == digests[1] == here.stdout.strip()
+    assert (tmp_path / "cache").is_dir() and any(Path(tmp_path / "cache").rglob("*.nbi"))
 
 
 def test_shifted_tridiagonal_solves_match_numpy():
