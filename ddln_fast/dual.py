@@ -86,6 +86,7 @@ from .controller import (DIVERGED, LOSS_TOL, RUNNING, SeedState, Trial, control_
 from .errors import InputError
 from .clock_series import dd_add, two_sum
 from .kernels import JIT_OPTIONS, STRICT_JIT_OPTIONS, call_by_size, serial_and_parallel
+from .radau import MU_COMPLEX_RE
 from .threads import blas_for_products, hot_loop_serial_blas, kernel_threads
 from .problem import Problem
 from .solver import Solver
@@ -248,6 +249,71 @@ def _move_stage_clocks(increments, start, start_lo, seeds, sigma, sigma_lo):
                 sigma_lo[r, k, i] = lo
 
 
+@njit(**STRICT_JIT_OPTIONS)
+def _reject_rises(f_end, f_start, theta, norm_rows, spectral, frobenius, targets, rtol, atol, err):
+    """err[r] = inf where ||f_end[r]|| - ||f_start[r]|| exceeds what errors within the
+    tolerances explain (:meth:`DualProducts.reject_rises`); norm_rows[r] indexes the norms of
+    the row's data."""
+    R, m = f_end.shape
+    d = theta.shape[1]
+    rounding = RESIDUAL_ROUNDING_ULPS * np.finfo(np.float64).eps
+    for r in range(R):
+        end = 0.0
+        start = 0.0
+        for k in range(m):
+            end += f_end[r, k] * f_end[r, k]
+            start += f_start[r, k] * f_start[r, k]
+        size = 0.0
+        tol = 0.0
+        for i in range(d):
+            value = theta[r, i]
+            size += value * value
+            allowed = atol + rtol * abs(value)
+            tol += allowed * allowed
+        j = norm_rows[r]
+        allowed = spectral[j] * np.sqrt(tol) + rounding * (frobenius[j] * np.sqrt(size) + targets[j])
+        if np.sqrt(end) - np.sqrt(start) > allowed:
+            err[r] = np.inf
+
+
+@njit(**STRICT_JIT_OPTIONS)
+def _leave_out_small(h, column_weights, norm_rows, budget, reach):
+    """:meth:`DualProducts.leave_out_small` for rows of h (in place) and reach (out)."""
+    R, d = h.shape
+    share = JACOBIAN_SLACK * MU_COMPLEX_RE
+    for a in range(R):
+        weights = h[a] * column_weights[norm_rows[a]]
+        reach[a] = np.inf
+        if not np.all(np.isfinite(weights)):
+            continue
+        order = np.argsort(weights)
+        total = 0.0
+        for j in range(d):
+            grown = total + weights[order[j]]
+            if grown > budget[a]:
+                break
+            total = grown
+            h[a, order[j]] = 0.0
+        if total > 0.0:
+            reach[a] = share / total
+
+
+@njit(**STRICT_JIT_OPTIONS)
+def _advance_times(seeds, t_old, h_step, landing, t, t_lo, status, t_stop):
+    """The double-double times t + t_lo of ``seeds`` after their accepted steps: the controller
+    moved t to fl(t_old + h) (or onto the target, where t_lo = 0); at tiny scales the steps of
+    an activation are smaller than an ulp of t, and the time must keep them. A seed that
+    stopped in this step (stalled, max_steps) gets its stop time."""
+    for a in range(seeds.shape[0]):
+        s = seeds[a]
+        if landing[s] == 1:
+            t_lo[s] = 0.0
+        else:
+            t[s], t_lo[s] = dd_add(t_old[a], t_lo[s], h_step[a])
+        if status[s] != RUNNING:
+            t_stop[s] = t[s]
+
+
 @njit(**JIT_OPTIONS)
 def _rows_finite(values, out):
     """out[r] = 1 if every value of row r (R, ...) is finite."""
@@ -360,18 +426,17 @@ class DualProducts:
             call_by_size(ADD_START_KERNELS, out.size, out, out_lo, start, start_lo, row_seeds, self.inv_n)
         return out
 
-    def rise_allowed(self, theta, row_seeds, rtol, atol) -> np.ndarray:
-        """How far ||M theta - b|| may grow in a step that ends at theta (rows (R, d)) without
-        an error beyond the tolerances: ||M||_2 ||atol + rtol |theta| ||, the most a change of
-        theta within them moves the residual, plus a bound on the rounding of the residual,
+    def reject_rises(self, f_end, f_start, theta, row_seeds, rtol, atol, err) -> None:
+        """err[r] = inf for rows whose residual norm ||M theta - b|| grew in their step (from
+        f_start to f_end, at theta at the end) by more than errors within the tolerances
+        explain: ||M||_2 ||atol + rtol |theta| ||, the most a change of theta within them moves
+        the residual, plus a bound on the rounding of the residual,
         RESIDUAL_ROUNDING_ULPS eps (||M||_F ||theta|| + ||b||) (an entry's error is a few
         eps (|M| |theta| + |b|)_k, and || |M| |theta| || <= ||M||_F ||theta||)."""
-        seeds = row_seeds if self.per_seed else np.zeros_like(row_seeds)
-        spectral, frobenius, targets = self.norms
-        size = np.sqrt(np.einsum("ij,ij->i", theta, theta))
-        tol = atol + rtol * np.abs(theta)
-        rounding = RESIDUAL_ROUNDING_ULPS * np.finfo(np.float64).eps * (frobenius[seeds] * size + targets[seeds])
-        return spectral[seeds] * np.sqrt(np.einsum("ij,ij->i", tol, tol)) + rounding
+        _reject_rises(f_end, f_start, theta, self._norm_rows(row_seeds), *self.norms, rtol, atol, err)
+
+    def _norm_rows(self, row_seeds):
+        return row_seeds if self.per_seed else np.zeros_like(row_seeds)
 
     def residuals(self, theta, row_seeds, out):
         """out = M theta - b for rows of theta (R, d); out : (R, rows)."""
@@ -400,19 +465,9 @@ class DualProducts:
         JACOBIAN_SLACK of mu / h for steps up to JACOBIAN_SLACK Re(mu) / trace(E) (returned;
         inf when nothing was left out). At small scales most coordinates sit near zero with
         h_i ~ alpha^(2L - 2), and A has the rank of the active ones."""
-        weights = h * self.column_weights[seeds if self.per_seed else np.zeros_like(seeds)]
-        reach = np.full(seeds.size, np.inf)
-        budget = JACOBIAN_SLACK * radau.MU_COMPLEX_RE / (JACOBIAN_REACH * step)
-        for a in range(seeds.size):
-            if not np.all(np.isfinite(weights[a])):
-                continue
-            order = np.argsort(weights[a])
-            total = np.cumsum(weights[a, order])
-            dropped = int(np.searchsorted(total, budget[a], side="right"))
-            if dropped:
-                h[a, order[:dropped]] = 0.0
-                if total[dropped - 1] > 0:
-                    reach[a] = JACOBIAN_SLACK * radau.MU_COMPLEX_RE / total[dropped - 1]
+        reach = np.empty(seeds.size)
+        budget = JACOBIAN_SLACK * MU_COMPLEX_RE / (JACOBIAN_REACH * np.asarray(step, dtype=np.float64))
+        _leave_out_small(h, self.column_weights, self._norm_rows(seeds), budget, reach)
         return reach
 
     def factor_jacobian(self, h, seed, basis, diag, off) -> int:
@@ -820,19 +875,6 @@ class DualIntegrator(Solver):
             self._finish(active[done], Z[done], sigma[done], sigma_lo[done], h_step[done],
                          iterations[done], rate[done], targets)
 
-    def _advance_times(self, seeds, t_old, h_step):
-        """The double-double times of ``seeds`` after their accepted steps: the controller moved
-        state.t to fl(t_old + h) (or onto the target); at tiny scales the steps of an activation
-        are smaller than an ulp of t, and the time must keep them (t_lo)."""
-        st = self.state
-        landed = self.trial.landing[seeds] == 1
-        hi, lo = two_sum.py_func(t_old, h_step)  # clock_series.dd_add, on arrays
-        hi, lo = two_sum.py_func(hi, lo + self.t_lo[seeds])
-        st.t[seeds] = np.where(landed, st.t[seeds], hi)
-        self.t_lo[seeds] = np.where(landed, 0.0, lo)
-        stopped = seeds[st.status[seeds] != RUNNING]  # stalled or max_steps in this step
-        st.t_stop[stopped] = st.t[stopped]
-
     def _finish(self, seeds, Z, sigma, sigma_lo, h_step, iterations, rate, targets):
         """Error estimate, accept or reject, and the new state of the accepted ``seeds`` (rows of
         Z (c, 3, n), stage clocks sigma + sigma_lo (c, 3, d), step sizes h_step (c,))."""
@@ -885,8 +927,7 @@ class DualIntegrator(Solver):
         f_end = np.empty((c, n))
         self.products.residuals(theta_new, seeds, f_end)
         st.nfev[seeds] += 1
-        rise = np.sqrt(np.einsum("ij,ij->i", f_end, f_end)) - np.sqrt(np.einsum("ij,ij->i", f_start, f_start))
-        err[rise > self.products.rise_allowed(theta_new, seeds, *self.requested)] = np.inf
+        self.products.reject_rises(f_end, f_start, theta_new, seeds, *self.requested, err)
         t_old, loss_old = st.t[seeds].copy(), st.loss[seeds].copy()
         # the loss goes to the controller's stop checks below, for accepted seeds only: NaN here
         control_steps(seeds, np.ones(c, dtype=np.uint8), err, np.full(c, np.nan), targets, st,
@@ -896,7 +937,7 @@ class DualIntegrator(Solver):
         if ok.size == 0:
             return
         sa = seeds[ok]
-        self._advance_times(sa, t_old[ok], h_step[ok])
+        _advance_times(sa, t_old[ok], h_step[ok], self.trial.landing, st.t, self.t_lo, st.status, st.t_stop)
         s_old, s_old_lo = self.s[sa].copy(), self.s_lo[sa].copy()
         self.nu[sa] += Z[ok, 2]
         self.s[sa] = s_new[ok]

@@ -33,10 +33,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from .clock_series import two_sum
-from .kernels import call_by_size, serial_and_parallel
+from .kernels import STRICT_JIT_OPTIONS, call_by_size, serial_and_parallel
 
 #: Default activation level: this fraction of max_i |theta_inf,i| of the seed.
 ACTIVATION_FRACTION = 0.1
@@ -123,6 +123,22 @@ def _activation_crossings(s_old, coef, seeds, t_old, h, up, down, times):
 ACTIVATION_CROSSINGS_KERNELS = serial_and_parallel(_activation_crossings)
 
 
+@njit(**STRICT_JIT_OPTIONS)
+def _decades_crossed(loss_old, loss_new, decade_time, seeds, crossed):
+    """crossed[r, k]: the loss of row r went from above 10^LOSS_DECADES[k] (or at it) to below it
+    in the step, and the seed had not crossed it before; returns whether each row crossed any."""
+    rows, levels = crossed.shape
+    any_crossed = np.zeros(rows, dtype=np.bool_)
+    for r in range(rows):
+        seed = seeds[r]
+        for k in range(levels):
+            level = _DECADE_LEVELS[k]
+            hit = loss_new[r] < level and level <= loss_old[r] and decade_time[seed, k] != decade_time[seed, k]
+            crossed[r, k] = hit
+            any_crossed[r] |= hit
+    return any_crossed
+
+
 class EventRecorder:
     """Activation and loss-decade events of every seed, found step by step (module docstring).
 
@@ -193,9 +209,8 @@ class EventRecorder:
         losses at both ends."""
         thresholds = _DECADE_LEVELS
         watched = np.flatnonzero(self.level[seeds] > 0)
-        crossed = ((loss_new[:, None] < thresholds) & (thresholds <= loss_old[:, None])
-                   & np.isnan(self.decade_time[seeds]))
-        crossing = np.flatnonzero(crossed.any(axis=1))
+        crossed = np.empty((seeds.size, thresholds.size), dtype=np.bool_)
+        crossing = np.flatnonzero(_decades_crossed(loss_old, loss_new, self.decade_time, seeds, crossed))
         # the dense output of the rows that need it: activation events on, or a decade crossed
         rows = np.union1d(watched, crossing) if watched.size else crossing
         if rows.size == 0:
