@@ -74,6 +74,8 @@ evaluation more per rejection.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import numba
 from numba import njit, prange
@@ -87,7 +89,7 @@ from .errors import InputError
 from .clock_series import dd_add, two_sum
 from .kernels import JIT_OPTIONS, STRICT_JIT_OPTIONS, call_by_size, serial_and_parallel
 from .radau import MU_COMPLEX_RE
-from .threads import blas_for_products, hot_loop_serial_blas, kernel_threads
+from .threads import SERIAL_PRODUCT_WORK, blas_for_products, hot_loop_serial_blas, kernel_threads
 from .problem import Problem
 from .solver import Solver
 
@@ -312,6 +314,29 @@ def _advance_times(seeds, t_old, h_step, landing, t, t_lo, status, t_stop):
             t[s], t_lo[s] = dd_add(t_old[a], t_lo[s], h_step[a])
         if status[s] != RUNNING:
             t_stop[s] = t[s]
+
+
+@njit(**STRICT_JIT_OPTIONS)
+def _accept_states(ok, seeds, Z, s_new, s_new_lo, theta_new, h_new, h_step, nu, s, s_lo, theta, hvec,
+                   Z_prev, h_old, has_previous, s_old, s_old_lo):
+    """The state of each accepted seed seeds[a] (row ok[a] of the step's arrays) moves to the
+    step's end; its clocks before the step go to s_old, s_old_lo (rows a)."""
+    n, d = nu.shape[1], s.shape[1]
+    for a in range(seeds.shape[0]):
+        r, seed = ok[a], seeds[a]
+        for i in range(d):
+            s_old[a, i] = s[seed, i]
+            s_old_lo[a, i] = s_lo[seed, i]
+            s[seed, i] = s_new[r, i]
+            s_lo[seed, i] = s_new_lo[r, i]
+            theta[seed, i] = theta_new[r, i]
+            hvec[seed, i] = h_new[r, i]
+        for i in range(n):
+            nu[seed, i] += Z[r, 2, i]
+            for k in range(3):
+                Z_prev[seed, k, i] = Z[r, k, i]
+        h_old[seed] = h_step[r]
+        has_previous[seed] = 1
 
 
 @njit(**JIT_OPTIONS)
@@ -685,10 +710,13 @@ class DualIntegrator(Solver):
                      self.atol, self.newton_floor, self.tol, self.tol_newton)
 
     # -- Jacobians --------------------------------------------------------------------------------
-    def _factor_jacobians(self, seeds, h):
+    def _factor_jacobians(self, seeds, h, stepping=False):
         """A = X diag(h) X^T / n of ``seeds`` (h : (m, d)) as V B V^T, B tridiagonal, into
-        self.basis (V^T), self.rank, self.tri_diag and self.tri_off (:mod:`ddln_fast.radau`)."""
-        with hot_loop_serial_blas():  # per-seed n x n algebra (see threads.blas_for_products)
+        self.basis (V^T), self.rank, self.tri_diag and self.tri_off (:mod:`ddln_fast.radau`);
+        ``stepping``: called within :meth:`advance_to`."""
+        # per-seed n x n algebra on one BLAS thread (threads.blas_for_products; within
+        # advance_to, small products have it already)
+        with nullcontext() if stepping and self.n * self.dim <= SERIAL_PRODUCT_WORK else hot_loop_serial_blas():
             for a, seed in enumerate(seeds):
                 self.rank[seed] = self.products.factor_jacobian(
                     h[a], seed, self.basis[seed], self.tri_diag[seed], self.tri_off[seed])
@@ -702,7 +730,7 @@ class DualIntegrator(Solver):
         h = self.hvec[seeds].copy()
         self.jac_reach[seeds] = self.products.leave_out_small(h, seeds, step)
         self.jac_h[seeds] = h
-        self._factor_jacobians(seeds, self.jac_h[seeds])
+        self._factor_jacobians(seeds, self.jac_h[seeds], stepping=True)
         self.flags[seeds, self.CURRENT_JAC] = 1
         self.flags[seeds, self.NEED_JAC] = 0
         self.counters[seeds, 0] += 1
@@ -820,7 +848,6 @@ class DualIntegrator(Solver):
         work = np.empty((m, radau.WORK_VECTORS, n))
         for iteration in range(1, radau.NEWTON_MAXITER + 1):
             k = rows.size
-            st.nfev[seeds_w] += 3
             self.clock.evaluate_rows(sw.reshape(3 * k, d), sw_lo.reshape(3 * k, d), stage_rows,
                                      theta[:3 * k], hvec_scratch[:3 * k])
             self.products.residuals(theta[:3 * k], stage_rows, stage_f[:3 * k])
@@ -831,15 +858,13 @@ class DualIntegrator(Solver):
             self.products.clocks(Zw.reshape(3 * k, n), stage_rows, None, new_sigma[:k].reshape(3 * k, d))
             _move_stage_clocks(new_sigma[:k], self.s, self.s_lo, seeds_w, sw, sw_lo)
             # the RMS of the change relative to the tolerance (floored as for the error norm);
-            # inf where a stage value was not finite
+            # a row with a stage value not finite fails
             _weighted_rms(new_sigma[:k], self.tol_newton, seeds_w, new_sigma[:k, 0], False, h_w,
                           self.noise, increment[:k])
-            increment[:k][finite[:k] == 0] = np.inf
-            radau.newton_decide(iteration, increment[:k], increment_old, theta_old, faccon_w,
-                                self.newton_tol, outcome_w, factor_w, rate_w)
-            finished = outcome_w != radau.NEWTON_GOING
-            if not finished.any():
+            if radau.newton_decide(iteration, increment[:k], finite[:k], increment_old, theta_old, faccon_w,
+                                   self.newton_tol, outcome_w, factor_w, rate_w) == k:
                 continue
+            finished = outcome_w != radau.NEWTON_GOING
             # hand the finished rows' results back, keep iterating the others
             done_rows = rows[finished]
             iterations[done_rows] = iteration
@@ -862,15 +887,16 @@ class DualIntegrator(Solver):
             factor_w, rate_w = factor_w[keep], rate_w[keep]
             increment_old, theta_old = increment_old[keep], theta_old[keep]
         self.faccon[active] = faccon
+        st.nfev[active] += 3 * iterations  # (every row has finished by NEWTON_MAXITER)
         # Newton failed: a smaller step (RADAU5's factor), and a fresh Jacobian if this one was old
-        for a in np.flatnonzero(outcome != radau.NEWTON_CONVERGED):
+        for a in np.nonzero(outcome != radau.NEWTON_CONVERGED)[0]:
             reject_steps(active[a:a + 1], np.ones(1, dtype=np.uint8), h_factor[a], st, self.trial,
                          self.max_steps, self.control.stall_ulps)
             seed = active[a]
             self.counters[seed, 1] += 1
             if self.flags[seed, self.CURRENT_JAC] == 0:
                 self.flags[seed, self.NEED_JAC] = 1
-        done = np.flatnonzero(outcome == radau.NEWTON_CONVERGED)
+        done = np.nonzero(outcome == radau.NEWTON_CONVERGED)[0]
         if done.size:
             self._finish(active[done], Z[done], sigma[done], sigma_lo[done], h_step[done],
                          iterations[done], rate[done], targets)
@@ -904,7 +930,7 @@ class DualIntegrator(Solver):
         _rows_finite(theta_new, finite)
         err[finite == 0] = np.inf
         # Hairer's second estimate after a rejection: f at y0 + err instead of f(y0)
-        again = np.flatnonzero((st.rejected[seeds] == 1) & ~(err <= 1.0) & np.isfinite(err))
+        again = np.nonzero((st.rejected[seeds] == 1) & ~(err <= 1.0) & np.isfinite(err))[0]
         if again.size:
             sg = seeds[again]
             moved, rounding = two_sum.py_func(self.s[sg], delta[again])  # delta may be < an ulp of s
@@ -932,21 +958,16 @@ class DualIntegrator(Solver):
         # the loss goes to the controller's stop checks below, for accepted seeds only: NaN here
         control_steps(seeds, np.ones(c, dtype=np.uint8), err, np.full(c, np.nan), targets, st,
                       self.trial, self.control, 0, self.loss_tol, self.max_steps)
-        ok = np.flatnonzero(self.trial.accepted[seeds] == 1)
+        ok = np.nonzero(self.trial.accepted[seeds] == 1)[0]
         self.counters[seeds, 2] += self.trial.accepted[seeds] == 0
         if ok.size == 0:
             return
         sa = seeds[ok]
         _advance_times(sa, t_old[ok], h_step[ok], self.trial.landing, st.t, self.t_lo, st.status, st.t_stop)
-        s_old, s_old_lo = self.s[sa].copy(), self.s_lo[sa].copy()
-        self.nu[sa] += Z[ok, 2]
-        self.s[sa] = s_new[ok]
-        self.s_lo[sa] = s_new_lo[ok]
-        self.theta[sa] = theta_new[ok]
-        self.hvec[sa] = h_new[ok]
-        self.Z_prev[sa] = Z[ok]
-        self.h_old[sa] = h_step[ok]
-        self.flags[sa, self.HAS_PREVIOUS] = 1
+        s_old, s_old_lo = np.empty((ok.size, d)), np.empty((ok.size, d))
+        _accept_states(ok, sa, Z, s_new, s_new_lo, theta_new, h_new, h_step, self.nu, self.s, self.s_lo,
+                       self.theta, self.hvec, self.Z_prev, self.h_old, self.flags[:, self.HAS_PREVIOUS],
+                       s_old, s_old_lo)
         call_by_size(CLOCK_TOLERANCE_KERNELS, ok.size * d, s_new[ok], theta_new[ok], h_new[ok], sa,
                      self.rtol, self.atol, self.newton_floor, self.tol, self.tol_newton)
         f_new = f_end[ok]

@@ -208,9 +208,9 @@ class EventRecorder:
         clocks s_old + s_old_lo (m, d) at the start, stage clocks sigma + sigma_lo (m, 3, d),
         losses at both ends."""
         thresholds = _DECADE_LEVELS
-        watched = np.flatnonzero(self.level[seeds] > 0)
+        watched = np.nonzero(self.level[seeds] > 0)[0]
         crossed = np.empty((seeds.size, thresholds.size), dtype=np.bool_)
-        crossing = np.flatnonzero(_decades_crossed(loss_old, loss_new, self.decade_time, seeds, crossed))
+        crossing = np.nonzero(_decades_crossed(loss_old, loss_new, self.decade_time, seeds, crossed))[0]
         # the dense output of the rows that need it: activation events on, or a decade crossed
         rows = np.union1d(watched, crossing) if watched.size else crossing
         if rows.size == 0:

@@ -403,7 +403,7 @@ NEWTON_GOING, NEWTON_CONVERGED, NEWTON_FAILED = 0, 1, 2
 
 
 @njit(**STRICT_JIT_OPTIONS)
-def newton_decide(iteration, increment, increment_old, theta_old, faccon, tol, state, h_factor,
+def newton_decide(iteration, increment, finite, increment_old, theta_old, faccon, tol, state, h_factor,
                   theta_out):
     """Decide, for each row, after Newton update number ``iteration`` (1-based) whose size in the
     error norm is ``increment``: converged, failed (with a step-size factor), or go on.
@@ -417,15 +417,17 @@ def newton_decide(iteration, increment, increment_old, theta_old, faccon, tol, s
     An increment below ``tol`` itself ends the iteration at once: it is at the resolution of the
     state (or far below the error tolerance), where the rate is only rounding noise.
 
-    Arrays of shape (rows,): increment_old and theta_old are updated in place; faccon too;
-    ``state`` gets NEWTON_* codes; ``h_factor`` the proposed step-size factor of failed rows;
-    ``theta_out`` the current rate estimate (for the Jacobian-reuse decision).
+    Arrays of shape (rows,): a row whose stage values were not all finite (``finite[r]`` = 0)
+    fails; increment_old and theta_old are updated in place; faccon too; ``state`` gets
+    NEWTON_* codes; ``h_factor`` the proposed step-size factor of failed rows; ``theta_out``
+    the current rate estimate (for the Jacobian-reuse decision). Returns the number of rows
+    still going.
     """
     rows = increment.shape[0]
     for r in range(rows):
         if state[r] != NEWTON_GOING:
             continue
-        dyno = increment[r]
+        dyno = increment[r] if finite[r] != 0 else np.inf
         if not np.isfinite(dyno):
             state[r] = NEWTON_FAILED
             h_factor[r] = 0.5
@@ -456,3 +458,7 @@ def newton_decide(iteration, increment, increment_old, theta_old, faccon, tol, s
         elif iteration >= NEWTON_MAXITER:
             state[r] = NEWTON_FAILED
             h_factor[r] = 0.5
+    going = 0
+    for r in range(rows):
+        going += state[r] == NEWTON_GOING
+    return going

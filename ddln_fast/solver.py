@@ -64,7 +64,7 @@ class Solver(ABC):
         mask of shape (S,) each round) holds, until there are none (True) or ``stop_check``
         asks to stop (False, between two rounds)."""
         while True:
-            active = np.flatnonzero((self.state.status == RUNNING) & unfinished())
+            active = np.nonzero((self.state.status == RUNNING) & unfinished())[0]
             if active.size == 0:
                 return True
             if self.stop_requested():
