@@ -58,8 +58,9 @@ rounding noise. A norm on nu itself would let absolute errors ~ rtol |nu| throug
 with t in plateaus and move the clocks of coordinates about to activate. The tolerances at
 both ends of a step are used (the smaller one).
 
-The loss never rises. Once a run has converged, its steps grow far beyond the flow's time
-scales, and Radau's error estimate, filtered by (I - h gamma J)^-1, then sees almost nothing,
+No accepted step raises the loss beyond the tolerances. Once a run has converged, its steps
+grow far beyond the flow's time scales, and Radau's error estimate, filtered by
+(I - h gamma J)^-1, then sees almost nothing,
 while Newton's tolerance (raised to the rounding floor above, which grows with h) lets the
 stiff components of the state off by far more than the requested tolerance. Measured at depth
 4, alpha = 1e-6, rtol 1e-10: steps of 1e15 accepted with the loss rising from 2.8e-15 to
@@ -68,7 +69,7 @@ flow's loss cannot rise, and the residual at a step's end is computed anyway (it
 step's f), so a step is rejected, as one whose error estimate failed, when ||X theta - y||
 grows by more than a change of theta within the tolerances can make it grow,
 ||X||_2 ||atol + rtol |theta| ||, plus the residual's rounding
-(:meth:`DualProducts.rise_allowed`). The residual is then evaluated for rejected steps too: one
+(:meth:`DualProducts.reject_rises`). The residual is then evaluated for rejected steps too: one
 evaluation more per rejection.
 """
 
@@ -110,7 +111,7 @@ CLOCK_FLOOR_ULPS = 64.0
 #: of flow time (see the module docstring).
 CLOCK_NOISE_ULPS = 32.0
 #: The rounding of a residual's norm, in units of eps (||M||_F ||theta|| + ||b||) (see
-#: DualProducts.rise_allowed).
+#: DualProducts.reject_rises).
 RESIDUAL_ROUNDING_ULPS = 4.0
 #: Coordinates may be left out of a Jacobian while their part E of A moves the Newton matrices
 #: mu / h + A by at most this share of mu / h, ||E|| h / Re(mu) <= trace(E) h / Re(mu), at every
