@@ -197,6 +197,12 @@ def hot_loop_serial_blas():
     return _HOT_LOOP_CONTROLLER.limit(limits=1, user_api="blas")
 
 
+def serial_products(work: int) -> bool:
+    """Whether products of ``work`` multiply-adds per seed run on one BLAS thread
+    (:func:`blas_for_products`)."""
+    return work <= SERIAL_PRODUCT_WORK
+
+
 def blas_for_products(work: int):
     """The BLAS pool for products of ``work`` multiply-adds per seed (batched over seeds), as a
     context manager: one thread up to :data:`SERIAL_PRODUCT_WORK`, else the pool as the run set it.
@@ -206,7 +212,7 @@ def blas_for_products(work: int):
     8 seeds (batched GEMMs of 2.4 M multiply-adds) 43 s and 3.9 s. Such GEMMs and small
     factorizations gain little from a second thread and lose everything when its core is
     busy."""
-    return hot_loop_serial_blas() if work <= SERIAL_PRODUCT_WORK else contextlib.nullcontext()
+    return hot_loop_serial_blas() if serial_products(work) else contextlib.nullcontext()
 
 
 def available_cores() -> int:
