@@ -281,7 +281,7 @@ def test_jacobian_leaves_out_only_a_negligible_part(step):
     (JACOBIAN_REACH h); the returned reach is the longest step at which ||E|| h / Re(mu) stays
     within JACOBIAN_SLACK (spectral norm by NumPy); and no further coordinate fits in."""
     from ddln_fast import radau
-    from ddln_fast.dual import JACOBIAN_REACH, JACOBIAN_SLACK, DualProducts
+    from ddln_fast.dual_products import JACOBIAN_REACH, JACOBIAN_SLACK, DualProducts
     from ddln_fast.problem import make_problem
 
     problem = make_problem(dual_config({"problem.n": 40, "problem.d": 200}))
@@ -355,7 +355,7 @@ def test_shifted_tridiagonal_solves_match_numpy():
     a run, where mu / h is below the rounding of B): backward stable, and never larger than
     |b| / Re(mu), the bound of an accretive matrix (up to rounding: 2 |b| / Re(mu); without the
     deflation of B's negligible entries the elimination grew by 1e26 at 1e-17)."""
-    from ddln_fast.dual import tridiagonalize
+    from ddln_fast.dual_products import tridiagonalize
     from ddln_fast.radau import tridiagonal_solve_complex, tridiagonal_solve_real
 
     rng = np.random.default_rng(5)

@@ -126,7 +126,7 @@ def test_dual_method_runs_small_dense_algebra_on_one_blas_thread(monkeypatch):
     Checked by asking threadpoolctl inside the calls, not by timing."""
     import threadpoolctl
 
-    from ddln_fast import Config, dual
+    from ddln_fast import Config, dual, dual_products
     from ddln_fast.init import initial_layers
     from ddln_fast.problem import make_problem
     from ddln_fast.threads import limit_threads
@@ -137,20 +137,20 @@ def test_dual_method_runs_small_dense_algebra_on_one_blas_thread(monkeypatch):
         return max(p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas")
 
     for name in ("factor_jacobian", "residuals", "clocks"):
-        original = getattr(dual.DualProducts, name)
+        original = getattr(dual_products.DualProducts, name)
 
         def spy(self, *args, _original=original, _name=name):
             seen.append((_name, blas_threads()))
             return _original(self, *args)
 
-        monkeypatch.setattr(dual.DualProducts, name, spy)
-    factor = dual.tridiagonalize
+        monkeypatch.setattr(dual_products.DualProducts, name, spy)
+    factor = dual_products.tridiagonalize
 
     def factor_spy(*args):
         seen.append(("tridiagonalize", blas_threads()))
         return factor(*args)
 
-    monkeypatch.setattr(dual, "tridiagonalize", factor_spy)
+    monkeypatch.setattr(dual_products, "tridiagonalize", factor_spy)
     config = Config.from_dict({"problem": {"n": 20, "d": 50, "seed": 0},
                                "model": {"depth": 3, "alpha": 0.1, "jitter": 0.1},
                                "run": {"seeds": 2}})
