@@ -451,6 +451,7 @@ class ClockMap:
         #: the arrays of the SIMD path (:mod:`ddln_fast.clock_fast`): None until the first
         #: evaluation, False where it does not apply
         self._fast = None
+        self._kernel_arguments = None
 
     def _theta_from_layers(self, u0):
         if self.parametrization == "power":
@@ -636,17 +637,25 @@ class ClockMap:
         caller that hands over exactly the arrays it needs (a solver's inner loop, where the
         checks cost as much as 200 coordinates): s, s_lo, theta and h C-contiguous float64
         (m, d), rows int64 (m,) seed indices, the outputs not overlapping the clocks. Nothing is
-        checked or allocated."""
-        skip = NO_SKIP
-        if self.fast_path:
-            P, gap_a, gap_b, eligible, every = self._fast
-            clock_fast.evaluate_parallel(s, s_lo, rows, P, gap_a, gap_b, theta, h)
-            if every:
-                return
-            skip = eligible
-        p = self.packed
-        evaluate_parallel(s, s_lo, rows, p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign, skip, False, theta,
-                          h, theta)
+        checked or allocated. (Compiled code calls :func:`evaluate_rows_kernel` with
+        :attr:`kernel_arguments`.)"""
+        evaluate_rows_kernel(s, s_lo, rows, self.kernel_arguments, theta, h)
+
+    @property
+    def kernel_arguments(self) -> tuple:
+        """Everything :func:`evaluate_rows_kernel` needs of this map, as one tuple: whether the
+        SIMD loop applies and to every coordinate, its arrays (empty where it does not apply),
+        and the packed arrays of the general loop."""
+        if self._kernel_arguments is None:
+            if self.fast_path:
+                P, gap_a, gap_b, eligible, every = self._fast
+                fast = (True, every, P, gap_a, gap_b, eligible)
+            else:
+                fast = (False, False, np.zeros((len(clock_fast.COLUMNS), 0)), np.zeros(0), np.zeros(0),
+                        NO_SKIP)
+            p = self.packed
+            self._kernel_arguments = fast + (p.ip, p.fp, p.lsign, p.lgap, *p.tab, p.half_sign)
+        return self._kernel_arguments
 
     @property
     def fast_path(self) -> bool:
@@ -684,3 +693,20 @@ class ClockMap:
         """How many halves fall in each family (for reports)."""
         codes, counts = np.unique(self.family, return_counts=True)
         return {fam.FAMILY_NAMES[c]: int(n) for c, n in zip(codes, counts)}
+
+
+@njit(**STRICT_OPTIONS)
+def evaluate_rows_kernel(s, s_lo, rows, arguments, theta, h):
+    """:meth:`ClockMap.evaluate_rows` for compiled callers: ``arguments`` is the map's
+    :attr:`ClockMap.kernel_arguments`. The SIMD loop fills every coordinate where it applies,
+    then the general loop overwrites the coordinates it does not serve (all of them when it
+    does not apply: ``eligible`` is then empty, the general loop's "skip nothing")."""
+    (use_fast, every, P, gap_a, gap_b, eligible, ip, fp, lsign, lgap, ti, ts, tb, tp,
+     half_sign) = arguments
+    if use_fast:
+        clock_fast.evaluate_parallel(s, s_lo, rows, P, gap_a, gap_b, theta, h)
+        if every:
+            return
+    evaluate_parallel(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, eligible, False, theta, h,
+                      theta)
+

@@ -69,8 +69,8 @@ flow's loss cannot rise, and the residual at a step's end is computed anyway (it
 step's f), so a step is rejected, as one whose error estimate failed, when ||X theta - y||
 grows by more than a change of theta within the tolerances can make it grow,
 ||X||_2 ||atol + rtol |theta| ||, plus the residual's rounding
-(:meth:`DualProducts.reject_rises`). The residual is then evaluated for rejected steps too: one
-evaluation more per rejection.
+(:func:`ddln_fast.dual_products.residual_rises`). The residual is then evaluated for rejected
+steps too: one evaluation more per rejection.
 """
 
 from __future__ import annotations
@@ -81,13 +81,13 @@ import numpy as np
 import numba
 from numba import njit
 
-from . import kernels, radau
+from . import kernels, radau, threads
 from .controller import (DIVERGED, LOSS_TOL, RUNNING, SeedState, Trial, control_for, control_steps,
                          first_trial_step, propose_steps, reject_steps, starting_step)
 from .errors import InputError
 from .clock_series import dd_add, two_sum
 from .dual_products import DualProducts
-from .dual_step import CLOCK_TOLERANCE_KERNELS, _move_stage_clocks, _rows_finite, _weighted_rms
+from .dual_step import CLOCK_TOLERANCE_KERNELS, _weighted_rms, error_estimates, newton_iterations
 from .kernels import STRICT_JIT_OPTIONS, call_by_size
 from .threads import blas_for_products, hot_loop_serial_blas, kernel_threads, serial_products
 from .problem import Problem
@@ -231,6 +231,7 @@ class DualIntegrator(Solver):
         # (RADAU5's 10 eps / rtol term of its Newton tolerance, per coordinate): in tolerance
         # units that is a floor of 10 / newton_tol ulps
         self.newton_floor = 10.0 / self.newton_tol
+        self._tolerances = (self.rtol, self.atol, self.newton_floor) + self.requested  # (dual_step)
         # the state (saved and restored)
         self.state = SeedState.fresh(S, self.dt)
         self.nu = np.zeros((S, n))
@@ -440,67 +441,15 @@ class DualIntegrator(Solver):
         self.faccon[active] = np.maximum(self.faccon[active], np.finfo(np.float64).eps) ** 0.8
         sigma = np.empty((m, 3, d))
         sigma_lo = np.empty((m, 3, d))
-        self.products.clocks(Z.reshape(3 * m, n), np.repeat(active, 3), self.s, sigma.reshape(3 * m, d),
-                             self.s_lo, sigma_lo.reshape(3 * m, d))
         outcome = np.zeros(m, dtype=np.int8)
         iterations = np.zeros(m, dtype=np.int64)
         rate = np.zeros(m)
         h_factor = np.ones(m)
         faccon = self.faccon[active]
-        # the rows still iterating, compacted when some finish (no copies while none has)
-        rows = np.arange(m)
-        Zw, Ww, sw, sw_lo = Z, W, sigma, sigma_lo
-        seeds_w, stage_rows = active, np.repeat(active, 3)
-        inv_h_w, h_w = inv_h, h_step
-        faccon_w, outcome_w, factor_w, rate_w = faccon.copy(), outcome.copy(), h_factor.copy(), rate.copy()
-        increment_old, theta_old = np.ones(m), np.zeros(m)
-        theta = np.empty((3 * m, d))
-        hvec_scratch = np.empty((3 * m, d))  # h at the stages: computed alongside, not used
-        stage_f = np.empty((3 * m, n))
-        new_sigma = np.empty((m, 3, d))
-        increment = np.empty(m)
-        finite = np.empty(m, dtype=np.uint8)
-        work = np.empty((m, radau.WORK_VECTORS, n))
-        for iteration in range(1, radau.NEWTON_MAXITER + 1):
-            k = rows.size
-            self.clock.evaluate_rows(sw.reshape(3 * k, d), sw_lo.reshape(3 * k, d), stage_rows,
-                                     theta[:3 * k], hvec_scratch[:3 * k])
-            self.products.residuals(theta[:3 * k], stage_rows, stage_f[:3 * k])
-            stage_fk = stage_f[:3 * k].reshape(k, 3, n)
-            _rows_finite(stage_fk, finite[:k])
-            call_by_size(radau.NEWTON_UPDATE_KERNELS, k * n * n, stage_fk, Ww, Zw, *self._jacobian(),
-                         seeds_w, inv_h_w, finite[:k], work[:k])
-            self.products.clocks(Zw.reshape(3 * k, n), stage_rows, None, new_sigma[:k].reshape(3 * k, d))
-            _move_stage_clocks(new_sigma[:k], self.s, self.s_lo, seeds_w, sw, sw_lo)
-            # the RMS of the change relative to the tolerance (floored as for the error norm);
-            # a row with a stage value not finite fails
-            _weighted_rms(new_sigma[:k], self.tol_newton, seeds_w, new_sigma[:k, 0], False, h_w,
-                          self.noise, increment[:k])
-            if radau.newton_decide(iteration, increment[:k], finite[:k], increment_old, theta_old, faccon_w,
-                                   self.newton_tol, outcome_w, factor_w, rate_w) == k:
-                continue
-            finished = outcome_w != radau.NEWTON_GOING
-            # hand the finished rows' results back, keep iterating the others
-            done_rows = rows[finished]
-            iterations[done_rows] = iteration
-            outcome[done_rows], h_factor[done_rows] = outcome_w[finished], factor_w[finished]
-            rate[done_rows], faccon[done_rows] = rate_w[finished], faccon_w[finished]
-            if Zw is not Z:
-                Z[done_rows], W[done_rows] = Zw[finished], Ww[finished]
-                sigma[done_rows], sigma_lo[done_rows] = sw[finished], sw_lo[finished]
-            if finished.all():
-                break
-            keep = ~finished
-            if Zw is Z:  # the first compaction: from here on the working rows are copies
-                Zw, Ww, sw, sw_lo = Z[rows[keep]], W[rows[keep]], sigma[rows[keep]], sigma_lo[rows[keep]]
-            else:
-                Zw, Ww, sw, sw_lo = Zw[keep], Ww[keep], sw[keep], sw_lo[keep]
-            rows, seeds_w = rows[keep], seeds_w[keep]
-            stage_rows = np.repeat(seeds_w, 3)
-            inv_h_w, h_w = inv_h_w[keep], h_w[keep]
-            faccon_w, outcome_w = faccon_w[keep], outcome_w[keep]
-            factor_w, rate_w = factor_w[keep], rate_w[keep]
-            increment_old, theta_old = increment_old[keep], theta_old[keep]
+        newton_iterations(Z, W, sigma, sigma_lo, active, inv_h, h_step, self.s, self.s_lo,
+                          self.clock.kernel_arguments, self.products.kernel_arguments, *self._jacobian(),
+                          self.tol_newton, self.noise, self.newton_tol, faccon, outcome, iterations, h_factor,
+                          rate, threads.SERIAL_STATE_WORK)
         self.faccon[active] = faccon
         st.nfev[active] += 3 * iterations  # (every row has finished by NEWTON_MAXITER)
         # Newton failed: a smaller step (RADAU5's factor), and a fresh Jacobian if this one was old
@@ -523,27 +472,11 @@ class DualIntegrator(Solver):
         n, d = self.n, self.dim
         c = seeds.size
         inv_h = 1.0 / h_step
-        err_nu = np.empty((c, n))
         f_start = self.f[seeds]
-        call_by_size(radau.ERROR_SOLVE_KERNELS, c * n * n, f_start, Z, *self._jacobian(), seeds, inv_h,
-                     f_start, np.zeros(c, dtype=np.uint8), err_nu, np.empty((c, radau.WORK_VECTORS, n)))
-        delta = np.empty((c, d))
-        self.products.clocks(err_nu, seeds, None, delta)
-        s_new = np.ascontiguousarray(sigma[:, 2])
-        s_new_lo = np.ascontiguousarray(sigma_lo[:, 2])
-        theta_new = np.empty((c, d))
-        h_new = np.empty((c, d))
-        self.clock.evaluate_rows(s_new, s_new_lo, seeds, theta_new, h_new)
-        tol_end = np.empty((c, d))
-        call_by_size(CLOCK_TOLERANCE_KERNELS, s_new.size, s_new, theta_new, h_new, np.arange(c),
-                     self.rtol, self.atol, self.newton_floor, tol_end, tol_end)
-        err = np.empty(c)
-        _weighted_rms(delta[:, None, :], self.tol, seeds, tol_end, True, h_step, self.noise, err)
-        # Newton's last update moved the clocks after their last evaluation: a step whose end
-        # has passed a blow-up is rejected, never accepted with an infinite theta
-        finite = np.empty(c, dtype=np.uint8)
-        _rows_finite(theta_new, finite)
-        err[finite == 0] = np.inf
+        delta, s_new, s_new_lo, theta_new, h_new, tol_end, err, f_end, rose = error_estimates(
+            f_start, Z, sigma, sigma_lo, seeds, inv_h, h_step, *self._jacobian(), self.clock.kernel_arguments,
+            self.products.kernel_arguments, self.products.norms, self._tolerances, self.tol, self.noise,
+            threads.SERIAL_STATE_WORK)
         # Hairer's second estimate after a rejection: f at y0 + err instead of f(y0)
         again = np.nonzero((st.rejected[seeds] == 1) & ~(err <= 1.0) & np.isfinite(err))[0]
         if again.size:
@@ -565,10 +498,8 @@ class DualIntegrator(Solver):
             err[again] = e2
         # the loss of a gradient flow never rises: a step whose residual grew beyond what errors
         # within the tolerances explain is wrong however small its estimate (module docstring)
-        f_end = np.empty((c, n))
-        self.products.residuals(theta_new, seeds, f_end)
-        st.nfev[seeds] += 1
-        self.products.reject_rises(f_end, f_start, theta_new, seeds, *self.requested, err)
+        st.nfev[seeds] += 1  # (the residual at the end)
+        err[rose == 1] = np.inf
         t_old, loss_old = st.t[seeds].copy(), st.loss[seeds].copy()
         # the loss goes to the controller's stop checks below, for accepted seeds only: NaN here
         control_steps(seeds, np.ones(c, dtype=np.uint8), err, np.full(c, np.nan), targets, st,

@@ -17,13 +17,14 @@ from scipy.linalg.lapack import dgeqrf, dorgqr, dsytrd
 
 from . import kernels
 from .clock_series import dd_add
-from .kernels import STRICT_JIT_OPTIONS, call_by_size, serial_and_parallel
+from .kernels import STRICT_JIT_OPTIONS, serial_and_parallel
+from . import threads
 from .problem import Problem
 from .radau import MU_COMPLEX_RE
 
 
 #: The rounding of a residual's norm, in units of eps (||M||_F ||theta|| + ||b||) (see
-#: DualProducts.reject_rises).
+#: residual_rises).
 RESIDUAL_ROUNDING_ULPS = 4.0
 #: Coordinates may be left out of a Jacobian while their part E of A moves the Newton matrices
 #: mu / h + A by at most this share of mu / h, ||E|| h / Re(mu) <= trace(E) h / Re(mu), at every
@@ -97,11 +98,66 @@ def _per_seed_residuals(X, y, theta, row_seeds, out):
 
 PER_SEED_RESIDUALS_KERNELS = serial_and_parallel(_per_seed_residuals)
 
+_add_start_serial, _add_start_parallel = ADD_START_KERNELS
+_subtract_targets_serial, _subtract_targets_parallel = SUBTRACT_TARGETS_KERNELS
+_per_seed_clocks_serial, _per_seed_clocks_parallel = PER_SEED_CLOCKS_KERNELS
+_per_seed_residuals_serial, _per_seed_residuals_parallel = PER_SEED_RESIDUALS_KERNELS
+
+
 @njit(**STRICT_JIT_OPTIONS)
-def _reject_rises(f_end, f_start, theta, norm_rows, spectral, frobenius, targets, rtol, atol, err):
-    """err[r] = inf where ||f_end[r]|| - ||f_start[r]|| exceeds what errors within the
-    tolerances explain (:meth:`DualProducts.reject_rises`); norm_rows[r] indexes the norms of
-    the row's data."""
+def residuals_kernel(arguments, theta, row_seeds, out, serial_work):
+    """out = M theta - b for rows of theta (R, d) (:meth:`DualProducts.residuals`);
+    ``arguments``: :attr:`DualProducts.kernel_arguments`. Shared data: one GEMM for every row;
+    per-seed data: a kernel over rows. Kernels run in threads above ``serial_work`` items of
+    work (``threads.SERIAL_STATE_WORK``, read by the caller: a setting, not a constant)."""
+    per_seed, M, MT, b, _ = arguments
+    if per_seed:
+        if theta.size * M.shape[1] > serial_work:
+            _per_seed_residuals_parallel(M, b, theta, row_seeds, out)
+        else:
+            _per_seed_residuals_serial(M, b, theta, row_seeds, out)
+        return
+    np.dot(theta, MT[0], out)
+    if out.size > serial_work:
+        _subtract_targets_parallel(out, b, row_seeds)
+    else:
+        _subtract_targets_serial(out, b, row_seeds)
+
+
+@njit(**STRICT_JIT_OPTIONS)
+def clocks_kernel(arguments, Z, row_seeds, with_start, start, start_lo, out, out_lo, serial_work):
+    """out = M^T Z / n, or with a start the double-double (out, out_lo) = (start +
+    start_lo)[row_seeds] + M^T Z / n (:meth:`DualProducts.clocks`; without a start,
+    ``start``, ``start_lo`` and ``out_lo`` are not read and may be any arrays of their type;
+    ``serial_work`` as for :func:`residuals_kernel`)."""
+    per_seed, M, _, _, inv_n = arguments
+    if per_seed:
+        if out.size * M.shape[1] > serial_work:
+            _per_seed_clocks_parallel(M, Z, start, start_lo, row_seeds, inv_n, with_start, out, out_lo)
+        else:
+            _per_seed_clocks_serial(M, Z, start, start_lo, row_seeds, inv_n, with_start, out, out_lo)
+        return
+    np.dot(Z, M[0], out)
+    if not with_start:
+        R, d = out.shape
+        for r in range(R):
+            for i in range(d):
+                out[r, i] *= inv_n
+    elif out.size > serial_work:
+        _add_start_parallel(out, out_lo, start, start_lo, row_seeds, inv_n)
+    else:
+        _add_start_serial(out, out_lo, start, start_lo, row_seeds, inv_n)
+
+
+@njit(**STRICT_JIT_OPTIONS)
+def residual_rises(f_end, f_start, theta, norm_rows, spectral, frobenius, targets, rtol, atol, rose):
+    """rose[r] = 1 where the residual norm ||M theta - b|| grew in the step of row r (from
+    f_start to f_end, at theta at the end) by more than errors within the tolerances explain,
+    else 0: ||M||_2 ||atol + rtol |theta| ||, the most a change of theta within them moves the
+    residual, plus a bound on the rounding of the residual,
+    RESIDUAL_ROUNDING_ULPS eps (||M||_F ||theta|| + ||b||) (an entry's error is a few
+    eps (|M| |theta| + |b|)_k, and || |M| |theta| || <= ||M||_F ||theta||). norm_rows[r]
+    indexes the norms (:attr:`DualProducts.norms`) of the row's data."""
     R, m = f_end.shape
     d = theta.shape[1]
     rounding = RESIDUAL_ROUNDING_ULPS * np.finfo(np.float64).eps
@@ -120,8 +176,7 @@ def _reject_rises(f_end, f_start, theta, norm_rows, spectral, frobenius, targets
             tol += allowed * allowed
         j = norm_rows[r]
         allowed = spectral[j] * np.sqrt(tol) + rounding * (frobenius[j] * np.sqrt(size) + targets[j])
-        if np.sqrt(end) - np.sqrt(start) > allowed:
-            err[r] = np.inf
+        rose[r] = np.sqrt(end) - np.sqrt(start) > allowed
 
 
 @njit(**STRICT_JIT_OPTIONS)
@@ -205,6 +260,10 @@ class DualProducts:
         self.y = np.ascontiguousarray(y)
         self.rows = self.X.shape[-2]
         self.XT = None if self.per_seed else np.ascontiguousarray(self.X.T)
+        #: (per_seed, M, M^T, b, 1 / n) for the compiled products: M and M^T of shape
+        #: (S or 1, ...) (shared data: one; per-seed data: M^T is not used and holds M)
+        self.kernel_arguments = (self.per_seed, self.X if self.per_seed else self.X[None],
+                                 self.X if self.per_seed else self.XT[None], self.y, self.inv_n)
         M = self.X if self.per_seed else self.X[None]
         #: |m_i|^2 / n of every column: coordinate i adds h_i |m_i|^2 / n to trace(A)
         self.column_weights = np.einsum("skd,skd->sd", M, M) * self.inv_n
@@ -231,39 +290,20 @@ class DualProducts:
         """out = M^T Z / n, or with a start the double-double (out, out_lo) = (start +
         start_lo)[row_seeds] + M^T Z / n. Z : (R, rows); out, out_lo : (R, d); start, start_lo :
         (S, d)."""
-        if self.per_seed:
-            with_start = start is not None
-            call_by_size(PER_SEED_CLOCKS_KERNELS, out.size * self.rows, self.X, Z,
-                         start if with_start else out, start_lo if with_start else out, row_seeds,
-                         self.inv_n, with_start, out, out_lo if with_start else out)
-            return out
-        np.matmul(Z, self.X, out=out)
         if start is None:
-            out *= self.inv_n
+            clocks_kernel(self.kernel_arguments, Z, row_seeds, False, out, out, out, out,
+                          threads.SERIAL_STATE_WORK)
         else:
-            call_by_size(ADD_START_KERNELS, out.size, out, out_lo, start, start_lo, row_seeds, self.inv_n)
+            clocks_kernel(self.kernel_arguments, Z, row_seeds, True, start, start_lo, out, out_lo,
+                          threads.SERIAL_STATE_WORK)
         return out
-
-    def reject_rises(self, f_end, f_start, theta, row_seeds, rtol, atol, err) -> None:
-        """err[r] = inf for rows whose residual norm ||M theta - b|| grew in their step (from
-        f_start to f_end, at theta at the end) by more than errors within the tolerances
-        explain: ||M||_2 ||atol + rtol |theta| ||, the most a change of theta within them moves
-        the residual, plus a bound on the rounding of the residual,
-        RESIDUAL_ROUNDING_ULPS eps (||M||_F ||theta|| + ||b||) (an entry's error is a few
-        eps (|M| |theta| + |b|)_k, and || |M| |theta| || <= ||M||_F ||theta||)."""
-        _reject_rises(f_end, f_start, theta, self._norm_rows(row_seeds), *self.norms, rtol, atol, err)
 
     def _norm_rows(self, row_seeds):
         return row_seeds if self.per_seed else np.zeros_like(row_seeds)
 
     def residuals(self, theta, row_seeds, out):
         """out = M theta - b for rows of theta (R, d); out : (R, rows)."""
-        if self.per_seed:
-            call_by_size(PER_SEED_RESIDUALS_KERNELS, theta.size * self.rows, self.X, self.y, theta,
-                         row_seeds, out)
-            return out
-        np.matmul(theta, self.XT, out=out)
-        call_by_size(SUBTRACT_TARGETS_KERNELS, out.size, out, self.y, row_seeds)
+        residuals_kernel(self.kernel_arguments, theta, row_seeds, out, threads.SERIAL_STATE_WORK)
         return out
 
     def clock_noise_rate(self, seeds: int) -> np.ndarray:
