@@ -87,7 +87,8 @@ from .controller import (DIVERGED, LOSS_TOL, RUNNING, SeedState, Trial, control_
 from .errors import InputError
 from .clock_series import dd_add, two_sum
 from .dual_products import DualProducts
-from .dual_step import CLOCK_TOLERANCE_KERNELS, _weighted_rms, error_estimates, newton_iterations
+from .dual_step import (CLOCK_TOLERANCE_KERNELS, _clock_tolerance_parallel, _clock_tolerance_serial,
+                        _weighted_rms, error_estimates, newton_iterations)
 from .kernels import STRICT_JIT_OPTIONS, call_by_size
 from .threads import blas_for_products, hot_loop_serial_blas, kernel_threads, serial_products
 from .problem import Problem
@@ -112,30 +113,52 @@ CLOCK_NOISE_ULPS = 32.0
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
-@njit(**STRICT_JIT_OPTIONS)
-def _advance_times(seeds, t_old, h_step, landing, t, t_lo, status, t_stop):
-    """The double-double times t + t_lo of ``seeds`` after their accepted steps: the controller
-    moved t to fl(t_old + h) (or onto the target, where t_lo = 0); at tiny scales the steps of
-    an activation are smaller than an ulp of t, and the time must keep them. A seed that
-    stopped in this step (stalled, max_steps) gets its stop time."""
-    for a in range(seeds.shape[0]):
-        s = seeds[a]
-        if landing[s] == 1:
-            t_lo[s] = 0.0
-        else:
-            t[s], t_lo[s] = dd_add(t_old[a], t_lo[s], h_step[a])
-        if status[s] != RUNNING:
-            t_stop[s] = t[s]
+#: Columns of DualIntegrator.flags (per seed): started; has a previous accepted step; its
+#: Jacobian is the one at its current state; it needs a new Jacobian before its next step.
+STARTED, HAS_PREVIOUS, CURRENT_JAC, NEED_JAC = range(4)
 
 
 @njit(**STRICT_JIT_OPTIONS)
-def _accept_states(ok, seeds, Z, s_new, s_new_lo, theta_new, h_new, h_step, nu, s, s_lo, theta, hvec,
-                   Z_prev, h_old, has_previous, s_old, s_old_lo):
-    """The state of each accepted seed seeds[a] (row ok[a] of the step's arrays) moves to the
-    step's end; its clocks before the step go to s_old, s_old_lo (rows a)."""
+def _accept_steps(seeds, accepted, t_old, h_step, Z, s_new, s_new_lo, theta_new, h_new, f_end, iterations,
+                  rate, landing, t, t_lo, status, t_stop, nu, s, s_lo, theta, hvec, f, Z_prev, h_old, flags,
+                  counters, tolerances, tol, tol_newton, serial_work):
+    """Move every seed whose step the controller accepted (accepted[seed] = 1; row a of the
+    step's arrays belongs to seeds[a]) to the step's end, and count the others' rejections.
+
+    The time becomes the double-double t_old + h (the controller moved t to fl(t_old + h), or
+    onto the target, where t_lo = 0: at tiny scales the steps of an activation are smaller
+    than an ulp of t); a seed that stopped in this step (stalled, max_steps) gets its stop
+    time. Clocks, theta, h, nu, f, the clock tolerances and the step's history move; the
+    Jacobian is marked old, and to be rebuilt when Newton needed more than two iterations at
+    a rate above 1e-3 (scipy's Radau rule: keep it while Newton converges fast).
+
+    Returns (ok, s_old, s_old_lo): the rows accepted, and their clocks before the step.
+    """
+    c = seeds.shape[0]
     n, d = nu.shape[1], s.shape[1]
-    for a in range(seeds.shape[0]):
-        r, seed = ok[a], seeds[a]
+    count = 0
+    for a in range(c):
+        if accepted[seeds[a]] == 1:
+            count += 1
+        else:
+            counters[seeds[a], 2] += 1
+    ok = np.empty(count, dtype=np.int64)
+    count = 0
+    for a in range(c):
+        if accepted[seeds[a]] == 1:
+            ok[count] = a
+            count += 1
+    s_old = np.empty((ok.size, d))
+    s_old_lo = np.empty((ok.size, d))
+    for a in range(ok.size):
+        r = ok[a]
+        seed = seeds[r]
+        if landing[seed] == 1:
+            t_lo[seed] = 0.0
+        else:
+            t[seed], t_lo[seed] = dd_add(t_old[r], t_lo[seed], h_step[r])
+        if status[seed] != RUNNING:
+            t_stop[seed] = t[seed]
         for i in range(d):
             s_old[a, i] = s[seed, i]
             s_old_lo[a, i] = s_lo[seed, i]
@@ -145,11 +168,38 @@ def _accept_states(ok, seeds, Z, s_new, s_new_lo, theta_new, h_new, h_step, nu, 
             hvec[seed, i] = h_new[r, i]
         for i in range(n):
             nu[seed, i] += Z[r, 2, i]
+            f[seed, i] = f_end[r, i]
             for k in range(3):
                 Z_prev[seed, k, i] = Z[r, k, i]
         h_old[seed] = h_step[r]
-        has_previous[seed] = 1
+        flags[seed, HAS_PREVIOUS] = 1
+        flags[seed, CURRENT_JAC] = 0
+        if iterations[r] > 2 and rate[r] > 1e-3:
+            flags[seed, NEED_JAC] = 1
+    rtol, atol, newton_floor, _, _ = tolerances
+    moved = seeds[ok]
+    if ok.size * d > serial_work:
+        _clock_tolerance_parallel(s_new[ok], theta_new[ok], h_new[ok], moved, rtol, atol, newton_floor, tol,
+                                  tol_newton)
+    else:
+        _clock_tolerance_serial(s_new[ok], theta_new[ok], h_new[ok], moved, rtol, atol, newton_floor, tol,
+                                tol_newton)
+    return ok, s_old, s_old_lo
 
+
+@njit(**STRICT_JIT_OPTIONS)
+def _stop_at_loss(seeds, loss, loss_tol, status, t, t_stop):
+    """Seeds still running stop at a loss below loss_tol (LOSS_TOL) or not finite (DIVERGED)."""
+    for a in range(seeds.shape[0]):
+        seed = seeds[a]
+        if status[seed] != RUNNING:
+            continue
+        if loss[a] < loss_tol:
+            status[seed] = LOSS_TOL
+            t_stop[seed] = t[seed]
+        elif not np.isfinite(loss[a]):
+            status[seed] = DIVERGED
+            t_stop[seed] = t[seed]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,9 +312,6 @@ class DualIntegrator(Solver):
         self.events = EventRecorder(self.clock, activation_level, S, d)
         self._threads_wanted = numba.get_num_threads()
 
-    # -- flags ----------------------------------------------------------------------------------
-    STARTED, HAS_PREVIOUS, CURRENT_JAC, NEED_JAC = range(4)
-
     # -- what a checkpoint stores ---------------------------------------------------------------
     def theta_of_all(self) -> np.ndarray:
         theta, _ = self.clock.evaluate(self.s, s_lo=self.s_lo)
@@ -310,7 +357,7 @@ class DualIntegrator(Solver):
             getattr(self, name)[...] = arrays[name]
         self.state = SeedState.from_dict(arrays)
         self.events.restore(arrays)
-        started = np.flatnonzero(self.flags[:, self.STARTED] == 1)
+        started = np.flatnonzero(self.flags[:, STARTED] == 1)
         if started.size:
             self._derive(started)
             self._factor_jacobians(started, self.jac_h[started])
@@ -347,8 +394,8 @@ class DualIntegrator(Solver):
         self.jac_reach[seeds] = self.products.leave_out_small(h, seeds, step)
         self.jac_h[seeds] = h
         self._factor_jacobians(seeds, self.jac_h[seeds], stepping=True)
-        self.flags[seeds, self.CURRENT_JAC] = 1
-        self.flags[seeds, self.NEED_JAC] = 0
+        self.flags[seeds, CURRENT_JAC] = 1
+        self.flags[seeds, NEED_JAC] = 0
         self.counters[seeds, 0] += 1
 
     # -- start ------------------------------------------------------------------------------------
@@ -388,7 +435,7 @@ class DualIntegrator(Solver):
             h = starting_step(h0, d1, d2, radau.ERROR_ORDER, self.dt)
         st.h[seeds] = np.where(np.isfinite(h), h, h0)
         self._refresh_jacobians(seeds, st.h[seeds])
-        self.flags[seeds, self.STARTED] = 1
+        self.flags[seeds, STARTED] = 1
 
     # -- stepping ---------------------------------------------------------------------------------
     def _pick_threads(self, m: int) -> None:
@@ -408,7 +455,7 @@ class DualIntegrator(Solver):
 
     def _advance(self, t_target) -> bool:
         st = self.state
-        fresh = np.flatnonzero((st.status == RUNNING) & (self.flags[:, self.STARTED] == 0))
+        fresh = np.flatnonzero((st.status == RUNNING) & (self.flags[:, STARTED] == 0))
         if fresh.size:
             self._start(fresh)
         targets = np.full(self.seeds, t_target)
@@ -420,7 +467,7 @@ class DualIntegrator(Solver):
             landing = active[self.trial.landing[active] == 1]
             self.trial.h[landing] -= self.t_lo[landing]
             # (a Jacobian that leaves coordinates out serves steps up to its reach only)
-            need = active[(self.flags[active, self.NEED_JAC] == 1) | (self.trial.h[active] > self.jac_reach[active])]
+            need = active[(self.flags[active, NEED_JAC] == 1) | (self.trial.h[active] > self.jac_reach[active])]
             if need.size:
                 self._refresh_jacobians(need, self.trial.h[need])
             self._attempt(active, targets)
@@ -436,21 +483,17 @@ class DualIntegrator(Solver):
         inv_h = 1.0 / h_step
         Z = np.empty((m, 3, n))
         W = np.empty((m, 3, n))
-        radau.starting_guess(self.Z_prev[active], self.h_old[active], h_step,
-                             self.flags[active, self.HAS_PREVIOUS], Z, W)
-        self.faccon[active] = np.maximum(self.faccon[active], np.finfo(np.float64).eps) ** 0.8
         sigma = np.empty((m, 3, d))
         sigma_lo = np.empty((m, 3, d))
         outcome = np.zeros(m, dtype=np.int8)
         iterations = np.zeros(m, dtype=np.int64)
         rate = np.zeros(m)
         h_factor = np.ones(m)
-        faccon = self.faccon[active]
-        newton_iterations(Z, W, sigma, sigma_lo, active, inv_h, h_step, self.s, self.s_lo,
-                          self.clock.kernel_arguments, self.products.kernel_arguments, *self._jacobian(),
-                          self.tol_newton, self.noise, self.newton_tol, faccon, outcome, iterations, h_factor,
-                          rate, threads.SERIAL_STATE_WORK)
-        self.faccon[active] = faccon
+        newton_iterations(Z, W, sigma, sigma_lo, active, inv_h, h_step, self.s, self.s_lo, self.Z_prev,
+                          self.h_old, self.flags[:, HAS_PREVIOUS], self.clock.kernel_arguments,
+                          self.products.kernel_arguments, *self._jacobian(), self.tol_newton, self.noise,
+                          self.newton_tol, self.faccon, outcome, iterations, h_factor, rate,
+                          threads.SERIAL_STATE_WORK)
         st.nfev[active] += 3 * iterations  # (every row has finished by NEWTON_MAXITER)
         # Newton failed: a smaller step (RADAU5's factor), and a fresh Jacobian if this one was old
         for a in np.nonzero(outcome != radau.NEWTON_CONVERGED)[0]:
@@ -458,8 +501,8 @@ class DualIntegrator(Solver):
                          self.max_steps, self.control.stall_ulps)
             seed = active[a]
             self.counters[seed, 1] += 1
-            if self.flags[seed, self.CURRENT_JAC] == 0:
-                self.flags[seed, self.NEED_JAC] = 1
+            if self.flags[seed, CURRENT_JAC] == 0:
+                self.flags[seed, NEED_JAC] = 1
         done = np.nonzero(outcome == radau.NEWTON_CONVERGED)[0]
         if done.size:
             self._finish(active[done], Z[done], sigma[done], sigma_lo[done], h_step[done],
@@ -504,34 +547,19 @@ class DualIntegrator(Solver):
         # the loss goes to the controller's stop checks below, for accepted seeds only: NaN here
         control_steps(seeds, np.ones(c, dtype=np.uint8), err, np.full(c, np.nan), targets, st,
                       self.trial, self.control, 0, self.loss_tol, self.max_steps)
-        ok = np.nonzero(self.trial.accepted[seeds] == 1)[0]
-        self.counters[seeds, 2] += self.trial.accepted[seeds] == 0
+        ok, s_old, s_old_lo = _accept_steps(
+            seeds, self.trial.accepted, t_old, h_step, Z, s_new, s_new_lo, theta_new, h_new, f_end, iterations,
+            rate, self.trial.landing, st.t, self.t_lo, st.status, st.t_stop, self.nu, self.s, self.s_lo,
+            self.theta, self.hvec, self.f, self.Z_prev, self.h_old, self.flags, self.counters, self._tolerances,
+            self.tol, self.tol_newton, threads.SERIAL_STATE_WORK)
         if ok.size == 0:
             return
         sa = seeds[ok]
-        _advance_times(sa, t_old[ok], h_step[ok], self.trial.landing, st.t, self.t_lo, st.status, st.t_stop)
-        s_old, s_old_lo = np.empty((ok.size, d)), np.empty((ok.size, d))
-        _accept_states(ok, sa, Z, s_new, s_new_lo, theta_new, h_new, h_step, self.nu, self.s, self.s_lo,
-                       self.theta, self.hvec, self.Z_prev, self.h_old, self.flags[:, self.HAS_PREVIOUS],
-                       s_old, s_old_lo)
-        call_by_size(CLOCK_TOLERANCE_KERNELS, ok.size * d, s_new[ok], theta_new[ok], h_new[ok], sa,
-                     self.rtol, self.atol, self.newton_floor, self.tol, self.tol_newton)
-        f_new = f_end[ok]
-        self.f[sa] = f_new
-        loss = self.products.losses(f_new, sa)
+        loss = self.products.losses(f_end[ok], sa)
         st.loss[sa] = loss
         self.events.step(self, sa, t_old[ok], h_step[ok], s_old, s_old_lo, sigma[ok], sigma_lo[ok],
                          loss_old[ok], loss)
-        running = st.status[sa] == RUNNING
-        for code, stop in ((LOSS_TOL, loss < self.loss_tol), (DIVERGED, ~np.isfinite(loss))):
-            stopped = sa[running & stop]
-            st.status[stopped] = code
-            st.t_stop[stopped] = st.t[stopped]
-        # keep the Jacobian while Newton converges fast (scipy's Radau rule)
-        refresh = (iterations[ok] > 2) & (rate[ok] > 1e-3)
-        self.flags[sa, self.CURRENT_JAC] = 0
-        self.flags[sa[refresh], self.NEED_JAC] = 1
-
+        _stop_at_loss(sa, loss, self.loss_tol, st.status, st.t, st.t_stop)
 
 def check_clock_range(clock, depth: float) -> None:
     """Refuse initializations whose blow-up clocks are beyond CLOCK_LIMIT (depth, or the power's

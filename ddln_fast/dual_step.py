@@ -17,7 +17,7 @@ from .clockmap import evaluate_rows_kernel
 from .dual_products import clocks_kernel, residual_rises, residuals_kernel
 from .kernels import JIT_OPTIONS, STRICT_JIT_OPTIONS, serial_and_parallel
 from .radau import (ERROR_SOLVE_KERNELS, NEWTON_GOING, NEWTON_MAXITER, NEWTON_UPDATE_KERNELS, WORK_VECTORS,
-                    newton_decide)
+                    newton_decide, starting_guess)
 
 #: The floor of the clock tolerance, in units of eps^2 |s_i| (see :mod:`ddln_fast.dual`).
 CLOCK_FLOOR_ULPS = 64.0
@@ -104,12 +104,13 @@ _newton_update_serial, _newton_update_parallel = NEWTON_UPDATE_KERNELS
 
 
 @njit(**STRICT_JIT_OPTIONS)
-def newton_iterations(Z, W, sigma, sigma_lo, seeds, inv_h, h_step, start, start_lo, clock_arguments,
-                      product_arguments, basis, diag, off, rank, tol_newton, noise, newton_tol, faccon,
-                      outcome, iterations, h_factor, rate, serial_work):
+def newton_iterations(Z, W, sigma, sigma_lo, seeds, inv_h, h_step, start, start_lo, Z_prev, h_old,
+                      has_previous, clock_arguments, product_arguments, basis, diag, off, rank, tol_newton,
+                      noise, newton_tol, faccon, outcome, iterations, h_factor, rate, serial_work):
     """The simplified Newton iteration of one step attempt of every row, to its end (RADAU5's
     rules: :func:`ddln_fast.radau.newton_decide`), in one call.
 
+    It starts from the previous step's collocation polynomial (:func:`ddln_fast.radau.starting_guess`).
     Each iteration evaluates F and the residuals at the stage clocks, updates the stage
     increments Z (and W = T^-1 Z) through the factored Jacobian, and moves the stage clocks by
     M^T dZ / n; rows that have converged or failed leave the batch, the others go on together.
@@ -117,13 +118,15 @@ def newton_iterations(Z, W, sigma, sigma_lo, seeds, inv_h, h_step, start, start_
     Parameters
     ----------
     Z, W : ndarray of shape (m, 3, rows)
-        The starting stage increments (in) and the last iterate (out).
+        Out: the stage increments of the last iterate.
     sigma, sigma_lo : ndarray of shape (m, 3, d)
         Out: the stage clocks (double-double) of the last iterate.
     seeds, inv_h, h_step : ndarray of shape (m,)
         The seed of each row, 1 / its step size and its step size.
     start, start_lo : ndarray of shape (S, d)
         The clocks at the step start (double-double).
+    Z_prev, h_old, has_previous : ndarray of shape (S, 3, rows), (S,), (S,)
+        Each seed's last accepted step: its stage increments and size, and whether it has one.
     clock_arguments, product_arguments : tuple
         :attr:`ddln_fast.clockmap.ClockMap.kernel_arguments` and
         :attr:`ddln_fast.dual_products.DualProducts.kernel_arguments`.
@@ -132,8 +135,9 @@ def newton_iterations(Z, W, sigma, sigma_lo, seeds, inv_h, h_step, start, start_
         The clock tolerance Newton's increments are measured against, and its rounding floor
         per unit of step (:func:`_weighted_rms`).
     newton_tol : float
-    faccon : ndarray of shape (m,)
-        Newton's contraction factor carried over from the previous step (in and out).
+    faccon : ndarray of shape (S,)
+        Each seed's Newton contraction factor, carried over between steps (RADAU5's FACCON:
+        max(faccon, eps)^0.8 at the start of a step, the last rate's at its end).
     outcome, iterations, h_factor, rate : ndarray of shape (m,)
         Out: NEWTON_CONVERGED or NEWTON_FAILED, the iterations taken, the step-size factor of a
         failed row, the last contraction rate.
@@ -142,6 +146,11 @@ def newton_iterations(Z, W, sigma, sigma_lo, seeds, inv_h, h_step, start, start_
     """
     m, _, n = Z.shape
     d = sigma.shape[2]
+    starting_guess(Z_prev[seeds], h_old[seeds], h_step, has_previous[seeds], Z, W)
+    eps = np.finfo(np.float64).eps
+    faccon_w = np.empty(m)
+    for a in range(m):
+        faccon_w[a] = max(faccon[seeds[a]], eps) ** 0.8
     stage_rows = np.empty(3 * m, dtype=np.int64)
     for a in range(m):
         for j in range(3):
@@ -153,7 +162,7 @@ def newton_iterations(Z, W, sigma, sigma_lo, seeds, inv_h, h_step, start, start_
     Zw, Ww, sw, sw_lo = Z.copy(), W.copy(), sigma.copy(), sigma_lo.copy()
     rows = np.arange(m)
     seeds_w, inv_h_w, h_w = seeds.copy(), inv_h.copy(), h_step.copy()
-    faccon_w, factor_w, rate_w = faccon.copy(), np.ones(m), np.zeros(m)
+    factor_w, rate_w = np.ones(m), np.zeros(m)
     outcome_w = np.zeros(m, dtype=np.int8)
     increment_old, theta_old = np.ones(m), np.zeros(m)
     theta = np.empty((3 * m, d))
@@ -193,7 +202,8 @@ def newton_iterations(Z, W, sigma, sigma_lo, seeds, inv_h, h_step, start, start_
             r = rows[a]
             if outcome_w[a] != NEWTON_GOING:
                 iterations[r] = iteration
-                outcome[r], h_factor[r], rate[r], faccon[r] = outcome_w[a], factor_w[a], rate_w[a], faccon_w[a]
+                outcome[r], h_factor[r], rate[r] = outcome_w[a], factor_w[a], rate_w[a]
+                faccon[seeds[r]] = faccon_w[a]
                 Z[r], W[r], sigma[r], sigma_lo[r] = Zw[a], Ww[a], sw[a], sw_lo[a]
                 continue
             if kept != a:

@@ -35,8 +35,10 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from . import threads
 from .clock_series import two_sum
-from .kernels import STRICT_JIT_OPTIONS, call_by_size, serial_and_parallel
+from .kernels import STRICT_JIT_OPTIONS, serial_and_parallel
+from .radau import dense_coefficients
 
 #: Default activation level: this fraction of max_i |theta_inf,i| of the seed.
 ACTIVATION_FRACTION = 0.1
@@ -207,41 +209,66 @@ class EventRecorder:
         """Events inside the accepted steps of ``seeds`` (from t_old, size h): double-double
         clocks s_old + s_old_lo (m, d) at the start, stage clocks sigma + sigma_lo (m, 3, d),
         losses at both ends."""
-        thresholds = _DECADE_LEVELS
-        watched = np.nonzero(self.level[seeds] > 0)[0]
-        crossed = np.empty((seeds.size, thresholds.size), dtype=np.bool_)
-        crossing = np.nonzero(_decades_crossed(loss_old, loss_new, self.decade_time, seeds, crossed))[0]
-        # the dense output of the rows that need it: activation events on, or a decade crossed
-        rows = np.union1d(watched, crossing) if watched.size else crossing
-        if rows.size == 0:
+        crossed = np.empty((seeds.size, _DECADE_LEVELS.size), dtype=np.bool_)
+        crossing = np.nonzero(_events_in_steps(seeds, t_old, h, s_old, s_old_lo, sigma, sigma_lo, loss_old,
+                                               loss_new, self.level, self.clock_up, self.clock_down,
+                                               self.activation_time, self.decade_time, crossed,
+                                               threads.SERIAL_STATE_WORK))[0]
+        if crossing.size == 0:
             return
-        coef = _dense_clocks(s_old[rows], s_old_lo[rows], sigma[rows], sigma_lo[rows])
-        if watched.size:
-            at = np.searchsorted(rows, watched)
-            call_by_size(ACTIVATION_CROSSINGS_KERNELS, watched.size * s_old.shape[1],
-                         np.ascontiguousarray(s_old[watched]), coef[at], seeds[watched],
-                         t_old[watched], h[watched], self.clock_up, self.clock_down,
-                         self.activation_time)
-        for r in crossing:
+        coef = _dense_clocks(s_old[crossing], s_old_lo[crossing], sigma[crossing], sigma_lo[crossing])
+        for c, r in enumerate(crossing):
             seed = seeds[r]
-            c = coef[np.searchsorted(rows, r)]
             for k in np.flatnonzero(crossed[r]):
-                x = _loss_crossing(integrator, seed, s_old[r], s_old_lo[r], c, thresholds[k],
+                x = _loss_crossing(integrator, seed, s_old[r], s_old_lo[r], coef[c], _DECADE_LEVELS[k],
                                    loss_old[r], loss_new[r])
                 self.decade_time[seed, k] = t_old[r] + x * h[r]
 
 
-def _dense_clocks(s_old, s_old_lo, sigma, sigma_lo) -> np.ndarray:
+@njit(**STRICT_JIT_OPTIONS)
+def _dense_clocks(s_old, s_old_lo, sigma, sigma_lo):
     """Coefficients (m, 3, d) of the cubic clocks p(x) = s_old + c0 x + c1 x^2 + c2 x^3 of a
     step through its stage clocks sigma + sigma_lo (m, 3, d), from the double-double start."""
-    from .radau import dense_coefficients
-
     m, d = s_old.shape
-    coef = np.empty((m, 3, d))
     # the polynomial's increments from the start, exact to the clocks' double-double precision
-    moved = (sigma - s_old[:, None, :]) + (sigma_lo - s_old_lo[:, None, :])
+    moved = np.empty((m, 3, d))
+    for r in range(m):
+        for k in range(3):
+            for i in range(d):
+                moved[r, k, i] = (sigma[r, k, i] - s_old[r, i]) + (sigma_lo[r, k, i] - s_old_lo[r, i])
+    coef = np.empty((m, 3, d))
     dense_coefficients(np.zeros((m, d)), moved, coef)
     return coef
+
+
+_activation_crossings_serial, _activation_crossings_parallel = ACTIVATION_CROSSINGS_KERNELS
+
+
+@njit(**STRICT_JIT_OPTIONS)
+def _events_in_steps(seeds, t_old, h, s_old, s_old_lo, sigma, sigma_lo, loss_old, loss_new, level, up, down,
+                     activation_time, decade_time, crossed, serial_work):
+    """The activations inside the accepted steps of ``seeds`` (rows of the other arrays; seeds
+    with a level > 0), located on each step's dense clocks into activation_time; and which loss
+    decades each row crossed (``crossed``, :func:`_decades_crossed`), returned as one flag per
+    row: those the caller locates (:func:`_loss_crossing`)."""
+    watched_count = 0
+    for a in range(seeds.shape[0]):
+        watched_count += level[seeds[a]] > 0
+    if watched_count:
+        watched = np.empty(watched_count, dtype=np.int64)
+        j = 0
+        for a in range(seeds.shape[0]):
+            if level[seeds[a]] > 0:
+                watched[j] = a
+                j += 1
+        coef = _dense_clocks(s_old[watched], s_old_lo[watched], sigma[watched], sigma_lo[watched])
+        if watched_count * s_old.shape[1] > serial_work:
+            _activation_crossings_parallel(s_old[watched], coef, seeds[watched], t_old[watched], h[watched], up,
+                                           down, activation_time)
+        else:
+            _activation_crossings_serial(s_old[watched], coef, seeds[watched], t_old[watched], h[watched], up,
+                                         down, activation_time)
+    return _decades_crossed(loss_old, loss_new, decade_time, seeds, crossed)
 
 
 def _loss_crossing(integrator, seed, s_old, s_old_lo, coef, level, loss_start, loss_end) -> float:
