@@ -189,7 +189,8 @@ def newton_iterations(Z, W, sigma, sigma_lo, seeds, inv_h, h_step, start, start_
         clocks_kernel(product_arguments, Zw[:k].reshape((3 * k, n)), rows_k, False, start, start_lo,
                       new_sigma[:k].reshape((3 * k, d)), new_sigma[:k].reshape((3 * k, d)), serial_work)
         _move_stage_clocks(new_sigma[:k], start, start_lo, seeds_w[:k], sw[:k], sw_lo[:k])
-        # the RMS of the change relative to the tolerance (floored as for the error norm)
+        # the RMS of the change relative to the tolerance (floored as for the error norm); a
+        # row with a stage value not finite fails
         _weighted_rms(new_sigma[:k], tol_newton, seeds_w[:k], new_sigma[:k, 0], False, h_w[:k], noise,
                       increment[:k])
         going = newton_decide(iteration, increment[:k], finite[:k], increment_old[:k], theta_old[:k],
