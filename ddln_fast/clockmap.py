@@ -709,4 +709,3 @@ def evaluate_rows_kernel(s, s_lo, rows, arguments, theta, h):
             return
     evaluate_parallel(s, s_lo, rows, ip, fp, lsign, lgap, ti, ts, tb, tp, half_sign, eligible, False, theta, h,
                       theta)
-

@@ -1,8 +1,10 @@
 """The compiled pieces of one step attempt of the dual method (:mod:`ddln_fast.dual`): the
 clock tolerance, the error norm, the whole simplified Newton iteration of a step in one call
 (:func:`newton_iterations`), and the error estimate and the state at the step's end in another
-(:func:`error_estimates`). Each replaces a dozen calls from Python per round, which cost
-about as much as the arithmetic of 8 seeds at n = 40, d = 200.
+(:func:`error_estimates`). Each replaces a dozen calls from Python per round: at n = 40,
+d = 200 those calls cost about 135 us per round against about 42 us of arithmetic per seed, and
+8 seeds to loss 1e-10 (the rich regime of ``bench/test_dual.py``) took 0.345 s before, 0.29 s
+after (with the compiled bookkeeping of :mod:`ddln_fast.dual` and :mod:`ddln_fast.events`).
 
 Rows and seeds as in :mod:`ddln_fast.radau`: row r of a batch belongs to seed ``seeds[r]``.
 """
@@ -24,9 +26,9 @@ CLOCK_FLOOR_ULPS = 64.0
 
 
 def _clock_tolerance(s, theta, h, rows, rtol, atol, newton_floor, out, out_newton):
-    """out[rows[a]] = the clock tolerance of every coordinate (:mod:`ddln_fast.dual`, "Error norm") at (s, theta, h)
-    of row a; out_newton[rows[a]] the same with the floor ``newton_floor`` eps |s| (what
-    Newton's increments are measured against)."""
+    """out[rows[a]] = the clock tolerance of every coordinate at (s, theta, h) of row a
+    (:mod:`ddln_fast.dual`, "Error norm"); out_newton[rows[a]] the same with the floor
+    ``newton_floor`` eps |s| (what Newton's increments are measured against)."""
     R, d = s.shape
     eps = np.finfo(np.float64).eps
     for a in prange(R):

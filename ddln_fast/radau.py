@@ -10,8 +10,8 @@ splits into one real system (MU_REAL / h - J) and one complex system (MU_COMPLEX
 
 Here J is symmetric negative semidefinite (J = -A, A PSD), so both systems are solved through
 one factorization per Jacobian, A = V B V^T with B symmetric tridiagonal of order k and V of k
-orthonormal columns (:meth:`ddln_fast.dual_products.DualProducts.factor_jacobian`: LAPACK's dsytrd,
-k = N, or a thin QR first when only k < N coordinates are kept):
+orthonormal columns (:meth:`ddln_fast.dual_products.DualProducts.factor_jacobian`: LAPACK's
+dsytrd, k = N, or a thin QR first when only k < N coordinates are kept):
 
     (mu / h + A)^{-1} b = V (mu / h + B)^{-1} V^T b + (b - V V^T b) / (mu / h)
 
@@ -23,8 +23,8 @@ such a matrix have real parts of at least Re(mu) / h (the Schur complements of a
 matrix; B's own are >= 0), which the elimination enforces. At long steps mu / h falls below the
 rounding of A (eps |A|; A is numerically singular at small scales, and a singular J is allowed):
 a pivot held up to mu / h then divides the next entry below the diagonal, so the factorization
-sets the entries below 4 eps |B| to zero (:func:`ddln_fast.dual_products.tridiagonalize`), a change of B
-within its own rounding; and the part of b off V's range is projected out twice
+sets the entries below 4 eps |B| to zero (:func:`ddln_fast.dual_products.tridiagonalize`), a
+change of B within its own rounding; and the part of b off V's range is projected out twice
 (:func:`split_range`). Measured as the contraction of the simplified-Newton iteration at
 mu / h down to 1e-19 |A| (``tests/test_dual.py``).
 

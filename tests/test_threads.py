@@ -123,7 +123,9 @@ def test_dual_method_runs_small_dense_algebra_on_one_blas_thread(monkeypatch):
     """The dual method's Jacobian factorizations and its products with a small X (n d below
     SERIAL_PRODUCT_WORK) run on one BLAS thread whatever the run's thread setting: on a busy
     machine a second OpenBLAS thread made them 10-50 times slower (threads.blas_for_products).
-    Checked by asking threadpoolctl inside the calls, not by timing."""
+    Checked by asking threadpoolctl inside the calls, not by timing. (The products inside the
+    compiled step, Numba's np.dot on scipy's OpenBLAS, run within the same advance_to and its
+    limit; threadpoolctl's count covers both OpenBLAS libraries.)"""
     import threadpoolctl
 
     from ddln_fast import Config, dual, dual_products
