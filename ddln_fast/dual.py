@@ -85,7 +85,7 @@ from . import kernels, radau, threads
 from .controller import (DIVERGED, LOSS_TOL, RUNNING, SeedState, Trial, control_for, control_steps,
                          first_trial_step, propose_steps, reject_steps, starting_step)
 from .errors import InputError
-from .clock_series import dd_add, two_sum
+from .clock_series import dd_add
 from .dual_products import DualProducts
 from .dual_step import (CLOCK_TOLERANCE_KERNELS, _clock_tolerance_parallel, _clock_tolerance_serial,
                         _weighted_rms, error_estimates, newton_iterations)
@@ -134,20 +134,10 @@ def _accept_steps(seeds, accepted, t_old, h_step, Z, s_new, s_new_lo, theta_new,
 
     Returns (ok, s_old, s_old_lo): the rows accepted, and their clocks before the step.
     """
-    c = seeds.shape[0]
     n, d = nu.shape[1], s.shape[1]
-    count = 0
-    for a in range(c):
-        if accepted[seeds[a]] == 1:
-            count += 1
-        else:
-            counters[seeds[a], 2] += 1
-    ok = np.empty(count, dtype=np.int64)
-    count = 0
-    for a in range(c):
-        if accepted[seeds[a]] == 1:
-            ok[count] = a
-            count += 1
+    for seed in seeds:
+        counters[seed, 2] += accepted[seed] == 0
+    ok = np.nonzero(accepted[seeds] == 1)[0]
     s_old = np.empty((ok.size, d))
     s_old_lo = np.empty((ok.size, d))
     for a in range(ok.size):
@@ -512,33 +502,14 @@ class DualIntegrator(Solver):
         """Error estimate, accept or reject, and the new state of the accepted ``seeds`` (rows of
         Z (c, 3, n), stage clocks sigma + sigma_lo (c, 3, d), step sizes h_step (c,))."""
         st = self.state
-        n, d = self.n, self.dim
         c = seeds.size
         inv_h = 1.0 / h_step
         f_start = self.f[seeds]
-        delta, s_new, s_new_lo, theta_new, h_new, tol_end, err, f_end, rose = error_estimates(
-            f_start, Z, sigma, sigma_lo, seeds, inv_h, h_step, *self._jacobian(), self.clock.kernel_arguments,
-            self.products.kernel_arguments, self.products.norms, self._tolerances, self.tol, self.noise,
-            threads.SERIAL_STATE_WORK)
-        # Hairer's second estimate after a rejection: f at y0 + err instead of f(y0)
-        again = np.nonzero((st.rejected[seeds] == 1) & ~(err <= 1.0) & np.isfinite(err))[0]
-        if again.size:
-            sg = seeds[again]
-            moved, rounding = two_sum.py_func(self.s[sg], delta[again])  # delta may be < an ulp of s
-            theta1, _ = self.clock.evaluate(moved, rows=sg, s_lo=rounding + self.s_lo[sg])
-            f1 = np.empty((again.size, n))
-            self.products.residuals(theta1, sg, f1)
-            st.nfev[sg] += 1
-            err2 = np.empty((again.size, n))
-            call_by_size(radau.ERROR_SOLVE_KERNELS, again.size * n * n, f1, Z[again], *self._jacobian(),
-                         sg, inv_h[again], f1, np.zeros(again.size, dtype=np.uint8), err2,
-                         np.empty((again.size, radau.WORK_VECTORS, n)))
-            delta2 = np.empty((again.size, d))
-            self.products.clocks(err2, sg, None, delta2)
-            e2 = np.empty(again.size)
-            _weighted_rms(delta2[:, None, :], self.tol, sg, tol_end[again], True, h_step[again],
-                          self.noise, e2)
-            err[again] = e2
+        s_new, s_new_lo, theta_new, h_new, err, f_end, again, rose = error_estimates(
+            f_start, Z, sigma, sigma_lo, seeds, inv_h, h_step, self.s, self.s_lo, st.rejected, *self._jacobian(),
+            self.clock.kernel_arguments, self.products.kernel_arguments, self.products.norms, self._tolerances,
+            self.tol, self.noise, threads.SERIAL_STATE_WORK)
+        st.nfev[seeds[again == 1]] += 1  # (Hairer's second estimate after a rejection)
         # the loss of a gradient flow never rises: a step whose residual grew beyond what errors
         # within the tolerances explain is wrong however small its estimate (module docstring)
         st.nfev[seeds] += 1  # (the residual at the end)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .clock_series import dd_add
+from .clock_series import dd_add, two_sum
 from .clockmap import evaluate_rows_kernel
 from .dual_products import clocks_kernel, residual_rises, residuals_kernel
 from .kernels import JIT_OPTIONS, STRICT_JIT_OPTIONS, serial_and_parallel
@@ -227,11 +227,16 @@ _clock_tolerance_serial, _clock_tolerance_parallel = CLOCK_TOLERANCE_KERNELS
 
 
 @njit(**STRICT_JIT_OPTIONS)
-def error_estimates(f_start, Z, sigma, sigma_lo, seeds, inv_h, h_step, basis, diag, off, rank,
-                    clock_arguments, product_arguments, norms, tolerances, tol, noise, serial_work):
+def error_estimates(f_start, Z, sigma, sigma_lo, seeds, inv_h, h_step, start, start_lo, rejected, basis, diag,
+                    off, rank, clock_arguments, product_arguments, norms, tolerances, tol, noise, serial_work):
     """The state at the end of each row's step, its error norm, and whether its loss rose, for
     rows whose Newton iteration converged (Z (c, 3, rows), stage clocks sigma + sigma_lo
-    (c, 3, d), f_start (c, rows) the derivative at the step start).
+    (c, 3, d), f_start (c, rows) the derivative at the step start, start + start_lo (S, d)
+    the clocks there).
+
+    After a rejection (``rejected[seed]`` = 1, per seed) an estimate above 1 is replaced by
+    Hairer's second estimate: the same solve with f at the start plus the first estimate
+    instead of f at the start (one evaluation more).
 
     ``tolerances``: (rtol, atol, newton_floor) of the error estimate and (rtol, atol) as
     requested (what :func:`ddln_fast.dual_products.residual_rises` allows); tol, noise (S, d):
@@ -239,11 +244,11 @@ def error_estimates(f_start, Z, sigma, sigma_lo, seeds, inv_h, h_step, basis, di
     :attr:`ddln_fast.dual_products.DualProducts.norms`; the rest as for
     :func:`newton_iterations`.
 
-    Returns (delta, s_new, s_new_lo, theta_new, h_new, tol_end, err, f_end, rose): Radau's
-    error estimate in the clocks, the clocks (double-double), theta and h at
-    the step's end and its clock tolerance there, the error norm (inf where theta is not
-    finite: a step whose end passed a blow-up), the residual at the end, and 1 where the
-    residual grew beyond what the requested tolerances explain.
+    Returns (s_new, s_new_lo, theta_new, h_new, err, f_end, again, rose): the clocks
+    (double-double), theta and h at the step's end, the error norm (inf where theta is not
+    finite: a step whose end passed a blow-up), the residual at the end, 1 for the rows that
+    took the second estimate, and 1 where the residual grew beyond what the requested
+    tolerances explain.
     """
     c, _, n = Z.shape
     d = sigma.shape[2]
@@ -278,6 +283,44 @@ def error_estimates(f_start, Z, sigma, sigma_lo, seeds, inv_h, h_step, basis, di
     for r in range(c):
         if finite[r] == 0:
             err[r] = np.inf
+    again = np.zeros(c, dtype=np.uint8)
+    for r in range(c):
+        again[r] = rejected[seeds[r]] == 1 and not err[r] <= 1.0 and np.isfinite(err[r])
+    rows = np.nonzero(again)[0]
+    if rows.size:
+        # Hairer's second estimate: f at the start moved by the first estimate (delta may be
+        # below an ulp of the clock: the sum is a double-double)
+        again_seeds = seeds[rows]
+        moved = np.empty((rows.size, d))
+        moved_lo = np.empty((rows.size, d))
+        for a in range(rows.size):
+            seed = again_seeds[a]
+            for i in range(d):
+                moved[a, i], rounding = two_sum(start[seed, i], delta[rows[a], i])
+                moved_lo[a, i] = rounding + start_lo[seed, i]
+        theta_moved = np.empty((rows.size, d))
+        h_unused = np.empty((rows.size, d))
+        evaluate_rows_kernel(moved, moved_lo, again_seeds, clock_arguments, theta_moved, h_unused)
+        f_moved = np.empty((rows.size, n))
+        residuals_kernel(product_arguments, theta_moved, again_seeds, f_moved, serial_work)
+        second = np.empty((rows.size, n))
+        work_again = np.empty((rows.size, WORK_VECTORS, n))
+        no_extra_again = np.zeros(rows.size, dtype=np.uint8)
+        Z_again, inv_h_again = Z[rows], inv_h[rows]
+        if rows.size * n * n > serial_work:
+            _error_solve_parallel(f_moved, Z_again, basis, diag, off, rank, again_seeds, inv_h_again, f_moved,
+                                  no_extra_again, second, work_again)
+        else:
+            _error_solve_serial(f_moved, Z_again, basis, diag, off, rank, again_seeds, inv_h_again, f_moved,
+                                no_extra_again, second, work_again)
+        delta_again = np.empty((rows.size, d))
+        clocks_kernel(product_arguments, second, again_seeds, False, delta_again, delta_again, delta_again,
+                      delta_again, serial_work)
+        err_again = np.empty(rows.size)
+        _weighted_rms(delta_again.reshape((rows.size, 1, d)), tol, again_seeds, tol_end[rows], True,
+                      h_step[rows], noise, err_again)
+        for a in range(rows.size):
+            err[rows[a]] = err_again[a]
     f_end = np.empty((c, n))
     residuals_kernel(product_arguments, theta_new, seeds, f_end, serial_work)
     per_seed = product_arguments[0]
@@ -285,4 +328,4 @@ def error_estimates(f_start, Z, sigma, sigma_lo, seeds, inv_h, h_step, basis, di
     rose = np.empty(c, dtype=np.uint8)
     residual_rises(f_end, f_start, theta_new, norm_rows, norms[0], norms[1], norms[2], requested_rtol,
                    requested_atol, rose)
-    return delta, s_new, s_new_lo, theta_new, h_new, tol_end, err, f_end, rose
+    return s_new, s_new_lo, theta_new, h_new, err, f_end, again, rose

@@ -251,18 +251,10 @@ def _events_in_steps(seeds, t_old, h, s_old, s_old_lo, sigma, sigma_lo, loss_old
     with a level > 0), located on each step's dense clocks into activation_time; and which loss
     decades each row crossed (``crossed``, :func:`_decades_crossed`), returned as one flag per
     row: those the caller locates (:func:`_loss_crossing`)."""
-    watched_count = 0
-    for a in range(seeds.shape[0]):
-        watched_count += level[seeds[a]] > 0
-    if watched_count:
-        watched = np.empty(watched_count, dtype=np.int64)
-        j = 0
-        for a in range(seeds.shape[0]):
-            if level[seeds[a]] > 0:
-                watched[j] = a
-                j += 1
+    watched = np.nonzero(level[seeds] > 0)[0]
+    if watched.size:
         coef = _dense_clocks(s_old[watched], s_old_lo[watched], sigma[watched], sigma_lo[watched])
-        if watched_count * s_old.shape[1] > serial_work:
+        if watched.size * s_old.shape[1] > serial_work:
             _activation_crossings_parallel(s_old[watched], coef, seeds[watched], t_old[watched], h[watched], up,
                                            down, activation_time)
         else:
