@@ -227,6 +227,16 @@ _clock_tolerance_serial, _clock_tolerance_parallel = CLOCK_TOLERANCE_KERNELS
 
 
 @njit(**STRICT_JIT_OPTIONS)
+def _error_solve(f, Z, basis, diag, off, rank, seeds, inv_h, out, work, serial_work):
+    """:func:`ddln_fast.radau.error_solve` on one thread or several, by the work it holds."""
+    rows, _, n = Z.shape
+    if rows * n * n > serial_work:
+        _error_solve_parallel(f, Z, basis, diag, off, rank, seeds, inv_h, out, work)
+    else:
+        _error_solve_serial(f, Z, basis, diag, off, rank, seeds, inv_h, out, work)
+
+
+@njit(**STRICT_JIT_OPTIONS)
 def error_estimates(f_start, Z, sigma, sigma_lo, seeds, inv_h, h_step, start, start_lo, rejected, basis, diag,
                     off, rank, clock_arguments, product_arguments, norms, tolerances, tol, noise, serial_work):
     """The state at the end of each row's step, its error norm, and whether its loss rose, for
@@ -255,11 +265,7 @@ def error_estimates(f_start, Z, sigma, sigma_lo, seeds, inv_h, h_step, start, st
     rtol, atol, newton_floor, requested_rtol, requested_atol = tolerances
     err_nu = np.empty((c, n))
     work = np.empty((c, WORK_VECTORS, n))
-    no_extra = np.zeros(c, dtype=np.uint8)
-    if c * n * n > serial_work:
-        _error_solve_parallel(f_start, Z, basis, diag, off, rank, seeds, inv_h, f_start, no_extra, err_nu, work)
-    else:
-        _error_solve_serial(f_start, Z, basis, diag, off, rank, seeds, inv_h, f_start, no_extra, err_nu, work)
+    _error_solve(f_start, Z, basis, diag, off, rank, seeds, inv_h, err_nu, work, serial_work)
     delta = np.empty((c, d))
     clocks_kernel(product_arguments, err_nu, seeds, False, delta, delta, delta, delta, serial_work)
     s_new = sigma[:, 2].copy()
@@ -305,14 +311,9 @@ def error_estimates(f_start, Z, sigma, sigma_lo, seeds, inv_h, h_step, start, st
         residuals_kernel(product_arguments, theta_moved, again_seeds, f_moved, serial_work)
         second = np.empty((rows.size, n))
         work_again = np.empty((rows.size, WORK_VECTORS, n))
-        no_extra_again = np.zeros(rows.size, dtype=np.uint8)
         Z_again, inv_h_again = Z[rows], inv_h[rows]
-        if rows.size * n * n > serial_work:
-            _error_solve_parallel(f_moved, Z_again, basis, diag, off, rank, again_seeds, inv_h_again, f_moved,
-                                  no_extra_again, second, work_again)
-        else:
-            _error_solve_serial(f_moved, Z_again, basis, diag, off, rank, again_seeds, inv_h_again, f_moved,
-                                no_extra_again, second, work_again)
+        _error_solve(f_moved, Z_again, basis, diag, off, rank, again_seeds, inv_h_again, second, work_again,
+                     serial_work)
         delta_again = np.empty((rows.size, d))
         clocks_kernel(product_arguments, second, again_seeds, False, delta_again, delta_again, delta_again,
                       delta_again, serial_work)

@@ -323,13 +323,13 @@ def newton_update(stage_f, W, Z, basis, diag, off, rank, seeds, inv_h, live, wor
 NEWTON_UPDATE_KERNELS = serial_and_parallel(newton_update, strict=True)
 
 
-def error_solve(f_start, Z, basis, diag, off, rank, seeds, inv_h, extra, use_extra, out, work):
+def error_solve(f, Z, basis, diag, off, rank, seeds, inv_h, out, work):
     """The embedded error estimate of every row: (MU_REAL / h + A)^{-1} (f + sum_i E_i Z_i / h),
-    with f = f_start (the derivative at the step start), or ``extra`` where ``use_extra[r]``
-    (Hairer's second estimate after a rejection: f at y0 + the first estimate).
+    with f the derivative at the step's start (or, for Hairer's second estimate after a
+    rejection, at the start moved by the first estimate).
 
-    f_start, extra, out : ndarray of shape (rows, N); Z : (rows, 3, N); basis, diag, off, rank
-    as for :func:`newton_update`; work : (rows, WORK_VECTORS, N).
+    f, out : ndarray of shape (rows, N); Z : (rows, 3, N); basis, diag, off, rank as for
+    :func:`newton_update`; work : (rows, WORK_VECTORS, N).
     """
     rows, _, n = Z.shape
     e0, e1, e2 = E[0], E[1], E[2]
@@ -337,10 +337,9 @@ def error_solve(f_start, Z, basis, diag, off, rank, seeds, inv_h, extra, use_ext
         s = seeds[r]
         k = rank[s]
         ih = inv_h[r]
-        src = extra[r] if use_extra[r] else f_start[r]
         rhs = work[r, 0]
         for i in range(n):
-            rhs[i] = src[i] + (e0 * Z[r, 0, i] + e1 * Z[r, 1, i] + e2 * Z[r, 2, i]) * ih
+            rhs[i] = f[r, i] + (e0 * Z[r, 0, i] + e1 * Z[r, 1, i] + e2 * Z[r, 2, i]) * ih
         jacobian_solve_real(basis[s, :k], diag[s, :k], off[s, :k], MU_REAL * ih, rhs, out[r],
                             work[r, 1], work[r, 2], work[r, 3], work[r, 4])
 

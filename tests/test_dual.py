@@ -254,16 +254,16 @@ def test_jacobian_factors_and_newton_solves_match_numpy(active, per_seed_data):
                                        seeds, inv_h, np.ones(4, dtype=np.uint8),
                                        np.empty((4, radau.WORK_VECTORS, n)))
         err = np.empty((4, n))
-        radau.ERROR_SOLVE_KERNELS[0](stage_f[:, 0], np.zeros((4, 3, n)), it.basis, it.tri_diag,
-                                     it.tri_off, it.rank, seeds, inv_h, stage_f[:, 0],
-                                     np.zeros(4, dtype=np.uint8), err,
-                                     np.empty((4, radau.WORK_VECTORS, n)))
+        Z_err = rng.standard_normal((4, 3, n))
+        radau.ERROR_SOLVE_KERNELS[0](stage_f[:, 0], Z_err, it.basis, it.tri_diag, it.tri_off, it.rank,
+                                     seeds, inv_h, err, np.empty((4, radau.WORK_VECTORS, n)))
         for r, s in enumerate(seeds):
             A = (data[s] * h[s]) @ data[s].T / n
             rhs = radau.TI @ stage_f[r]  # the transformed residual at W = 0
             real = np.linalg.solve(radau.MU_REAL / step * np.eye(n) + A, rhs[0])
             pair = np.linalg.solve(radau.MU_COMPLEX / step * np.eye(n) + A, rhs[1] + 1j * rhs[2])
-            error = np.linalg.solve(radau.MU_REAL / step * np.eye(n) + A, stage_f[r, 0])
+            error = np.linalg.solve(radau.MU_REAL / step * np.eye(n) + A,
+                                    stage_f[r, 0] + radau.E @ Z_err[r] / step)
             # NumPy's own error grows with the condition number of mu / h + A
             condition = 1.0 + np.linalg.norm(A, 2) * step / abs(radau.MU_COMPLEX)
             tol = 1e-9 + 100 * np.finfo(float).eps * condition
