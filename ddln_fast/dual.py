@@ -82,13 +82,13 @@ import numba
 from numba import njit
 
 from . import kernels, radau, threads
-from .controller import (DIVERGED, LOSS_TOL, RUNNING, SeedState, Trial, control_for, control_steps,
-                         first_trial_step, propose_steps, reject_steps, starting_step)
+from .controller import (DIVERGED, RUNNING, SeedState, Trial, control_for, control_steps, first_trial_step,
+                         propose_steps, reject_steps, screen_losses, starting_step)
 from .errors import InputError
 from .clock_series import dd_add
 from .dual_products import DualProducts
-from .dual_step import (CLOCK_TOLERANCE_KERNELS, _clock_tolerance_parallel, _clock_tolerance_serial,
-                        _weighted_rms, error_estimates, newton_iterations)
+from .dual_step import (CLOCK_TOLERANCE_KERNELS, _weighted_rms, clock_tolerance, error_estimates,
+                        newton_iterations)
 from .kernels import STRICT_JIT_OPTIONS, call_by_size
 from .threads import blas_for_products, hot_loop_serial_blas, kernel_threads, serial_products
 from .problem import Problem
@@ -167,29 +167,9 @@ def _accept_steps(seeds, accepted, t_old, h_step, Z, s_new, s_new_lo, theta_new,
         if iterations[r] > 2 and rate[r] > 1e-3:
             flags[seed, NEED_JAC] = 1
     rtol, atol, newton_floor, _, _ = tolerances
-    moved = seeds[ok]
-    if ok.size * d > serial_work:
-        _clock_tolerance_parallel(s_new[ok], theta_new[ok], h_new[ok], moved, rtol, atol, newton_floor, tol,
-                                  tol_newton)
-    else:
-        _clock_tolerance_serial(s_new[ok], theta_new[ok], h_new[ok], moved, rtol, atol, newton_floor, tol,
-                                tol_newton)
+    clock_tolerance(s_new[ok], theta_new[ok], h_new[ok], seeds[ok], rtol, atol, newton_floor, tol, tol_newton,
+                    serial_work)
     return ok, s_old, s_old_lo
-
-
-@njit(**STRICT_JIT_OPTIONS)
-def _stop_at_loss(seeds, loss, loss_tol, status, t, t_stop):
-    """Seeds still running stop at a loss below loss_tol (LOSS_TOL) or not finite (DIVERGED)."""
-    for a in range(seeds.shape[0]):
-        seed = seeds[a]
-        if status[seed] != RUNNING:
-            continue
-        if loss[a] < loss_tol:
-            status[seed] = LOSS_TOL
-            t_stop[seed] = t[seed]
-        elif not np.isfinite(loss[a]):
-            status[seed] = DIVERGED
-            t_stop[seed] = t[seed]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,7 +510,7 @@ class DualIntegrator(Solver):
         st.loss[sa] = loss
         self.events.step(self, sa, t_old[ok], h_step[ok], s_old, s_old_lo, sigma[ok], sigma_lo[ok],
                          loss_old[ok], loss)
-        _stop_at_loss(sa, loss, self.loss_tol, st.status, st.t, st.t_stop)
+        screen_losses(sa, (st.status[sa] == RUNNING).astype(np.uint8), loss, self.loss_tol, st)
 
 def check_clock_range(clock, depth: float) -> None:
     """Refuse initializations whose blow-up clocks are beyond CLOCK_LIMIT (depth, or the power's

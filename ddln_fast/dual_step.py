@@ -227,6 +227,15 @@ _clock_tolerance_serial, _clock_tolerance_parallel = CLOCK_TOLERANCE_KERNELS
 
 
 @njit(**STRICT_JIT_OPTIONS)
+def clock_tolerance(s, theta, h, rows, rtol, atol, newton_floor, out, out_newton, serial_work):
+    """:func:`_clock_tolerance` on one thread or several, by the work it holds."""
+    if s.size > serial_work:
+        _clock_tolerance_parallel(s, theta, h, rows, rtol, atol, newton_floor, out, out_newton)
+    else:
+        _clock_tolerance_serial(s, theta, h, rows, rtol, atol, newton_floor, out, out_newton)
+
+
+@njit(**STRICT_JIT_OPTIONS)
 def _error_solve(f, Z, basis, diag, off, rank, seeds, inv_h, out, work, serial_work):
     """:func:`ddln_fast.radau.error_solve` on one thread or several, by the work it holds."""
     rows, _, n = Z.shape
@@ -274,12 +283,7 @@ def error_estimates(f_start, Z, sigma, sigma_lo, seeds, inv_h, h_step, start, st
     h_new = np.empty((c, d))
     evaluate_rows_kernel(s_new, s_new_lo, seeds, clock_arguments, theta_new, h_new)
     tol_end = np.empty((c, d))
-    if s_new.size > serial_work:
-        _clock_tolerance_parallel(s_new, theta_new, h_new, np.arange(c), rtol, atol, newton_floor, tol_end,
-                                  tol_end)
-    else:
-        _clock_tolerance_serial(s_new, theta_new, h_new, np.arange(c), rtol, atol, newton_floor, tol_end,
-                                tol_end)
+    clock_tolerance(s_new, theta_new, h_new, np.arange(c), rtol, atol, newton_floor, tol_end, tol_end, serial_work)
     err = np.empty(c)
     _weighted_rms(delta.reshape((c, 1, d)), tol, seeds, tol_end, True, h_step, noise, err)
     # Newton's last update moved the clocks after their last evaluation: a step whose end has
